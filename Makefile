@@ -1,0 +1,61 @@
+# sparseserve — developer entry points. Everything runs inside .venv, which
+# `make` builds on first use from pyproject.toml (Python 3.11, pip only).
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO_REPOSITORY ?= demo-models
+
+.PHONY: help venv demo test test-fast protos check-protos lint bench clean
+
+help:
+	@echo "make demo    build demo models + sparse variants, serve them, query them, compare"
+	@echo "make test    the whole test suite"
+	@echo "make bench   server overhead benchmark (writes bench/results/)"
+	@echo "make protos  regenerate the gRPC stubs from protos/"
+	@echo "make lint    ruff + generated-code check"
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch==2.13.0 (CPU) comes from the machine's wheel cache; see pyproject.toml.
+	$(BIN)/pip install --quiet -e ".[dev,sparsify]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m sparseserve.demo --repository $(DEMO_REPOSITORY)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+# Stubs are generated into the package and committed. The sed moves them into
+# sparseserve's private descriptor pool: tritonclient registers the same
+# `inference.*` names in protobuf's default pool, and both must coexist in one
+# process (tests, and the Triton backend which is a tritonclient user).
+PROTO_SRC := protos
+PROTO_OUT := service
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I$(PROTO_SRC) \
+		--python_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
+		$(PROTO_SRC)/sparseserve/protocol/*.proto
+	sed -i 's/^from google.protobuf import descriptor_pool as _descriptor_pool$$/from sparseserve.protocol._pool import POOL as _POOL/; s/_descriptor_pool.Default()/_POOL/' \
+		$(PROTO_OUT)/sparseserve/protocol/*_pb2.py
+
+check-protos: protos
+	git diff --exit-code -- $(PROTO_OUT)/sparseserve/protocol
+
+lint: $(STAMP)
+	$(BIN)/ruff check service tests bench
+	$(BIN)/ruff format --check service tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/server_overhead.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_REPOSITORY) .pytest_cache
