@@ -1,0 +1,3 @@
+from sparseserve.cli import main
+
+raise SystemExit(main())

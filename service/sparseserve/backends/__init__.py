@@ -1,0 +1,1 @@
+"""Backends run a loaded model: a small async interface, implementations picked by name."""

@@ -1,0 +1,139 @@
+"""The backend interface and the name -> implementation table.
+
+Implementations are listed as ``"module:Class"`` strings and imported only when chosen,
+so an optional backend's dependencies (tritonclient, CUDA) are never imported by a server
+that does not use it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sparseserve.codec import Datatype, datatype_of
+from sparseserve.errors import InvalidInput
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A model input or output as the protocol describes it (-1: dynamic dimension)."""
+
+    name: str
+    datatype: Datatype
+    shape: tuple[int, ...]
+
+    def accepts_shape(self, shape: Sequence[int]) -> bool:
+        return len(shape) == len(self.shape) and all(
+            want in (-1, got) for want, got in zip(self.shape, shape, strict=True)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSignature:
+    """What a loaded model takes and gives, and the checks every request goes through."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def validate(self, model: str, arrays: Mapping[str, np.ndarray]) -> None:
+        """Raise `InvalidInput` naming what was expected unless `arrays` fits the inputs."""
+        specs = {spec.name: spec for spec in self.inputs}
+        for name in arrays:
+            if name not in specs:
+                raise InvalidInput(
+                    f"model {model!r} has no input {name!r}; expected inputs: "
+                    f"{_describe(self.inputs)}"
+                )
+        for spec in self.inputs:
+            array = arrays.get(spec.name)
+            if array is None:
+                raise InvalidInput(
+                    f"model {model!r} is missing input {spec.name!r}; expected inputs: "
+                    f"{_describe(self.inputs)}"
+                )
+            got = datatype_of(array).name
+            if got != spec.datatype.name:
+                raise InvalidInput(
+                    f"input {spec.name!r} of model {model!r} expects datatype "
+                    f"{spec.datatype.name}, got {got}"
+                )
+            if not spec.accepts_shape(array.shape):
+                raise InvalidInput(
+                    f"input {spec.name!r} of model {model!r} expects shape {list(spec.shape)} "
+                    f"(-1: any size), got {list(array.shape)}"
+                )
+
+    def select_outputs(self, model: str, requested: Sequence[str]) -> tuple[str, ...]:
+        """The output names to compute: all, in model order, or exactly those requested."""
+        if not requested:
+            return tuple(spec.name for spec in self.outputs)
+        known = {spec.name for spec in self.outputs}
+        seen: set[str] = set()
+        for name in requested:
+            if name not in known:
+                raise InvalidInput(
+                    f"model {model!r} has no output {name!r}; expected outputs: "
+                    f"{_describe(self.outputs)}"
+                )
+            if name in seen:
+                raise InvalidInput(f"output {name!r} is requested more than once")
+            seen.add(name)
+        return tuple(requested)
+
+
+def _describe(specs: Sequence[TensorSpec]) -> str:
+    return ", ".join(f"{s.name} {s.datatype.name}{list(s.shape)}" for s in specs)
+
+
+class Backend(ABC):
+    """Runs one version of one model. `load` before `infer`; `unload` when done."""
+
+    name: str = "base"  # the `backend` metric label and ModelConfig.backend
+    platform: str = ""  # Triton's platform string, e.g. "onnxruntime_onnx"
+
+    @abstractmethod
+    async def load(self) -> ModelSignature:
+        """Load and warm up the model; return its signature. Raise `ModelLoadError`."""
+
+    @abstractmethod
+    async def infer(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        """Run the model on validated inputs; return the named outputs in that order."""
+
+    @abstractmethod
+    async def unload(self) -> None:
+        """Release the model's resources. In-flight calls have finished when this runs."""
+
+
+# Name -> "module:Class". Optional implementations are resolved only when used.
+BACKENDS: Mapping[str, str] = {
+    "onnxruntime": "sparseserve.backends.onnxruntime:OnnxRuntimeBackend",
+}
+
+
+def backend_class(name: str) -> type[Backend]:
+    """Import and return the backend registered as `name`."""
+    try:
+        target = BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}") from None
+    module_name, _, class_name = target.partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise TypeError(f"{target} is not a Backend")
+    return cls
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFiles:
+    """Where one version of a model lives on disk."""
+
+    name: str
+    version: int
+    path: Path  # the model file itself, e.g. <repo>/<name>/<version>/model.onnx

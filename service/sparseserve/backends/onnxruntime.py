@@ -1,0 +1,128 @@
+"""CPU inference with onnxruntime: one `InferenceSession` per loaded model version.
+
+`session.run` releases the GIL, so it runs on the registry's thread pool and the event
+loop stays free to decode and answer other requests meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
+
+import numpy as np
+import onnxruntime as ort
+
+from sparseserve.backends.base import Backend, ModelFiles, ModelSignature, TensorSpec
+from sparseserve.codec import BY_ONNX, BYTES
+from sparseserve.errors import InferenceFailed, InvalidInput, ModelLoadError
+from sparseserve.settings import GraphOptimization, OnnxRuntimeSettings
+
+_OPTIMIZATION = {
+    GraphOptimization.disable: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    GraphOptimization.basic: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    GraphOptimization.extended: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    GraphOptimization.all: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+# onnxruntime's Python binding cannot hand bfloat16 results back as numpy arrays.
+_UNSUPPORTED = {"tensor(bfloat16)"}
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    platform = "onnxruntime_onnx"
+
+    def __init__(self, files: ModelFiles, settings: OnnxRuntimeSettings, executor: Executor):
+        self._files = files
+        self._settings = settings
+        self._executor = executor
+        self._session: ort.InferenceSession | None = None
+        self._string_inputs: frozenset[str] = frozenset()
+
+    async def load(self) -> ModelSignature:
+        loop = asyncio.get_running_loop()
+        session = await loop.run_in_executor(self._executor, self._create_session)
+        signature = _signature(session, self._files)
+        self._session = session
+        self._string_inputs = frozenset(s.name for s in signature.inputs if s.datatype is BYTES)
+        await self.infer(_warmup_inputs(signature), [s.name for s in signature.outputs])
+        return signature
+
+    def _create_session(self) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self._settings.intra_op_threads
+        options.inter_op_num_threads = self._settings.inter_op_threads
+        options.graph_optimization_level = _OPTIMIZATION[self._settings.graph_optimization]
+        options.log_severity_level = 3  # errors only: warnings would flood the server log
+        try:
+            return ort.InferenceSession(
+                str(self._files.path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped exceptions
+            raise ModelLoadError(f"onnxruntime cannot load {self._files.path}: {exc}") from exc
+
+    async def infer(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        session = self._session
+        if session is None:
+            raise InferenceFailed(f"model {self._files.name!r} is not loaded")
+        feeds = dict(inputs)
+        for name in self._string_inputs:
+            feeds[name] = _as_text(name, feeds[name])
+        names = list(outputs)
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._executor, session.run, names, feeds)
+        except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
+            raise InvalidInput(f"model {self._files.name!r} rejected the inputs: {exc}") from exc
+        except Exception as exc:
+            raise InferenceFailed(f"model {self._files.name!r} failed: {exc}") from exc
+        return dict(zip(names, results, strict=True))
+
+    async def unload(self) -> None:
+        # Dropping the last reference frees the session; in-flight runs hold their own.
+        self._session = None
+
+
+def _signature(session: ort.InferenceSession, files: ModelFiles) -> ModelSignature:
+    def specs(args: Sequence[ort.NodeArg]) -> tuple[TensorSpec, ...]:
+        result = []
+        for arg in args:
+            if arg.type in _UNSUPPORTED or arg.type not in BY_ONNX:
+                raise ModelLoadError(
+                    f"{files.path}: tensor {arg.name!r} has type {arg.type}, which the "
+                    "onnxruntime backend cannot exchange; cast it to a supported type"
+                )
+            shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape)
+            result.append(TensorSpec(arg.name, BY_ONNX[arg.type], shape))
+        return tuple(result)
+
+    return ModelSignature(specs(session.get_inputs()), specs(session.get_outputs()))
+
+
+def _warmup_inputs(signature: ModelSignature) -> dict[str, np.ndarray]:
+    """One all-zero (or empty-string) sample per input; dynamic dimensions become 1."""
+    feeds = {}
+    for spec in signature.inputs:
+        shape = tuple(1 if d == -1 else d for d in spec.shape)
+        if spec.datatype is BYTES:
+            feeds[spec.name] = np.full(shape, b"", dtype=object)
+        else:
+            feeds[spec.name] = np.zeros(shape, dtype=spec.datatype.numpy)
+    return feeds
+
+
+def _as_text(name: str, array: np.ndarray) -> np.ndarray:
+    """onnxruntime string tensors take `str`; it would turn `bytes` into "b'...'"."""
+    flat = array.reshape(-1)
+    text = np.empty(flat.shape, dtype=object)
+    try:
+        for i, item in enumerate(flat):
+            text[i] = item.decode("utf-8") if isinstance(item, bytes) else str(item)
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(
+            f"input {name!r}: onnxruntime string tensors hold UTF-8 text; element {i} is "
+            f"not valid UTF-8 ({exc.reason})"
+        ) from None
+    return text.reshape(array.shape)

@@ -1,0 +1,93 @@
+"""The `sparseserve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from sparseserve import __version__
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model repository over the Open Inference Protocol (gRPC)",
+        description="Serve a model repository over the Open Inference Protocol (KServe v2 / "
+        "Triton gRPC). Flags override SPARSESERVE_* environment variables, which override "
+        "the --config YAML file.",
+    )
+    p.add_argument("--config", type=Path, help="YAML file with any of the settings below")
+    p.add_argument("--repository", type=Path, help="model repository (default: ./models)")
+    p.add_argument("--host", help="bind address (default: 0.0.0.0)")
+    p.add_argument("--grpc-port", type=int, help="gRPC port, 0 = any free (default: 8001)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = any (default: 8002)")
+    p.add_argument("--no-metrics", action="store_true", help="do not serve metrics")
+    p.add_argument(
+        "--model-control", choices=["none", "explicit", "poll"], help="default: explicit"
+    )
+    p.add_argument(
+        "--load-model",
+        action="append",
+        dest="startup_models",
+        metavar="NAME",
+        help="in explicit mode, load only these models at start (repeatable; default: all)",
+    )
+    p.add_argument("--poll-interval", type=float, dest="poll_interval_seconds")
+    p.add_argument("--max-message-bytes", type=int, help="default: 268435456 (256 MiB)")
+    p.add_argument("--max-inflight-per-model", type=int)
+    p.add_argument("--inference-threads", type=int, help="default: one per core")
+    p.add_argument("--intra-op-threads", type=int, help="onnxruntime threads per inference")
+    p.add_argument("--shutdown-grace", type=float, dest="shutdown_grace_seconds")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", choices=["text", "json"])
+    p.add_argument(
+        "--ready-file",
+        type=Path,
+        help="once ready, write {pid, grpc_port, metrics_port} as JSON to this file",
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from sparseserve.observability.logs import configure_logging
+    from sparseserve.server.app import serve
+    from sparseserve.settings import Settings
+
+    overrides = {
+        key: getattr(args, key)
+        for key in (
+            "repository", "host", "grpc_port", "metrics_port", "model_control",
+            "startup_models", "poll_interval_seconds", "max_message_bytes",
+            "max_inflight_per_model", "inference_threads", "shutdown_grace_seconds",
+            "log_level", "log_format",
+        )
+    }  # fmt: skip
+    try:
+        settings = Settings.load(args.config, **overrides)
+        if args.no_metrics:
+            settings.metrics_port = None
+        if args.intra_op_threads is not None:
+            settings.onnxruntime.intra_op_threads = args.intra_op_threads
+    except (ValidationError, FileNotFoundError) as exc:
+        print(f"sparseserve: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    return asyncio.run(serve(settings, args.ready_file))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sparseserve", description="Serve dense and sparse ONNX models side by side."
+    )
+    parser.add_argument("--version", action="version", version=f"sparseserve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    parser.error(f"unknown command {args.command}")
+    return 2

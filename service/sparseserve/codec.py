@@ -1,0 +1,230 @@
+"""Tensors on the wire: the one datatype table of sparseserve, and the v2 tensor codec.
+
+Wire facts (Open Inference Protocol): tensors are row-major and little-endian with no
+padding; BOOL is one byte; a BYTES element is a 4-byte little-endian length followed by
+its bytes; FP16 and BF16 travel only as raw bytes. Clients may send either
+`raw_input_contents` (one entry per input, in input order) or typed `contents`, never
+both; tritonclient reads results only from `raw_output_contents`, so answers are always
+raw, in the order of `outputs`.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+from sparseserve.errors import InvalidInput
+
+
+@dataclass(frozen=True, slots=True)
+class Datatype:
+    """One row of the datatype table: the same type in every vocabulary we speak."""
+
+    name: str  # Open Inference Protocol datatype string
+    numpy: np.dtype  # little-endian numpy dtype (object for BYTES)
+    contents_field: str | None  # InferTensorContents field; None: raw bytes only
+    onnx: str  # onnxruntime's type string
+    config: str  # Triton model_config DataType enum name
+
+    @property
+    def itemsize(self) -> int:
+        return self.numpy.itemsize
+
+
+def _row(name: str, dtype: object, field: str | None, onnx: str, config: str) -> Datatype:
+    return Datatype(name, np.dtype(dtype).newbyteorder("<"), field, onnx, config)
+
+
+DATATYPES: tuple[Datatype, ...] = (
+    _row("BOOL", np.bool_, "bool_contents", "tensor(bool)", "TYPE_BOOL"),
+    _row("UINT8", np.uint8, "uint_contents", "tensor(uint8)", "TYPE_UINT8"),
+    _row("UINT16", np.uint16, "uint_contents", "tensor(uint16)", "TYPE_UINT16"),
+    _row("UINT32", np.uint32, "uint_contents", "tensor(uint32)", "TYPE_UINT32"),
+    _row("UINT64", np.uint64, "uint64_contents", "tensor(uint64)", "TYPE_UINT64"),
+    _row("INT8", np.int8, "int_contents", "tensor(int8)", "TYPE_INT8"),
+    _row("INT16", np.int16, "int_contents", "tensor(int16)", "TYPE_INT16"),
+    _row("INT32", np.int32, "int_contents", "tensor(int32)", "TYPE_INT32"),
+    _row("INT64", np.int64, "int64_contents", "tensor(int64)", "TYPE_INT64"),
+    _row("FP16", np.float16, None, "tensor(float16)", "TYPE_FP16"),
+    _row("BF16", ml_dtypes.bfloat16, None, "tensor(bfloat16)", "TYPE_BF16"),
+    _row("FP32", np.float32, "fp32_contents", "tensor(float)", "TYPE_FP32"),
+    _row("FP64", np.float64, "fp64_contents", "tensor(double)", "TYPE_FP64"),
+    _row("BYTES", np.object_, "bytes_contents", "tensor(string)", "TYPE_STRING"),
+)
+
+BY_NAME: Mapping[str, Datatype] = {d.name: d for d in DATATYPES}
+BY_ONNX: Mapping[str, Datatype] = {d.onnx: d for d in DATATYPES}
+# Keyed by dtype *kind+size*, so big-endian and native arrays both find their row.
+_BY_NUMPY: Mapping[tuple[str, int], Datatype] = {
+    (d.numpy.char, d.numpy.itemsize): d for d in DATATYPES
+}
+BYTES = BY_NAME["BYTES"]
+
+
+def datatype(name: str) -> Datatype:
+    """The table row for a v2 datatype string, or `InvalidInput` naming the valid ones."""
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise InvalidInput(
+            f"unknown datatype {name!r}; expected one of {', '.join(BY_NAME)}"
+        ) from None
+
+
+def datatype_of(array: np.ndarray) -> Datatype:
+    """The table row for a numpy array (str/bytes/object arrays are BYTES)."""
+    dtype = array.dtype
+    if dtype.kind in "OSU":
+        return BYTES
+    try:
+        return _BY_NUMPY[(dtype.char, dtype.itemsize)]
+    except KeyError:
+        raise InvalidInput(f"numpy dtype {dtype} has no Open Inference Protocol datatype") from None
+
+
+def element_count(shape: Sequence[int]) -> int:
+    return math.prod(shape)
+
+
+_LENGTH = struct.Struct("<I")
+
+
+def serialize_bytes(array: np.ndarray) -> bytes:
+    """BYTES tensor -> wire form: each element as 4-byte LE length + bytes, row-major."""
+    parts: list[bytes] = []
+    for item in array.reshape(-1):
+        data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        parts.append(_LENGTH.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def deserialize_bytes(buffer: bytes, shape: Sequence[int], name: str) -> np.ndarray:
+    """Wire form -> object array of `bytes`, checking that the buffer holds exactly
+    `prod(shape)` length-prefixed elements."""
+    count = element_count(shape)
+    items: list[bytes] = []
+    offset, end = 0, len(buffer)
+    view = memoryview(buffer)
+    for index in range(count):
+        if offset + 4 > end:
+            raise InvalidInput(
+                f"input {name!r}: BYTES data holds {index} elements, shape {list(shape)} "
+                f"needs {count}"
+            )
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += 4
+        if offset + length > end:
+            raise InvalidInput(
+                f"input {name!r}: BYTES element {index} claims {length} bytes, "
+                f"only {end - offset} remain"
+            )
+        items.append(bytes(view[offset : offset + length]))
+        offset += length
+    if offset != end:
+        raise InvalidInput(
+            f"input {name!r}: {end - offset} bytes left over after {count} BYTES elements "
+            f"of shape {list(shape)}"
+        )
+    array = np.empty(count, dtype=object)
+    array[:] = items
+    return array.reshape(shape)
+
+
+def decode_raw(name: str, dtype: Datatype, shape: Sequence[int], raw: bytes) -> np.ndarray:
+    """Raw tensor bytes -> array; zero-copy (a read-only view on `raw`) for fixed-size types."""
+    if dtype is BYTES:
+        return deserialize_bytes(raw, shape, name)
+    expected = element_count(shape) * dtype.itemsize
+    if len(raw) != expected:
+        raise InvalidInput(
+            f"input {name!r}: raw data has {len(raw)} bytes, but shape {list(shape)} of "
+            f"{dtype.name} needs {expected}"
+        )
+    return np.frombuffer(raw, dtype=dtype.numpy).reshape(shape)
+
+
+def decode_contents(
+    name: str, dtype: Datatype, shape: Sequence[int], contents: object
+) -> np.ndarray:
+    """Typed `InferTensorContents` -> array, checking the element count against the shape."""
+    if dtype.contents_field is None:
+        raise InvalidInput(
+            f"input {name!r}: {dtype.name} tensors travel only as raw_input_contents"
+        )
+    values = getattr(contents, dtype.contents_field)
+    count = element_count(shape)
+    if len(values) != count:
+        raise InvalidInput(
+            f"input {name!r}: {dtype.contents_field} has {len(values)} elements, "
+            f"shape {list(shape)} needs {count}"
+        )
+    if dtype is BYTES:
+        array = np.empty(count, dtype=object)
+        array[:] = list(values)
+        return array.reshape(shape)
+    try:
+        return np.asarray(values, dtype=dtype.numpy).reshape(shape)
+    except OverflowError as exc:
+        raise InvalidInput(f"input {name!r}: value out of range for {dtype.name}: {exc}") from None
+
+
+def encode_raw(array: np.ndarray) -> tuple[Datatype, bytes]:
+    """Array -> (datatype, raw little-endian row-major bytes)."""
+    dtype = datatype_of(array)
+    if dtype is BYTES:
+        return dtype, serialize_bytes(array)
+    if array.dtype != dtype.numpy or not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array, dtype=dtype.numpy)
+    return dtype, array.tobytes()
+
+
+def validate_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
+    dims = tuple(shape)
+    if any(d < 0 for d in dims):
+        raise InvalidInput(f"input {name!r}: shape {list(dims)} has a negative dimension")
+    return dims
+
+
+def decode_inputs(request: object) -> dict[str, np.ndarray]:
+    """A v2 `ModelInferRequest` -> {input name: array}, checking the wire format only
+    (the model's own expectations are checked by the DataPlane)."""
+    tensors = request.inputs  # type: ignore[attr-defined]
+    raws = request.raw_input_contents  # type: ignore[attr-defined]
+    if raws and len(raws) != len(tensors):
+        raise InvalidInput(
+            f"request has {len(tensors)} inputs but {len(raws)} raw_input_contents; "
+            "raw data must be given for every input, in input order"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(tensors):
+        name = tensor.name
+        if name in arrays:
+            raise InvalidInput(f"input {name!r} appears more than once in the request")
+        dtype = datatype(tensor.datatype)
+        shape = validate_shape(name, tensor.shape)
+        if raws:
+            if tensor.HasField("contents"):
+                raise InvalidInput(
+                    f"input {name!r} has typed contents, but the request also uses "
+                    "raw_input_contents; use one or the other for all inputs"
+                )
+            arrays[name] = decode_raw(name, dtype, shape, raws[index])
+        else:
+            arrays[name] = decode_contents(name, dtype, shape, tensor.contents)
+    return arrays
+
+
+def encode_outputs(response: object, outputs: Mapping[str, np.ndarray]) -> None:
+    """Append `outputs` to a v2 `ModelInferResponse` as raw tensors, in mapping order."""
+    tensors = response.outputs  # type: ignore[attr-defined]
+    raws = response.raw_output_contents  # type: ignore[attr-defined]
+    for name, array in outputs.items():
+        dtype, raw = encode_raw(array)
+        tensors.add(name=name, datatype=dtype.name, shape=array.shape)
+        raws.append(raw)

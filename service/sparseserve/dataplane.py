@@ -1,0 +1,88 @@
+"""The protocol-agnostic core: every protocol adapter calls these methods, so validation,
+metrics, statistics and errors live in one place."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from sparseserve.errors import Overloaded, SparseServeError, status_of
+from sparseserve.models import LoadedModel, ModelRegistry
+from sparseserve.observability.metrics import Metrics
+
+
+class DataPlane:
+    def __init__(self, registry: ModelRegistry, metrics: Metrics, max_inflight_per_model: int):
+        self.registry = registry
+        self.metrics = metrics
+        self._max_inflight = max_inflight_per_model
+
+    def model(self, name: str, version: str = "") -> LoadedModel:
+        """The loaded model for a metadata/config/inference call (raises if none)."""
+        return self.registry.get(name, version)
+
+    async def infer(
+        self,
+        name: str,
+        version: str,
+        inputs: Mapping[str, np.ndarray],
+        requested_outputs: Sequence[str] = (),
+    ) -> tuple[LoadedModel, dict[str, np.ndarray]]:
+        """Validate `inputs` against the model and run it; the outputs come back in the
+        order requested (or the model's order when none were requested)."""
+        try:
+            model = self.registry.get(name, version)
+        except SparseServeError as exc:
+            self.metrics.unroutable.labels(status_of(exc)).inc()
+            raise
+        started = time.perf_counter_ns()
+        bound = model.metrics
+        stats = model.stats
+        try:
+            signature = model.signature
+            signature.validate(name, inputs)
+            outputs = signature.select_outputs(name, requested_outputs)
+            if model.inflight >= self._max_inflight:
+                raise Overloaded(
+                    f"model {name!r} already has {model.inflight} requests in flight "
+                    f"(limit {self._max_inflight}); retry later"
+                )
+            model.begin()
+            bound.inflight.inc()
+            try:
+                compute_started = time.perf_counter_ns()
+                results = await model.backend.infer(inputs, outputs)
+                compute_ns = time.perf_counter_ns() - compute_started
+            finally:
+                model.end()
+                bound.inflight.dec()
+        except SparseServeError as exc:
+            elapsed = time.perf_counter_ns() - started
+            stats.fail_count += 1
+            stats.fail_ns += elapsed
+            bound.count(status_of(exc))
+            raise
+        elapsed = time.perf_counter_ns() - started
+        rows = _batch_rows(inputs)
+        stats.success_count += 1
+        stats.success_ns += elapsed
+        stats.compute_count += 1
+        stats.compute_ns += compute_ns
+        stats.inference_count += rows
+        stats.execution_count += 1
+        stats.last_inference_ms = time.time_ns() // 1_000_000
+        bound.count("OK")
+        bound.request_duration.observe(elapsed / 1e9)
+        bound.compute_duration.observe(compute_ns / 1e9)
+        bound.inferences.inc(rows)
+        bound.executions.inc()
+        return model, results
+
+
+def _batch_rows(inputs: Mapping[str, np.ndarray]) -> int:
+    """Samples in a request: the leading dimension of its first input (1 if scalar)."""
+    for array in inputs.values():
+        return int(array.shape[0]) if array.ndim else 1
+    return 1

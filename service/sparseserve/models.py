@@ -1,0 +1,405 @@
+"""The ModelRegistry: which model versions are loaded, and their lifecycle.
+
+Loading a model (again) reconciles it with the repository: versions the policy wants
+and that are new or changed on disk are loaded and warmed up *before* the table is
+switched; only then are replaced or retired versions drained (in-flight requests finish)
+and unloaded. A version that fails to load never replaces one that serves.
+
+The request path reads the table with plain dict lookups on the event loop; every change
+to it happens on the event loop too, one model at a time under that model's lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from sparseserve.backends.base import Backend, ModelFiles, ModelSignature, backend_class
+from sparseserve.errors import (
+    ModelLoadError,
+    ModelNotFound,
+    ModelNotReady,
+    OperationNotAllowed,
+    SparseServeError,
+)
+from sparseserve.observability.metrics import Metrics, ModelMetrics
+from sparseserve.repository.manifest import VariantManifest
+from sparseserve.repository.store import Fingerprint, ModelRepository, ModelSource
+from sparseserve.settings import ModelControl, Settings
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(StrEnum):
+    """States as Triton's RepositoryIndex reports them."""
+
+    READY = "READY"
+    LOADING = "LOADING"
+    UNLOADING = "UNLOADING"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass(slots=True)
+class InferenceStats:
+    """Counters for ModelStatistics (Triton's names; durations in nanoseconds)."""
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    compute_count: int = 0
+    compute_ns: int = 0
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class LoadedModel:
+    """One version of one model, loaded and warmed up."""
+
+    name: str
+    version: int
+    backend: Backend
+    signature: ModelSignature
+    source: ModelSource
+    fingerprint: Fingerprint
+    metrics: ModelMetrics
+    stats: InferenceStats = field(default_factory=InferenceStats)
+    inflight: int = 0
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def version_label(self) -> str:
+        return str(self.version)
+
+    @property
+    def manifest(self) -> VariantManifest | None:
+        return self.source.manifest
+
+    @property
+    def family(self) -> str:
+        return self.manifest.family if self.manifest else self.name
+
+    @property
+    def variant(self) -> str:
+        return self.manifest.variant if self.manifest else "default"
+
+    def begin(self) -> None:
+        self.inflight += 1
+        self._idle.clear()
+
+    def end(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until no request runs on this model; False if `timeout` ran out first."""
+        if self.inflight == 0:
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+@dataclass(slots=True)
+class ModelEntry:
+    """A model name the registry knows: its serving versions and what went wrong."""
+
+    name: str
+    ready: dict[int, LoadedModel] = field(default_factory=dict)
+    default: LoadedModel | None = None  # highest ready version: what version "" gets
+    loading: set[int] = field(default_factory=set)
+    failed: dict[int, str] = field(default_factory=dict)  # version -> why it is not served
+    error: str | None = None  # model-level problem (manifest, config, no versions)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def publish(self, ready: dict[int, LoadedModel]) -> None:
+        self.ready = ready
+        self.default = ready[max(ready)] if ready else None
+
+    def why_not_ready(self) -> str:
+        if self.loading:
+            return "it is loading"
+        if self.error:
+            return self.error
+        if self.failed:
+            return "; ".join(f"version {v}: {why}" for v, why in sorted(self.failed.items()))
+        return "it has no loaded version"
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    name: str
+    version: str
+    state: ModelState
+    reason: str
+
+
+class ModelRegistry:
+    """Owns the loaded models: load, warm up, swap versions, drain, unload."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        settings: Settings,
+        executor: Executor,
+        metrics: Metrics,
+    ):
+        self.repository = repository
+        self.settings = settings
+        self._executor = executor
+        self._metrics = metrics
+        self._entries: dict[str, ModelEntry] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    # -- the request path ---------------------------------------------------------------
+
+    def get(self, name: str, version: str = "") -> LoadedModel:
+        """The loaded model that serves `name` at `version` ("" = the highest ready)."""
+        entry = self._entries.get(name)
+        if entry is not None:
+            model = entry.default if version == "" else entry.ready.get(_parse_version(version))
+            if model is not None:
+                return model
+        raise self._not_served(name, version, entry)
+
+    def _not_served(self, name: str, version: str, entry: ModelEntry | None) -> Exception:
+        if entry is None:
+            if self.repository.exists(name):  # also refuses names like "../x"
+                return ModelNotReady(
+                    f"model {name!r} is in the repository but not loaded; "
+                    "load it with RepositoryModelLoad"
+                )
+            return ModelNotFound(f"unknown model {name!r}")
+        if version == "":
+            return ModelNotReady(f"model {name!r} is not ready: {entry.why_not_ready()}")
+        number = _parse_version(version)
+        if number in entry.loading:
+            return ModelNotReady(f"model {name!r} version {number} is loading")
+        if number in entry.failed:
+            return ModelNotReady(
+                f"model {name!r} version {number} is unavailable: {entry.failed[number]}"
+            )
+        served = ", ".join(str(v) for v in sorted(entry.ready)) or "none"
+        return ModelNotFound(f"model {name!r} has no version {version!r} (serving: {served})")
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.get(name, version)
+        except SparseServeError:
+            return False
+        return True
+
+    def loaded(self) -> Iterator[LoadedModel]:
+        for entry in list(self._entries.values()):
+            yield from entry.ready.values()
+
+    def versions(self, name: str) -> list[int]:
+        entry = self._entries.get(name)
+        return sorted(entry.ready) if entry else []
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def load_startup_models(self) -> None:
+        """Load what the model-control mode says to load at start; failures are logged
+        and shown in RepositoryIndex, they do not stop the server."""
+        wanted = self.settings.startup_models
+        if self.settings.model_control is not ModelControl.explicit or "*" in wanted:
+            names = self.repository.names()
+        else:
+            names = list(dict.fromkeys(wanted))
+        for name in names:
+            try:
+                await self.load(name)
+            except SparseServeError as exc:
+                log.error("model %s not loaded: %s", name, exc)
+
+    async def load(self, name: str) -> None:
+        """Load `name`, or reconcile it with the repository if it is loaded already.
+        Raise `ModelLoadError` if a version it should serve could not be loaded."""
+        if not self.repository.exists(name):  # also refuses names like "../x"
+            raise ModelNotFound(f"model {name!r} is not in the repository")
+        entry = self._entries.get(name)
+        if entry is None:
+            entry = self._entries[name] = ModelEntry(name)
+        async with entry.lock:
+            try:
+                await self._reconcile(entry)
+            except ModelNotFound:
+                if self._entries.get(name) is entry:
+                    del self._entries[name]
+                raise
+        if entry.error or entry.failed:
+            raise ModelLoadError(f"model {name!r}: {entry.why_not_ready()}")
+
+    async def _reconcile(self, entry: ModelEntry) -> None:
+        try:
+            source = self.repository.read(entry.name)
+        except ModelNotFound:  # removed from disk: stop serving it
+            retired = list(entry.ready.values())
+            entry.publish({})
+            await self._retire(entry, retired)
+            raise
+        except ModelLoadError as exc:
+            # Keep serving what serves; say why nothing new could be loaded.
+            entry.error = str(exc)
+            return
+        entry.error = None
+        wanted = source.served_versions()
+        stale = {
+            v
+            for v in wanted
+            if v not in entry.ready or entry.ready[v].fingerprint != source.fingerprint(v)
+        }
+        entry.failed = {v: why for v, why in entry.failed.items() if v in wanted and v in stale}
+        fresh: dict[int, LoadedModel] = {}
+        for version in sorted(stale):
+            entry.loading.add(version)
+            try:
+                fresh[version] = await self._load_version(source, version)
+                entry.failed.pop(version, None)
+            except ModelLoadError as exc:
+                entry.failed[version] = str(exc)
+                log.error("model %s version %d failed to load: %s", entry.name, version, exc)
+            finally:
+                entry.loading.discard(version)
+        keep = {v: m for v, m in entry.ready.items() if v in wanted and v not in fresh}
+        retired = [m for v, m in entry.ready.items() if v not in keep]
+        entry.publish({**keep, **fresh})
+        for model in fresh.values():
+            model.metrics.ready.set(1)
+        await self._retire(entry, retired)
+
+    async def _load_version(self, source: ModelSource, version: int) -> LoadedModel:
+        started = time.perf_counter()
+        files = ModelFiles(source.name, version, source.versions[version])
+        fingerprint = source.fingerprint(version)
+        backend = self._backend(files)
+        try:
+            signature = await backend.load()
+        except ModelLoadError:
+            raise
+        except SparseServeError as exc:  # e.g. warm-up rejected by the model itself
+            raise ModelLoadError(f"{files.path}: warm-up failed: {exc}") from exc
+        manifest = source.manifest
+        labels = {
+            "model": source.name,
+            "version": str(version),
+            "family": manifest.family if manifest else source.name,
+            "variant": manifest.variant if manifest else "default",
+            "backend": backend.name,
+        }
+        log.info(
+            "loaded model %s version %d with %s in %.2fs",
+            source.name, version, backend.name, time.perf_counter() - started,
+        )  # fmt: skip
+        return LoadedModel(
+            name=source.name,
+            version=version,
+            backend=backend,
+            signature=signature,
+            source=source,
+            fingerprint=fingerprint,
+            metrics=self._metrics.bind(labels),
+        )
+
+    def _backend(self, files: ModelFiles) -> Backend:
+        cls = backend_class("onnxruntime")
+        return cls(files, self.settings.onnxruntime, self._executor)  # type: ignore[call-arg]
+
+    async def _retire(self, entry: ModelEntry, models: list[LoadedModel]) -> None:
+        """Unload models already taken out of the table, once their requests finished.
+        Runs in the background so that a slow request does not hold up a reload."""
+        for model in models:
+            task = asyncio.create_task(self._unload_when_idle(model))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    async def _unload_when_idle(self, model: LoadedModel) -> None:
+        model.metrics.ready.set(0)
+        if not await model.drain(self.settings.shutdown_grace_seconds):
+            log.warning(
+                "model %s version %d still had %d requests after %.1fs; unloading anyway",
+                model.name, model.version, model.inflight, self.settings.shutdown_grace_seconds,
+            )  # fmt: skip
+        await model.backend.unload()
+        self._metrics.forget(model.metrics)
+        log.info("unloaded model %s version %d", model.name, model.version)
+
+    async def unload(self, name: str) -> None:
+        """Stop serving `name`: new requests are refused at once, in-flight ones finish."""
+        self.repository.path(name)
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        async with entry.lock:
+            retired = list(entry.ready.values())
+            entry.publish({})
+            self._entries.pop(name, None)
+            await self._retire(entry, retired)
+
+    async def poll(self) -> None:
+        """One poll-mode pass: load new models, reload changed ones, unload removed ones."""
+        on_disk = set(self.repository.names())
+        for name in sorted(on_disk | set(self._entries)):
+            if name not in on_disk:
+                await self.unload(name)
+                continue
+            try:
+                await self.load(name)
+            except SparseServeError as exc:
+                log.debug("poll: model %s: %s", name, exc)
+
+    def check_explicit_control(self) -> None:
+        if self.settings.model_control is not ModelControl.explicit:
+            raise OperationNotAllowed(
+                f"explicit model load/unload is not allowed in model-control mode "
+                f"{self.settings.model_control.value!r}; start the server with "
+                "--model-control explicit"
+            )
+
+    async def close(self) -> None:
+        """Unload everything (in-flight requests finish first, up to the grace period)."""
+        for name in list(self._entries):
+            await self.unload(name)
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+
+    # -- reporting --------------------------------------------------------------------
+
+    def index(self) -> list[IndexEntry]:
+        """Every model in the repository or in memory, per version, with its state."""
+        rows: list[IndexEntry] = []
+        for name in sorted(set(self.repository.names()) | set(self._entries)):
+            entry = self._entries.get(name)
+            if entry is None:
+                rows.append(IndexEntry(name, "", ModelState.UNAVAILABLE, "not loaded"))
+                continue
+            versions = set(entry.ready) | entry.loading | set(entry.failed)
+            if entry.error and not entry.ready:
+                rows.append(IndexEntry(name, "", ModelState.UNAVAILABLE, entry.error))
+            for version in sorted(versions):
+                if version in entry.loading:
+                    state, reason = ModelState.LOADING, ""
+                elif version in entry.ready:
+                    state, reason = ModelState.READY, ""
+                else:
+                    state, reason = ModelState.UNAVAILABLE, entry.failed[version]
+                rows.append(IndexEntry(name, str(version), state, reason))
+        return rows
+
+
+def _parse_version(version: str) -> int:
+    try:
+        return int(version)
+    except ValueError:
+        return -1  # no such version; reported as NOT_FOUND with the versions served

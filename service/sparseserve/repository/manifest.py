@@ -1,0 +1,112 @@
+"""`sparseserve.yaml`: what a model directory is, how it was made and what it costs.
+
+Every variant of a family (dense, pruned-90, pruned-90-int8, ...) is its own model
+directory; its manifest names the family, the variant and the dense baseline, and
+records what was measured when it was built. The file is optional: a plain Triton
+repository without manifests serves fine (each model is then its own family).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MANIFEST_FILENAME = "sparseserve.yaml"
+MANIFEST_SCHEMA_VERSION = 1
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+class ManifestError(ValueError):
+    """A manifest that does not parse or does not validate."""
+
+
+class Task(StrEnum):
+    classification = "classification"
+    embedding = "embedding"
+    regression = "regression"
+    other = "other"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LayerSparsity(_Strict):
+    """Sparsity of one weight tensor."""
+
+    name: str
+    shape: list[int]
+    parameters: NonNegativeInt
+    nonzero: NonNegativeInt
+    sparsity: Fraction
+
+
+class Quality(_Strict):
+    """What the variant scores, measured when it was built.
+
+    `metric` names the number (``accuracy`` on a labelled test split, ``cosine`` to
+    the baseline's outputs, ...); `dataset` says on what it was measured.
+    """
+
+    metric: str
+    value: float
+    dataset: str
+    samples: NonNegativeInt
+    baseline_value: float | None = None
+
+
+class VariantManifest(_Strict):
+    """The contents of ``<repository>/<model>/sparseserve.yaml``."""
+
+    schema_version: int = Field(MANIFEST_SCHEMA_VERSION, ge=1, le=MANIFEST_SCHEMA_VERSION)
+    family: str = Field(min_length=1)
+    variant: str = Field(min_length=1)
+    baseline: str | None = Field(
+        None, description="Model name of the family's dense baseline; None if this is it."
+    )
+    task: Task = Task.other
+    description: str = ""
+    method: str = Field("dense", description="How the variant was made: dense, magnitude, ...")
+    created: datetime | None = None
+    parameters: NonNegativeInt | None = None
+    nonzero_parameters: NonNegativeInt | None = None
+    sparsity: Fraction | None = Field(None, description="Global weight sparsity.")
+    layers: list[LayerSparsity] = Field(default_factory=list)
+    quantization: str | None = None
+    file_bytes: NonNegativeInt | None = None
+    quality: list[Quality] = Field(default_factory=list)
+    recipe: dict[str, object] | None = None
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.baseline is None
+
+    @classmethod
+    def read(cls, path: Path) -> VariantManifest:
+        """Parse and validate a manifest file; raise `ManifestError` saying what is wrong."""
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ManifestError(f"{path}: cannot read manifest: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ManifestError(f"{path}: manifest must be a mapping, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ManifestError(f"{path}: invalid manifest: {exc}") from exc
+
+    def write(self, path: Path) -> None:
+        """Write the manifest as YAML (atomically: a poller never sees half a file)."""
+        text = yaml.safe_dump(
+            self.model_dump(mode="json", exclude_none=True), sort_keys=False, allow_unicode=True
+        )
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)

@@ -1,0 +1,180 @@
+"""The model repository on disk, in Triton's layout, so one directory serves both:
+
+    <repository>/<model>/config.pbtxt          optional (Triton's ModelConfig, text form)
+    <repository>/<model>/sparseserve.yaml      optional variant manifest
+    <repository>/<model>/<version>/model.onnx  numeric version folders
+
+This module only reads the disk; it knows nothing of backends or loaded models.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from sparseserve.errors import InvalidModelName, ModelLoadError, ModelNotFound
+from sparseserve.protocol import model_config_pb2
+from sparseserve.repository.manifest import MANIFEST_FILENAME, ManifestError, VariantManifest
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILENAME = "config.pbtxt"
+DEFAULT_MODEL_FILENAME = "model.onnx"
+# A model name is one plain directory name: no separators, no leading dot (so no `..`).
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}")
+
+
+def check_model_name(name: str) -> str:
+    """Return `name` if it is a valid model name; raise `InvalidModelName` otherwise."""
+    if not _MODEL_NAME.fullmatch(name):
+        raise InvalidModelName(
+            f"{name!r} is not a valid model name: use letters, digits, '_', '-' and '.', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class VersionPolicy:
+    """Which versions on disk are served: the latest N, all, or a specific list."""
+
+    latest: int | None = 1
+    specific: tuple[int, ...] = ()
+
+    @classmethod
+    def from_config(cls, config: model_config_pb2.ModelConfig | None) -> VersionPolicy:
+        if config is None or not config.HasField("version_policy"):
+            return cls()
+        policy = config.version_policy
+        kind = policy.WhichOneof("policy_choice")
+        if kind == "all":
+            return cls(latest=None)
+        if kind == "specific":
+            return cls(latest=None, specific=tuple(sorted(policy.specific.versions)))
+        return cls(latest=max(1, policy.latest.num_versions))
+
+    def select(self, available: list[int]) -> list[int]:
+        ordered = sorted(available)
+        if self.specific:
+            return [v for v in ordered if v in self.specific]
+        if self.latest is None:
+            return ordered
+        return ordered[-self.latest :]
+
+    def describe(self) -> str:
+        if self.specific:
+            return f"specific {list(self.specific)}"
+        return "all" if self.latest is None else f"latest {self.latest}"
+
+
+Fingerprint = tuple[int, int, int]  # mtime_ns, size, mtime_ns of the model directory's files
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    """Everything the repository says about one model directory."""
+
+    name: str
+    directory: Path
+    versions: dict[int, Path]  # version -> model file
+    manifest: VariantManifest | None
+    config: model_config_pb2.ModelConfig | None
+    policy: VersionPolicy
+    settings_stamp: int  # changes when the manifest or config.pbtxt changes
+
+    def served_versions(self) -> list[int]:
+        return self.policy.select(list(self.versions))
+
+    def fingerprint(self, version: int) -> Fingerprint:
+        """Changes whenever the version's model file or the model's settings change."""
+        try:
+            stat = self.versions[version].stat()
+        except OSError:
+            return (0, -1, self.settings_stamp)
+        return (stat.st_mtime_ns, stat.st_size, self.settings_stamp)
+
+
+class ModelRepository:
+    """Reads a Triton-layout model repository."""
+
+    def __init__(self, root: Path):
+        self.root = root.resolve()
+
+    def names(self) -> list[str]:
+        """Model directories in the repository, sorted (invalid names are skipped)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and _MODEL_NAME.fullmatch(p.name)
+        )
+
+    def path(self, name: str) -> Path:
+        """The directory of model `name`, which must stay inside the repository."""
+        check_model_name(name)
+        directory = (self.root / name).resolve()
+        if directory.parent != self.root:  # a symlink pointing elsewhere
+            raise InvalidModelName(f"model {name!r} resolves outside the repository")
+        return directory
+
+    def exists(self, name: str) -> bool:
+        return self.path(name).is_dir()
+
+    def read(self, name: str) -> ModelSource:
+        """Read one model directory. Raise `ModelNotFound` if it is not there and
+        `ModelLoadError` if its manifest, config or version folders are unusable."""
+        directory = self.path(name)
+        if not directory.is_dir():
+            raise ModelNotFound(f"model {name!r} is not in the repository {self.root}")
+        config = _read_config(directory / CONFIG_FILENAME)
+        manifest_path = directory / MANIFEST_FILENAME
+        manifest = None
+        if manifest_path.is_file():
+            try:
+                manifest = VariantManifest.read(manifest_path)
+            except ManifestError as exc:
+                raise ModelLoadError(str(exc)) from exc
+        filename = (config.default_model_filename if config else "") or DEFAULT_MODEL_FILENAME
+        versions = {
+            int(p.name): p / filename
+            for p in directory.iterdir()
+            if p.is_dir() and p.name.isdigit() and int(p.name) > 0 and (p / filename).is_file()
+        }
+        if not versions:
+            raise ModelLoadError(
+                f"model {name!r} has no version: expected {directory}/<N>/{filename} "
+                "with N a positive integer"
+            )
+        stamp = sum(_mtime(p) for p in (manifest_path, directory / CONFIG_FILENAME))
+        return ModelSource(
+            name=name,
+            directory=directory,
+            versions=versions,
+            manifest=manifest,
+            config=config,
+            policy=VersionPolicy.from_config(config),
+            settings_stamp=stamp,
+        )
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+def _read_config(path: Path) -> model_config_pb2.ModelConfig | None:
+    if not path.is_file():
+        return None
+    config = model_config_pb2.ModelConfig()
+    try:
+        # Fields of Triton's ModelConfig that sparseserve does not model are skipped,
+        # so a config written for Triton loads here unchanged.
+        text_format.Parse(path.read_text(encoding="utf-8"), config, allow_unknown_field=True)
+    except (OSError, text_format.ParseError) as exc:
+        raise ModelLoadError(f"{path}: cannot parse Triton model config: {exc}") from exc
+    return config

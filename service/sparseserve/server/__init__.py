@@ -1,0 +1,1 @@
+"""The gRPC server: protocol adapters over the DataPlane, the error interceptor, lifecycle."""

@@ -1,0 +1,176 @@
+"""The server process: build the parts, serve gRPC and metrics, and shut down cleanly.
+
+Shutdown (SIGTERM on every Kubernetes rollout, or SIGINT): health turns NOT_SERVING
+first, the gRPC server stops taking new calls and lets in-flight ones finish within the
+grace period, models are unloaded, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sparseserve.dataplane import DataPlane
+from sparseserve.models import ModelRegistry
+from sparseserve.observability.metrics import Metrics
+from sparseserve.protocol import grpc_service_pb2, grpc_service_pb2_grpc
+from sparseserve.protocol._pool import POOL
+from sparseserve.repository.store import ModelRepository
+from sparseserve.server.errors import ErrorInterceptor
+from sparseserve.server.metrics_http import start_metrics_server
+from sparseserve.server.v2_servicer import V2Servicer
+from sparseserve.settings import ModelControl, Settings
+
+log = logging.getLogger(__name__)
+
+V2_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class SparseServeServer:
+    """One sparseserve server. `await start()`, then `await stop()`."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.metrics = Metrics()
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.inference_thread_count, thread_name_prefix="inference"
+        )
+        self.registry = ModelRegistry(
+            ModelRepository(settings.repository), settings, self._executor, self.metrics
+        )
+        self.dataplane = DataPlane(self.registry, self.metrics, settings.max_inflight_per_model)
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._metrics_server: WSGIServer | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._ready = False
+        self.grpc_port = 0
+        self.metrics_port: int | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    async def start(self) -> None:
+        """Bind the ports (so liveness answers while models load), load the startup
+        models, then report ready."""
+        settings = self.settings
+        limit = settings.max_message_bytes
+        server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            V2Servicer(self.dataplane, self.registry, lambda: self._ready), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        _add_reflection(server)
+        address = f"{_bind_host(settings.host)}:{settings.grpc_port}"
+        self.grpc_port = server.add_insecure_port(address)
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind the gRPC port {address}")
+        for service in ("", V2_SERVICE):
+            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self._server = server
+        if settings.metrics_port is not None:
+            self._metrics_server = start_metrics_server(
+                self.metrics.registry, settings.host, settings.metrics_port
+            )
+            self.metrics_port = self._metrics_server.server_port
+        log.info(
+            "sparseserve listening: gRPC %s:%d, metrics %s; repository %s, model control %s",
+            settings.host, self.grpc_port, self.metrics_port or "off",
+            self.registry.repository.root, settings.model_control.value,
+        )  # fmt: skip
+        await self.registry.load_startup_models()
+        if settings.model_control is ModelControl.poll:
+            self._poller = asyncio.create_task(self._poll_forever())
+        for service in ("", V2_SERVICE):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._ready = True
+        log.info("sparseserve ready: %d model versions loaded", len(list(self.registry.loaded())))
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_interval_seconds)
+            try:
+                await self.registry.poll()
+            except Exception:  # a bad pass must not end polling
+                log.exception("repository poll failed")
+
+    async def stop(self) -> None:
+        """Drain and stop; safe to call more than once."""
+        if self._server is None:
+            return
+        self._ready = False
+        # NOT_SERVING first, so load balancers stop sending before the port closes.
+        await self._health.enter_graceful_shutdown()
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        grace = self.settings.shutdown_grace_seconds
+        log.info("sparseserve stopping: up to %.1fs for in-flight requests", grace)
+        await self._server.stop(grace)
+        self._server = None
+        await self.registry.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
+        self._executor.shutdown(wait=True)
+        log.info("sparseserve stopped")
+
+
+def _bind_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _add_reflection(server: grpc.aio.Server) -> None:
+    # Our stubs live in a private descriptor pool (see sparseserve.protocol._pool);
+    # reflection answers from that pool, so the health service's file goes there too.
+    with contextlib.suppress(TypeError):  # already added by an earlier server
+        POOL.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
+    names = (V2_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server, pool=POOL)
+
+
+async def serve(settings: Settings, ready_file: Path | None = None) -> int:
+    """Run until SIGTERM or SIGINT; return the process exit code."""
+    server = SparseServeServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await server.start()
+        if ready_file is not None:
+            _write_ready_file(ready_file, server)
+        await stop.wait()
+    finally:
+        await server.stop()
+    return 0
+
+
+def _write_ready_file(path: Path, server: SparseServeServer) -> None:
+    """Tell a supervisor (or a test) the bound ports once the server is ready."""
+    tmp = path.with_name(path.name + ".tmp")
+    info = {"pid": os.getpid(), "grpc_port": server.grpc_port, "metrics_port": server.metrics_port}
+    tmp.write_text(json.dumps(info), encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,166 @@
+"""The Open Inference Protocol (KServe v2 / Triton) over gRPC: decode, call the
+DataPlane, encode. No logic lives here; errors are raised and mapped by the interceptor."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sparseserve import __version__, codec
+from sparseserve.backends.base import TensorSpec
+from sparseserve.dataplane import DataPlane
+from sparseserve.errors import InvalidInput
+from sparseserve.models import LoadedModel, ModelRegistry
+from sparseserve.protocol import grpc_service_pb2 as pb
+from sparseserve.protocol import grpc_service_pb2_grpc as pb_grpc
+from sparseserve.protocol import model_config_pb2 as mc
+
+SERVER_NAME = "sparseserve"
+EXTENSIONS = ("model_repository", "model_configuration", "statistics")
+
+
+class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, dataplane: DataPlane, registry: ModelRegistry, is_ready: Callable[[], bool]):
+        self._dataplane = dataplane
+        self._registry = registry
+        self._is_ready = is_ready
+
+    # -- health and metadata ----------------------------------------------------------
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self._is_ready())
+
+    async def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=self._registry.is_ready(request.name, request.version))
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=__version__, extensions=EXTENSIONS
+        )
+
+    async def ModelMetadata(self, request, context):
+        model = self._dataplane.model(request.name, request.version)
+        signature = model.signature
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[str(v) for v in self._registry.versions(model.name)],
+            platform=model.backend.platform,
+            inputs=[_tensor_metadata(s) for s in signature.inputs],
+            outputs=[_tensor_metadata(s) for s in signature.outputs],
+        )
+
+    async def ModelConfig(self, request, context):
+        model = self._dataplane.model(request.name, request.version)
+        return pb.ModelConfigResponse(config=_model_config(model))
+
+    async def ModelStatistics(self, request, context):
+        models = [
+            m
+            for m in self._registry.loaded()
+            if (not request.name or m.name == request.name)
+            and (not request.version or m.version_label == request.version)
+        ]
+        if request.name and not models:
+            self._dataplane.model(request.name, request.version)  # raises the precise error
+        models.sort(key=lambda m: (m.name, m.version))
+        return pb.ModelStatisticsResponse(model_stats=[_statistics(m) for m in models])
+
+    # -- inference --------------------------------------------------------------------
+
+    async def ModelInfer(self, request, context):
+        inputs = codec.decode_inputs(request)
+        requested = [output.name for output in request.outputs]
+        model, outputs = await self._dataplane.infer(
+            request.model_name, request.model_version, inputs, requested
+        )
+        response = pb.ModelInferResponse(
+            model_name=model.name, model_version=model.version_label, id=request.id
+        )
+        codec.encode_outputs(response, outputs)
+        return response
+
+    # -- repository -------------------------------------------------------------------
+
+    async def RepositoryIndex(self, request, context):
+        rows = self._registry.index()
+        if request.ready:
+            rows = [r for r in rows if r.state == "READY"]
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(
+                    name=r.name, version=r.version, state=r.state.value, reason=r.reason
+                )
+                for r in rows
+            ]
+        )
+
+    async def RepositoryModelLoad(self, request, context):
+        _no_repository_parameters(request)
+        self._registry.check_explicit_control()
+        await self._registry.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        _no_repository_parameters(request)
+        self._registry.check_explicit_control()
+        await self._registry.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
+def _no_repository_parameters(request: pb.RepositoryModelLoadRequest) -> None:
+    if request.repository_name:
+        raise InvalidInput(
+            f"repository {request.repository_name!r} is unknown: this server has one "
+            "repository; leave repository_name empty"
+        )
+    if request.parameters:
+        raise InvalidInput(
+            f"load/unload parameters are not supported (got {', '.join(request.parameters)}); "
+            "change the model's files in the repository instead"
+        )
+
+
+def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(
+        name=spec.name, datatype=spec.datatype.name, shape=spec.shape
+    )
+
+
+def _model_config(model: LoadedModel) -> mc.ModelConfig:
+    """The model's config.pbtxt if it has one, completed from what the model reports."""
+    config = mc.ModelConfig()
+    if model.source.config is not None:
+        config.CopyFrom(model.source.config)
+    config.name = model.name
+    config.platform = config.platform or model.backend.platform
+    config.backend = config.backend or model.backend.name
+    if not config.input:
+        for spec in model.signature.inputs:
+            config.input.add(
+                name=spec.name, data_type=mc.DataType.Value(spec.datatype.config), dims=spec.shape
+            )
+    if not config.output:
+        for spec in model.signature.outputs:
+            config.output.add(
+                name=spec.name, data_type=mc.DataType.Value(spec.datatype.config), dims=spec.shape
+            )
+    return config
+
+
+def _statistics(model: LoadedModel) -> pb.ModelStatistics:
+    s = model.stats
+    duration = pb.StatisticDuration
+    return pb.ModelStatistics(
+        name=model.name,
+        version=model.version_label,
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=duration(count=s.success_count, ns=s.success_ns),
+            fail=duration(count=s.fail_count, ns=s.fail_ns),
+            compute_infer=duration(count=s.compute_count, ns=s.compute_ns),
+        ),
+    )

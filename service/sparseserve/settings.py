@@ -1,0 +1,138 @@
+"""Server configuration: defaults < YAML file < `SPARSESERVE_*` environment < CLI flags.
+
+Nested settings use ``__`` in the environment, e.g.
+``SPARSESERVE_ONNXRUNTIME__INTRA_OP_THREADS=4``.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+MiB = 1024 * 1024
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("sparseserve_config_file", default=None)
+
+
+class GraphOptimization(StrEnum):
+    disable = "disable"
+    basic = "basic"
+    extended = "extended"
+    all = "all"
+
+
+class ModelControl(StrEnum):
+    """How the set of loaded models changes (Triton's model-control modes).
+
+    none: load every model at start, never change. explicit: load `startup_models` at
+    start, then only what RepositoryModelLoad/Unload ask. poll: load every model, then
+    follow the repository on disk every `poll_interval_seconds`.
+    """
+
+    none = "none"
+    explicit = "explicit"
+    poll = "poll"
+
+
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
+class OnnxRuntimeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    intra_op_threads: int = Field(
+        1,
+        ge=0,
+        description="Threads one inference may use (0: onnxruntime's default, one per core). "
+        "1 lets concurrent requests use the cores instead; raise it for large models.",
+    )
+    inter_op_threads: int = Field(1, ge=0, description="Threads across independent graph nodes.")
+    graph_optimization: GraphOptimization = Field(
+        GraphOptimization.all, description="onnxruntime graph optimisation level."
+    )
+
+
+class Settings(BaseSettings):
+    """Everything `sparseserve serve` can be told."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SPARSESERVE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    repository: Path = Field(Path("models"), description="Model repository (Triton layout).")
+    host: str = Field("0.0.0.0", description="Address the gRPC and metrics ports bind to.")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int | None = Field(
+        8002, ge=0, le=65535, description="Prometheus metrics port; 0 picks one, null disables."
+    )
+    max_message_bytes: int = Field(
+        256 * MiB,
+        ge=1024,
+        le=2**31 - 1,
+        description="Largest gRPC message received or sent (gRPC's own default is 4 MiB).",
+    )
+    model_control: ModelControl = ModelControl.explicit
+    startup_models: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="Models loaded at start in explicit mode; '*' means all.",
+    )
+    poll_interval_seconds: float = Field(
+        5.0, gt=0, description="How often poll mode rescans the repository."
+    )
+    max_inflight_per_model: int = Field(
+        256,
+        ge=1,
+        description="Requests one model runs or queues at once; more are refused "
+        "with RESOURCE_EXHAUSTED.",
+    )
+    inference_threads: int = Field(
+        0, ge=0, description="Threads running model inference (0: one per core)."
+    )
+    shutdown_grace_seconds: float = Field(
+        10.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
+    )
+    log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+    log_format: LogFormat = LogFormat.text
+    onnxruntime: OnnxRuntimeSettings = Field(default_factory=OnnxRuntimeSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = _CONFIG_FILE.get()
+        if config_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides: Any) -> Settings:
+        """Settings from an optional YAML file, the environment, then `overrides`."""
+        if config_file is not None and not config_file.is_file():
+            raise FileNotFoundError(f"config file {config_file} does not exist")
+        token = _CONFIG_FILE.set(config_file)
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        finally:
+            _CONFIG_FILE.reset(token)
+
+    @property
+    def inference_thread_count(self) -> int:
+        return self.inference_threads or (os.cpu_count() or 1)

@@ -1,0 +1,1 @@
+"""Build sparse model variants with torch (``[sparsify]`` extra); the server never imports it."""
