@@ -100,7 +100,11 @@ class VariantManifest(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ManifestError(f"{path}: invalid manifest: {exc}") from exc
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in error['loc']) or '<root>'}: {error['msg']}"
+                for error in exc.errors()
+            )
+            raise ManifestError(f"{path}: invalid manifest: {problems}") from exc
 
     def write(self, path: Path) -> None:
         """Write the manifest as YAML (atomically: a poller never sees half a file)."""

@@ -1,0 +1,1 @@
+"""Tools for tests and benchmarks (need the `[dev]` extra: onnx, tritonclient)."""
