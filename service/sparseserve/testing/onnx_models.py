@@ -6,6 +6,7 @@ generator so that a model is the same on every machine.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def mlp(path: Path, sizes: Sequence[int] = (64, 256, 256, 10), seed: int = 0) ->
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     current = "input"
-    for i, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:], strict=False)):
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
         w = (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
         b = (rng.standard_normal(fan_out) * 0.01).astype(np.float32)
         inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
