@@ -1,0 +1,56 @@
+"""`make demo` end to end: train the demo models, serve them, query them, compare."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def test_demo_trains_serves_compares_and_stops_cleanly(tmp_path: Path) -> None:
+    """The demo's own output shows each model answering through the server with the
+    accuracy its manifest recorded, the sparse variant beside its dense baseline, and a
+    clean stop."""
+    repository = tmp_path / "demo-models"
+    result = subprocess.run(
+        [sys.executable, "-m", "sparseserve.demo", "--repository", str(repository)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "models ready: digits-cnn.dense, digits-mlp.dense, digits-mlp.pruned90" in out
+    rows = {
+        m["model"]: m
+        for m in re.finditer(
+            r"^(?P<model>digits-\S+)\s+(?P<sparsity>[\d.]+)%\s+\S+\s+\S+\s+"
+            r"(?P<served>[\d.]+)%\s+(?P<manifest>[\d.]+)%\s+(?P<agree>\S+)",
+            out,
+            re.MULTILINE,
+        )
+    }
+    assert set(rows) == {"digits-cnn.dense", "digits-mlp.dense", "digits-mlp.pruned90"}
+    for row in rows.values():
+        # Accuracy measured through the server equals what the build measured in-process.
+        assert row["served"] == row["manifest"]
+        assert float(row["served"]) > 93.0
+    assert float(rows["digits-mlp.pruned90"]["sparsity"]) == pytest.approx(90.0)
+    assert rows["digits-mlp.dense"]["agree"] == "baseline"
+    assert float(rows["digits-mlp.pruned90"]["agree"].rstrip("%")) > 90.0
+    assert "server stopped cleanly (exit code 0)" in out
+
+    # A second run reuses the trained models instead of training again.
+    again = subprocess.run(
+        [sys.executable, "-m", "sparseserve.demo", "--repository", str(repository)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "using the demo models in" in again.stdout
