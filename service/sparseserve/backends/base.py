@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,40 +39,50 @@ class ModelSignature:
 
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    output_names: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "output_names", tuple(spec.name for spec in self.outputs))
 
     def validate(self, model: str, arrays: Mapping[str, np.ndarray]) -> None:
         """Raise `InvalidInput` naming what was expected unless `arrays` fits the inputs."""
-        specs = {spec.name: spec for spec in self.inputs}
-        for name in arrays:
-            if name not in specs:
-                raise InvalidInput(
-                    f"model {model!r} has no input {name!r}; expected inputs: "
-                    f"{_describe(self.inputs)}"
-                )
         for spec in self.inputs:
             array = arrays.get(spec.name)
             if array is None:
+                self._check_names(model, arrays)
                 raise InvalidInput(
                     f"model {model!r} is missing input {spec.name!r}; expected inputs: "
                     f"{_describe(self.inputs)}"
                 )
-            got = datatype_of(array).name
-            if got != spec.datatype.name:
-                raise InvalidInput(
-                    f"input {spec.name!r} of model {model!r} expects datatype "
-                    f"{spec.datatype.name}, got {got}"
-                )
+            if array.dtype != spec.datatype.numpy:
+                got = datatype_of(array)
+                if got is not spec.datatype:
+                    raise InvalidInput(
+                        f"input {spec.name!r} of model {model!r} expects datatype "
+                        f"{spec.datatype.name}, got {got.name}"
+                    )
             if not spec.accepts_shape(array.shape):
                 raise InvalidInput(
                     f"input {spec.name!r} of model {model!r} expects shape {list(spec.shape)} "
                     f"(-1: any size), got {list(array.shape)}"
                 )
+        if len(arrays) != len(self.inputs):
+            self._check_names(model, arrays)
 
-    def select_outputs(self, model: str, requested: Sequence[str]) -> tuple[str, ...]:
+    def _check_names(self, model: str, arrays: Mapping[str, np.ndarray]) -> None:
+        known = {spec.name for spec in self.inputs}
+        for name in arrays:
+            if name not in known:
+                raise InvalidInput(
+                    f"model {model!r} has no input {name!r}; expected inputs: "
+                    f"{_describe(self.inputs)}"
+                )
+
+    def select_outputs(self, model: str, requested: Sequence[str]) -> Sequence[str]:
         """The output names to compute: all, in model order, or exactly those requested."""
         if not requested:
-            return tuple(spec.name for spec in self.outputs)
-        known = {spec.name for spec in self.outputs}
+            return self.output_names
+        known = self.output_names
         seen: set[str] = set()
         for name in requested:
             if name not in known:
@@ -83,7 +93,7 @@ class ModelSignature:
             if name in seen:
                 raise InvalidInput(f"output {name!r} is requested more than once")
             seen.add(name)
-        return tuple(requested)
+        return requested
 
 
 def _describe(specs: Sequence[TensorSpec]) -> str:
