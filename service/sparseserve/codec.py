@@ -59,9 +59,10 @@ DATATYPES: tuple[Datatype, ...] = (
 
 BY_NAME: Mapping[str, Datatype] = {d.name: d for d in DATATYPES}
 BY_ONNX: Mapping[str, Datatype] = {d.onnx: d for d in DATATYPES}
-# Keyed by dtype *kind+size*, so big-endian and native arrays both find their row.
+# Keyed by kind and size, not by dtype: numpy has two int64 dtypes on Linux ('l' and 'q',
+# onnxruntime returns the latter), and big-endian arrays must find their row too.
 _BY_NUMPY: Mapping[tuple[str, int], Datatype] = {
-    (d.numpy.char, d.numpy.itemsize): d for d in DATATYPES
+    (d.numpy.kind, d.numpy.itemsize): d for d in DATATYPES if d.name != "BYTES"
 }
 BYTES = BY_NAME["BYTES"]
 
@@ -82,7 +83,7 @@ def datatype_of(array: np.ndarray) -> Datatype:
     if dtype.kind in "OSU":
         return BYTES
     try:
-        return _BY_NUMPY[(dtype.char, dtype.itemsize)]
+        return _BY_NUMPY[(dtype.kind, dtype.itemsize)]
     except KeyError:
         raise InvalidInput(f"numpy dtype {dtype} has no Open Inference Protocol datatype") from None
 

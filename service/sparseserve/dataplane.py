@@ -4,7 +4,7 @@ metrics, statistics and errors live in one place."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -27,11 +27,13 @@ class DataPlane:
         self,
         name: str,
         version: str,
-        inputs: Mapping[str, np.ndarray],
+        decode: Callable[[], Mapping[str, np.ndarray]],
         requested_outputs: Sequence[str] = (),
     ) -> tuple[LoadedModel, dict[str, np.ndarray]]:
-        """Validate `inputs` against the model and run it; the outputs come back in the
-        order requested (or the model's order when none were requested)."""
+        """Route to the model, decode the inputs with `decode` (so that malformed requests
+        are counted against the model they were sent to), validate them against the model
+        and run it. The outputs come back in the order requested (or the model's order
+        when none were requested)."""
         try:
             model = self.registry.get(name, version)
         except SparseServeError as exc:
@@ -41,6 +43,7 @@ class DataPlane:
         bound = model.metrics
         stats = model.stats
         try:
+            inputs = decode()
             signature = model.signature
             signature.validate(name, inputs)
             outputs = signature.select_outputs(name, requested_outputs)

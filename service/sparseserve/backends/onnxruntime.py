@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 
 import numpy as np
 import onnxruntime as ort
@@ -71,9 +71,8 @@ class OnnxRuntimeBackend(Backend):
         for name in self._string_inputs:
             feeds[name] = _as_text(name, feeds[name])
         names = list(outputs)
-        loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self._executor, session.run, names, feeds)
+            results = await _run(self._executor.submit(session.run, names, feeds))
         except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
             raise InvalidInput(f"model {self._files.name!r} rejected the inputs: {exc}") from exc
         except Exception as exc:
@@ -83,6 +82,18 @@ class OnnxRuntimeBackend(Backend):
     async def unload(self) -> None:
         # Dropping the last reference frees the session; in-flight runs hold their own.
         self._session = None
+
+
+async def _run(job: Future[list[np.ndarray]]) -> list[np.ndarray]:
+    """Await a `session.run` on the thread pool. If the caller is cancelled (deadline,
+    client gone), a run that has not started is dropped; one that has cannot be stopped,
+    so we wait for it: the model's in-flight count must reflect the work really running."""
+    try:
+        return await asyncio.shield(asyncio.wrap_future(job))
+    except asyncio.CancelledError:
+        if not job.cancel():
+            await asyncio.wait([asyncio.wrap_future(job)])
+        raise
 
 
 def _signature(session: ort.InferenceSession, files: ModelFiles) -> ModelSignature:

@@ -19,7 +19,7 @@ from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from sparseserve.dataplane import DataPlane
 from sparseserve.models import ModelRegistry
@@ -144,9 +144,10 @@ def _bind_host(host: str) -> str:
 
 def _add_reflection(server: grpc.aio.Server) -> None:
     # Our stubs live in a private descriptor pool (see sparseserve.protocol._pool);
-    # reflection answers from that pool, so the health service's file goes there too.
-    with contextlib.suppress(TypeError):  # already added by an earlier server
-        POOL.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
+    # reflection answers from that pool, so the health and reflection files go there too.
+    for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        with contextlib.suppress(TypeError):  # already added by an earlier server
+            POOL.AddSerializedFile(descriptor.serialized_pb)
     names = (V2_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server, pool=POOL)
 

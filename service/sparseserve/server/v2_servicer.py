@@ -4,6 +4,7 @@ DataPlane, encode. No logic lives here; errors are raised and mapped by the inte
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from sparseserve import __version__, codec
 from sparseserve.backends.base import TensorSpec
@@ -70,10 +71,12 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- inference --------------------------------------------------------------------
 
     async def ModelInfer(self, request, context):
-        inputs = codec.decode_inputs(request)
         requested = [output.name for output in request.outputs]
         model, outputs = await self._dataplane.infer(
-            request.model_name, request.model_version, inputs, requested
+            request.model_name,
+            request.model_version,
+            partial(codec.decode_inputs, request),
+            requested,
         )
         response = pb.ModelInferResponse(
             model_name=model.name, model_version=model.version_label, id=request.id

@@ -1,0 +1,295 @@
+"""Bad requests get a precise status and a message that says what was expected, and
+never hurt the server: after each one, a good request to `mlp` is answered.
+
+Requests tritonclient can express go through tritonclient; the others (typed
+`contents`, raw data that does not match its shape, duplicate inputs, unknown datatype
+strings, negative dimensions) are built with tritonclient's own generated stubs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
+
+from sparseserve.server.process import ServerProcess
+from sparseserve.testing import onnx_models
+
+pytestmark = pytest.mark.integration
+
+Stub = service_pb2_grpc.GRPCInferenceServiceStub
+Send = Callable[[triton.InferenceServerClient, Stub], object]
+InputTensor = service_pb2.ModelInferRequest.InferInputTensor
+
+ROW = np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64)  # one good mlp sample
+
+
+# -- building and sending requests ----------------------------------------------------
+
+
+def via_triton(
+    model: str,
+    arrays: Mapping[str, np.ndarray],
+    outputs: Sequence[str] = (),
+    version: str = "",
+) -> Send:
+    """Send `arrays` with tritonclient (datatypes follow the numpy dtypes)."""
+
+    def send(client: triton.InferenceServerClient, stub: Stub) -> object:
+        inputs = []
+        for name, array in arrays.items():
+            tensor = triton.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        requested = [triton.InferRequestedOutput(name) for name in outputs] or None
+        return client.infer(model, inputs, model_version=version, outputs=requested)
+
+    return send
+
+
+def via_stub(
+    *inputs: InputTensor,
+    raw: Sequence[bytes] = (),
+    model: str = "mlp",
+    outputs: Sequence[str] = (),
+) -> Send:
+    """Send a ModelInferRequest built field by field, as tritonclient never would."""
+    request = service_pb2.ModelInferRequest(
+        model_name=model,
+        inputs=inputs,
+        raw_input_contents=raw,
+        outputs=[service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in outputs],
+    )
+    return lambda client, stub: stub.ModelInfer(request, timeout=10)
+
+
+def tensor(
+    name: str = "input", datatype: str = "FP32", shape: Sequence[int] = (1, 64), **contents: list
+) -> InputTensor:
+    """An input tensor; keyword arguments fill its typed `contents`."""
+    result = InputTensor(name=name, datatype=datatype, shape=shape)
+    if contents:
+        result.contents.CopyFrom(service_pb2.InferTensorContents(**contents))
+    return result
+
+
+def identity_arrays(**overrides: np.ndarray) -> dict[str, np.ndarray]:
+    """One element for each input of `identity`; keyword `BYTES=...` replaces `in_BYTES`."""
+    arrays = {}
+    for datatype in onnx_models.ELEMENT_TYPES:
+        if datatype == "BYTES":
+            array = np.array([[b"ok"]], dtype=object)
+        else:
+            array = np.zeros((1, 1), dtype=triton_to_np_dtype(datatype))
+        arrays[f"in_{datatype}"] = overrides.get(datatype, array)
+    return arrays
+
+
+def refusal(send: Send, client: triton.InferenceServerClient, stub: Stub) -> tuple[str, str]:
+    """Send a request that must be refused; return (status code name, message)."""
+    try:
+        send(client, stub)
+    except InferenceServerException as exc:
+        return str(exc.status()).removeprefix("StatusCode."), exc.message() or ""
+    except grpc.RpcError as exc:
+        return exc.code().name, exc.details() or ""
+    pytest.fail("the server answered a request it should have refused")
+
+
+def assert_mlp_still_serves(client: triton.InferenceServerClient) -> None:
+    tensor = triton.InferInput("input", [1, 64], "FP32")
+    tensor.set_data_from_numpy(ROW)
+    assert client.infer("mlp", [tensor]).as_numpy("output").shape == (1, 10)
+
+
+@pytest.fixture(scope="module")
+def stub(server: ServerProcess) -> Iterator[Stub]:
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        yield Stub(channel)
+
+
+# -- requests that do not match the model or the wire format --------------------------
+
+FP64_ROW = ROW.astype(np.float64)
+BAD_BYTES = (
+    (5).to_bytes(4, "little") + b"ok"  # claims 5 bytes, holds 2
+)
+
+INVALID = [
+    pytest.param(
+        via_triton("mlp", {"inputs": ROW}),
+        ["'inputs'", "input FP32[-1, 64]"],
+        id="wrong input name",
+    ),
+    pytest.param(
+        via_triton("identity", {k: v for k, v in identity_arrays().items() if k != "in_FP16"}),
+        ["missing", "'in_FP16'", "in_FP16 FP16[-1, -1]"],
+        id="missing input",
+    ),
+    pytest.param(
+        via_triton("mlp", {"input": ROW, "extra": ROW}),
+        ["'extra'", "input FP32[-1, 64]"],
+        id="extra input",
+    ),
+    pytest.param(
+        via_triton("mlp", {"input": FP64_ROW}),
+        ["'input'", "FP32", "FP64"],
+        id="wrong datatype",
+    ),
+    pytest.param(
+        via_triton("mlp", {"input": ROW.reshape(64)}),
+        ["'input'", "[-1, 64]", "[64]"],
+        id="wrong rank",
+    ),
+    pytest.param(
+        via_triton("mlp", {"input": np.zeros((2, 63), dtype=np.float32)}),
+        ["'input'", "[-1, 64]", "[2, 63]"],
+        id="wrong static dimension",
+    ),
+    pytest.param(
+        via_stub(tensor(shape=[2, 64]), raw=[ROW.tobytes()]),
+        ["'input'", "256 bytes", "[2, 64]", "512"],
+        id="raw length not shape x dtype",
+    ),
+    pytest.param(
+        via_stub(tensor(shape=[1, 64]), raw=[ROW.tobytes() + b"\0"]),
+        ["'input'", "257 bytes", "256"],
+        id="raw data one byte too long",
+    ),
+    pytest.param(
+        via_stub(tensor("in_BYTES", "BYTES", [1, 1]), raw=[BAD_BYTES], model="identity"),
+        ["'in_BYTES'", "5 bytes"],
+        id="BYTES element longer than data",
+    ),
+    pytest.param(
+        via_stub(tensor("in_BYTES", "BYTES", [1, 2]), raw=[b"\x02\0\0\0ok"], model="identity"),
+        ["'in_BYTES'", "[1, 2]", "needs 2"],
+        id="BYTES data with too few elements",
+    ),
+    pytest.param(
+        via_stub(tensor(fp32_contents=[0.5] * 10)),
+        ["'input'", "10", "[1, 64]", "64"],
+        id="typed contents count mismatch",
+    ),
+    pytest.param(
+        via_stub(tensor(fp32_contents=[0.5] * 64), raw=[ROW.tobytes()]),
+        ["'input'", "raw_input_contents", "contents"],
+        id="raw and typed mixed",
+    ),
+    pytest.param(
+        via_stub(tensor(), tensor("extra", fp32_contents=[1.0]), raw=[ROW.tobytes()]),
+        ["2 inputs", "1 raw_input_contents"],
+        id="fewer raw entries than inputs",
+    ),
+    pytest.param(
+        via_stub(tensor(), tensor(), raw=[ROW.tobytes(), ROW.tobytes()]),
+        ["'input'", "more than once"],
+        id="duplicate input",
+    ),
+    pytest.param(
+        via_triton("mlp", {"input": ROW}, outputs=["probabilities"]),
+        ["'probabilities'", "output FP32[-1, 10]"],
+        id="unknown requested output",
+    ),
+    pytest.param(
+        via_triton("mlp", {"input": ROW}, outputs=["output", "output"]),
+        ["'output'", "more than once"],
+        id="duplicate requested output",
+    ),
+    pytest.param(
+        via_stub(tensor(datatype="FLOAT32"), raw=[ROW.tobytes()]),
+        ["'FLOAT32'", "FP32"],
+        id="unknown datatype string",
+    ),
+    pytest.param(
+        via_stub(tensor(shape=[-1, 64]), raw=[ROW.tobytes()]),
+        ["'input'", "[-1, 64]", "negative"],
+        id="negative dimension",
+    ),
+    pytest.param(
+        via_stub(tensor("in_FP16", "FP16", [1, 1], fp32_contents=[1.0]), model="identity"),
+        ["'in_FP16'", "FP16", "raw"],
+        id="FP16 as typed contents",
+    ),
+    pytest.param(
+        via_stub(tensor("in_INT8", "INT8", [1, 1], int_contents=[300]), model="identity"),
+        ["'in_INT8'", "INT8"],
+        id="typed value out of range",
+    ),
+    pytest.param(
+        via_triton("identity", identity_arrays(BYTES=np.array([[b"caf\xe9"]], dtype=object))),
+        ["'in_BYTES'", "UTF-8"],
+        id="BYTES not UTF-8",
+    ),
+]
+
+
+@pytest.mark.parametrize(("send", "keywords"), INVALID)
+def test_invalid_request_is_refused_precisely_and_the_server_keeps_serving(
+    client: triton.InferenceServerClient, stub: Stub, send: Send, keywords: list[str]
+) -> None:
+    """INVALID_ARGUMENT, with a message naming the input and what it should have been."""
+    code, message = refusal(send, client, stub)
+    assert code == "INVALID_ARGUMENT", message
+    missing = [word for word in keywords if word not in message]
+    assert not missing, f"{missing} not in {message!r}"
+    assert_mlp_still_serves(client)
+
+
+# -- requests that reach no model -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "version", "keywords"),
+    [
+        ("no_such_model", "", ["'no_such_model'"]),
+        ("mlp", "7", ["'mlp'", "'7'", "serving: 1"]),
+        ("mlp", "abc", ["'mlp'", "'abc'", "serving: 1"]),
+        ("latest", "1", ["'latest'", "serving: 3"]),
+    ],
+)
+def test_unknown_model_or_version_is_not_found(
+    client: triton.InferenceServerClient,
+    stub: Stub,
+    model: str,
+    version: str,
+    keywords: list[str],
+) -> None:
+    x = np.zeros((1, 4), dtype=np.float32)
+    send = via_triton(model, {"x": x}, version=version)
+    code, message = refusal(send, client, stub)
+    assert code == "NOT_FOUND", message
+    assert all(word in message for word in keywords), message
+    assert_mlp_still_serves(client)
+
+
+@pytest.mark.parametrize("model", ["corrupt", "truncated", "bad_manifest"])
+def test_broken_model_is_unavailable_and_says_why(
+    client: triton.InferenceServerClient, stub: Stub, model: str
+) -> None:
+    """The message carries the reason RepositoryIndex gives for the model."""
+    (reason,) = [m.reason for m in client.get_model_repository_index().models if m.name == model]
+    code, message = refusal(via_triton(model, {"input": ROW}), client, stub)
+    assert code == "UNAVAILABLE", message
+    assert reason and reason in message
+    assert_mlp_still_serves(client)
+
+
+@pytest.mark.parametrize(
+    "name", ["../mlp", "mlp/../mlp", "/etc", "..", ".", "./mlp", "mlp/", "", "mlp\0"]
+)
+def test_model_name_that_escapes_the_repository_is_never_served(
+    client: triton.InferenceServerClient, stub: Stub, name: str
+) -> None:
+    code, message = refusal(via_triton(name, {"input": ROW}), client, stub)
+    assert code in {"INVALID_ARGUMENT", "NOT_FOUND"}, message
+    assert client.is_model_ready(name) is False
+    with pytest.raises(InferenceServerException) as info:
+        client.get_model_metadata(name)
+    assert str(info.value.status()) in {"StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND"}
+    assert_mlp_still_serves(client)
