@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pydantic import ValidationError
+import yaml
 
 from sparseserve import __version__
 
@@ -57,22 +57,20 @@ def _serve(args: argparse.Namespace) -> int:
     from sparseserve.server.app import serve
     from sparseserve.settings import Settings
 
-    overrides = {
-        key: getattr(args, key)
-        for key in (
-            "repository", "host", "grpc_port", "metrics_port", "model_control",
-            "startup_models", "poll_interval_seconds", "max_message_bytes",
-            "max_inflight_per_model", "inference_threads", "shutdown_grace_seconds",
-            "log_level", "log_format",
-        )
-    }  # fmt: skip
+    names = (
+        "repository", "host", "grpc_port", "metrics_port", "model_control", "startup_models",
+        "poll_interval_seconds", "max_message_bytes", "max_inflight_per_model",
+        "inference_threads", "shutdown_grace_seconds", "log_level", "log_format",
+    )  # fmt: skip
+    overrides: dict[str, object] = {name: getattr(args, name) for name in names}
+    if args.intra_op_threads is not None:
+        # Merged with the YAML/environment values of the other onnxruntime settings.
+        overrides["onnxruntime"] = {"intra_op_threads": args.intra_op_threads}
     try:
         settings = Settings.load(args.config, **overrides)
         if args.no_metrics:
-            settings.metrics_port = None
-        if args.intra_op_threads is not None:
-            settings.onnxruntime.intra_op_threads = args.intra_op_threads
-    except (ValidationError, FileNotFoundError) as exc:
+            settings = settings.model_copy(update={"metrics_port": None})
+    except (ValueError, OSError, yaml.YAMLError) as exc:  # ValidationError is a ValueError
         print(f"sparseserve: invalid configuration: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)

@@ -110,6 +110,14 @@ class LoadedModel:
         return True
 
 
+@dataclass(frozen=True, slots=True)
+class FailedLoad:
+    """A version that could not be loaded from the files with this fingerprint."""
+
+    fingerprint: Fingerprint
+    reason: str
+
+
 @dataclass(slots=True)
 class ModelEntry:
     """A model name the registry knows: its serving versions and what went wrong."""
@@ -118,7 +126,7 @@ class ModelEntry:
     ready: dict[int, LoadedModel] = field(default_factory=dict)
     default: LoadedModel | None = None  # highest ready version: what version "" gets
     loading: set[int] = field(default_factory=set)
-    failed: dict[int, str] = field(default_factory=dict)  # version -> why it is not served
+    failed: dict[int, FailedLoad] = field(default_factory=dict)
     error: str | None = None  # model-level problem (manifest, config, no versions)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -132,7 +140,7 @@ class ModelEntry:
         if self.error:
             return self.error
         if self.failed:
-            return "; ".join(f"version {v}: {why}" for v, why in sorted(self.failed.items()))
+            return "; ".join(f"version {v}: {f.reason}" for v, f in sorted(self.failed.items()))
         return "it has no loaded version"
 
 
@@ -187,7 +195,7 @@ class ModelRegistry:
             return ModelNotReady(f"model {name!r} version {number} is loading")
         if number in entry.failed:
             return ModelNotReady(
-                f"model {name!r} version {number} is unavailable: {entry.failed[number]}"
+                f"model {name!r} version {number} is unavailable: {entry.failed[number].reason}"
             )
         served = ", ".join(str(v) for v in sorted(entry.ready)) or "none"
         return ModelNotFound(f"model {name!r} has no version {version!r} (serving: {served})")
@@ -223,9 +231,12 @@ class ModelRegistry:
             except SparseServeError as exc:
                 log.error("model %s not loaded: %s", name, exc)
 
-    async def load(self, name: str) -> None:
+    async def load(self, name: str, retry_failed: bool = True) -> None:
         """Load `name`, or reconcile it with the repository if it is loaded already.
-        Raise `ModelLoadError` if a version it should serve could not be loaded."""
+        Raise `ModelLoadError` if a version it should serve could not be loaded.
+
+        With `retry_failed` False (polling), a version that failed to load is tried again
+        only once its files change."""
         if not self.repository.exists(name):  # also refuses names like "../x"
             raise ModelNotFound(f"model {name!r} is not in the repository")
         entry = self._entries.get(name)
@@ -233,7 +244,7 @@ class ModelRegistry:
             entry = self._entries[name] = ModelEntry(name)
         async with entry.lock:
             try:
-                await self._reconcile(entry)
+                await self._reconcile(entry, retry_failed)
             except ModelNotFound:
                 if self._entries.get(name) is entry:
                     del self._entries[name]
@@ -241,7 +252,7 @@ class ModelRegistry:
         if entry.error or entry.failed:
             raise ModelLoadError(f"model {name!r}: {entry.why_not_ready()}")
 
-    async def _reconcile(self, entry: ModelEntry) -> None:
+    async def _reconcile(self, entry: ModelEntry, retry_failed: bool) -> None:
         try:
             source = self.repository.read(entry.name)
         except ModelNotFound:  # removed from disk: stop serving it
@@ -255,20 +266,24 @@ class ModelRegistry:
             return
         entry.error = None
         wanted = source.served_versions()
-        stale = {
-            v
-            for v in wanted
-            if v not in entry.ready or entry.ready[v].fingerprint != source.fingerprint(v)
-        }
-        entry.failed = {v: why for v, why in entry.failed.items() if v in wanted and v in stale}
+        fingerprints = {v: source.fingerprint(v) for v in wanted}
+
+        def needs_load(version: int) -> bool:
+            current = entry.ready.get(version)
+            if current is not None and current.fingerprint == fingerprints[version]:
+                return False  # serving exactly these files already
+            failure = entry.failed.get(version)
+            return retry_failed or failure is None or failure.fingerprint != fingerprints[version]
+
+        entry.failed = {v: f for v, f in entry.failed.items() if v in wanted}
         fresh: dict[int, LoadedModel] = {}
-        for version in sorted(stale):
+        for version in [v for v in wanted if needs_load(v)]:
             entry.loading.add(version)
             try:
                 fresh[version] = await self._load_version(source, version)
                 entry.failed.pop(version, None)
             except ModelLoadError as exc:
-                entry.failed[version] = str(exc)
+                entry.failed[version] = FailedLoad(fingerprints[version], str(exc))
                 log.error("model %s version %d failed to load: %s", entry.name, version, exc)
             finally:
                 entry.loading.discard(version)
@@ -355,7 +370,7 @@ class ModelRegistry:
                 await self.unload(name)
                 continue
             try:
-                await self.load(name)
+                await self.load(name, retry_failed=False)
             except SparseServeError as exc:
                 log.debug("poll: model %s: %s", name, exc)
 
@@ -392,8 +407,13 @@ class ModelRegistry:
                     state, reason = ModelState.LOADING, ""
                 elif version in entry.ready:
                     state, reason = ModelState.READY, ""
+                    if version in entry.failed:
+                        reason = (
+                            "serving the files loaded before; the new ones failed to load: "
+                            + entry.failed[version].reason
+                        )
                 else:
-                    state, reason = ModelState.UNAVAILABLE, entry.failed[version]
+                    state, reason = ModelState.UNAVAILABLE, entry.failed[version].reason
                 rows.append(IndexEntry(name, str(version), state, reason))
         return rows
 

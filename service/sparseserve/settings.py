@@ -12,16 +12,17 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    YamlConfigSettingsSource,
 )
 
 MiB = 1024 * 1024
-_CONFIG_FILE: ContextVar[Path | None] = ContextVar("sparseserve_config_file", default=None)
+_CONFIG_VALUES: ContextVar[dict[str, Any] | None] = ContextVar("sparseserve_config", default=None)
 
 
 class GraphOptimization(StrEnum):
@@ -116,23 +117,35 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = _CONFIG_FILE.get()
-        if config_file is not None:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
-        return tuple(sources)
+        config_values = InitSettingsSource(settings_cls, init_kwargs=_CONFIG_VALUES.get() or {})
+        return (init_settings, env_settings, config_values)
 
     @classmethod
     def load(cls, config_file: Path | None = None, **overrides: Any) -> Settings:
         """Settings from an optional YAML file, the environment, then `overrides`."""
-        if config_file is not None and not config_file.is_file():
-            raise FileNotFoundError(f"config file {config_file} does not exist")
-        token = _CONFIG_FILE.set(config_file)
+        token = _CONFIG_VALUES.set(_read_config(config_file) if config_file else {})
         try:
             return cls(**{k: v for k, v in overrides.items() if v is not None})
         finally:
-            _CONFIG_FILE.reset(token)
+            _CONFIG_VALUES.reset(token)
 
     @property
     def inference_thread_count(self) -> int:
         return self.inference_threads or (os.cpu_count() or 1)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """The YAML config file as a mapping; errors name the file."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path} does not exist") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"config file {path}: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"config file {path}: expected a mapping of settings, got {type(data).__name__}"
+        )
+    return data

@@ -71,8 +71,10 @@ class OnnxRuntimeBackend(Backend):
         for name in self._string_inputs:
             feeds[name] = _as_text(name, feeds[name])
         names = list(outputs)
+        run_options = ort.RunOptions()
         try:
-            results = await _run(self._executor.submit(session.run, names, feeds))
+            job = self._executor.submit(session.run, names, feeds, run_options)
+            results = await _run(job, run_options)
         except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
             raise InvalidInput(f"model {self._files.name!r} rejected the inputs: {exc}") from exc
         except Exception as exc:
@@ -84,14 +86,16 @@ class OnnxRuntimeBackend(Backend):
         self._session = None
 
 
-async def _run(job: Future[list[np.ndarray]]) -> list[np.ndarray]:
-    """Await a `session.run` on the thread pool. If the caller is cancelled (deadline,
-    client gone), a run that has not started is dropped; one that has cannot be stopped,
-    so we wait for it: the model's in-flight count must reflect the work really running."""
+async def _run(job: Future[list[np.ndarray]], run_options: ort.RunOptions) -> list[np.ndarray]:
+    """Await a `session.run` on the thread pool. If the caller is cancelled (deadline
+    passed, client gone, shutdown grace over), a run that has not started is dropped and
+    one that has is told to terminate; we wait for it to stop, so that the model's
+    in-flight count only ever falls when its thread is free again."""
     try:
         return await asyncio.shield(asyncio.wrap_future(job))
     except asyncio.CancelledError:
         if not job.cancel():
+            run_options.terminate = True
             await asyncio.wait([asyncio.wrap_future(job)])
         raise
 

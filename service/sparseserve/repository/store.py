@@ -71,7 +71,9 @@ class VersionPolicy:
         return "all" if self.latest is None else f"latest {self.latest}"
 
 
-Fingerprint = tuple[int, int, int]  # mtime_ns, size, mtime_ns of the model directory's files
+# Identity of a version's files: inode, mtime, ctime and size of the model file, plus the
+# model's settings stamp. ctime and inode catch a copy that preserves mtime (`cp -p`).
+Fingerprint = tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,10 +94,10 @@ class ModelSource:
     def fingerprint(self, version: int) -> Fingerprint:
         """Changes whenever the version's model file or the model's settings change."""
         try:
-            stat = self.versions[version].stat()
+            st = self.versions[version].stat()
         except OSError:
-            return (0, -1, self.settings_stamp)
-        return (stat.st_mtime_ns, stat.st_size, self.settings_stamp)
+            return (-1, self.settings_stamp)
+        return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size, self.settings_stamp)
 
 
 class ModelRepository:
@@ -148,6 +150,12 @@ class ModelRepository:
                 f"model {name!r} has no version: expected {directory}/<N>/{filename} "
                 "with N a positive integer"
             )
+        policy = VersionPolicy.from_config(config)
+        if not policy.select(list(versions)):
+            raise ModelLoadError(
+                f"model {name!r}: version policy {policy.describe()} selects none of the "
+                f"versions on disk {sorted(versions)}"
+            )
         stamp = sum(_mtime(p) for p in (manifest_path, directory / CONFIG_FILENAME))
         return ModelSource(
             name=name,
@@ -155,7 +163,7 @@ class ModelRepository:
             versions=versions,
             manifest=manifest,
             config=config,
-            policy=VersionPolicy.from_config(config),
+            policy=policy,
             settings_stamp=stamp,
         )
 

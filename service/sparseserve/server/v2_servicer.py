@@ -118,9 +118,12 @@ def _no_repository_parameters(request: pb.RepositoryModelLoadRequest) -> None:
             f"repository {request.repository_name!r} is unknown: this server has one "
             "repository; leave repository_name empty"
         )
-    if request.parameters:
+    # tritonclient's unload_model always sends unload_dependents; sparseserve has no
+    # ensembles, so a model never has dependents and the flag changes nothing.
+    unknown = [key for key in request.parameters if key != "unload_dependents"]
+    if unknown:
         raise InvalidInput(
-            f"load/unload parameters are not supported (got {', '.join(request.parameters)}); "
+            f"load/unload parameters are not supported (got {', '.join(unknown)}); "
             "change the model's files in the repository instead"
         )
 

@@ -1,0 +1,193 @@
+"""The server process's life: graceful drain on SIGTERM / SIGINT (what every Kubernetes
+rollout does), a grace period that bounds the drain, and logs fit for a log pipeline."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
+
+from sparseserve.server.process import ServerProcess
+
+pytestmark = pytest.mark.integration
+
+StartServer = Callable[..., ServerProcess]
+WIDTH = 512  # the `slow` model's input width
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(2) as executor:
+        yield executor
+
+
+def slow_input(rows: int) -> list[triton.InferInput]:
+    tensor = triton.InferInput("x", [rows, WIDTH], "FP32")
+    tensor.set_data_from_numpy(np.ones((rows, WIDTH), np.float32))
+    return [tensor]
+
+
+def rows_lasting(server: ServerProcess, seconds: float) -> int:
+    """How many rows make one `slow` request last about `seconds` on this machine."""
+    with triton.InferenceServerClient(server.grpc_url) as client:
+        timings = []
+        for _ in range(2):
+            started = time.perf_counter()
+            client.infer("slow", slow_input(1024))
+            timings.append(time.perf_counter() - started)
+    return max(1024, min(int(1024 * seconds / min(timings)), 60_000))
+
+
+def start_slow_request(
+    pool: ThreadPoolExecutor, server: ServerProcess, rows: int
+) -> Future[triton.InferResult]:
+    """Send a `rows`-row request on its own connection; return once it is running."""
+
+    def run() -> triton.InferResult:
+        with triton.InferenceServerClient(server.grpc_url) as client:
+            return client.infer("slow", slow_input(rows), client_timeout=60)
+
+    future = pool.submit(run)
+    deadline = time.monotonic() + 10
+    while inflight(server, "slow") < 1:
+        assert not future.done(), f"request ended early: {future.exception()!r}"
+        assert time.monotonic() < deadline, "the slow request never started running"
+        time.sleep(0.02)
+    return future
+
+
+def inflight(server: ServerProcess, model: str) -> float:
+    """Requests of `model` in flight, from the server's Prometheus metrics."""
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "sparseserve_inflight_requests"
+        for sample in family.samples
+        if sample.labels.get("model") == model
+    )
+
+
+def health(server: ServerProcess) -> str:
+    """grpc.health.v1 Check of the whole server: SERVING, NOT_SERVING, or the status
+    code of the refusal."""
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=5
+            )
+        except grpc.RpcError as exc:
+            return exc.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout}s: {what}")
+        time.sleep(0.02)
+
+
+def small_mlp_request(client: triton.InferenceServerClient) -> triton.InferResult:
+    tensor = triton.InferInput("input", [1, 64], "FP32")
+    tensor.set_data_from_numpy(np.zeros((1, 64), np.float32))
+    return client.infer("mlp", [tensor], client_timeout=10)
+
+
+def test_sigterm_drains_the_request_in_flight_refuses_new_ones_and_exits_0(
+    start_server: StartServer, repository: Path, pool: ThreadPoolExecutor
+) -> None:
+    server = start_server(repository, "--shutdown-grace", "10")
+    client = triton.InferenceServerClient(server.grpc_url)
+    assert health(server) == "SERVING"
+    small_mlp_request(client)  # this connection is open when SIGTERM arrives
+    rows = rows_lasting(server, 1.5)
+    running = start_slow_request(pool, server, rows)
+
+    signalled = time.monotonic()
+    server.signal(signal.SIGTERM)
+    wait_for(lambda: health(server) != "SERVING", "health stops answering SERVING")
+    assert health(server) in ("NOT_SERVING", "UNAVAILABLE")
+    wait_for(lambda: "sparseserve stopping" in server.log(), "the server logs that it stops")
+
+    with pytest.raises(InferenceServerException) as refused:
+        small_mlp_request(client)
+    assert "UNAVAILABLE" in str(refused.value.status())
+    assert not running.done(), "the in-flight request must still be running during the drain"
+
+    result = running.result(timeout=30)
+    assert result.as_numpy("y").shape == (rows, WIDTH)
+    assert np.isfinite(result.as_numpy("y")).all()
+    assert server.process is not None
+    assert server.process.wait(timeout=15) == 0
+    assert time.monotonic() - signalled < 10, "exit took longer than the grace period"
+    assert "sparseserve stopped" in server.log()
+    client.close()
+
+
+def test_sigint_stops_cleanly(start_server: StartServer, repository: Path) -> None:
+    """Ctrl-C is a clean stop too: exit 0, no traceback."""
+    server = start_server(repository, "--load-model", "mlp")
+    server.signal(signal.SIGINT)
+    assert server.process is not None
+    assert server.process.wait(timeout=15) == 0
+    log = server.log()
+    assert "sparseserve stopped" in log
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log
+
+
+def test_short_grace_period_bounds_the_drain(
+    start_server: StartServer, repository: Path, pool: ThreadPoolExecutor
+) -> None:
+    """--shutdown-grace 0.5 with a request that needs ~6 s: the process does not wait
+    for it, and still exits 0 (a rollout must not hang on one long request)."""
+    server = start_server(repository, "--shutdown-grace", "0.5")
+    running = start_slow_request(pool, server, rows_lasting(server, 6.0))
+    signalled = time.monotonic()
+    server.signal(signal.SIGTERM)
+    assert server.process is not None
+    code = server.process.wait(timeout=60)
+    took = time.monotonic() - signalled
+    assert code == 0
+    assert took < 3.0, f"exit took {took:.1f}s with a 0.5s grace period:\n{server.log()}"
+    with pytest.raises(InferenceServerException):
+        running.result(timeout=30)  # cut off, not answered with a result
+
+
+def test_json_logs_are_one_object_per_line_and_not_per_request(
+    start_server: StartServer, repository: Path
+) -> None:
+    server = start_server(repository, "--log-format", "json", "--load-model", "mlp")
+    lines_at_start = server.log().splitlines()
+    with triton.InferenceServerClient(server.grpc_url) as client:
+        for _ in range(20):
+            small_mlp_request(client)
+        with pytest.raises(InferenceServerException):
+            client.infer("no_such_model", [])  # a failed request is not logged either
+    assert server.log().splitlines() == lines_at_start, "a line was logged per request"
+
+    assert server.stop() == 0
+    lines = server.log().splitlines()
+    assert len(lines) > len(lines_at_start)  # shutdown was logged, in JSON too
+    for line in lines:
+        entry = json.loads(line)
+        assert isinstance(entry, dict), line
+        assert {"time", "level", "logger", "message"} <= entry.keys(), line
+        assert entry["level"] in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+    messages = [json.loads(line)["message"] for line in lines]
+    assert any(m.startswith("sparseserve ready") for m in messages)
+    assert "sparseserve stopped" in messages

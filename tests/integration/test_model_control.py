@@ -1,0 +1,490 @@
+"""Model control against a real server on a copy of the test repository: explicit
+load/unload/reload through tritonclient, poll mode following the files on disk, and
+requests in flight while a version is swapped."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from sparseserve.server.process import ServerProcess
+from sparseserve.testing import onnx_models
+
+pytestmark = pytest.mark.integration
+
+POLL = ("--model-control", "poll", "--poll-interval", "0.2")
+DEADLINE = 10.0  # seconds a change on disk may take to be served (50 poll intervals)
+
+StartServer = Callable[..., ServerProcess]
+
+
+# -- helpers --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def repo(repository: Path, tmp_path: Path) -> Path:
+    """A private copy of the test repository, free to change."""
+    return Path(shutil.copytree(repository, tmp_path / "repo", symlinks=True))
+
+
+@pytest.fixture
+def staging(tmp_path: Path) -> Path:
+    path = tmp_path / "staging"
+    path.mkdir()
+    return path
+
+
+def publish(staged: Path, target: Path) -> None:
+    """Move a fully written file or folder into the repository in one rename, as a
+    deployment tool does, so the server never sees half a model."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staged, target)
+
+
+def add_constant_version(staging: Path, model_dir: Path, version: int, value: float) -> None:
+    """Version `version` of `model_dir`: y = x + value."""
+    staged = staging / f"{model_dir.name}-{version}"
+    onnx_models.add_constant(staged / "model.onnx", value)
+    publish(staged, model_dir / str(version))
+
+
+@pytest.fixture
+def connect() -> Iterator[Callable[[ServerProcess], triton.InferenceServerClient]]:
+    clients: list[triton.InferenceServerClient] = []
+
+    def make(server: ServerProcess) -> triton.InferenceServerClient:
+        client = triton.InferenceServerClient(server.grpc_url)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+def infer(
+    client: triton.InferenceServerClient, model: str, x: np.ndarray, version: str = ""
+) -> tuple[np.ndarray, str]:
+    """Run `model` (one FP32 input) on `x`; return its first output and the version
+    that answered."""
+    name = {"slow": "x", "mlp": "input"}.get(model, "x")
+    tensor = triton.InferInput(name, list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    result = client.infer(model, [tensor], model_version=version)
+    response = result.get_response()
+    return result.as_numpy(response.outputs[0].name), response.model_version
+
+
+def added(client: triton.InferenceServerClient, model: str, version: str = "") -> tuple[float, str]:
+    """What an add_constant model adds to 0, and which version said so."""
+    y, answered = infer(client, model, np.zeros((1, 4), np.float32), version)
+    return float(y[0, 0]), answered
+
+
+def rpc_error(call: Callable[[], object]) -> InferenceServerException:
+    with pytest.raises(InferenceServerException) as info:
+        call()
+    return info.value
+
+
+def status(error: InferenceServerException) -> str:
+    return str(error.status()).removeprefix("StatusCode.")
+
+
+def outcome(call: Callable[[], object]) -> str:
+    """The status code name a call ends with ("OK" if it succeeds)."""
+    try:
+        call()
+    except InferenceServerException as exc:
+        return status(exc)
+    return "OK"
+
+
+def repository_call(server: ServerProcess, method: str, model: str) -> tuple[str, str]:
+    """RepositoryModel{Load,Unload} with no parameters at all, on a plain gRPC stub;
+    returns (status code name, details)."""
+    request_type = getattr(service_pb2, f"RepositoryModel{method}Request")
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            getattr(stub, f"RepositoryModel{method}")(request_type(model_name=model), timeout=10)
+        except grpc.RpcError as exc:
+            return exc.code().name, exc.details() or ""
+    return "OK", ""
+
+
+def index(client: triton.InferenceServerClient) -> dict[tuple[str, str], tuple[str, str]]:
+    """RepositoryIndex as {(name, version): (state, reason)}."""
+    rows = client.get_model_repository_index().models
+    return {(m.name, m.version): (m.state, m.reason) for m in rows}
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = DEADLINE) -> object:
+    """Poll `condition` until it returns something true; fail saying `what` did not happen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = condition()
+        except InferenceServerException:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout}s: {what}")
+        time.sleep(0.05)
+
+
+def inflight(server: ServerProcess, model: str) -> float:
+    """Requests of `model` in flight, from the server's Prometheus metrics."""
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "sparseserve_inflight_requests"
+        for sample in family.samples
+        if sample.labels.get("model") == model
+    )
+
+
+# -- explicit mode --------------------------------------------------------------------
+
+
+@pytest.fixture
+def explicit(start_server: StartServer, repo: Path) -> ServerProcess:
+    return start_server(repo, "--model-control", "explicit", "--load-model", "mlp")
+
+
+def test_explicit_start_loads_only_the_named_model(
+    explicit: ServerProcess, connect: Callable[..., triton.InferenceServerClient]
+) -> None:
+    """--load-model mlp: mlp serves; every other model is listed, "not loaded"."""
+    client = connect(explicit)
+    rows = index(client)
+    assert rows[("mlp", "1")] == ("READY", "")
+    for name in ("multi_io", "identity", "versioned", "latest", "slow", "corrupt"):
+        assert rows[(name, "")] == ("UNAVAILABLE", "not loaded")
+    assert client.is_model_ready("mlp")
+    assert not client.is_model_ready("multi_io")
+
+
+def test_infer_on_a_model_that_is_not_loaded_is_unavailable(
+    explicit: ServerProcess, connect: Callable[..., triton.InferenceServerClient]
+) -> None:
+    client = connect(explicit)
+    a = triton.InferInput("a", [1, 4], "FP32")
+    a.set_data_from_numpy(np.zeros((1, 4), np.float32))
+    b = triton.InferInput("b", [1, 4], "INT64")
+    b.set_data_from_numpy(np.zeros((1, 4), np.int64))
+    error = rpc_error(lambda: client.infer("multi_io", [a, b]))
+    assert status(error) == "UNAVAILABLE"
+    assert "not loaded" in error.message()
+
+
+def test_load_then_unload(
+    explicit: ServerProcess, connect: Callable[..., triton.InferenceServerClient]
+) -> None:
+    """load_model makes a model serve; unload_model stops it (UNAVAILABLE, not ready)."""
+    client = connect(explicit)
+    a = triton.InferInput("a", [1, 4], "FP32")
+    a.set_data_from_numpy(np.array([[1, 2, 3, 4]], np.float32))
+    b = triton.InferInput("b", [1, 4], "INT64")
+    b.set_data_from_numpy(np.array([[10, 20, 30, 40]], np.int64))
+    outputs = [triton.InferRequestedOutput("sum")]
+
+    client.load_model("multi_io")
+    assert client.is_model_ready("multi_io")
+    result = client.infer("multi_io", [a, b], outputs=outputs)
+    np.testing.assert_array_equal(result.as_numpy("sum"), [[11, 22, 33, 44]])
+    assert index(client)[("multi_io", "1")] == ("READY", "")
+
+    client.unload_model("multi_io")  # tritonclient always sends unload_dependents
+    assert not client.is_model_ready("multi_io")
+    error = rpc_error(lambda: client.infer("multi_io", [a, b], outputs=outputs))
+    assert status(error) == "UNAVAILABLE"
+    assert "not loaded" in error.message()
+    assert index(client)[("multi_io", "")] == ("UNAVAILABLE", "not loaded")
+    assert client.is_model_ready("mlp")
+
+
+def test_load_unknown_model_is_not_found(
+    explicit: ServerProcess, connect: Callable[..., triton.InferenceServerClient]
+) -> None:
+    error = rpc_error(lambda: connect(explicit).load_model("no_such_model"))
+    assert status(error) == "NOT_FOUND"
+    assert "no_such_model" in error.message()
+
+
+def test_load_corrupt_model_fails_with_the_reason_and_others_keep_serving(
+    explicit: ServerProcess, connect: Callable[..., triton.InferenceServerClient]
+) -> None:
+    client = connect(explicit)
+    error = rpc_error(lambda: client.load_model("corrupt"))
+    assert status(error) == "FAILED_PRECONDITION"
+    assert "onnxruntime cannot load" in error.message()
+    assert "corrupt/1/model.onnx" in error.message()
+    state, reason = index(client)[("corrupt", "1")]
+    assert state == "UNAVAILABLE" and "onnxruntime cannot load" in reason
+    assert not client.is_model_ready("corrupt")
+    y, _ = infer(client, "mlp", np.ones((2, 64), np.float32))
+    assert y.shape == (2, 10)
+
+
+def test_load_model_whose_version_policy_selects_no_version_fails(
+    explicit: ServerProcess, repo: Path, connect: Callable[..., triton.InferenceServerClient]
+) -> None:
+    """A policy naming only versions that are not on disk leaves nothing to serve:
+    the load is an error that says so (as in Triton), not a silent success."""
+    onnx_models.add_constant(repo / "picky" / "1" / "model.onnx", 1)
+    (repo / "picky" / "config.pbtxt").write_text("version_policy: { specific { versions: [5] } }")
+    client = connect(explicit)
+    error = rpc_error(lambda: client.load_model("picky"))
+    assert status(error) == "FAILED_PRECONDITION"
+    assert "picky" in error.message()
+    assert any(name == "picky" and state == "UNAVAILABLE" and reason
+               for (name, _), (state, reason) in index(client).items())  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        {"config": '{"max_batch_size": 4}'},
+        {"file:1/model.onnx": b"\x00"},
+        {"repository_name": "elsewhere"},
+    ],
+    ids=["config-override", "file-override", "repository-name"],
+)
+def test_load_with_overrides_is_invalid_argument(
+    explicit: ServerProcess, parameters: dict[str, object]
+) -> None:
+    """Config/file overrides and other repositories are not supported: refused, not
+    silently ignored."""
+    request = service_pb2.RepositoryModelLoadRequest(model_name="multi_io")
+    for key, value in parameters.items():
+        if key == "repository_name":
+            request.repository_name = str(value)
+        elif isinstance(value, bytes):
+            request.parameters[key].bytes_param = value
+        else:
+            request.parameters[key].string_param = str(value)
+    with grpc.insecure_channel(explicit.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.RepositoryModelLoad(request, timeout=10)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        ready = stub.ModelReady(service_pb2.ModelReadyRequest(name="multi_io"), timeout=10)
+    assert not ready.ready
+
+
+def test_load_config_override_through_tritonclient_is_invalid_argument(
+    explicit: ServerProcess, connect: Callable[..., triton.InferenceServerClient]
+) -> None:
+    error = rpc_error(lambda: connect(explicit).load_model("multi_io", config="{}"))
+    assert status(error) == "INVALID_ARGUMENT"
+    assert "parameters are not supported" in error.message()
+
+
+@pytest.mark.parametrize("name", ["../x", "..", "mlp/../mlp", ".hidden"])
+@pytest.mark.parametrize("method", ["Load", "Unload"])
+def test_load_and_unload_of_a_path_like_name_is_invalid_argument(
+    explicit: ServerProcess,
+    connect: Callable[..., triton.InferenceServerClient],
+    method: str,
+    name: str,
+) -> None:
+    code, details = repository_call(explicit, method, name)
+    assert code == "INVALID_ARGUMENT"
+    assert "not a valid model name" in details
+    assert connect(explicit).is_model_ready("mlp")
+
+
+def test_explicit_reload_serves_the_new_version(
+    start_server: StartServer,
+    repo: Path,
+    staging: Path,
+    connect: Callable[..., triton.InferenceServerClient],
+) -> None:
+    """A new version folder, then load_model again: version 2 answers (x + 2) and, under
+    the default latest-1 policy, version 1 is gone."""
+    add_constant_version(staging, repo / "adder", 1, 1.0)
+    server = start_server(repo, "--model-control", "explicit", "--load-model", "adder")
+    client = connect(server)
+    assert added(client, "adder") == (1.0, "1")
+
+    add_constant_version(staging, repo / "adder", 2, 2.0)
+    assert added(client, "adder") == (1.0, "1")  # nothing changes before the reload
+    client.load_model("adder")
+    assert added(client, "adder") == (2.0, "2")
+    assert added(client, "adder", "2") == (2.0, "2")
+    assert not client.is_model_ready("adder", "1")
+    error = rpc_error(lambda: added(client, "adder", "1"))
+    assert status(error) == "NOT_FOUND"
+    assert [k for k in index(client) if k[0] == "adder"] == [("adder", "2")]
+
+
+# -- poll mode ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def polling(start_server: StartServer, repo: Path) -> ServerProcess:
+    return start_server(repo, *POLL)
+
+
+def test_poll_serves_a_new_model(
+    polling: ServerProcess,
+    repo: Path,
+    staging: Path,
+    connect: Callable[..., triton.InferenceServerClient],
+) -> None:
+    client = connect(polling)
+    assert status(rpc_error(lambda: added(client, "newcomer"))) == "NOT_FOUND"
+    add_constant_version(staging, repo / "newcomer", 1, 5.0)
+    wait_until(lambda: client.is_model_ready("newcomer"), "new model 'newcomer' served")
+    assert added(client, "newcomer") == (5.0, "1")
+
+
+def test_poll_serves_a_new_version_and_unloads_the_old_one(
+    polling: ServerProcess,
+    repo: Path,
+    staging: Path,
+    connect: Callable[..., triton.InferenceServerClient],
+) -> None:
+    """`latest` serves 3 of versions 1-3; version 4 appears: 4 answers, 3 is unloaded."""
+    client = connect(polling)
+    assert added(client, "latest") == (3.0, "3")
+    add_constant_version(staging, repo / "latest", 4, 4.0)
+    wait_until(lambda: added(client, "latest") == (4.0, "4"), "version 4 of 'latest' served")
+    wait_until(
+        lambda: [k for k in index(client) if k[0] == "latest"] == [("latest", "4")],
+        "version 3 of 'latest' unloaded",
+    )
+    assert not client.is_model_ready("latest", "3")
+
+
+def test_poll_keeps_serving_when_a_version_is_replaced_by_a_corrupt_file(
+    polling: ServerProcess,
+    repo: Path,
+    staging: Path,
+    connect: Callable[..., triton.InferenceServerClient],
+) -> None:
+    """A broken model file never replaces one that serves; RepositoryIndex says why the
+    new file is not being served."""
+    client = connect(polling)
+    assert added(client, "latest") == (3.0, "3")
+    broken = staging / "model.onnx"
+    broken.write_bytes(b"definitely not onnx" * 10)
+    publish(broken, repo / "latest" / "3" / "model.onnx")
+    wait_until(
+        lambda: "model latest version 3 failed to load" in polling.log(),
+        "the server tried the corrupt file",
+    )
+    assert added(client, "latest") == (3.0, "3")
+    assert client.is_model_ready("latest", "3")
+    state, reason = index(client)[("latest", "3")]
+    assert state == "READY"
+    assert "onnxruntime cannot load" in reason, f"RepositoryIndex gives no reason: {reason!r}"
+
+
+def test_poll_does_not_retry_a_broken_model_whose_files_did_not_change(
+    polling: ServerProcess,
+    repo: Path,
+    staging: Path,
+    connect: Callable[..., triton.InferenceServerClient],
+) -> None:
+    """`corrupt` fails once at start. Polling goes on (a new model gets served), but an
+    unchanged broken file is not loaded again on every pass: that would log an ERROR
+    and redo a possibly expensive load every poll interval, forever."""
+    client = connect(polling)
+    add_constant_version(staging, repo / "newcomer", 1, 5.0)
+    # Passes go through models in name order: the pass that serves `newcomer` has
+    # already been through `corrupt`.
+    wait_until(lambda: client.is_model_ready("newcomer"), "new model 'newcomer' served")
+    failures = polling.log().count("model corrupt version 1 failed to load")
+    assert failures == 1, f"the broken model was loaded {failures} times:\n{polling.log()}"
+    state, reason = index(client)[("corrupt", "1")]
+    assert state == "UNAVAILABLE" and "onnxruntime cannot load" in reason
+
+
+def test_poll_stops_serving_a_removed_model(
+    polling: ServerProcess, repo: Path, connect: Callable[..., triton.InferenceServerClient]
+) -> None:
+    client = connect(polling)
+    assert added(client, "latest") == (3.0, "3")
+    shutil.rmtree(repo / "latest")
+    wait_until(
+        lambda: outcome(lambda: added(client, "latest")) == "NOT_FOUND",
+        "removed model answers NOT_FOUND",
+    )
+    assert not client.is_model_ready("latest")
+    assert not [k for k in index(client) if k[0] == "latest"]
+
+
+@pytest.mark.parametrize("method", ["Load", "Unload"])
+def test_load_and_unload_are_refused_in_poll_mode(
+    polling: ServerProcess, connect: Callable[..., triton.InferenceServerClient], method: str
+) -> None:
+    code, details = repository_call(polling, method, "mlp")
+    assert code == "FAILED_PRECONDITION"
+    assert "--model-control explicit" in details
+    assert connect(polling).is_model_ready("mlp")
+
+
+def test_request_in_flight_finishes_across_a_version_swap(
+    polling: ServerProcess,
+    repo: Path,
+    staging: Path,
+    connect: Callable[..., triton.InferenceServerClient],
+) -> None:
+    """A ~1.2 s request on `slow` version 1 is running when version 2 appears: the
+    request completes with version 1's answer, and the next request gets version 2."""
+    client = connect(polling)
+    rng = np.random.default_rng(0)
+    probe = rng.standard_normal((8, 512)).astype(np.float32)
+    expected_v1, _ = infer(client, "slow", probe)
+
+    # Size the request to last ~1.2 s on this machine.
+    timing = np.zeros((1024, 512), np.float32)
+    elapsed = min(_timed(lambda: infer(client, "slow", timing)) for _ in range(2))
+    rows = max(1024, min(int(1024 * 1.2 / elapsed), 100_000))
+    big = np.zeros((rows, 512), np.float32)
+    big[: len(probe)] = probe
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(infer, connect(polling), "slow", big)
+        wait_until(lambda: inflight(polling, "slow") >= 1, "the slow request is running")
+        staged = staging / "slow-2"
+        onnx_models.slow(staged / "model.onnx", width=512, depth=32, seed=1)
+        publish(staged, repo / "slow" / "2")
+        wait_until(lambda: client.is_model_ready("slow", "2"), "version 2 of 'slow' loaded")
+        assert not running.done(), "the request ended before the swap; it must span it"
+        after, answered = infer(client, "slow", probe)
+        assert answered == "2"
+        assert not np.allclose(after, expected_v1)
+
+        y, version = running.result(timeout=60)
+    assert version == "1"
+    assert y.shape == (rows, 512)
+    np.testing.assert_allclose(y[: len(probe)], expected_v1, rtol=1e-4, atol=1e-5)
+    wait_until(
+        lambda: [k for k in index(client) if k[0] == "slow"] == [("slow", "2")],
+        "version 1 of 'slow' unloaded once its request finished",
+    )
+
+
+def _timed(call: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
