@@ -1,0 +1,832 @@
+"""Server overhead: what a batch-1 request costs sparseserve beyond the model itself.
+
+Serves a small MLP (64->256->256->10, FP32) from a real `sparseserve serve` process
+pinned to one core, drives it from this process (pinned to another core) with
+tritonclient's asyncio gRPC client at several concurrency levels, and reads the server's
+CPU time from /proc before and after each level. Beside it, the same model run by
+onnxruntime in-process on the server's core gives the pure compute cost, so
+
+    server CPU per request - onnxruntime per run = what the server itself adds.
+
+Levels are repeated in rotated order over a few rounds (the machine is shared and
+noisy); the report gives the median per level with the min and max.
+
+Writes bench/results/server_overhead.json (every number, with machine, versions and
+command) and bench/results/server_overhead.md (the tables). See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import InferInput
+from tritonclient.utils import InferenceServerException
+
+from sparseserve.server.process import ServerProcess
+from sparseserve.testing import onnx_models
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_NAME = "mlp_small"
+MODEL_SIZES = (64, 256, 256, 10)
+INPUT_NAME, OUTPUT_NAME = "input", "output"
+BATCH = 1
+PACKAGES = ("sparseserve", "onnxruntime", "grpcio", "protobuf", "tritonclient", "numpy")
+
+# Reference points quoted in the issue (server CPU per batch-1 request, measured
+# elsewhere, not by this script).
+REFERENCES_US = {
+    "KServe 0.21": 520.0,
+    "MLServer 1.7": 680.0,
+    "onnxruntime alone": 10.0,
+}
+TARGET_US = 250.0
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+MiB = 1024 * 1024
+
+
+class BenchmarkError(RuntimeError):
+    """The benchmark could not produce trustworthy numbers (e.g. a request failed)."""
+
+
+# -- measurements ----------------------------------------------------------------------
+
+
+def _stat(path: Path) -> tuple[str, list[str]]:
+    """(command name, fields from field 3 on) of a /proc/.../stat file."""
+    text = path.read_text()
+    # The command name (field 2) may hold spaces and parentheses: split around it.
+    name = text[text.index("(") + 1 : text.rindex(")")]
+    return name, text.rpartition(")")[2].split()
+
+
+# In the fields from _stat, field N of proc(5) is at index N - 3.
+_UTIME, _STIME, _RSS = 14 - 3, 15 - 3, 24 - 3
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSample:
+    """CPU time and memory of a process at one instant, from /proc/<pid>/stat, and the CPU
+    time and context switches of each of its threads, from /proc/<pid>/task/."""
+
+    cpu_ticks: int  # utime + stime of all threads (exited ones included), in clock ticks
+    rss_bytes: int
+    threads: dict[int, tuple[str, int, int]]  # tid -> (name, cpu ticks, context switches)
+
+    @classmethod
+    def read(cls, pid: int) -> ProcessSample:
+        _, fields = _stat(Path(f"/proc/{pid}/stat"))
+        threads = {}
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                name, task_fields = _stat(task / "stat")
+                status = (task / "status").read_text()
+            except OSError:  # the thread ended meanwhile
+                continue
+            switches = sum(
+                int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line
+            )
+            ticks = int(task_fields[_UTIME]) + int(task_fields[_STIME])
+            threads[int(task.name)] = (name, ticks, switches)
+        return cls(
+            cpu_ticks=int(fields[_UTIME]) + int(fields[_STIME]),
+            rss_bytes=int(fields[_RSS]) * PAGE_BYTES,
+            threads=threads,
+        )
+
+
+def thread_group(pid: int, tid: int, name: str) -> str:
+    """Which part of the server a thread belongs to (threads have no Python names in /proc)."""
+    if tid == pid:
+        return "event loop"
+    if name.startswith(("event_engine", "grpc_", "lifeguard")):
+        return "gRPC core"
+    return "other threads"  # the inference pool, gRPC's asyncio poller, metrics HTTP
+
+
+def per_thread_group(
+    pid: int, before: ProcessSample, after: ProcessSample, requests: int
+) -> tuple[dict[str, float], float]:
+    """(server CPU µs per request by thread group, context switches per request)."""
+    cpu_us: dict[str, float] = {}
+    switches = 0
+    for tid, (name, ticks, count) in after.threads.items():
+        _, ticks_before, count_before = before.threads.get(tid, (name, 0, 0))
+        group = thread_group(pid, tid, name)
+        used = (ticks - ticks_before) / CLOCK_TICKS / requests * 1e6
+        cpu_us[group] = cpu_us.get(group, 0.0) + used
+        switches += count - count_before
+    return dict(sorted(cpu_us.items())), switches / requests
+
+
+@dataclass(frozen=True, slots=True)
+class LatencySummary:
+    """Percentiles of a set of latencies, in milliseconds."""
+
+    p50: float
+    p95: float
+    p99: float
+    mean: float
+    max: float
+
+    @classmethod
+    def of(cls, latencies_ns: Sequence[int]) -> LatencySummary:
+        ms = np.asarray(latencies_ns, dtype=np.float64) / 1e6
+        p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+        return cls(float(p50), float(p95), float(p99), float(ms.mean()), float(ms.max()))
+
+
+@dataclass(frozen=True, slots=True)
+class LevelRun:
+    """One concurrency level in one round."""
+
+    round: int
+    concurrency: int
+    requests: int
+    errors: int
+    wall_s: float
+    requests_per_s: float
+    latency_ms: LatencySummary
+    server_cpu_ticks: int
+    server_cpu_us_per_request: float
+    server_core_busy: float  # server CPU seconds / wall seconds (1.0: its core is saturated)
+    server_cpu_us_by_thread: dict[str, float]  # per request, by thread_group()
+    server_context_switches_per_request: float
+    client_cpu_us_per_request: float
+    server_request_us: float  # the server's own ModelStatistics: decoded request -> result
+    server_compute_us: float  # ... and of that, the backend call (executor hop included)
+    server_rss_mib: float
+
+
+@dataclass(frozen=True, slots=True)
+class OnnxRuntimeRun:
+    """In-process onnxruntime on the server's core: the pure compute cost of one request.
+
+    "hot": back-to-back runs, as a microbenchmark sees them. "cold": a buffer larger than
+    the core's cache is written between runs (untimed), as the server's request handling
+    does between two runs of the model.
+    """
+
+    round: int
+    caches: str  # "hot" or "cold"
+    runs: int
+    wall_us_p50: float
+    wall_us_p99: float
+    wall_us_mean: float
+    cpu_us_per_run: float
+
+
+@dataclass(frozen=True, slots=True)
+class Spread:
+    """Median, min and max of one figure across rounds."""
+
+    median: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        return cls(statistics.median(values), min(values), max(values))
+
+
+# -- setup -----------------------------------------------------------------------------
+
+
+def build_repository(root: Path) -> Path:
+    """A model repository holding only mlp_small; returns the model file."""
+    return onnx_models.mlp(root / MODEL_NAME / "1" / "model.onnx", sizes=MODEL_SIZES)
+
+
+def random_inputs(count: int, seed: int) -> list[np.ndarray]:
+    """`count` distinct batch-1 inputs, generated before any timing starts."""
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((BATCH, MODEL_SIZES[0])).astype(np.float32) for _ in range(count)]
+
+
+def triton_inputs(arrays: Sequence[np.ndarray]) -> list[list[InferInput]]:
+    """One ready-to-send tritonclient input list per array (reused across requests)."""
+    requests = []
+    for array in arrays:
+        tensor = InferInput(INPUT_NAME, list(array.shape), "FP32")
+        tensor.set_data_from_numpy(array)
+        requests.append([tensor])
+    return requests
+
+
+def onnxruntime_session(model: Path, intra_op_threads: int) -> ort.InferenceSession:
+    """A session configured like the server's onnxruntime backend."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+
+
+def pin_thread(cpu: int | None) -> set[int]:
+    """Pin the calling thread (and threads it starts later) to `cpu`; return the old set."""
+    previous = os.sched_getaffinity(0)
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    return previous
+
+
+# -- onnxruntime alone -----------------------------------------------------------------
+
+
+def measure_onnxruntime(
+    session: ort.InferenceSession,
+    arrays: Sequence[np.ndarray],
+    runs: int,
+    cpu: int | None,
+    round_index: int,
+    flush: np.ndarray | None = None,
+) -> OnnxRuntimeRun:
+    """Time `runs` batch-1 `session.run` calls on `cpu` (the server's core); with `flush`,
+    write that buffer before each run so that the run starts with cold caches."""
+    previous = pin_thread(cpu)
+    try:
+        for i in range(min(runs, 200)):
+            session.run([OUTPUT_NAME], {INPUT_NAME: arrays[i % len(arrays)]})
+        wall = np.empty(runs, dtype=np.int64)
+        flush_ns = 0
+        cpu_started = time.thread_time_ns()
+        for i in range(runs):
+            if flush is not None:
+                flush_started = time.thread_time_ns()
+                flush += 1
+                flush_ns += time.thread_time_ns() - flush_started
+            feeds = {INPUT_NAME: arrays[i % len(arrays)]}
+            started = time.perf_counter_ns()
+            session.run([OUTPUT_NAME], feeds)
+            wall[i] = time.perf_counter_ns() - started
+        cpu_ns = time.thread_time_ns() - cpu_started - flush_ns
+    finally:
+        os.sched_setaffinity(0, previous)
+    us = wall / 1e3
+    return OnnxRuntimeRun(
+        round=round_index,
+        caches="hot" if flush is None else "cold",
+        runs=runs,
+        wall_us_p50=float(np.percentile(us, 50)),
+        wall_us_p99=float(np.percentile(us, 99)),
+        wall_us_mean=float(us.mean()),
+        cpu_us_per_run=cpu_ns / runs / 1e3,
+    )
+
+
+# -- the server under load ---------------------------------------------------------------
+
+
+async def drive(
+    client: triton_aio.InferenceServerClient,
+    requests: Sequence[list[InferInput]],
+    concurrency: int,
+    max_requests: int,
+    max_seconds: float,
+) -> tuple[list[int], list[str]]:
+    """`concurrency` workers send batch-1 requests back to back until `max_requests` were
+    sent or `max_seconds` passed; returns (latencies in ns, error messages)."""
+    latencies: list[int] = []
+    errors: list[str] = []
+    sent = 0
+    deadline = time.perf_counter() + max_seconds
+
+    async def worker() -> None:
+        nonlocal sent
+        while sent < max_requests and time.perf_counter() < deadline:
+            inputs = requests[sent % len(requests)]
+            sent += 1
+            started = time.perf_counter_ns()
+            try:
+                await client.infer(MODEL_NAME, inputs)
+            except InferenceServerException as exc:
+                errors.append(str(exc))
+                continue
+            latencies.append(time.perf_counter_ns() - started)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, errors
+
+
+async def model_statistics(client: triton_aio.InferenceServerClient) -> tuple[int, int, int]:
+    """(successful requests, their total ns, total compute ns) from ModelStatistics."""
+    stats = (await client.get_inference_statistics(MODEL_NAME)).model_stats[0].inference_stats
+    return stats.success.count, stats.success.ns, stats.compute_infer.ns
+
+
+def check_errors(errors: Sequence[str], total: int, what: str) -> None:
+    if errors:
+        raise BenchmarkError(
+            f"{len(errors)} of {total} requests failed during {what}; first error: {errors[0]}"
+        )
+
+
+async def measure_level(
+    client: triton_aio.InferenceServerClient,
+    server_pid: int,
+    requests: Sequence[list[InferInput]],
+    concurrency: int,
+    args: argparse.Namespace,
+    round_index: int,
+) -> LevelRun:
+    """Warm up, then load the server at `concurrency` and account for its CPU time."""
+    _, errors = await drive(client, requests, concurrency, args.warmup, args.max_seconds)
+    check_errors(errors, args.warmup, f"warm-up at concurrency {concurrency}")
+
+    stats_before = await model_statistics(client)
+    server_before = ProcessSample.read(server_pid)
+    client_before = time.process_time()
+    started = time.perf_counter()
+    latencies, errors = await drive(client, requests, concurrency, args.requests, args.max_seconds)
+    wall = time.perf_counter() - started
+    client_cpu = time.process_time() - client_before
+    server_after = ProcessSample.read(server_pid)
+    stats_after = await model_statistics(client)
+
+    done = len(latencies)
+    check_errors(errors, done + len(errors), f"round {round_index}, concurrency {concurrency}")
+    if done == 0:
+        raise BenchmarkError(f"no request completed at concurrency {concurrency}")
+    ticks = server_after.cpu_ticks - server_before.cpu_ticks
+    served, request_ns, compute_ns = (a - b for a, b in zip(stats_after, stats_before, strict=True))
+    if served != done:
+        raise BenchmarkError(f"the server counted {served} successful requests, the client {done}")
+    server_cpu_s = ticks / CLOCK_TICKS
+    by_thread, switches = per_thread_group(server_pid, server_before, server_after, done)
+    return LevelRun(
+        round=round_index,
+        concurrency=concurrency,
+        requests=done,
+        errors=len(errors),
+        wall_s=wall,
+        requests_per_s=done / wall,
+        latency_ms=LatencySummary.of(latencies),
+        server_cpu_ticks=ticks,
+        server_cpu_us_per_request=server_cpu_s / done * 1e6,
+        server_core_busy=server_cpu_s / wall,
+        server_cpu_us_by_thread=by_thread,
+        server_context_switches_per_request=switches,
+        client_cpu_us_per_request=client_cpu / done * 1e6,
+        server_request_us=request_ns / done / 1e3,
+        server_compute_us=compute_ns / done / 1e3,
+        server_rss_mib=server_after.rss_bytes / MiB,
+    )
+
+
+async def check_answers(
+    client: triton_aio.InferenceServerClient,
+    session: ort.InferenceSession,
+    arrays: Sequence[np.ndarray],
+    requests: Sequence[list[InferInput]],
+) -> None:
+    """The server must answer what onnxruntime computes, or its timings mean nothing."""
+    for array, inputs in zip(arrays[:8], requests[:8], strict=False):
+        got = (await client.infer(MODEL_NAME, inputs)).as_numpy(OUTPUT_NAME)
+        (want,) = session.run([OUTPUT_NAME], {INPUT_NAME: array})
+        if got is None or not np.allclose(got, want, rtol=1e-5, atol=1e-6):
+            raise BenchmarkError(f"server answered {got}, onnxruntime computes {want}")
+
+
+def rotated(levels: Sequence[int], round_index: int) -> list[int]:
+    """The levels in a different order each round, so drift does not favour one level."""
+    shift = round_index % len(levels)
+    return [*levels[shift:], *levels[:shift]]
+
+
+def server_args(args: argparse.Namespace) -> list[str]:
+    extra = [
+        "--intra-op-threads", str(args.intra_op_threads),
+        "--inference-threads", str(args.inference_threads),
+        "--log-level", "WARNING",
+    ]  # fmt: skip
+    if args.no_metrics:
+        extra.append("--no-metrics")
+    return extra
+
+
+async def run_rounds(
+    args: argparse.Namespace, model: Path, server: ServerProcess
+) -> tuple[list[OnnxRuntimeRun], list[LevelRun], int]:
+    """All rounds: onnxruntime alone, then every level against the server.
+    Returns the runs and the server's peak RSS in bytes."""
+    arrays = random_inputs(args.distinct_inputs, args.seed)
+    requests = triton_inputs(arrays)
+    session = onnxruntime_session(model, args.intra_op_threads)
+    flush = np.zeros(args.flush_mib * MiB // 8)
+    ort_runs: list[OnnxRuntimeRun] = []
+    level_runs: list[LevelRun] = []
+    async with triton_aio.InferenceServerClient(server.grpc_url) as client:
+        await check_answers(client, session, arrays, requests)
+        for round_index in range(args.rounds):
+            hot = measure_onnxruntime(session, arrays, args.ort_runs, args.server_cpu, round_index)
+            cold = measure_onnxruntime(
+                session, arrays, args.ort_cold_runs, args.server_cpu, round_index, flush
+            )
+            ort_runs += [hot, cold]
+            _progress(
+                f"round {round_index}: onnxruntime {hot.cpu_us_per_run:.1f} µs CPU/run hot, "
+                f"{cold.cpu_us_per_run:.1f} cold"
+            )
+            for concurrency in rotated(args.concurrency, round_index):
+                run = await measure_level(
+                    client, server.pid, requests, concurrency, args, round_index
+                )
+                level_runs.append(run)
+                _progress(
+                    f"round {round_index}: c={concurrency:<3} {run.requests_per_s:8.0f} req/s  "
+                    f"p50 {run.latency_ms.p50:6.2f} ms  "
+                    f"server CPU {run.server_cpu_us_per_request:6.0f} µs/req"
+                )
+    return ort_runs, level_runs, _peak_rss(server.pid)
+
+
+def _peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- summary and reports -----------------------------------------------------------------
+
+
+def _spread(runs: Sequence[Any], get: Callable[[Any], float]) -> Spread:
+    return Spread.of([get(run) for run in runs])
+
+
+def summarize(ort_runs: Sequence[OnnxRuntimeRun], level_runs: Sequence[LevelRun]) -> dict:
+    """Median/min/max across rounds, per level; overhead is server CPU minus onnxruntime
+    (hot), the figure a microbenchmark of the model alone gives."""
+    onnxruntime = {
+        caches: {
+            "cpu_us_per_run": _spread(runs, lambda r: r.cpu_us_per_run),
+            "wall_us_p50": _spread(runs, lambda r: r.wall_us_p50),
+        }
+        for caches in ("hot", "cold")
+        if (runs := [r for r in ort_runs if r.caches == caches])
+    }
+    ort_us = onnxruntime["hot"]["cpu_us_per_run"].median
+    per_level: dict[str, Any] = {}
+    for concurrency in sorted({r.concurrency for r in level_runs}):
+        runs = [r for r in level_runs if r.concurrency == concurrency]
+        cpu = _spread(runs, lambda r: r.server_cpu_us_per_request)
+        groups = sorted({group for r in runs for group in r.server_cpu_us_by_thread})
+        per_level[str(concurrency)] = {
+            "requests_per_s": _spread(runs, lambda r: r.requests_per_s),
+            "latency_p50_ms": _spread(runs, lambda r: r.latency_ms.p50),
+            "latency_p95_ms": _spread(runs, lambda r: r.latency_ms.p95),
+            "latency_p99_ms": _spread(runs, lambda r: r.latency_ms.p99),
+            "server_cpu_us_per_request": cpu,
+            "server_overhead_us_per_request": cpu.median - ort_us,
+            "server_cpu_us_by_thread": {
+                group: _spread(runs, lambda r, g=group: r.server_cpu_us_by_thread.get(g, 0.0))
+                for group in groups
+            },
+            "server_context_switches_per_request": _spread(
+                runs, lambda r: r.server_context_switches_per_request
+            ),
+            "server_core_busy": _spread(runs, lambda r: r.server_core_busy),
+            "client_cpu_us_per_request": _spread(runs, lambda r: r.client_cpu_us_per_request),
+            "server_request_us": _spread(runs, lambda r: r.server_request_us),
+            "server_compute_us": _spread(runs, lambda r: r.server_compute_us),
+            "server_rss_mib": _spread(runs, lambda r: r.server_rss_mib),
+            "errors": sum(r.errors for r in runs),
+            "target_met": cpu.median <= TARGET_US,
+        }
+    return {
+        "onnxruntime": onnxruntime,
+        "levels": per_level,
+        "target_us": TARGET_US,
+        "target_met": all(level["target_met"] for level in per_level.values()),
+    }
+
+
+def environment() -> dict[str, Any]:
+    """Where and with what the numbers were taken, to reproduce a figure."""
+    return {
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "hostname": socket.gethostname(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "git": _git_state(),
+        "command": shlex.join(sys.orig_argv),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _git_state() -> dict[str, Any]:
+    """The commit, and whether (and where) the work tree differs from it."""
+
+    def git(*command: str) -> str:
+        return subprocess.run(
+            ["git", *command], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.rstrip("\n")
+
+    try:
+        changed = [line[3:] for line in git("status", "--porcelain").splitlines()]
+        return {
+            "commit": git("rev-parse", "--short", "HEAD"),
+            "dirty": bool(changed),
+            "changed_paths": changed,
+        }
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": "unknown", "dirty": None, "changed_paths": []}
+
+
+def _fmt(spread: Spread, digits: int = 0) -> str:
+    return f"{spread.median:.{digits}f} [{spread.min:.{digits}f}, {spread.max:.{digits}f}]"
+
+
+def _median(key: str, digits: int = 0, scale: float = 1.0) -> Callable[[dict], str]:
+    return lambda level: f"{level[key].median * scale:.{digits}f}"
+
+
+# The columns of the results table: (header, formatter of one level's summary).
+RESULT_COLUMNS: tuple[tuple[str, Callable[[dict], str]], ...] = (
+    ("req/s", lambda level: _fmt(level["requests_per_s"])),
+    ("p50 ms", _median("latency_p50_ms", 2)),
+    ("p95 ms", _median("latency_p95_ms", 2)),
+    ("p99 ms", _median("latency_p99_ms", 2)),
+    ("server CPU µs/req", lambda level: _fmt(level["server_cpu_us_per_request"])),
+    ("overhead µs/req", lambda level: f"{level['server_overhead_us_per_request']:.0f}"),
+    ("server core busy %", _median("server_core_busy", scale=100)),
+    ("client CPU µs/req", _median("client_cpu_us_per_request")),
+    ("server RSS MiB", _median("server_rss_mib")),
+    ("errors", lambda level: str(level["errors"])),
+)
+BREAKDOWN_COLUMNS: tuple[tuple[str, Callable[[dict], str]], ...] = (
+    ("context switches/req", _median("server_context_switches_per_request", 1)),
+    ("ModelStatistics request µs", _median("server_request_us")),
+    ("ModelStatistics compute µs", _median("server_compute_us")),
+)
+RUN_COLUMNS: tuple[tuple[str, Callable[[LevelRun], str]], ...] = (
+    ("round", lambda run: str(run.round)),
+    ("concurrency", lambda run: str(run.concurrency)),
+    ("requests", lambda run: str(run.requests)),
+    ("s", lambda run: f"{run.wall_s:.1f}"),
+    ("req/s", lambda run: f"{run.requests_per_s:.0f}"),
+    ("p50 ms", lambda run: f"{run.latency_ms.p50:.2f}"),
+    ("p99 ms", lambda run: f"{run.latency_ms.p99:.2f}"),
+    ("server CPU µs/req", lambda run: f"{run.server_cpu_us_per_request:.0f}"),
+)
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    """A Markdown table, first column left-aligned, the others right-aligned."""
+    return [
+        "| " + " | ".join(header) + " |",
+        "|---|" + "---:|" * (len(header) - 1),
+        *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows),
+    ]
+
+
+def _level_table(
+    levels: dict[str, dict], columns: Sequence[tuple[str, Callable[[dict], str]]]
+) -> list[str]:
+    return _table(
+        ("concurrency", *(header for header, _ in columns)),
+        ((c, *(cell(level) for _, cell in columns)) for c, level in levels.items()),
+    )
+
+
+def render_markdown(report: dict) -> str:
+    """The Markdown report: verdict, results, where the CPU goes, reference points, every
+    run, setup and machine."""
+    env, setup, summary = report["environment"], report["setup"], report["summary"]
+    levels: dict[str, dict] = summary["levels"]
+    ort = summary["onnxruntime"]
+    verdict = "MET" if summary["target_met"] else "NOT MET"
+    worst = max(level["server_cpu_us_per_request"].median for level in levels.values())
+    groups = sorted({g for level in levels.values() for g in level["server_cpu_us_by_thread"]})
+    by_thread = [
+        (
+            f"{group} µs/req",
+            lambda level, g=group: f"{level['server_cpu_us_by_thread'][g].median:.0f}",
+        )
+        for group in groups
+    ]
+    lines = [
+        f"# Server overhead: {MODEL_NAME}, batch {BATCH}",
+        "",
+        f"**Target ≤ {TARGET_US:.0f} µs server CPU per request: {verdict}** "
+        f"(worst level: median {worst:.0f} µs).",
+        "",
+        f"Medians over {setup['rounds']} rounds, [min, max] in brackets. Server CPU per request "
+        "= utime+stime of the server process (all threads) over a level / requests completed; "
+        "overhead = that minus onnxruntime alone, hot "
+        f"({ort['hot']['cpu_us_per_run'].median:.1f} µs CPU per run).",
+        "",
+        *_level_table(levels, RESULT_COLUMNS),
+        "",
+        f"Server peak RSS over the whole run: {report['server_peak_rss_mib']:.0f} MiB.",
+        "",
+        "## Where the server's CPU goes",
+        "",
+        "Server CPU per request by thread (event loop: gRPC's Python layer, decode, DataPlane, "
+        "encode; gRPC core: its C event-engine threads, socket I/O; other threads: the "
+        "inference pool running `session.run`, gRPC's asyncio poller, metrics HTTP), context "
+        "switches per request (all threads), and the server's own ModelStatistics per "
+        "request in µs of wall time: decoded request to result, and of that the backend call "
+        "(thread-pool hop + `session.run`).",
+        "",
+        *_level_table(levels, [*by_thread, *BREAKDOWN_COLUMNS]),
+        "",
+        f"onnxruntime alone on the server's core, {setup['intra_op_threads']} intra-op thread "
+        f"(hot: back to back; cold: {setup['flush_mib']} MiB written between runs, untimed, as "
+        "request handling does between two runs in the server):",
+        "",
+        *_table(
+            ("caches", "CPU µs/run", "p50 wall µs"),
+            (
+                (caches, _fmt(o["cpu_us_per_run"], 1), _fmt(o["wall_us_p50"], 1))
+                for caches, o in ort.items()
+            ),
+        ),
+        "",
+        "## Reference points",
+        "",
+        "Server CPU per batch-1 request as quoted in the issue (measured elsewhere, not by this "
+        "benchmark):",
+        "",
+        *_table(
+            ("server", "µs/request"),
+            [
+                *((name, f"{us:.0f}") for name, us in REFERENCES_US.items()),
+                ("**target for sparseserve**", f"**≤ {TARGET_US:.0f}**"),
+            ],
+        ),
+        "",
+        "## Every run",
+        "",
+        *_table(
+            [header for header, _ in RUN_COLUMNS],
+            ([cell(run) for _, cell in RUN_COLUMNS] for run in report["level_runs"]),
+        ),
+        "",
+        "## Setup",
+        "",
+        f"- model: {MODEL_NAME} {'→'.join(map(str, MODEL_SIZES))} FP32, batch {BATCH}",
+        f"- server: `sparseserve serve {shlex.join(setup['server_args'])}`, pinned to CPU "
+        f"{setup['server_cpu']}; Prometheus metrics "
+        f"{'off' if setup['no_metrics'] else 'on (as in production)'}",
+        f"- client: tritonclient.grpc.aio in the benchmark process, pinned to CPU "
+        f"{setup['client_cpu']}; {setup['distinct_inputs']} pre-generated random inputs; "
+        "answers checked against onnxruntime first",
+        f"- per level: {setup['warmup']} warm-up requests, then up to {setup['requests']} "
+        f"requests or {setup['max_seconds']} s; levels in rotated order each round",
+        f"- onnxruntime alone: {setup['ort_runs']} hot and {setup['ort_cold_runs']} cold runs "
+        f"per round, same model file, on CPU {setup['server_cpu']}",
+        "",
+        "## Machine",
+        "",
+        f"- {env['timestamp']} on `{env['hostname']}`: {env['cpu_model']}, "
+        f"{env['cpu_count']} cores, {env['platform']}",
+        f"- Python {env['python']}; "
+        + ", ".join(f"{name} {version}" for name, version in env["packages"].items()),
+        f"- git {env['git']['commit']}"
+        + (
+            f", uncommitted changes in: {', '.join(env['git']['changed_paths'])}"
+            if env["git"]["dirty"]
+            else ""
+        ),
+        f"- command: `{env['command']}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _jsonable(value: Any) -> Any:
+    """Dataclasses (Spread, runs) as plain dicts, recursively."""
+    if isinstance(value, Spread | LevelRun | OnnxRuntimeRun | LatencySummary):
+        return asdict(value)
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+# -- entry point -----------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--rounds", type=int, default=3, help="repeat every level this often")
+    parser.add_argument("--warmup", type=int, default=200, help="requests before each level")
+    parser.add_argument("--requests", type=int, default=5000, help="most requests per level")
+    parser.add_argument("--max-seconds", type=float, default=15.0, help="most time per level")
+    parser.add_argument("--ort-runs", type=int, default=5000, help="hot onnxruntime runs/round")
+    parser.add_argument("--ort-cold-runs", type=int, default=500, help="cold runs per round")
+    parser.add_argument(
+        "--flush-mib", type=int, default=8, help="MiB written between cold onnxruntime runs"
+    )
+    parser.add_argument("--distinct-inputs", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--server-cpu", type=int, default=0, help="core the server runs on")
+    parser.add_argument("--client-cpu", type=int, default=1, help="core the client runs on")
+    parser.add_argument("--inference-threads", type=int, default=1)
+    parser.add_argument("--intra-op-threads", type=int, default=1)
+    parser.add_argument(
+        "--no-metrics", action="store_true", help="serve without Prometheus metrics"
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, default=REPO_ROOT / "bench" / "results", help="where to write"
+    )
+    args = parser.parse_args(argv)
+    if min(args.concurrency) < 1 or args.rounds < 1 or args.requests < 1:
+        parser.error("--concurrency, --rounds and --requests must be at least 1")
+    available = os.sched_getaffinity(0)
+    for option in ("server_cpu", "client_cpu"):
+        if getattr(args, option) not in available:
+            parser.error(f"--{option.replace('_', '-')} must be one of {sorted(available)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Before the gRPC client starts its threads, so that they inherit the pinning.
+    pin_thread(args.client_cpu)
+    extra = server_args(args)
+    with tempfile.TemporaryDirectory(prefix="sparseserve-bench-") as tmp:
+        model = build_repository(Path(tmp))
+        with ServerProcess(Path(tmp), *extra, cpu=args.server_cpu) as server:
+            try:
+                ort_runs, level_runs, peak_rss = asyncio.run(run_rounds(args, model, server))
+            except BenchmarkError as exc:
+                raise SystemExit(
+                    f"server_overhead: {exc}\n--- server log ---\n{server.log()}"
+                ) from exc
+        if server.returncode != 0:
+            raise SystemExit(f"server exited with {server.returncode}:\n{server.log()}")
+
+    setup = {key: value for key, value in vars(args).items() if key != "output_dir"}
+    report = {
+        "benchmark": "server_overhead",
+        "model": {"name": MODEL_NAME, "sizes": list(MODEL_SIZES), "batch": BATCH},
+        "environment": environment(),
+        "setup": {**setup, "server_args": extra},
+        "references_us": REFERENCES_US,
+        "summary": summarize(ort_runs, level_runs),
+        "server_peak_rss_mib": peak_rss / MiB,
+        "onnxruntime_runs": ort_runs,
+        "level_runs": level_runs,
+    }
+    markdown = render_markdown(report)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "server_overhead.json").write_text(
+        json.dumps(_jsonable(report), indent=2) + "\n"
+    )
+    (args.output_dir / "server_overhead.md").write_text(markdown)
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
