@@ -63,6 +63,13 @@ class OnnxRuntimeSettings(BaseModel):
     graph_optimization: GraphOptimization = Field(
         GraphOptimization.all, description="onnxruntime graph optimisation level."
     )
+    inline_max_us: float = Field(
+        100.0,
+        ge=0,
+        description="Requests whose run is estimated (from warm-up) to take less than this "
+        "many microseconds run on the event loop instead of the thread pool, whose hand-off "
+        "costs more than such a run. 0: always use the thread pool.",
+    )
 
 
 class Settings(BaseSettings):
