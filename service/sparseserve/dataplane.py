@@ -40,7 +40,6 @@ class DataPlane:
             self.metrics.unroutable.labels(status_of(exc)).inc()
             raise
         started = time.perf_counter_ns()
-        bound = model.metrics
         stats = model.stats
         try:
             inputs = decode()
@@ -53,34 +52,16 @@ class DataPlane:
                     f"(limit {self._max_inflight}); retry later"
                 )
             model.begin()
-            bound.inflight.inc()
             try:
                 compute_started = time.perf_counter_ns()
                 results = await model.backend.infer(inputs, outputs)
                 compute_ns = time.perf_counter_ns() - compute_started
             finally:
                 model.end()
-                bound.inflight.dec()
         except SparseServeError as exc:
-            elapsed = time.perf_counter_ns() - started
-            stats.fail_count += 1
-            stats.fail_ns += elapsed
-            bound.count(status_of(exc))
+            stats.record_failure(status_of(exc), time.perf_counter_ns() - started)
             raise
-        elapsed = time.perf_counter_ns() - started
-        rows = _batch_rows(inputs)
-        stats.success_count += 1
-        stats.success_ns += elapsed
-        stats.compute_count += 1
-        stats.compute_ns += compute_ns
-        stats.inference_count += rows
-        stats.execution_count += 1
-        stats.last_inference_ms = time.time_ns() // 1_000_000
-        bound.count("OK")
-        bound.request_duration.observe(elapsed / 1e9)
-        bound.compute_duration.observe(compute_ns / 1e9)
-        bound.inferences.inc(rows)
-        bound.executions.inc()
+        stats.record_success(time.perf_counter_ns() - started, compute_ns, _batch_rows(inputs))
         return model, results
 
 

@@ -27,7 +27,7 @@ from sparseserve.errors import (
     OperationNotAllowed,
     SparseServeError,
 )
-from sparseserve.observability.metrics import Metrics, ModelMetrics
+from sparseserve.observability.metrics import LatencyHistogram
 from sparseserve.repository.manifest import VariantManifest
 from sparseserve.repository.store import Fingerprint, ModelRepository, ModelSource
 from sparseserve.settings import ModelControl, Settings
@@ -46,17 +46,54 @@ class ModelState(StrEnum):
 
 @dataclass(slots=True)
 class InferenceStats:
-    """Counters for ModelStatistics (Triton's names; durations in nanoseconds)."""
+    """What one loaded model version has served: the numbers behind ModelStatistics
+    (Triton's names; durations in nanoseconds) and behind its Prometheus series.
 
-    success_count: int = 0
-    success_ns: int = 0
-    fail_count: int = 0
+    Plain ints, written on the event loop only, so recording a request takes no lock;
+    the metrics thread reads them when scraped (see `ModelCollector`)."""
+
+    codes: dict[str, int] = field(default_factory=dict)  # requests, by status code name
+    request_duration: LatencyHistogram = field(default_factory=LatencyHistogram)  # successes
+    compute_duration: LatencyHistogram = field(default_factory=LatencyHistogram)  # their runs
     fail_ns: int = 0
-    compute_count: int = 0
-    compute_ns: int = 0
     inference_count: int = 0
     execution_count: int = 0
     last_inference_ms: int = 0
+    created: float = field(default_factory=time.time)  # when counting began (Unix time)
+
+    def record_success(self, request_ns: int, compute_ns: int, rows: int) -> None:
+        """One request answered: `rows` samples inferred in one backend execution."""
+        self.codes["OK"] = self.codes.get("OK", 0) + 1
+        self.request_duration.observe(request_ns)
+        self.compute_duration.observe(compute_ns)
+        self.inference_count += rows
+        self.execution_count += 1
+        self.last_inference_ms = time.time_ns() // 1_000_000
+
+    def record_failure(self, code: str, request_ns: int) -> None:
+        """One request refused or failed with status `code` after reaching the model."""
+        self.codes[code] = self.codes.get(code, 0) + 1
+        self.fail_ns += request_ns
+
+    @property
+    def success_count(self) -> int:
+        return self.request_duration.count
+
+    @property
+    def success_ns(self) -> int:
+        return self.request_duration.sum_ns
+
+    @property
+    def fail_count(self) -> int:
+        return sum(count for code, count in self.codes.items() if code != "OK")
+
+    @property
+    def compute_count(self) -> int:
+        return self.compute_duration.count
+
+    @property
+    def compute_ns(self) -> int:
+        return self.compute_duration.sum_ns
 
 
 @dataclass(eq=False, slots=True)
@@ -69,7 +106,6 @@ class LoadedModel:
     signature: ModelSignature
     source: ModelSource
     fingerprint: Fingerprint
-    metrics: ModelMetrics
     stats: InferenceStats = field(default_factory=InferenceStats)
     inflight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -160,14 +196,13 @@ class ModelRegistry:
         repository: ModelRepository,
         settings: Settings,
         executor: Executor,
-        metrics: Metrics,
     ):
         self.repository = repository
         self.settings = settings
         self._executor = executor
-        self._metrics = metrics
         self._entries: dict[str, ModelEntry] = {}
         self._retiring: set[asyncio.Task[None]] = set()
+        self._draining: set[LoadedModel] = set()
 
     # -- the request path ---------------------------------------------------------------
 
@@ -208,8 +243,14 @@ class ModelRegistry:
         return True
 
     def loaded(self) -> Iterator[LoadedModel]:
+        """The versions that serve requests. Also called by the metrics thread: the copy
+        of `_entries` is one step, and `publish` replaces `ready` dicts, never changes one."""
         for entry in list(self._entries.values()):
             yield from entry.ready.values()
+
+    def draining(self) -> list[LoadedModel]:
+        """The versions taken out of service whose last requests are still finishing."""
+        return list(self._draining)  # one step, so safe from the metrics thread too
 
     def versions(self, name: str) -> list[int]:
         entry = self._entries.get(name)
@@ -290,8 +331,6 @@ class ModelRegistry:
         keep = {v: m for v, m in entry.ready.items() if v in wanted and v not in fresh}
         retired = [m for v, m in entry.ready.items() if v not in keep]
         entry.publish({**keep, **fresh})
-        for model in fresh.values():
-            model.metrics.ready.set(1)
         await self._retire(entry, retired)
 
     async def _load_version(self, source: ModelSource, version: int) -> LoadedModel:
@@ -305,14 +344,6 @@ class ModelRegistry:
             raise
         except SparseServeError as exc:  # e.g. warm-up rejected by the model itself
             raise ModelLoadError(f"{files.path}: warm-up failed: {exc}") from exc
-        manifest = source.manifest
-        labels = {
-            "model": source.name,
-            "version": str(version),
-            "family": manifest.family if manifest else source.name,
-            "variant": manifest.variant if manifest else "default",
-            "backend": backend.name,
-        }
         log.info(
             "loaded model %s version %d with %s in %.2fs",
             source.name, version, backend.name, time.perf_counter() - started,
@@ -324,7 +355,6 @@ class ModelRegistry:
             signature=signature,
             source=source,
             fingerprint=fingerprint,
-            metrics=self._metrics.bind(labels),
         )
 
     def _backend(self, files: ModelFiles) -> Backend:
@@ -333,21 +363,25 @@ class ModelRegistry:
 
     async def _retire(self, entry: ModelEntry, models: list[LoadedModel]) -> None:
         """Unload models already taken out of the table, once their requests finished.
-        Runs in the background so that a slow request does not hold up a reload."""
+        Runs in the background so that a slow request does not hold up a reload; until
+        then `draining()` lists them (the metrics show them with `model_ready` 0)."""
         for model in models:
+            self._draining.add(model)
             task = asyncio.create_task(self._unload_when_idle(model))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
 
     async def _unload_when_idle(self, model: LoadedModel) -> None:
-        model.metrics.ready.set(0)
-        if not await model.drain(self.settings.shutdown_grace_seconds):
-            log.warning(
-                "model %s version %d still had %d requests after %.1fs; unloading anyway",
-                model.name, model.version, model.inflight, self.settings.shutdown_grace_seconds,
-            )  # fmt: skip
-        await model.backend.unload()
-        self._metrics.forget(model.metrics)
+        try:
+            if not await model.drain(self.settings.shutdown_grace_seconds):
+                log.warning(
+                    "model %s version %d still had %d requests after %.1fs; unloading anyway",
+                    model.name, model.version, model.inflight,
+                    self.settings.shutdown_grace_seconds,
+                )  # fmt: skip
+            await model.backend.unload()
+        finally:
+            self._draining.discard(model)
         log.info("unloaded model %s version %d", model.name, model.version)
 
     async def unload(self, name: str) -> None:

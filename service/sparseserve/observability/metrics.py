@@ -3,21 +3,34 @@
 Request, inference and execution counts are kept apart (Triton's convention) so that the
 average batch size is `inferences / executions`. Histograms, not summaries: they
 aggregate across replicas.
+
+The request path does not touch prometheus_client: each loaded model version counts in
+plain ints (`LatencyHistogram` here, `InferenceStats` in `sparseserve.models`), which
+costs a few additions per request instead of a lock per update, and `ModelCollector`
+turns those numbers into the per-model series when the endpoint is scraped.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Mapping
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
+from typing import TYPE_CHECKING
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    ProcessCollector,
+from prometheus_client import CollectorRegistry, Counter, ProcessCollector
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
 )
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
+
+if TYPE_CHECKING:
+    from sparseserve.models import LoadedModel, ModelRegistry
 
 LABELS = ("model", "version", "family", "variant", "backend")
 # Latency buckets from 100 µs (tiny models on CPU) to 10 s (large models under load).
@@ -25,94 +38,153 @@ LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+# The same bounds in integer nanoseconds, so that recording needs no float arithmetic.
+_BOUNDS_NS = tuple(round(bound * 1e9) for bound in LATENCY_BUCKETS)
+# The `le` label of each bucket, written as prometheus_client writes it, then +Inf.
+_LE = (*(floatToGoString(bound) for bound in LATENCY_BUCKETS), "+Inf")
+
+
+@dataclass(slots=True)
+class LatencyHistogram:
+    """A histogram over LATENCY_BUCKETS in plain ints, for a single writer thread.
+
+    `counts[i]` counts the observations in bucket `i` alone (not cumulative); the last
+    one is the +Inf bucket."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * len(_LE))
+    sum_ns: int = 0
+
+    def observe(self, ns: int) -> None:
+        """Count one duration of `ns` nanoseconds."""
+        # The first bound >= ns: Prometheus buckets are `le`, upper bounds included.
+        self.counts[bisect_left(_BOUNDS_NS, ns)] += 1
+        self.sum_ns += ns
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
 
 
 class Metrics:
-    """The server's metric families, registered on their own registry."""
+    """The server's metrics registry: the per-model series of `models`, requests refused
+    before reaching a model, and the process' CPU, memory and file descriptors."""
 
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, models: ModelRegistry, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         if registry is None:
             # Process CPU/memory/fds on our registry too (the default one is not served).
             ProcessCollector(registry=self.registry)
-        r = self.registry
-        self.request_duration = Histogram(
-            "sparseserve_request_duration_seconds",
-            "Time from a decoded request to its result, per model, including queueing.",
-            LABELS, buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.compute_duration = Histogram(
-            "sparseserve_compute_duration_seconds",
-            "Time the backend spent running the model for one execution.",
-            LABELS, buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.requests = Counter(
-            "sparseserve_requests",
-            "Inference requests that reached a model, by gRPC status code.",
-            (*LABELS, "code"), registry=r,
-        )  # fmt: skip
-        self.inferences = Counter(
-            "sparseserve_inferences",
-            "Samples inferred (rows of the batch dimension; 1 for unbatched models).",
-            LABELS, registry=r,
-        )  # fmt: skip
-        self.executions = Counter(
-            "sparseserve_executions", "Backend executions.", LABELS, registry=r
-        )
-        self.inflight = Gauge(
-            "sparseserve_inflight_requests", "Requests being run or waiting.", LABELS, registry=r
-        )
-        self.model_ready = Gauge(
-            "sparseserve_model_ready", "1 while the model version serves requests.", LABELS,
-            registry=r,
-        )  # fmt: skip
+        self.registry.register(ModelCollector(models))
+        # A plain Counter: only errors reach it, so its lock costs nothing that matters.
         self.unroutable = Counter(
             "sparseserve_unroutable_requests",
             "Inference requests refused before reaching a model (unknown model, bad name...).",
-            ("code",), registry=r,
+            ("code",), registry=self.registry,
         )  # fmt: skip
 
-    def bind(self, labels: Mapping[str, str]) -> ModelMetrics:
-        """Children bound to one loaded model's labels, so the hot path does no lookups."""
-        values = tuple(labels[name] for name in LABELS)
-        return ModelMetrics(
-            metrics=self,
-            values=values,
-            request_duration=self.request_duration.labels(*values),
-            compute_duration=self.compute_duration.labels(*values),
-            inferences=self.inferences.labels(*values),
-            executions=self.executions.labels(*values),
-            inflight=self.inflight.labels(*values),
-            ready=self.model_ready.labels(*values),
+
+class ModelCollector(Collector):
+    """The per-model series, built at scrape time from the stats of every version the
+    registry serves (`sparseserve_model_ready` 1) or is draining before it unloads it
+    (`sparseserve_model_ready` 0). An unloaded version's series disappear with it.
+
+    The counters live on the loaded version, so a version that is reloaded starts new
+    series at 0, as a restarted Prometheus target does (`rate()` handles the reset, and
+    `_created` tells when it happened).
+
+    Scrapes run on the metrics HTTP thread while the event loop writes the stats, without
+    a lock. The GIL makes that safe enough: a stat is an int that its one writer replaces
+    whole, so a scrape reads the old value or the new one, never a torn number. A scrape
+    that races a request may see it half-recorded (counted in one series and not yet in
+    another); the next scrape has all of it. What the loop may grow or change while we
+    read (the per-code dict, the bucket lists) is copied first, in one step that the
+    other thread cannot interrupt, and each histogram's count is derived from its copied
+    buckets, so `+Inf` always equals `_count`.
+    """
+
+    def __init__(self, models: ModelRegistry):
+        self._models = models
+
+    def describe(self) -> Iterator[Metric]:
+        """The families without samples: lets the registry refuse a name clash."""
+        return iter(_ModelFamilies().all())
+
+    def collect(self) -> Iterator[Metric]:
+        families = _ModelFamilies()
+        for model in self._models.loaded():
+            families.add(model, ready=True)
+        for model in self._models.draining():
+            families.add(model, ready=False)
+        return iter(families.all())
+
+
+class _ModelFamilies:
+    """One scrape's per-model metric families: names, help texts and types."""
+
+    def __init__(self) -> None:
+        self.request_duration = HistogramMetricFamily(
+            "sparseserve_request_duration_seconds",
+            "Time from a decoded request to its result, per model, including queueing.",
+            labels=LABELS,
+        )
+        self.compute_duration = HistogramMetricFamily(
+            "sparseserve_compute_duration_seconds",
+            "Time the backend spent running the model for one execution.",
+            labels=LABELS,
+        )
+        self.requests = CounterMetricFamily(
+            "sparseserve_requests",
+            "Inference requests that reached a model, by gRPC status code.",
+            labels=(*LABELS, "code"),
+        )
+        self.inferences = CounterMetricFamily(
+            "sparseserve_inferences",
+            "Samples inferred (rows of the batch dimension; 1 for unbatched models).",
+            labels=LABELS,
+        )
+        self.executions = CounterMetricFamily(
+            "sparseserve_executions", "Backend executions.", labels=LABELS
+        )
+        self.inflight = GaugeMetricFamily(
+            "sparseserve_inflight_requests", "Requests being run or waiting.", labels=LABELS
+        )
+        self.ready = GaugeMetricFamily(
+            "sparseserve_model_ready", "1 while the model version serves requests.", labels=LABELS
         )
 
-    def forget(self, bound: ModelMetrics) -> None:
-        """Drop an unloaded model's series (a new version gets its own)."""
-        for family in (
-            self.request_duration, self.compute_duration, self.inferences, self.executions,
-            self.inflight, self.model_ready,
-        ):  # fmt: skip
-            with contextlib.suppress(KeyError):
-                family.remove(*bound.values)
-        for code in bound.codes:
-            with contextlib.suppress(KeyError):
-                self.requests.remove(*bound.values, code)
+    def all(self) -> list[Metric]:
+        return [
+            self.request_duration, self.compute_duration, self.requests, self.inferences,
+            self.executions, self.inflight, self.ready,
+        ]  # fmt: skip
+
+    def add(self, model: LoadedModel, ready: bool) -> None:
+        """Add the samples of one model version."""
+        # In LABELS order.
+        labels = (model.name, model.version_label, model.family, model.variant, model.backend.name)
+        stats = model.stats
+        created = stats.created
+        _add_histogram(self.request_duration, labels, stats.request_duration, created)
+        _add_histogram(self.compute_duration, labels, stats.compute_duration, created)
+        for code, count in stats.codes.copy().items():
+            self.requests.add_metric((*labels, code), count, created=created)
+        self.inferences.add_metric(labels, stats.inference_count, created=created)
+        self.executions.add_metric(labels, stats.execution_count, created=created)
+        self.inflight.add_metric(labels, model.inflight)
+        self.ready.add_metric(labels, 1 if ready else 0)
 
 
-@dataclass(slots=True)
-class ModelMetrics:
-    metrics: Metrics
-    values: tuple[str, ...]
-    request_duration: Histogram
-    compute_duration: Histogram
-    inferences: Counter
-    executions: Counter
-    inflight: Gauge
-    ready: Gauge
-    codes: dict[str, Counter] = field(default_factory=dict)
-
-    def count(self, code: str) -> None:
-        child = self.codes.get(code)
-        if child is None:
-            child = self.codes[code] = self.metrics.requests.labels(*self.values, code)
-        child.inc()
+def _add_histogram(
+    family: HistogramMetricFamily,
+    labels: Sequence[str],
+    histogram: LatencyHistogram,
+    created: float,
+) -> None:
+    counts = histogram.counts.copy()  # before summing: the event loop may add meanwhile
+    family.add_metric(
+        labels, list(zip(_LE, accumulate(counts), strict=True)), histogram.sum_ns / 1e9
+    )
+    # HistogramMetricFamily has no `created`; add the sample prometheus' Histogram writes.
+    family.samples.append(
+        Sample(f"{family.name}_created", dict(zip(LABELS, labels, strict=True)), created)
+    )

@@ -42,13 +42,13 @@ class SparseServeServer:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.metrics = Metrics()
         self._executor = ThreadPoolExecutor(
             max_workers=settings.inference_thread_count, thread_name_prefix="inference"
         )
         self.registry = ModelRegistry(
-            ModelRepository(settings.repository), settings, self._executor, self.metrics
+            ModelRepository(settings.repository), settings, self._executor
         )
+        self.metrics = Metrics(self.registry)
         self.dataplane = DataPlane(self.registry, self.metrics, settings.max_inflight_per_model)
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
