@@ -3,19 +3,25 @@ DataPlane, encode. No logic lives here; errors are raised and mapped by the inte
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
 from functools import partial
 
 from sparseserve import __version__, codec
 from sparseserve.backends.base import TensorSpec
 from sparseserve.dataplane import DataPlane
-from sparseserve.errors import InvalidInput
+from sparseserve.errors import InvalidInput, SparseServeError
 from sparseserve.models import LoadedModel, ModelRegistry
 from sparseserve.protocol import grpc_service_pb2 as pb
 from sparseserve.protocol import grpc_service_pb2_grpc as pb_grpc
 from sparseserve.protocol import model_config_pb2 as mc
 
+log = logging.getLogger(__name__)
+
 SERVER_NAME = "sparseserve"
+# Requests of one ModelStreamInfer stream running or answered-but-unsent at once.
+STREAM_WINDOW = 256
 EXTENSIONS = ("model_repository", "model_configuration", "statistics")
 
 
@@ -71,6 +77,42 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- inference --------------------------------------------------------------------
 
     async def ModelInfer(self, request, context):
+        return await self._infer(request)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Many requests on one stream: each runs as soon as it arrives (concurrently with
+        the others) and the answers go back in the order of the requests. A failed
+        request is answered with its `error_message`; the stream goes on."""
+        pending: asyncio.Queue[asyncio.Future | None] = asyncio.Queue(STREAM_WINDOW)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    # A full window blocks reading, so gRPC flow control slows the client.
+                    await pending.put(asyncio.ensure_future(self._stream_answer(request)))
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await pending.get()) is not None:
+                yield await answer
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                if (answer := pending.get_nowait()) is not None:
+                    answer.cancel()
+
+    async def _stream_answer(self, request) -> pb.ModelStreamInferResponse:
+        try:
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+        except SparseServeError as exc:
+            return pb.ModelStreamInferResponse(error_message=str(exc))
+        except Exception as exc:
+            log.exception("unexpected error in ModelStreamInfer")
+            return pb.ModelStreamInferResponse(error_message=f"internal error: {exc}")
+
+    async def _infer(self, request) -> pb.ModelInferResponse:
         requested = [output.name for output in request.outputs]
         model, outputs = await self._dataplane.infer(
             request.model_name,
