@@ -1,0 +1,91 @@
+"""ModelStreamInfer through tritonclient's streaming API: answers arrive in request order,
+equal the unary answers, a failed request is answered in-stream and the stream goes on,
+and requests on one stream run concurrently."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import time
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+import tritonclient.grpc.aio as triton_aio
+
+from sparseserve.server.process import ServerProcess
+
+pytestmark = pytest.mark.integration
+
+
+def _input(x: np.ndarray, name: str = "input", module=triton):
+    tensor = module.InferInput(name, list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return tensor
+
+
+def test_stream_answers_in_order_and_match_unary(server: ServerProcess) -> None:
+    rng = np.random.default_rng(11)
+    xs = [rng.standard_normal((1 + i % 3, 64)).astype(np.float32) for i in range(30)]
+    answers: queue.Queue = queue.Queue()
+    with triton.InferenceServerClient(server.grpc_url) as client:
+        expected = [client.infer("mlp", [_input(x)]).as_numpy("output") for x in xs]
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        for i, x in enumerate(xs):
+            client.async_stream_infer("mlp", [_input(x)], request_id=str(i))
+        received = [answers.get(timeout=30) for _ in xs]
+        client.stop_stream()
+    for i, (result, error) in enumerate(received):
+        assert error is None
+        assert result.get_response().id == str(i)
+        assert np.array_equal(result.as_numpy("output"), expected[i])
+
+
+def test_a_failed_request_is_answered_in_stream_and_the_stream_goes_on(
+    server: ServerProcess,
+) -> None:
+    good = np.ones((1, 64), np.float32)
+    bad = np.ones((1, 63), np.float32)
+    answers: queue.Queue = queue.Queue()
+    with triton.InferenceServerClient(server.grpc_url) as client:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        client.async_stream_infer("mlp", [_input(good)], request_id="first")
+        client.async_stream_infer("mlp", [_input(bad)], request_id="wrong-shape")
+        client.async_stream_infer("no-such-model", [_input(good)], request_id="unknown")
+        client.async_stream_infer("mlp", [_input(good)], request_id="last")
+        received = [answers.get(timeout=30) for _ in range(4)]
+        client.stop_stream()
+    (first, e1), (_, e2), (_, e3), (last, e4) = received
+    assert e1 is None and first.get_response().id == "first"
+    assert "expects shape [-1, 64]" in str(e2)
+    assert "unknown model 'no-such-model'" in str(e3)
+    assert e4 is None and last.get_response().id == "last"
+
+
+def test_requests_on_one_stream_run_concurrently(server: ServerProcess) -> None:
+    """Two slow requests on one stream take about as long as one: the server does not
+    wait for an answer before starting the next request."""
+    x = np.ones((4096, 512), np.float32)  # about half a second of work here
+
+    async def run(count: int) -> float:
+        async def requests() -> AsyncIterator[dict]:
+            for i in range(count):
+                yield {"model_name": "slow", "inputs": [_input(x, "x", triton_aio)],
+                       "request_id": str(i)}  # fmt: skip
+
+        async with triton_aio.InferenceServerClient(server.grpc_url) as client:
+            started = time.perf_counter()
+            ids = []
+            async for result, error in client.stream_infer(requests()):
+                assert error is None
+                ids.append(result.get_response().id)
+                if len(ids) == count:
+                    break
+            assert ids == [str(i) for i in range(count)]
+            return time.perf_counter() - started
+
+    one = asyncio.run(run(1))
+    two = asyncio.run(run(2))
+    # The session server has one inference thread per core; this machine has 2 cores.
+    assert two < 1.5 * one, f"one request {one:.2f}s, two on one stream {two:.2f}s"
