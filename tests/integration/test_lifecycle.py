@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -16,10 +15,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from sparseserve.server.process import ServerProcess
+from tests.scrape import inflight
 
 pytestmark = pytest.mark.integration
 
@@ -66,19 +65,6 @@ def start_slow_request(
         assert time.monotonic() < deadline, "the slow request never started running"
         time.sleep(0.02)
     return future
-
-
-def inflight(server: ServerProcess, model: str) -> float:
-    """Requests of `model` in flight, from the server's Prometheus metrics."""
-    with urllib.request.urlopen(server.metrics_url, timeout=5) as response:
-        text = response.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "sparseserve_inflight_requests"
-        for sample in family.samples
-        if sample.labels.get("model") == model
-    )
 
 
 def health(server: ServerProcess) -> str:

@@ -4,7 +4,6 @@ that were sent."""
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +12,12 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from sparseserve.server.process import ServerProcess
+from tests.scrape import scrape, value, values
 
 pytestmark = pytest.mark.integration
 
@@ -32,30 +31,6 @@ MLP_LABELS = {
 GOOD_BATCHES = (1, 2, 5, 8)  # N = 4 good requests, 16 rows
 BAD_REQUESTS = 3  # M wrong-shape requests
 UNKNOWN_MODEL_REQUESTS = 2
-
-
-def scrape(server: ServerProcess) -> list[Sample]:
-    with urllib.request.urlopen(server.metrics_url, timeout=5) as response:
-        assert response.status == 200
-        text = response.read().decode("utf-8")
-    return [s for family in text_string_to_metric_families(text) for s in family.samples]
-
-
-def values(samples: list[Sample], name: str, **labels: str) -> list[float]:
-    """Values of the samples called `name` whose labels include `labels`."""
-    return [
-        s.value
-        for s in samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    ]
-
-
-def value(samples: list[Sample], name: str, **labels: str) -> float:
-    """The one sample called `name` with `labels` (0 if there is none, as Prometheus
-    reads a counter that was never incremented)."""
-    found = values(samples, name, **labels)
-    assert len(found) <= 1, f"{name}{labels} matches {len(found)} series"
-    return found[0] if found else 0.0
 
 
 def mlp_input(rows: int, width: int = 64) -> list[triton.InferInput]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,12 +15,12 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from sparseserve.server.process import ServerProcess
 from sparseserve.testing import onnx_models
+from tests.scrape import inflight
 
 pytestmark = pytest.mark.integration
 
@@ -145,19 +144,6 @@ def wait_until(condition: Callable[[], object], what: str, timeout: float = DEAD
         if time.monotonic() > deadline:
             pytest.fail(f"not within {timeout}s: {what}")
         time.sleep(0.05)
-
-
-def inflight(server: ServerProcess, model: str) -> float:
-    """Requests of `model` in flight, from the server's Prometheus metrics."""
-    with urllib.request.urlopen(server.metrics_url, timeout=5) as response:
-        text = response.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "sparseserve_inflight_requests"
-        for sample in family.samples
-        if sample.labels.get("model") == model
-    )
 
 
 # -- explicit mode --------------------------------------------------------------------
