@@ -13,7 +13,7 @@ help:
 	@echo "make test    the whole test suite"
 	@echo "make bench   server overhead benchmark (writes bench/results/)"
 	@echo "make protos  regenerate the gRPC stubs from protos/"
-	@echo "make lint    ruff + generated-code check"
+	@echo "make lint    ruff (the generated stubs are checked by a test)"
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
