@@ -8,8 +8,13 @@ onnxruntime in-process on the server's core gives the pure compute cost, so
 
     server CPU per request - onnxruntime per run = what the server itself adds.
 
-Levels are repeated in rotated order over a few rounds (the machine is shared and
-noisy); the report gives the median per level with the min and max.
+Each level is measured over two protocols: "unary" (one ModelInfer call per request,
+`concurrency` calls in flight) and "stream" (`concurrency` requests in flight on one
+ModelStreamInfer stream). Only the load loop differs; the accounting is the same.
+
+Levels (and the protocols within a level) are repeated in rotated order over a few
+rounds (the machine is shared and noisy); the report gives the median per level with
+the min and max.
 
 Writes bench/results/server_overhead.json (every number, with machine, versions and
 command) and bench/results/server_overhead.md (the tables). See bench/README.md.
@@ -29,17 +34,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc.aio as triton_aio
-from tritonclient.grpc import InferInput
+from tritonclient.grpc import InferInput, InferResult
 from tritonclient.utils import InferenceServerException
 
 from sparseserve.server.process import ServerProcess
@@ -50,6 +56,7 @@ MODEL_NAME = "mlp_small"
 MODEL_SIZES = (64, 256, 256, 10)
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 BATCH = 1
+PROTOCOLS = ("unary", "stream")
 PACKAGES = ("sparseserve", "onnxruntime", "grpcio", "protobuf", "tritonclient", "numpy")
 
 # Reference points quoted in the issue (server CPU per batch-1 request, measured
@@ -159,9 +166,10 @@ class LatencySummary:
 
 @dataclass(frozen=True, slots=True)
 class LevelRun:
-    """One concurrency level in one round."""
+    """One protocol at one concurrency level in one round."""
 
     round: int
+    protocol: str  # "unary" or "stream"
     concurrency: int
     requests: int
     errors: int
@@ -298,15 +306,22 @@ def measure_onnxruntime(
 # -- the server under load ---------------------------------------------------------------
 
 
-async def drive(
+# What a load loop returns: (latencies of the answered requests in ns, error messages).
+Load = tuple[list[int], list[str]]
+# Where a load loop puts each successful result, by request index, when asked to.
+Answers = dict[int, InferResult]
+
+
+async def drive_unary(
     client: triton_aio.InferenceServerClient,
     requests: Sequence[list[InferInput]],
     concurrency: int,
     max_requests: int,
     max_seconds: float,
-) -> tuple[list[int], list[str]]:
-    """`concurrency` workers send batch-1 requests back to back until `max_requests` were
-    sent or `max_seconds` passed; returns (latencies in ns, error messages)."""
+    answers: Answers | None = None,
+) -> Load:
+    """`concurrency` workers send batch-1 ModelInfer requests back to back until
+    `max_requests` were sent or `max_seconds` passed."""
     latencies: list[int] = []
     errors: list[str] = []
     sent = 0
@@ -315,18 +330,69 @@ async def drive(
     async def worker() -> None:
         nonlocal sent
         while sent < max_requests and time.perf_counter() < deadline:
-            inputs = requests[sent % len(requests)]
+            index = sent
             sent += 1
             started = time.perf_counter_ns()
             try:
-                await client.infer(MODEL_NAME, inputs)
+                result = await client.infer(MODEL_NAME, requests[index % len(requests)])
             except InferenceServerException as exc:
                 errors.append(str(exc))
                 continue
             latencies.append(time.perf_counter_ns() - started)
+            if answers is not None:
+                answers[index] = result
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return latencies, errors
+
+
+async def drive_stream(
+    client: triton_aio.InferenceServerClient,
+    requests: Sequence[list[InferInput]],
+    concurrency: int,
+    max_requests: int,
+    max_seconds: float,
+    answers: Answers | None = None,
+) -> Load:
+    """Batch-1 requests on one ModelStreamInfer stream, `concurrency` of them unanswered
+    at any time (the next one is sent as an answer arrives), until `max_requests` were
+    sent or `max_seconds` passed. Answers are matched to requests by request id."""
+    latencies: list[int] = []
+    errors: list[str] = []
+    sent_at: dict[str, int] = {}  # request id -> send time in ns, unanswered, oldest first
+    window = asyncio.Semaphore(concurrency)
+    deadline = time.perf_counter() + max_seconds
+
+    async def send() -> AsyncIterator[dict[str, Any]]:
+        for index in range(max_requests):
+            await window.acquire()
+            if time.perf_counter() >= deadline:
+                return
+            request_id = str(index)
+            sent_at[request_id] = time.perf_counter_ns()
+            inputs = requests[index % len(requests)]
+            yield {"model_name": MODEL_NAME, "inputs": inputs, "request_id": request_id}
+
+    try:
+        async for result, error in client.stream_infer(send()):
+            received = time.perf_counter_ns()
+            window.release()
+            if error is not None:
+                # An error answer carries no id; the server answers in request order.
+                sent_at.pop(next(iter(sent_at)))
+                errors.append(str(error))
+                continue
+            request_id = result.get_response().id
+            latencies.append(received - sent_at.pop(request_id))
+            if answers is not None:
+                answers[int(request_id)] = result
+    except (InferenceServerException, grpc.RpcError) as exc:  # the stream itself failed
+        errors.append(f"stream failed: {exc}")
+    return latencies, errors
+
+
+LoadLoop = Callable[..., Awaitable[Load]]
+LOAD_LOOPS: dict[str, LoadLoop] = {"unary": drive_unary, "stream": drive_stream}
 
 
 async def model_statistics(client: triton_aio.InferenceServerClient) -> tuple[int, int, int]:
@@ -346,13 +412,17 @@ async def measure_level(
     client: triton_aio.InferenceServerClient,
     server_pid: int,
     requests: Sequence[list[InferInput]],
+    protocol: str,
     concurrency: int,
     args: argparse.Namespace,
     round_index: int,
 ) -> LevelRun:
-    """Warm up, then load the server at `concurrency` and account for its CPU time."""
+    """Warm up, then load the server at `concurrency` over `protocol` and account for its
+    CPU time."""
+    drive = LOAD_LOOPS[protocol]
+    what = f"{protocol} at concurrency {concurrency}"
     _, errors = await drive(client, requests, concurrency, args.warmup, args.max_seconds)
-    check_errors(errors, args.warmup, f"warm-up at concurrency {concurrency}")
+    check_errors(errors, args.warmup, f"warm-up, {what}")
 
     stats_before = await model_statistics(client)
     server_before = ProcessSample.read(server_pid)
@@ -365,17 +435,20 @@ async def measure_level(
     stats_after = await model_statistics(client)
 
     done = len(latencies)
-    check_errors(errors, done + len(errors), f"round {round_index}, concurrency {concurrency}")
+    check_errors(errors, done + len(errors), f"round {round_index}, {what}")
     if done == 0:
-        raise BenchmarkError(f"no request completed at concurrency {concurrency}")
+        raise BenchmarkError(f"no request completed, {what}")
     ticks = server_after.cpu_ticks - server_before.cpu_ticks
     served, request_ns, compute_ns = (a - b for a, b in zip(stats_after, stats_before, strict=True))
     if served != done:
-        raise BenchmarkError(f"the server counted {served} successful requests, the client {done}")
+        raise BenchmarkError(
+            f"{what}: the server counted {served} successful requests, the client {done}"
+        )
     server_cpu_s = ticks / CLOCK_TICKS
     by_thread, switches = per_thread_group(server_pid, server_before, server_after, done)
     return LevelRun(
         round=round_index,
+        protocol=protocol,
         concurrency=concurrency,
         requests=done,
         errors=len(errors),
@@ -399,19 +472,32 @@ async def check_answers(
     session: ort.InferenceSession,
     arrays: Sequence[np.ndarray],
     requests: Sequence[list[InferInput]],
+    protocol: str,
 ) -> None:
-    """The server must answer what onnxruntime computes, or its timings mean nothing."""
-    for array, inputs in zip(arrays[:8], requests[:8], strict=False):
-        got = (await client.infer(MODEL_NAME, inputs)).as_numpy(OUTPUT_NAME)
+    """The server must answer what onnxruntime computes, or its timings mean nothing:
+    one request per input, 8 at a time, through the protocol's load loop."""
+    answers: Answers = {}
+    _, errors = await LOAD_LOOPS[protocol](client, requests, 8, len(requests), 60.0, answers)
+    check_errors(errors, len(requests), f"the {protocol} answer check")
+    for index, array in enumerate(arrays):
+        result = answers.get(index)
+        got = None if result is None else result.as_numpy(OUTPUT_NAME)
         (want,) = session.run([OUTPUT_NAME], {INPUT_NAME: array})
         if got is None or not np.allclose(got, want, rtol=1e-5, atol=1e-6):
-            raise BenchmarkError(f"server answered {got}, onnxruntime computes {want}")
+            raise BenchmarkError(
+                f"{protocol}: the server answered {got} to input {index}, "
+                f"onnxruntime computes {want}"
+            )
 
 
-def rotated(levels: Sequence[int], round_index: int) -> list[int]:
-    """The levels in a different order each round, so drift does not favour one level."""
-    shift = round_index % len(levels)
-    return [*levels[shift:], *levels[:shift]]
+T = TypeVar("T")
+
+
+def rotated(items: Sequence[T], round_index: int) -> list[T]:
+    """Levels (or protocols) in a different order each round, so that drift does not
+    favour one of them."""
+    shift = round_index % len(items)
+    return [*items[shift:], *items[:shift]]
 
 
 def server_args(args: argparse.Namespace) -> list[str]:
@@ -437,7 +523,8 @@ async def run_rounds(
     ort_runs: list[OnnxRuntimeRun] = []
     level_runs: list[LevelRun] = []
     async with triton_aio.InferenceServerClient(server.grpc_url) as client:
-        await check_answers(client, session, arrays, requests)
+        for protocol in args.protocol:
+            await check_answers(client, session, arrays, requests, protocol)
         for round_index in range(args.rounds):
             hot = measure_onnxruntime(session, arrays, args.ort_runs, args.server_cpu, round_index)
             cold = measure_onnxruntime(
@@ -448,16 +535,19 @@ async def run_rounds(
                 f"round {round_index}: onnxruntime {hot.cpu_us_per_run:.1f} µs CPU/run hot, "
                 f"{cold.cpu_us_per_run:.1f} cold"
             )
+            # Both protocols back to back at each level (in alternating order), so that
+            # their ratio is measured under the same conditions.
             for concurrency in rotated(args.concurrency, round_index):
-                run = await measure_level(
-                    client, server.pid, requests, concurrency, args, round_index
-                )
-                level_runs.append(run)
-                _progress(
-                    f"round {round_index}: c={concurrency:<3} {run.requests_per_s:8.0f} req/s  "
-                    f"p50 {run.latency_ms.p50:6.2f} ms  "
-                    f"server CPU {run.server_cpu_us_per_request:6.0f} µs/req"
-                )
+                for protocol in rotated(args.protocol, round_index):
+                    run = await measure_level(
+                        client, server.pid, requests, protocol, concurrency, args, round_index
+                    )
+                    level_runs.append(run)
+                    _progress(
+                        f"round {round_index}: {protocol:<6} c={concurrency:<3} "
+                        f"{run.requests_per_s:8.0f} req/s  p50 {run.latency_ms.p50:6.2f} ms  "
+                        f"server CPU {run.server_cpu_us_per_request:6.0f} µs/req"
+                    )
     return ort_runs, level_runs, _peak_rss(server.pid)
 
 
@@ -480,8 +570,9 @@ def _spread(runs: Sequence[Any], get: Callable[[Any], float]) -> Spread:
 
 
 def summarize(ort_runs: Sequence[OnnxRuntimeRun], level_runs: Sequence[LevelRun]) -> dict:
-    """Median/min/max across rounds, per level; overhead is server CPU minus onnxruntime
-    (hot), the figure a microbenchmark of the model alone gives."""
+    """Median/min/max across rounds, per protocol and level; overhead is server CPU minus
+    onnxruntime (hot), the figure a microbenchmark of the model alone gives. With both
+    protocols, also stream/unary ratios, paired within each round and level."""
     onnxruntime = {
         caches: {
             "cpu_us_per_run": _spread(runs, lambda r: r.cpu_us_per_run),
@@ -491,39 +582,81 @@ def summarize(ort_runs: Sequence[OnnxRuntimeRun], level_runs: Sequence[LevelRun]
         if (runs := [r for r in ort_runs if r.caches == caches])
     }
     ort_us = onnxruntime["hot"]["cpu_us_per_run"].median
-    per_level: dict[str, Any] = {}
-    for concurrency in sorted({r.concurrency for r in level_runs}):
-        runs = [r for r in level_runs if r.concurrency == concurrency]
-        cpu = _spread(runs, lambda r: r.server_cpu_us_per_request)
-        groups = sorted({group for r in runs for group in r.server_cpu_us_by_thread})
-        per_level[str(concurrency)] = {
-            "requests_per_s": _spread(runs, lambda r: r.requests_per_s),
-            "latency_p50_ms": _spread(runs, lambda r: r.latency_ms.p50),
-            "latency_p95_ms": _spread(runs, lambda r: r.latency_ms.p95),
-            "latency_p99_ms": _spread(runs, lambda r: r.latency_ms.p99),
-            "server_cpu_us_per_request": cpu,
-            "server_overhead_us_per_request": cpu.median - ort_us,
-            "server_cpu_us_by_thread": {
-                group: _spread(runs, lambda r, g=group: r.server_cpu_us_by_thread.get(g, 0.0))
-                for group in groups
-            },
-            "server_context_switches_per_request": _spread(
-                runs, lambda r: r.server_context_switches_per_request
-            ),
-            "server_core_busy": _spread(runs, lambda r: r.server_core_busy),
-            "client_cpu_us_per_request": _spread(runs, lambda r: r.client_cpu_us_per_request),
-            "server_request_us": _spread(runs, lambda r: r.server_request_us),
-            "server_compute_us": _spread(runs, lambda r: r.server_compute_us),
-            "server_rss_mib": _spread(runs, lambda r: r.server_rss_mib),
-            "errors": sum(r.errors for r in runs),
-            "target_met": cpu.median <= TARGET_US,
+    protocols: dict[str, Any] = {}
+    for protocol in PROTOCOLS:
+        if not (runs := [r for r in level_runs if r.protocol == protocol]):
+            continue
+        levels = {
+            str(c): _summarize_level([r for r in runs if r.concurrency == c], ort_us)
+            for c in sorted({r.concurrency for r in runs})
+        }
+        worst = max(levels, key=lambda c: levels[c]["server_cpu_us_per_request"].median)
+        worst_us = levels[worst]["server_cpu_us_per_request"].median
+        protocols[protocol] = {
+            "levels": levels,
+            "worst_concurrency": int(worst),
+            "worst_server_cpu_us_per_request": worst_us,
+            "target_met": worst_us <= TARGET_US,
         }
     return {
         "onnxruntime": onnxruntime,
-        "levels": per_level,
+        "protocols": protocols,
+        "stream_vs_unary": _stream_vs_unary(level_runs),
         "target_us": TARGET_US,
-        "target_met": all(level["target_met"] for level in per_level.values()),
+        "target_met": all(p["target_met"] for p in protocols.values()),
     }
+
+
+def _summarize_level(runs: Sequence[LevelRun], ort_us: float) -> dict[str, Any]:
+    """One protocol at one concurrency level, across rounds."""
+    cpu = _spread(runs, lambda r: r.server_cpu_us_per_request)
+    groups = sorted({group for r in runs for group in r.server_cpu_us_by_thread})
+    return {
+        "requests_per_s": _spread(runs, lambda r: r.requests_per_s),
+        "latency_p50_ms": _spread(runs, lambda r: r.latency_ms.p50),
+        "latency_p95_ms": _spread(runs, lambda r: r.latency_ms.p95),
+        "latency_p99_ms": _spread(runs, lambda r: r.latency_ms.p99),
+        "server_cpu_us_per_request": cpu,
+        "server_overhead_us_per_request": cpu.median - ort_us,
+        "server_cpu_us_by_thread": {
+            group: _spread(runs, lambda r, g=group: r.server_cpu_us_by_thread.get(g, 0.0))
+            for group in groups
+        },
+        "server_context_switches_per_request": _spread(
+            runs, lambda r: r.server_context_switches_per_request
+        ),
+        "server_core_busy": _spread(runs, lambda r: r.server_core_busy),
+        "client_cpu_us_per_request": _spread(runs, lambda r: r.client_cpu_us_per_request),
+        "server_request_us": _spread(runs, lambda r: r.server_request_us),
+        "server_compute_us": _spread(runs, lambda r: r.server_compute_us),
+        "server_rss_mib": _spread(runs, lambda r: r.server_rss_mib),
+        "errors": sum(r.errors for r in runs),
+        "target_met": cpu.median <= TARGET_US,
+    }
+
+
+def _stream_vs_unary(level_runs: Sequence[LevelRun]) -> dict[str, dict[str, Spread]]:
+    """Per level, stream / unary of server CPU and of req/s, each ratio taken within one
+    round (the two ran back to back), then median/min/max across rounds."""
+    by_key = {(r.protocol, r.round, r.concurrency): r for r in level_runs}
+    ratios: dict[str, dict[str, Spread]] = {}
+    for concurrency in sorted({r.concurrency for r in level_runs}):
+        pairs = [
+            (unary, stream)
+            for round_index in sorted({r.round for r in level_runs})
+            if (unary := by_key.get(("unary", round_index, concurrency)))
+            and (stream := by_key.get(("stream", round_index, concurrency)))
+        ]
+        if pairs:
+            ratios[str(concurrency)] = {
+                "server_cpu_us_per_request": Spread.of(
+                    [s.server_cpu_us_per_request / u.server_cpu_us_per_request for u, s in pairs]
+                ),
+                "requests_per_s": Spread.of(
+                    [s.requests_per_s / u.requests_per_s for u, s in pairs]
+                ),
+            }
+    return ratios
 
 
 def environment() -> dict[str, Any]:
@@ -606,6 +739,7 @@ BREAKDOWN_COLUMNS: tuple[tuple[str, Callable[[dict], str]], ...] = (
 RUN_COLUMNS: tuple[tuple[str, Callable[[LevelRun], str]], ...] = (
     ("round", lambda run: str(run.round)),
     ("concurrency", lambda run: str(run.concurrency)),
+    ("protocol", lambda run: run.protocol),
     ("requests", lambda run: str(run.requests)),
     ("s", lambda run: f"{run.wall_s:.1f}"),
     ("req/s", lambda run: f"{run.requests_per_s:.0f}"),
@@ -615,65 +749,136 @@ RUN_COLUMNS: tuple[tuple[str, Callable[[LevelRun], str]], ...] = (
 )
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
-    """A Markdown table, first column left-aligned, the others right-aligned."""
+def _table(header: Sequence[str], rows: Iterable[Sequence[object]], left: int = 1) -> list[str]:
+    """A Markdown table, the first `left` columns left-aligned, the others right-aligned."""
     return [
         "| " + " | ".join(header) + " |",
-        "|---|" + "---:|" * (len(header) - 1),
+        "|" + "---|" * left + "---:|" * (len(header) - left),
         *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows),
     ]
 
 
 def _level_table(
-    levels: dict[str, dict], columns: Sequence[tuple[str, Callable[[dict], str]]]
+    protocols: dict[str, dict], columns: Sequence[tuple[str, Callable[[dict], str]]]
 ) -> list[str]:
-    return _table(
-        ("concurrency", *(header for header, _ in columns)),
-        ((c, *(cell(level) for _, cell in columns)) for c, level in levels.items()),
+    """One row per concurrency level and protocol, the protocols of a level together."""
+    rows = sorted(
+        (int(c), PROTOCOLS.index(protocol), protocol, level)
+        for protocol, summary in protocols.items()
+        for c, level in summary["levels"].items()
     )
+    return _table(
+        ("concurrency", "protocol", *(header for header, _ in columns)),
+        ((c, protocol, *(cell(level) for _, cell in columns)) for c, _, protocol, level in rows),
+        left=2,
+    )
+
+
+# The side-by-side table: (header, figure in a level's summary, digits, with the
+# stream/unary ratio from summarize()).
+COMPARED = (
+    ("CPU µs/req", "server_cpu_us_per_request", 0, True),
+    ("req/s", "requests_per_s", 0, True),
+    ("p50 ms", "latency_p50_ms", 2, False),
+    ("p99 ms", "latency_p99_ms", 2, False),
+)
+
+
+def _comparison_table(summary: dict) -> list[str]:
+    """Unary and stream side by side per level, with the ratios paired within rounds."""
+    unary, stream = (summary["protocols"][p]["levels"] for p in ("unary", "stream"))
+    header = ["concurrency"]
+    for title, _, _, ratio in COMPARED:
+        header += [f"{title} unary", f"{title} stream"]
+        header += [f"{title.split()[0]} stream/unary"] if ratio else []
+    rows = []
+    for c, ratios in summary["stream_vs_unary"].items():
+        row = [c]
+        for _, key, digits, ratio in COMPARED:
+            row += [f"{level[key].median:.{digits}f}" for level in (unary[c], stream[c])]
+            row += [_fmt(ratios[key], 2)] if ratio else []
+        rows.append(row)
+    return _table(header, rows)
+
+
+def _levels_meeting(protocol: dict) -> list[str]:
+    """The levels where a protocol meets the target, only where it misses it elsewhere."""
+    met = [c for c, level in protocol["levels"].items() if level["target_met"]]
+    return met if len(met) < len(protocol["levels"]) else []
 
 
 def render_markdown(report: dict) -> str:
     """The Markdown report: verdict, results, where the CPU goes, reference points, every
     run, setup and machine."""
     env, setup, summary = report["environment"], report["setup"], report["summary"]
-    levels: dict[str, dict] = summary["levels"]
+    protocols: dict[str, dict] = summary["protocols"]
     ort = summary["onnxruntime"]
-    verdict = "MET" if summary["target_met"] else "NOT MET"
-    worst = max(level["server_cpu_us_per_request"].median for level in levels.values())
-    groups = sorted({g for level in levels.values() for g in level["server_cpu_us_by_thread"]})
+    verdicts = "; ".join(
+        f"{protocol} {'MET' if p['target_met'] else 'NOT MET'} (worst level: median "
+        f"{p['worst_server_cpu_us_per_request']:.0f} µs at concurrency {p['worst_concurrency']}"
+        + (f"; met at concurrency {', '.join(met)}" if (met := _levels_meeting(p)) else "")
+        + ")"
+        for protocol, p in protocols.items()
+    )
+    groups = sorted(
+        {
+            g
+            for p in protocols.values()
+            for level in p["levels"].values()
+            for g in level["server_cpu_us_by_thread"]
+        }
+    )
     by_thread = [
         (
             f"{group} µs/req",
-            lambda level, g=group: f"{level['server_cpu_us_by_thread'][g].median:.0f}",
+            lambda level, g=group: (
+                f"{level['server_cpu_us_by_thread'][g].median:.0f}"
+                if g in level["server_cpu_us_by_thread"]
+                else "0"
+            ),
         )
         for group in groups
     ]
     lines = [
         f"# Server overhead: {MODEL_NAME}, batch {BATCH}",
         "",
-        f"**Target ≤ {TARGET_US:.0f} µs server CPU per request: {verdict}** "
-        f"(worst level: median {worst:.0f} µs).",
+        f"**Target ≤ {TARGET_US:.0f} µs server CPU per request: {verdicts}.**",
         "",
         f"Medians over {setup['rounds']} rounds, [min, max] in brackets. Server CPU per request "
         "= utime+stime of the server process (all threads) over a level / requests completed; "
         "overhead = that minus onnxruntime alone, hot "
-        f"({ort['hot']['cpu_us_per_run'].median:.1f} µs CPU per run).",
+        f"({ort['hot']['cpu_us_per_run'].median:.1f} µs CPU per run). unary: `concurrency` "
+        "ModelInfer calls in flight; stream: `concurrency` requests in flight on one "
+        "ModelStreamInfer stream.",
         "",
-        *_level_table(levels, RESULT_COLUMNS),
+        *(
+            [
+                "Side by side (medians; stream/unary: the ratio within each round, where the "
+                "two ran back to back, median [min, max] over rounds):",
+                "",
+                *_comparison_table(summary),
+                "",
+                "All figures:",
+                "",
+            ]
+            if summary["stream_vs_unary"]
+            else []
+        ),
+        *_level_table(protocols, RESULT_COLUMNS),
         "",
         f"Server peak RSS over the whole run: {report['server_peak_rss_mib']:.0f} MiB.",
         "",
         "## Where the server's CPU goes",
         "",
         "Server CPU per request by thread (event loop: gRPC's Python layer, decode, DataPlane, "
-        "encode; gRPC core: its C event-engine threads, socket I/O; other threads: the "
-        "inference pool running `session.run`, gRPC's asyncio poller, metrics HTTP), context "
+        "encode, and `session.run` itself when the run is short enough to run inline; gRPC "
+        "core: its C event-engine threads, socket I/O; other threads: the inference pool "
+        "running longer `session.run`s, gRPC's asyncio poller, metrics HTTP), context "
         "switches per request (all threads), and the server's own ModelStatistics per "
         "request in µs of wall time: decoded request to result, and of that the backend call "
-        "(thread-pool hop + `session.run`).",
+        "(`session.run`, plus the thread-pool hop when not inline).",
         "",
-        *_level_table(levels, [*by_thread, *BREAKDOWN_COLUMNS]),
+        *_level_table(protocols, [*by_thread, *BREAKDOWN_COLUMNS]),
         "",
         f"onnxruntime alone on the server's core, {setup['intra_op_threads']} intra-op thread "
         f"(hot: back to back; cold: {setup['flush_mib']} MiB written between runs, untimed, as "
@@ -716,8 +921,11 @@ def render_markdown(report: dict) -> str:
         f"- client: tritonclient.grpc.aio in the benchmark process, pinned to CPU "
         f"{setup['client_cpu']}; {setup['distinct_inputs']} pre-generated random inputs; "
         "answers checked against onnxruntime first",
+        f"- protocols: {', '.join(setup['protocol'])}, each level of each protocol measured "
+        "alone, the protocols of a level back to back",
         f"- per level: {setup['warmup']} warm-up requests, then up to {setup['requests']} "
-        f"requests or {setup['max_seconds']} s; levels in rotated order each round",
+        f"requests or {setup['max_seconds']} s; levels (and protocols within a level) in "
+        "rotated order each round",
         f"- onnxruntime alone: {setup['ort_runs']} hot and {setup['ort_cold_runs']} cold runs "
         f"per round, same model file, on CPU {setup['server_cpu']}",
         "",
@@ -758,6 +966,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument(
+        "--protocol",
+        type=_protocols,
+        default=",".join(PROTOCOLS),  # argparse converts it with `type`
+        metavar=",".join(PROTOCOLS),
+        help="comma-separated: unary (ModelInfer calls) and/or stream (one ModelStreamInfer "
+        "stream per level); with both, they are interleaved within each round",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="repeat every level this often")
     parser.add_argument("--warmup", type=int, default=200, help="requests before each level")
     parser.add_argument("--requests", type=int, default=5000, help="most requests per level")
@@ -787,6 +1003,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if getattr(args, option) not in available:
             parser.error(f"--{option.replace('_', '-')} must be one of {sorted(available)}")
     return args
+
+
+def _protocols(text: str) -> list[str]:
+    protocols = [p.strip() for p in text.split(",") if p.strip()]
+    if not protocols or len(set(protocols)) != len(protocols) or set(protocols) - set(PROTOCOLS):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated subset of {','.join(PROTOCOLS)}, got {text!r}"
+        )
+    return protocols
 
 
 def main(argv: Sequence[str] | None = None) -> int:
