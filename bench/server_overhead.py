@@ -304,9 +304,10 @@ async def drive(
     concurrency: int,
     max_requests: int,
     max_seconds: float,
+    model: str = MODEL_NAME,
 ) -> tuple[list[int], list[str]]:
-    """`concurrency` workers send batch-1 requests back to back until `max_requests` were
-    sent or `max_seconds` passed; returns (latencies in ns, error messages)."""
+    """`concurrency` workers send requests to `model` back to back until `max_requests`
+    were sent or `max_seconds` passed; returns (latencies in ns, error messages)."""
     latencies: list[int] = []
     errors: list[str] = []
     sent = 0
@@ -319,7 +320,7 @@ async def drive(
             sent += 1
             started = time.perf_counter_ns()
             try:
-                await client.infer(MODEL_NAME, inputs)
+                await client.infer(model, inputs)
             except InferenceServerException as exc:
                 errors.append(str(exc))
                 continue

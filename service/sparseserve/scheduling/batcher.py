@@ -185,10 +185,6 @@ class DynamicBatcher:
         self._recent: deque[int] = deque([1], maxlen=HISTORY)  # requests per recent batch
         self._delay_ns = policy.max_queue_delay_us * 1000
 
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
     async def infer(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
     ) -> tuple[Outputs, int]:
