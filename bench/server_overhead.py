@@ -319,9 +319,10 @@ async def drive_unary(
     max_requests: int,
     max_seconds: float,
     answers: Answers | None = None,
+    model: str = MODEL_NAME,
 ) -> Load:
-    """`concurrency` workers send batch-1 ModelInfer requests back to back until
-    `max_requests` were sent or `max_seconds` passed."""
+    """`concurrency` workers send batch-1 ModelInfer requests to `model` back to back
+    until `max_requests` were sent or `max_seconds` passed."""
     latencies: list[int] = []
     errors: list[str] = []
     sent = 0
@@ -334,7 +335,7 @@ async def drive_unary(
             sent += 1
             started = time.perf_counter_ns()
             try:
-                result = await client.infer(MODEL_NAME, requests[index % len(requests)])
+                result = await client.infer(model, requests[index % len(requests)])
             except InferenceServerException as exc:
                 errors.append(str(exc))
                 continue
@@ -531,7 +532,7 @@ async def run_rounds(
                 session, arrays, args.ort_cold_runs, args.server_cpu, round_index, flush
             )
             ort_runs += [hot, cold]
-            _progress(
+            progress(
                 f"round {round_index}: onnxruntime {hot.cpu_us_per_run:.1f} µs CPU/run hot, "
                 f"{cold.cpu_us_per_run:.1f} cold"
             )
@@ -543,7 +544,7 @@ async def run_rounds(
                         client, server.pid, requests, protocol, concurrency, args, round_index
                     )
                     level_runs.append(run)
-                    _progress(
+                    progress(
                         f"round {round_index}: {protocol:<6} c={concurrency:<3} "
                         f"{run.requests_per_s:8.0f} req/s  p50 {run.latency_ms.p50:6.2f} ms  "
                         f"server CPU {run.server_cpu_us_per_request:6.0f} µs/req"
@@ -558,7 +559,7 @@ def _peak_rss(pid: int) -> int:
     return 0
 
 
-def _progress(message: str) -> None:
+def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
@@ -710,7 +711,7 @@ def _git_state() -> dict[str, Any]:
         return {"commit": "unknown", "dirty": None, "changed_paths": []}
 
 
-def _fmt(spread: Spread, digits: int = 0) -> str:
+def fmt_spread(spread: Spread, digits: int = 0) -> str:
     return f"{spread.median:.{digits}f} [{spread.min:.{digits}f}, {spread.max:.{digits}f}]"
 
 
@@ -720,11 +721,11 @@ def _median(key: str, digits: int = 0, scale: float = 1.0) -> Callable[[dict], s
 
 # The columns of the results table: (header, formatter of one level's summary).
 RESULT_COLUMNS: tuple[tuple[str, Callable[[dict], str]], ...] = (
-    ("req/s", lambda level: _fmt(level["requests_per_s"])),
+    ("req/s", lambda level: fmt_spread(level["requests_per_s"])),
     ("p50 ms", _median("latency_p50_ms", 2)),
     ("p95 ms", _median("latency_p95_ms", 2)),
     ("p99 ms", _median("latency_p99_ms", 2)),
-    ("server CPU µs/req", lambda level: _fmt(level["server_cpu_us_per_request"])),
+    ("server CPU µs/req", lambda level: fmt_spread(level["server_cpu_us_per_request"])),
     ("overhead µs/req", lambda level: f"{level['server_overhead_us_per_request']:.0f}"),
     ("server core busy %", _median("server_core_busy", scale=100)),
     ("client CPU µs/req", _median("client_cpu_us_per_request")),
@@ -749,7 +750,9 @@ RUN_COLUMNS: tuple[tuple[str, Callable[[LevelRun], str]], ...] = (
 )
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[object]], left: int = 1) -> list[str]:
+def markdown_table(
+    header: Sequence[str], rows: Iterable[Sequence[object]], left: int = 1
+) -> list[str]:
     """A Markdown table, the first `left` columns left-aligned, the others right-aligned."""
     return [
         "| " + " | ".join(header) + " |",
@@ -767,7 +770,7 @@ def _level_table(
         for protocol, summary in protocols.items()
         for c, level in summary["levels"].items()
     )
-    return _table(
+    return markdown_table(
         ("concurrency", "protocol", *(header for header, _ in columns)),
         ((c, protocol, *(cell(level) for _, cell in columns)) for c, _, protocol, level in rows),
         left=2,
@@ -796,9 +799,9 @@ def _comparison_table(summary: dict) -> list[str]:
         row = [c]
         for _, key, digits, ratio in COMPARED:
             row += [f"{level[key].median:.{digits}f}" for level in (unary[c], stream[c])]
-            row += [_fmt(ratios[key], 2)] if ratio else []
+            row += [fmt_spread(ratios[key], 2)] if ratio else []
         rows.append(row)
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def _levels_meeting(protocol: dict) -> list[str]:
@@ -884,10 +887,10 @@ def render_markdown(report: dict) -> str:
         f"(hot: back to back; cold: {setup['flush_mib']} MiB written between runs, untimed, as "
         "request handling does between two runs in the server):",
         "",
-        *_table(
+        *markdown_table(
             ("caches", "CPU µs/run", "p50 wall µs"),
             (
-                (caches, _fmt(o["cpu_us_per_run"], 1), _fmt(o["wall_us_p50"], 1))
+                (caches, fmt_spread(o["cpu_us_per_run"], 1), fmt_spread(o["wall_us_p50"], 1))
                 for caches, o in ort.items()
             ),
         ),
@@ -897,7 +900,7 @@ def render_markdown(report: dict) -> str:
         "Server CPU per batch-1 request as quoted in the issue (measured elsewhere, not by this "
         "benchmark):",
         "",
-        *_table(
+        *markdown_table(
             ("server", "µs/request"),
             [
                 *((name, f"{us:.0f}") for name, us in REFERENCES_US.items()),
@@ -907,7 +910,7 @@ def render_markdown(report: dict) -> str:
         "",
         "## Every run",
         "",
-        *_table(
+        *markdown_table(
             [header for header, _ in RUN_COLUMNS],
             ([cell(run) for _, cell in RUN_COLUMNS] for run in report["level_runs"]),
         ),

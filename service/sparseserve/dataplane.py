@@ -32,8 +32,8 @@ class DataPlane:
     ) -> tuple[LoadedModel, dict[str, np.ndarray]]:
         """Route to the model, decode the inputs with `decode` (so that malformed requests
         are counted against the model they were sent to), validate them against the model
-        and run it. The outputs come back in the order requested (or the model's order
-        when none were requested)."""
+        and run it (through the model's batcher if it has one). The outputs come back in
+        the order requested (or the model's order when none were requested)."""
         try:
             model = self.registry.get(name, version)
         except SparseServeError as exc:
@@ -53,15 +53,19 @@ class DataPlane:
                 )
             model.begin()
             try:
-                compute_started = time.perf_counter_ns()
-                results = await model.backend.infer(inputs, outputs)
-                compute_ns = time.perf_counter_ns() - compute_started
+                if model.batcher is not None:
+                    results, queue_ns = await model.batcher.infer(inputs, outputs)
+                else:
+                    compute_started = time.perf_counter_ns()
+                    results = await model.backend.infer(inputs, outputs)
+                    stats.record_execution(time.perf_counter_ns() - compute_started)
+                    queue_ns = None
             finally:
                 model.end()
         except SparseServeError as exc:
             stats.record_failure(status_of(exc), time.perf_counter_ns() - started)
             raise
-        stats.record_success(time.perf_counter_ns() - started, compute_ns, _batch_rows(inputs))
+        stats.record_success(time.perf_counter_ns() - started, _batch_rows(inputs), queue_ns)
         return model, results
 
 

@@ -30,6 +30,7 @@ from sparseserve.errors import (
 from sparseserve.observability.metrics import LatencyHistogram
 from sparseserve.repository.manifest import VariantManifest
 from sparseserve.repository.store import Fingerprint, ModelRepository, ModelSource
+from sparseserve.scheduling.batcher import BatchingPolicy, DynamicBatcher
 from sparseserve.settings import ModelControl, Settings
 
 log = logging.getLogger(__name__)
@@ -54,21 +55,28 @@ class InferenceStats:
 
     codes: dict[str, int] = field(default_factory=dict)  # requests, by status code name
     request_duration: LatencyHistogram = field(default_factory=LatencyHistogram)  # successes
-    compute_duration: LatencyHistogram = field(default_factory=LatencyHistogram)  # their runs
+    queue_duration: LatencyHistogram = field(default_factory=LatencyHistogram)  # batched ones
+    compute_duration: LatencyHistogram = field(default_factory=LatencyHistogram)  # executions
     fail_ns: int = 0
     inference_count: int = 0
     execution_count: int = 0
     last_inference_ms: int = 0
     created: float = field(default_factory=time.time)  # when counting began (Unix time)
 
-    def record_success(self, request_ns: int, compute_ns: int, rows: int) -> None:
-        """One request answered: `rows` samples inferred in one backend execution."""
+    def record_success(self, request_ns: int, rows: int, queue_ns: int | None = None) -> None:
+        """One request answered with `rows` samples; `queue_ns`: how long it waited for
+        its batch (None: the model is not batched)."""
         self.codes["OK"] = self.codes.get("OK", 0) + 1
         self.request_duration.observe(request_ns)
-        self.compute_duration.observe(compute_ns)
+        if queue_ns is not None:
+            self.queue_duration.observe(queue_ns)
         self.inference_count += rows
-        self.execution_count += 1
         self.last_inference_ms = time.time_ns() // 1_000_000
+
+    def record_execution(self, compute_ns: int) -> None:
+        """One successful backend execution, of one request or of a batch of them."""
+        self.compute_duration.observe(compute_ns)
+        self.execution_count += 1
 
     def record_failure(self, code: str, request_ns: int) -> None:
         """One request refused or failed with status `code` after reaching the model."""
@@ -95,6 +103,14 @@ class InferenceStats:
     def compute_ns(self) -> int:
         return self.compute_duration.sum_ns
 
+    @property
+    def queue_count(self) -> int:
+        return self.queue_duration.count
+
+    @property
+    def queue_ns(self) -> int:
+        return self.queue_duration.sum_ns
+
 
 @dataclass(eq=False, slots=True)
 class LoadedModel:
@@ -107,6 +123,7 @@ class LoadedModel:
     source: ModelSource
     fingerprint: Fingerprint
     stats: InferenceStats = field(default_factory=InferenceStats)
+    batcher: DynamicBatcher | None = None  # None: requests run one by one
     inflight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -344,11 +361,19 @@ class ModelRegistry:
             raise
         except SparseServeError as exc:  # e.g. warm-up rejected by the model itself
             raise ModelLoadError(f"{files.path}: warm-up failed: {exc}") from exc
+        try:
+            policy = BatchingPolicy.for_model(
+                source.name, source.config, signature, self.settings.batching
+            )
+        except ModelLoadError:
+            await backend.unload()
+            raise
         log.info(
-            "loaded model %s version %d with %s in %.2fs",
+            "loaded model %s version %d with %s in %.2fs%s",
             source.name, version, backend.name, time.perf_counter() - started,
+            f", batching {policy}" if policy else "",
         )  # fmt: skip
-        return LoadedModel(
+        model = LoadedModel(
             name=source.name,
             version=version,
             backend=backend,
@@ -356,6 +381,11 @@ class ModelRegistry:
             source=source,
             fingerprint=fingerprint,
         )
+        if policy is not None:
+            model.batcher = DynamicBatcher(
+                source.name, backend, policy, model.stats.record_execution
+            )
+        return model
 
     def _backend(self, files: ModelFiles) -> Backend:
         cls = backend_class("onnxruntime")

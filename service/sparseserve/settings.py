@@ -72,6 +72,33 @@ class OnnxRuntimeSettings(BaseModel):
     )
 
 
+class BatchingSettings(BaseModel):
+    """The server-wide default for models whose config.pbtxt has no `dynamic_batching`
+    block (a model with one is batched as it says, whatever this says)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(
+        False,
+        description="Batch every model whose inputs and outputs all have a dynamic leading "
+        "dimension. Off by default, as in Triton: a dynamic leading dimension does not "
+        "prove that rows are independent (a model may normalise or sort across them), and "
+        "batching a model that mixes rows would silently change its answers.",
+    )
+    max_batch_size: int = Field(
+        64, ge=1, description="Most rows per execution (unless config.pbtxt says)."
+    )
+    max_queue_delay_us: int = Field(
+        500,
+        ge=0,
+        description="Longest a request waits for others to join its batch, in microseconds; "
+        "only while requests overlap (a lone client never waits).",
+    )
+    max_queue_size: int = Field(
+        0, ge=0, description="Most requests waiting per model; 0: max_inflight_per_model."
+    )
+
+
 class Settings(BaseSettings):
     """Everything `sparseserve serve` can be told."""
 
@@ -114,6 +141,7 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     log_format: LogFormat = LogFormat.text
     onnxruntime: OnnxRuntimeSettings = Field(default_factory=OnnxRuntimeSettings)
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
 
     @classmethod
     def settings_customise_sources(

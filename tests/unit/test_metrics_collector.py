@@ -149,7 +149,7 @@ def test_bucket_bounds_include_their_upper_bound(repository: Path) -> None:
         async with serving(repository) as served:
             stats = served.model.stats
             for request_ns in (100_000, 100_001, 20_000_000_000):
-                stats.record_success(request_ns, compute_ns=1, rows=1)
+                stats.record_success(request_ns, rows=1)
             return served.scrape()
 
     samples = asyncio.run(main())
@@ -170,7 +170,8 @@ def test_a_scrape_that_races_requests_is_self_consistent(repository: Path) -> No
 
             def record() -> None:
                 for i in range(CODES_WHILE_SCRAPING):
-                    stats.record_success(i * 997 % 50_000_000, i * 991 % 1_000_000, rows=1)
+                    stats.record_success(i * 997 % 50_000_000, rows=1)
+                    stats.record_execution(i * 991 % 1_000_000)
                     stats.record_failure(f"CODE_{i}", i)  # a new series each time
 
             writer = threading.Thread(target=record)

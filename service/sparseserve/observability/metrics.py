@@ -127,9 +127,15 @@ class _ModelFamilies:
             "Time from a decoded request to its result, per model, including queueing.",
             labels=LABELS,
         )
+        self.queue_duration = HistogramMetricFamily(
+            "sparseserve_queue_duration_seconds",
+            "Time a request of a batched model waited in its batch queue before running.",
+            labels=LABELS,
+        )
         self.compute_duration = HistogramMetricFamily(
             "sparseserve_compute_duration_seconds",
-            "Time the backend spent running the model for one execution.",
+            "Time the backend spent running the model for one execution (one request, or "
+            "one batch of them for a batched model).",
             labels=LABELS,
         )
         self.requests = CounterMetricFamily(
@@ -154,8 +160,8 @@ class _ModelFamilies:
 
     def all(self) -> list[Metric]:
         return [
-            self.request_duration, self.compute_duration, self.requests, self.inferences,
-            self.executions, self.inflight, self.ready,
+            self.request_duration, self.queue_duration, self.compute_duration, self.requests,
+            self.inferences, self.executions, self.inflight, self.ready,
         ]  # fmt: skip
 
     def add(self, model: LoadedModel, ready: bool) -> None:
@@ -165,6 +171,7 @@ class _ModelFamilies:
         stats = model.stats
         created = stats.created
         _add_histogram(self.request_duration, labels, stats.request_duration, created)
+        _add_histogram(self.queue_duration, labels, stats.queue_duration, created)
         _add_histogram(self.compute_duration, labels, stats.compute_duration, created)
         for code, count in stats.codes.copy().items():
             self.requests.add_metric((*labels, code), count, created=created)

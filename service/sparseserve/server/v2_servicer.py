@@ -209,6 +209,7 @@ def _statistics(model: LoadedModel) -> pb.ModelStatistics:
         inference_stats=pb.InferStatistics(
             success=duration(count=s.success_count, ns=s.success_ns),
             fail=duration(count=s.fail_count, ns=s.fail_ns),
+            queue=duration(count=s.queue_count, ns=s.queue_ns),
             compute_infer=duration(count=s.compute_count, ns=s.compute_ns),
         ),
     )

@@ -72,13 +72,15 @@ def mlp(path: Path, sizes: Sequence[int] = (64, 256, 256, 10), seed: int = 0) ->
     return _save(graph, path)
 
 
-def add_constant(path: Path, value: float, width: int = 4) -> Path:
-    """y = x + value, FP32 [batch, width]: tells which version of a model answered."""
+def add_constant(path: Path, value: float, width: int | None = 4, batch: int | None = None) -> Path:
+    """y = x + value, FP32 [batch, width]: tells which version of a model answered.
+    `width` or `batch` None: that dimension is dynamic."""
+    shape = [batch or "batch", width or "width"]
     graph = helper.make_graph(
         [helper.make_node("Add", ["x", "c"], ["y"])],
         "add_constant",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
         [numpy_helper.from_array(np.array(value, dtype=np.float32), "c")],
     )
     return _save(graph, path)
@@ -136,5 +138,18 @@ def slow(path: Path, width: int = 512, depth: int = 32, seed: int = 0) -> Path:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
         [numpy_helper.from_array(w, "w")],
+    )
+    return _save(graph, path)
+
+
+def lookup(path: Path, table: Sequence[float] = (10.0, 20.0, 30.0, 40.0)) -> Path:
+    """y[i] = table[index[i]]: "index" INT64 [batch] -> "y" FP32 [batch]. An index outside
+    the table makes onnxruntime fail at run time, after the request passed validation."""
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "index"], ["y"], axis=0)],
+        "lookup",
+        [helper.make_tensor_value_info("index", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch"])],
+        [numpy_helper.from_array(np.asarray(table, dtype=np.float32), "table")],
     )
     return _save(graph, path)

@@ -1,0 +1,1 @@
+"""Scheduling between the DataPlane and the backends: the dynamic batcher."""

@@ -1,0 +1,351 @@
+"""Dynamic batching: requests for one loaded model that arrive close together run as one
+backend execution, which amortises the per-run cost (thread-pool hop, kernel launches,
+reading the weights) over many rows.
+
+Semantics follow Triton's dynamic batcher, configured per model in config.pbtxt
+(`max_batch_size` > 0 and a `dynamic_batching { }` block):
+
+- The batch dimension is the leading dimension of every input and output. Requests are
+  joined with `np.concatenate` and each caller gets back exactly its own rows (views into
+  the batch's outputs). Requests whose inputs differ in anything but the leading
+  dimension (another shape, another dtype) or that ask for other outputs never share an
+  execution.
+- A batch holds at most `max_batch_size` rows; a single request larger than that runs
+  on its own rather than being refused (ONNX models with a dynamic batch dimension take
+  any size; Triton would refuse it).
+- At most `max_queue_size` requests wait (0: only the server's in-flight limit bounds
+  them); one more is refused with `Overloaded` (RESOURCE_EXHAUSTED).
+- At most `instances` batches run at once (Triton's instance_group count); requests that
+  arrive meanwhile queue and form the next batch as soon as one finishes.
+
+What differs from Triton is when a batch that could still grow is sent. Triton waits up
+to `max_queue_delay_microseconds` for more requests even when none will come, which
+costs a lone client the whole window on every request. Here a batch waits for more
+requests only when recent batches show that requests overlap (the largest batch of the
+last few held more than one request), and only until as many requests as that are
+queued, the rows reach the largest preferred batch size or the oldest request has waited
+`max_queue_delay`. A lone client (concurrency 1) therefore never waits for the window:
+its request runs on the next turn of the event loop. After a burst, the first few lone
+requests may still wait the window, until the history forgets the burst.
+
+A request whose caller is gone (gRPC deadline passed, client cancelled) is dropped from
+the queue before it runs. A batch that fails is split in halves and each half retried
+(down to single requests), so that a request the model rejects at run time fails alone,
+with the model's error, while the others still share executions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sparseserve.backends.base import Backend, ModelSignature
+from sparseserve.errors import (
+    InferenceFailed,
+    InvalidInput,
+    ModelLoadError,
+    Overloaded,
+    SparseServeError,
+)
+from sparseserve.protocol import model_config_pb2
+from sparseserve.settings import BatchingSettings
+
+log = logging.getLogger(__name__)
+
+# How many recent batches decide whether requests overlap (see the module docstring).
+HISTORY = 8
+
+Outputs = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingPolicy:
+    """How one model's requests are batched."""
+
+    max_batch_size: int  # rows per execution
+    max_queue_delay_us: int  # the longest a request waits for others to join it
+    preferred_batch_sizes: tuple[int, ...] = ()  # a batch this large is sent at once
+    max_queue_size: int = 0  # requests waiting; 0: bounded by max_inflight_per_model only
+    instances: int = 1  # batches running at once
+
+    @property
+    def target_rows(self) -> int:
+        """Rows at which a waiting batch is sent without waiting any longer."""
+        preferred = [s for s in self.preferred_batch_sizes if s <= self.max_batch_size]
+        return max(preferred, default=self.max_batch_size)
+
+    @classmethod
+    def for_model(
+        cls,
+        name: str,
+        config: model_config_pb2.ModelConfig | None,
+        signature: ModelSignature,
+        defaults: BatchingSettings,
+    ) -> BatchingPolicy | None:
+        """The policy for a model, or None to run its requests one by one.
+
+        A `dynamic_batching` block in config.pbtxt enables batching (and must come with
+        `max_batch_size` > 0 and a model that can batch, or loading fails); a model
+        without one is batched only if `defaults.enabled` and the model can batch."""
+        explicit = config is not None and config.HasField("dynamic_batching")
+        if not explicit and not defaults.enabled:
+            return None
+        why_not = _why_not_batchable(signature)
+        if explicit:
+            assert config is not None
+            if config.max_batch_size <= 0:
+                raise ModelLoadError(
+                    f"model {name!r}: config.pbtxt has dynamic_batching but max_batch_size "
+                    f"is {config.max_batch_size}; set max_batch_size > 0 or remove the "
+                    "dynamic_batching block"
+                )
+            if why_not:
+                raise ModelLoadError(f"model {name!r} cannot be batched: {why_not}")
+            batching = config.dynamic_batching
+            return cls(
+                max_batch_size=config.max_batch_size,
+                max_queue_delay_us=batching.max_queue_delay_microseconds,
+                preferred_batch_sizes=tuple(s for s in batching.preferred_batch_size if s > 0),
+                max_queue_size=batching.default_queue_policy.max_queue_size,
+                instances=_instances(config),
+            )
+        if why_not:
+            log.info("model %s is not batched: %s", name, why_not)
+            return None
+        max_batch_size = config.max_batch_size if config and config.max_batch_size > 0 else 0
+        return cls(
+            max_batch_size=max_batch_size or defaults.max_batch_size,
+            max_queue_delay_us=defaults.max_queue_delay_us,
+            max_queue_size=defaults.max_queue_size,
+            instances=_instances(config),
+        )
+
+
+def _why_not_batchable(signature: ModelSignature) -> str:
+    """Why the leading dimension is not a batch dimension for every tensor ("" if it is)."""
+    for kind, specs in (("input", signature.inputs), ("output", signature.outputs)):
+        for spec in specs:
+            if not spec.shape or spec.shape[0] != -1:
+                return (
+                    f"{kind} {spec.name!r} has shape {list(spec.shape)}; every input and "
+                    "output needs a dynamic (-1) leading dimension to batch on"
+                )
+    return ""
+
+
+def _instances(config: model_config_pb2.ModelConfig | None) -> int:
+    if config is None or not config.instance_group:
+        return 1
+    return max(1, sum(group.count or 1 for group in config.instance_group))
+
+
+@dataclass(eq=False, slots=True)
+class _Request:
+    """One caller's request, waiting in the queue or running in a batch."""
+
+    key: Hashable  # requests with equal keys may share an execution
+    inputs: Mapping[str, np.ndarray]
+    outputs: Sequence[str]
+    rows: int
+    enqueued_ns: int
+    future: asyncio.Future[tuple[Outputs, int]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class DynamicBatcher:
+    """Queues one model's requests and runs them on its backend in batches.
+
+    Everything here runs on the event loop; the backend call of a batch takes the
+    backend's normal path (inline when short, thread pool otherwise)."""
+
+    def __init__(
+        self,
+        name: str,
+        backend: Backend,
+        policy: BatchingPolicy,
+        on_execution: Callable[[int], None],
+    ):
+        """`on_execution(compute_ns)` is called once per successful backend execution."""
+        self.name = name
+        self.backend = backend
+        self.policy = policy
+        self._on_execution = on_execution
+        self._queue: deque[_Request] = deque()
+        self._queued_rows = 0
+        self._running: set[asyncio.Task[None]] = set()
+        self._wakeup: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._recent: deque[int] = deque([1], maxlen=HISTORY)  # requests per recent batch
+        self._delay_ns = policy.max_queue_delay_us * 1000
+
+    async def infer(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> tuple[Outputs, int]:
+        """Run validated `inputs` in some batch; return its outputs and the ns it queued."""
+        limit = self.policy.max_queue_size
+        if limit and len(self._queue) >= limit:
+            raise Overloaded(
+                f"the batch queue of model {self.name!r} is full ({limit} requests "
+                "waiting, max_queue_size); retry later"
+            )
+        key = (
+            tuple((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items()),
+            tuple(outputs),
+        )
+        rows = self._rows(inputs)
+        request = _Request(key, inputs, outputs, rows, time.perf_counter_ns())
+        self._queue.append(request)
+        self._queued_rows += rows
+        self._schedule()
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            # The caller is gone: if the request still waits, it must not run.
+            if request in self._queue:
+                self._queue.remove(request)
+                self._queued_rows -= request.rows
+            raise
+
+    def _rows(self, inputs: Mapping[str, np.ndarray]) -> int:
+        """Rows of a request: the leading dimension, which all its inputs must share."""
+        sizes = {name: array.shape[0] for name, array in inputs.items()}
+        if len(set(sizes.values())) > 1:
+            raise InvalidInput(
+                f"the inputs of model {self.name!r} (batched) must agree on their leading "
+                f"(batch) dimension; got {sizes}"
+            )
+        return next(iter(sizes.values()), 0)
+
+    # -- when to send a batch ---------------------------------------------------------
+
+    def _schedule(self) -> None:
+        """Arrange for the next batch to be sent: now, or when it is worth sending."""
+        if not self._queue or len(self._running) >= self.policy.instances:
+            return  # a running batch calls again when it ends
+        loop = asyncio.get_running_loop()
+        if self._worth_sending():
+            if isinstance(self._wakeup, asyncio.TimerHandle):
+                self._wakeup.cancel()
+                self._wakeup = None
+            if self._wakeup is None:
+                # On the next turn of the loop, so that requests already received in
+                # this turn join the batch.
+                self._wakeup = loop.call_soon(self._dispatch)
+        elif self._wakeup is None:
+            waited_ns = time.perf_counter_ns() - self._queue[0].enqueued_ns
+            self._wakeup = loop.call_later((self._delay_ns - waited_ns) / 1e9, self._dispatch)
+
+    def _worth_sending(self) -> bool:
+        """Whether the queued requests should go now rather than wait for company."""
+        expected = max(self._recent)  # requests per batch lately: 1 if none overlapped
+        return (
+            expected <= 1
+            or len(self._queue) >= expected
+            or self._queued_rows >= self.policy.target_rows
+            or time.perf_counter_ns() - self._queue[0].enqueued_ns >= self._delay_ns
+        )
+
+    def _dispatch(self) -> None:
+        self._wakeup = None
+        while self._queue and len(self._running) < self.policy.instances:
+            batch = self._take()
+            if not batch:
+                break
+            self._recent.append(len(batch))
+            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._finished)
+
+    def _take(self) -> list[_Request]:
+        """The oldest live request and the requests after it that fit in its batch."""
+        while self._queue and self._queue[0].future.done():  # cancelled meanwhile
+            self._queued_rows -= self._queue.popleft().rows
+        if not self._queue:
+            return []
+        first = self._queue[0]
+        batch: list[_Request] = []
+        kept: deque[_Request] = deque()
+        rows = 0
+        for request in self._queue:
+            if request.future.done():
+                self._queued_rows -= request.rows
+            elif request.key == first.key and (
+                not batch or rows + request.rows <= self.policy.max_batch_size
+            ):
+                batch.append(request)
+                rows += request.rows
+            else:
+                kept.append(request)
+        self._queue = kept
+        self._queued_rows -= rows
+        return batch
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._schedule()
+
+    # -- running a batch --------------------------------------------------------------
+
+    async def _execute(self, batch: list[_Request]) -> None:
+        """Run `batch` and answer each of its requests; if it fails, retry each half."""
+        started = time.perf_counter_ns()
+        try:
+            results = await self._run(batch)
+        except SparseServeError as exc:
+            if len(batch) == 1:
+                _fail(batch[0], exc)
+                return
+            # Find the culprits by halves: the good requests still share executions.
+            log.debug("a batch of %d requests failed (%s); retrying in halves", len(batch), exc)
+            half = len(batch) // 2
+            for part in (batch[:half], batch[half:]):
+                if live := [r for r in part if not r.future.done()]:
+                    await self._execute(live)
+            return
+        except BaseException as exc:  # e.g. cancelled at shutdown: its callers fail too
+            for request in batch:
+                _fail(request, InferenceFailed(f"batch execution failed: {exc!r}"))
+            raise
+        for request, outputs in zip(batch, results, strict=True):
+            if not request.future.done():
+                request.future.set_result((outputs, started - request.enqueued_ns))
+
+    async def _run(self, batch: list[_Request]) -> list[Outputs]:
+        """One backend execution for `batch`; each request's own rows of the outputs."""
+        first = batch[0]
+        if len(batch) == 1:
+            inputs = first.inputs
+        else:
+            inputs = {
+                name: np.concatenate([r.inputs[name] for r in batch]) for name in first.inputs
+            }
+        compute_started = time.perf_counter_ns()
+        outputs = await self.backend.infer(inputs, first.outputs)
+        self._on_execution(time.perf_counter_ns() - compute_started)
+        if len(batch) == 1:
+            return [outputs]
+        total = sum(r.rows for r in batch)
+        for name, array in outputs.items():
+            if array.ndim == 0 or array.shape[0] != total:
+                raise InferenceFailed(
+                    f"output {name!r} has shape {list(array.shape)} for a batch of {total} "
+                    "rows: the model's leading dimension is not a batch dimension; disable "
+                    "dynamic batching for it"
+                )
+        bounds = list(itertools.accumulate(r.rows for r in batch))
+        return [
+            {name: array[stop - r.rows : stop] for name, array in outputs.items()}
+            for r, stop in zip(batch, bounds, strict=True)
+        ]
+
+
+def _fail(request: _Request, error: BaseException) -> None:
+    if not request.future.done():
+        request.future.set_exception(error)

@@ -1,0 +1,276 @@
+"""The DynamicBatcher on a real onnxruntime backend, driven directly on an event loop:
+batches form, every caller gets exactly its rows, failures stay with their requests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from google.protobuf import text_format
+
+from sparseserve.backends.base import ModelFiles, ModelSignature
+from sparseserve.backends.onnxruntime import OnnxRuntimeBackend
+from sparseserve.errors import InvalidInput, ModelLoadError, Overloaded
+from sparseserve.protocol import model_config_pb2
+from sparseserve.scheduling.batcher import BatchingPolicy, DynamicBatcher
+from sparseserve.settings import BatchingSettings, OnnxRuntimeSettings
+from sparseserve.testing import onnx_models
+
+
+@dataclass
+class Executions:
+    """What `on_execution` was told: one entry per backend execution."""
+
+    compute_ns: list[int] = field(default_factory=list)
+
+    def __call__(self, compute_ns: int) -> None:
+        self.compute_ns.append(compute_ns)
+
+
+@asynccontextmanager
+async def batcher_for(
+    path: Path, policy: BatchingPolicy, inline_max_us: float = 100.0
+) -> AsyncIterator[tuple[DynamicBatcher, ModelSignature, Executions]]:
+    executor = ThreadPoolExecutor(2)
+    backend = OnnxRuntimeBackend(
+        ModelFiles(path.stem, 1, path), OnnxRuntimeSettings(inline_max_us=inline_max_us), executor
+    )
+    signature = await backend.load()
+    executions = Executions()
+    try:
+        yield DynamicBatcher(path.stem, backend, policy, executions), signature, executions
+    finally:
+        await backend.unload()
+        executor.shutdown()
+
+
+def config(text: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+POLICY = BatchingPolicy(max_batch_size=64, max_queue_delay_us=0)
+
+
+@pytest.mark.parametrize("inline_max_us", [0.0, 1e9], ids=["thread-pool", "inline"])
+def test_concurrent_requests_share_executions_and_get_their_own_rows(
+    tmp_path: Path, inline_max_us: float
+) -> None:
+    """Requests of 1..7 rows submitted together run in fewer executions than requests,
+    and each answer equals onnxruntime's for that request alone, bit for bit."""
+    path = onnx_models.mlp(tmp_path / "mlp.onnx")
+    session = ort.InferenceSession(str(path))
+    rng = np.random.default_rng(1)
+    inputs = [rng.standard_normal((1 + i % 7, 64)).astype(np.float32) for i in range(20)]
+
+    async def main() -> tuple[list[np.ndarray], int]:
+        async with batcher_for(path, POLICY, inline_max_us) as (batcher, _, executions):
+            answers = await asyncio.gather(
+                *(batcher.infer({"input": x}, ["output"]) for x in inputs)
+            )
+            return [outputs["output"] for outputs, _ in answers], len(executions.compute_ns)
+
+    answers, executions = asyncio.run(main())
+    assert executions < len(inputs) / 2
+    for x, got in zip(inputs, answers, strict=True):
+        (want,) = session.run(["output"], {"input": x})
+        assert got.shape == want.shape and np.array_equal(got, want)
+
+
+def test_max_batch_size_caps_rows_per_execution(tmp_path: Path) -> None:
+    """10 requests of 3 rows with max_batch_size 7: executions of 2 requests (6 rows)."""
+    path = onnx_models.add_constant(tmp_path / "add.onnx", 1.0)
+    policy = BatchingPolicy(max_batch_size=7, max_queue_delay_us=0)
+
+    async def main() -> int:
+        async with batcher_for(path, policy) as (batcher, _, executions):
+            x = np.zeros((3, 4), np.float32)
+            await asyncio.gather(*(batcher.infer({"x": x}, ["y"]) for _ in range(10)))
+            return len(executions.compute_ns)
+
+    assert asyncio.run(main()) == 5
+
+
+def test_requests_of_different_shapes_are_never_mixed(tmp_path: Path) -> None:
+    """Widths 3 and 5 interleaved on a [batch, width] model: every answer is x + 1 with
+    the caller's own width, in two executions (one per width)."""
+    path = onnx_models.add_constant(tmp_path / "add.onnx", 1.0, width=None)
+    widths = [3, 5] * 6
+
+    async def main() -> tuple[list[np.ndarray], list[np.ndarray], int]:
+        async with batcher_for(path, POLICY) as (batcher, _, executions):
+            xs = [np.full((2, w), i, np.float32) for i, w in enumerate(widths)]
+            answers = await asyncio.gather(*(batcher.infer({"x": x}, ["y"]) for x in xs))
+            return xs, [a["y"] for a, _ in answers], len(executions.compute_ns)
+
+    xs, ys, executions = asyncio.run(main())
+    assert executions == 2
+    for x, y in zip(xs, ys, strict=True):
+        assert np.array_equal(y, x + 1)
+
+
+def test_a_request_the_model_rejects_at_run_time_fails_alone(tmp_path: Path) -> None:
+    """One out-of-range index among good requests: the batch fails in onnxruntime and is
+    retried in halves; only the bad request gets the model's error, and the good half
+    still runs as one execution."""
+    path = onnx_models.lookup(tmp_path / "lookup.onnx")
+
+    async def main() -> tuple[list[object], int]:
+        async with batcher_for(path, POLICY) as (batcher, _, executions):
+            indexes = [[0, 1], [2], [9], [3, 3]]
+            results = await asyncio.gather(
+                *(batcher.infer({"index": np.array(i, np.int64)}, ["y"]) for i in indexes),
+                return_exceptions=True,
+            )
+            return results, len(executions.compute_ns)
+
+    results, executions = asyncio.run(main())
+    assert executions == 2  # [0, 1] together, then [3] alone (only successes count)
+    assert isinstance(results[2], InvalidInput) and "out of data bounds" in str(results[2])
+    good = [r[0]["y"].tolist() for i, r in enumerate(results) if i != 2]  # type: ignore[index]
+    assert good == [[10.0, 20.0], [30.0], [40.0, 40.0]]
+
+
+def test_inputs_that_disagree_on_the_batch_dimension_are_refused(tmp_path: Path) -> None:
+    path = onnx_models.multi_io(tmp_path / "multi_io.onnx")
+
+    async def main() -> None:
+        async with batcher_for(path, POLICY) as (batcher, _, _executions):
+            a, b = np.zeros((2, 4), np.float32), np.zeros((3, 4), np.int64)
+            await batcher.infer({"a": a, "b": b}, ["sum"])
+
+    with pytest.raises(InvalidInput, match="leading"):
+        asyncio.run(main())
+
+
+def test_a_full_queue_refuses_and_a_cancelled_request_never_runs(tmp_path: Path) -> None:
+    """One instance busy with a long run; the queue (max 2) holds two requests, a third
+    is refused with Overloaded. One queued caller is cancelled: it is never executed."""
+    path = onnx_models.slow(tmp_path / "slow.onnx", width=512, depth=32)
+    policy = BatchingPolicy(max_batch_size=4096, max_queue_delay_us=0, max_queue_size=2)
+
+    async def main() -> tuple[int, BaseException | None]:
+        async with batcher_for(path, policy, inline_max_us=0) as (batcher, _, executions):
+            long = asyncio.ensure_future(
+                batcher.infer({"x": np.ones((1024, 512), np.float32)}, ["y"])
+            )
+            await asyncio.sleep(0.01)  # the long run has started: the instance is busy
+            small = {"x": np.ones((1, 512), np.float32)}
+            kept = asyncio.ensure_future(batcher.infer(small, ["y"]))
+            dropped = asyncio.ensure_future(
+                batcher.infer({"x": np.ones((2, 512), np.float32)}, ["y"])
+            )
+            await asyncio.sleep(0)
+            refused: BaseException | None = None
+            try:
+                await batcher.infer(small, ["y"])
+            except Overloaded as exc:
+                refused = exc
+            dropped.cancel()
+            await asyncio.gather(long, kept)
+            with pytest.raises(asyncio.CancelledError):
+                await dropped
+            return len(executions.compute_ns), refused
+
+    executions, refused = asyncio.run(main())
+    assert refused is not None and "max_queue_size" in str(refused)
+    assert executions == 2  # the long run, then `kept` alone: `dropped` never ran
+
+
+def test_a_lone_request_does_not_wait_for_the_window(tmp_path: Path) -> None:
+    """With a 200 ms window, sequential requests (never overlapping) take ≪ 200 ms."""
+    path = onnx_models.mlp(tmp_path / "mlp.onnx")
+    policy = BatchingPolicy(max_batch_size=64, max_queue_delay_us=200_000)
+
+    async def main() -> float:
+        async with batcher_for(path, policy) as (batcher, _, _executions):
+            x = {"input": np.ones((1, 64), np.float32)}
+            started = time.perf_counter()
+            for _ in range(20):
+                await batcher.infer(x, ["output"])
+            return (time.perf_counter() - started) / 20
+
+    assert asyncio.run(main()) < 0.02
+
+
+def test_overlapping_requests_wait_for_each_other(tmp_path: Path) -> None:
+    """Once requests have been seen to overlap, a request waits (up to the window) for
+    as many companions as recently came: 4 requests sent 5 ms apart share one run."""
+    path = onnx_models.mlp(tmp_path / "mlp.onnx")
+    policy = BatchingPolicy(max_batch_size=64, max_queue_delay_us=200_000)
+    x = {"input": np.ones((1, 64), np.float32)}
+
+    async def main() -> list[int]:
+        async with batcher_for(path, policy) as (batcher, _, executions):
+            await asyncio.gather(*(batcher.infer(x, ["output"]) for _ in range(4)))
+            assert len(executions.compute_ns) == 1  # submitted together: one run
+
+            async def later(delay: float) -> tuple[dict[str, np.ndarray], int]:
+                await asyncio.sleep(delay)
+                return await batcher.infer(x, ["output"])
+
+            answers = await asyncio.gather(*(later(0.005 * i) for i in range(4)))
+            assert len(executions.compute_ns) == 2
+            return [queue_ns for _, queue_ns in answers]
+
+    queued = asyncio.run(main())
+    assert queued[0] > 10_000_000 and queued[-1] < queued[0]  # the first waited for the rest
+
+
+# -- configuration ----------------------------------------------------------------------
+
+
+def _signature(tmp_path: Path, batch: int | None = None) -> ModelSignature:
+    path = onnx_models.add_constant(tmp_path / "m.onnx", 1.0, batch=batch)
+
+    async def load() -> ModelSignature:
+        with ThreadPoolExecutor(1) as executor:
+            backend = OnnxRuntimeBackend(ModelFiles("m", 1, path), OnnxRuntimeSettings(), executor)
+            return await backend.load()
+
+    return asyncio.run(load())
+
+
+def test_policy_from_config_pbtxt(tmp_path: Path) -> None:
+    text = """
+        max_batch_size: 32
+        dynamic_batching {
+          preferred_batch_size: [4, 16]
+          max_queue_delay_microseconds: 300
+          default_queue_policy { max_queue_size: 10 }
+        }
+        instance_group [{ count: 2 kind: KIND_CPU }]
+    """
+    policy = BatchingPolicy.for_model("m", config(text), _signature(tmp_path), BatchingSettings())
+    assert policy == BatchingPolicy(32, 300, (4, 16), 10, 2)
+    assert policy.target_rows == 16
+
+
+def test_batching_is_off_unless_configured(tmp_path: Path) -> None:
+    signature = _signature(tmp_path)
+    assert BatchingPolicy.for_model("m", None, signature, BatchingSettings()) is None
+    plain = config("max_batch_size: 8")  # Triton: batches allowed, no dynamic batcher
+    assert BatchingPolicy.for_model("m", plain, signature, BatchingSettings()) is None
+    on = BatchingSettings(enabled=True, max_batch_size=16, max_queue_delay_us=100)
+    assert BatchingPolicy.for_model("m", None, signature, on) == BatchingPolicy(16, 100)
+    assert BatchingPolicy.for_model("m", plain, signature, on) == BatchingPolicy(8, 100)
+
+
+def test_a_model_that_cannot_batch_is_refused_or_left_unbatched(tmp_path: Path) -> None:
+    fixed = _signature(tmp_path, batch=1)
+    with pytest.raises(ModelLoadError, match=r"dynamic \(-1\) leading dimension"):
+        BatchingPolicy.for_model(
+            "m", config("max_batch_size: 8 dynamic_batching { }"), fixed, BatchingSettings()
+        )
+    assert BatchingPolicy.for_model("m", None, fixed, BatchingSettings(enabled=True)) is None
+    with pytest.raises(ModelLoadError, match="max_batch_size"):
+        BatchingPolicy.for_model(
+            "m", config("dynamic_batching { }"), _signature(tmp_path), BatchingSettings()
+        )
