@@ -130,6 +130,36 @@ def _hardware(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_triton_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export-triton",
+        help="write a Triton config.pbtxt for each model of a repository",
+        description="Write config.pbtxt for each model so that the repository can be "
+        "mounted into a GPU Triton Inference Server. Existing configs are kept unless "
+        "--force (which keeps their version_policy and default_model_filename).",
+    )
+    p.add_argument("--repository", type=Path, required=True, help="model repository")
+    p.add_argument("--force", action="store_true", help="rewrite existing config.pbtxt files")
+    p.add_argument("--gpu-instances", type=int, default=1, help="instances per GPU (default 1)")
+    p.add_argument(
+        "--max-batch-size", type=int, default=64, help="for batchable models (default 64)"
+    )
+
+
+def _export_triton(args: argparse.Namespace) -> int:
+    from sparseserve.backends.triton_export import export_repository
+
+    results = export_repository(
+        args.repository,
+        force=args.force,
+        gpu_instances=args.gpu_instances,
+        max_batch_size=args.max_batch_size,
+    )
+    for result in results:
+        print(f"{result.model}: {result.action} {result.detail}".rstrip())
+    return 1 if any(r.action == "failed" for r in results) else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sparseserve", description="Serve dense and sparse ONNX models side by side."
@@ -138,10 +168,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _hardware_parser(sub)
+    _export_triton_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
     if args.command == "hardware":
         return _hardware(args)
+    if args.command == "export-triton":
+        return _export_triton(args)
     parser.error(f"unknown command {args.command}")
     return 2
