@@ -46,6 +46,16 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--log-format", choices=["text", "json"])
     p.add_argument(
+        "--dispatch", choices=["auto", "cpu", "triton"], help="where models run (default: auto)"
+    )
+    p.add_argument("--triton-url", help="host:port of a Triton server (gRPC) for the GPU path")
+    p.add_argument(
+        "--no-dispatch-fallback",
+        action="store_true",
+        help="fail with UNAVAILABLE when Triton fails, instead of serving from onnxruntime",
+    )
+    _assume_gpus_argument(p)
+    p.add_argument(
         "--ready-file",
         type=Path,
         help="once ready, write {pid, grpc_port, metrics_port} as JSON to this file",
@@ -63,6 +73,12 @@ def _serve(args: argparse.Namespace) -> int:
         "inference_threads", "shutdown_grace_seconds", "log_level", "log_format",
     )  # fmt: skip
     overrides: dict[str, object] = {name: getattr(args, name) for name in names}
+    overrides["dispatch"] = args.dispatch
+    overrides["assume_gpus"] = args.assume_gpus
+    if args.no_dispatch_fallback:
+        overrides["dispatch_fallback"] = False
+    if args.triton_url is not None:
+        overrides["triton"] = {"url": args.triton_url}
     if args.intra_op_threads is not None:
         # Merged with the YAML/environment values of the other onnxruntime settings.
         overrides["onnxruntime"] = {"intra_op_threads": args.intra_op_threads}
@@ -77,6 +93,73 @@ def _serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(settings, args.ready_file))
 
 
+def _assume_gpus_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--assume-gpus",
+        type=int,
+        metavar="N",
+        help="TEST/OVERRIDE: report N GPUs instead of probing the machine",
+    )
+
+
+def _hardware_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "hardware",
+        help="print the GPUs, onnxruntime providers and CPU features dispatch decides on",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _assume_gpus_argument(p)
+
+
+def _hardware(args: argparse.Namespace) -> int:
+    import json
+
+    from sparseserve.backends.hardware import probe_hardware
+
+    report = probe_hardware(args.assume_gpus)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    print(f"GPUs ({report.gpu_source}): {report.gpu_count}")
+    for gpu in report.gpus:
+        memory = f", {gpu.memory_bytes / 2**30:.1f} GiB" if gpu.memory_bytes else ""
+        print(f"  {gpu.index}: {gpu.name}{memory}")
+    print(f"CPU cores: {report.cpu_cores}")
+    print(f"CPU features: {' '.join(report.cpu_features) or 'none'}")
+    print(f"onnxruntime execution providers: {' '.join(report.execution_providers)}")
+    return 0
+
+
+def _export_triton_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export-triton",
+        help="write a Triton config.pbtxt for each model of a repository",
+        description="Write config.pbtxt for each model so that the repository can be "
+        "mounted into a GPU Triton Inference Server. Existing configs are kept unless "
+        "--force (which keeps their version_policy and default_model_filename).",
+    )
+    p.add_argument("--repository", type=Path, required=True, help="model repository")
+    p.add_argument("--force", action="store_true", help="rewrite existing config.pbtxt files")
+    p.add_argument("--gpu-instances", type=int, default=1, help="instances per GPU (default 1)")
+    p.add_argument(
+        "--max-batch-size", type=int, default=64, help="for batchable models (default 64)"
+    )
+
+
+def _export_triton(args: argparse.Namespace) -> int:
+    from sparseserve.backends.triton_export import export_repository
+
+    results = export_repository(
+        args.repository,
+        force=args.force,
+        gpu_instances=args.gpu_instances,
+        max_batch_size=args.max_batch_size,
+    )
+    for result in results:
+        print(f"{result.model}: {result.action} {result.detail}".rstrip())
+    return 1 if any(r.action == "failed" for r in results) else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sparseserve", description="Serve dense and sparse ONNX models side by side."
@@ -84,8 +167,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"sparseserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _hardware_parser(sub)
+    _export_triton_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "hardware":
+        return _hardware(args)
+    if args.command == "export-triton":
+        return _export_triton(args)
     parser.error(f"unknown command {args.command}")
     return 2

@@ -19,7 +19,9 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from sparseserve.backends.base import Backend, ModelFiles, ModelSignature, backend_class
+from sparseserve.backends.base import Backend, ModelFiles, ModelSignature
+from sparseserve.backends.dispatch import Dispatcher
+from sparseserve.backends.hardware import probe_hardware
 from sparseserve.errors import (
     ModelLoadError,
     ModelNotFound,
@@ -213,10 +215,14 @@ class ModelRegistry:
         repository: ModelRepository,
         settings: Settings,
         executor: Executor,
+        dispatcher: Dispatcher | None = None,
     ):
         self.repository = repository
         self.settings = settings
-        self._executor = executor
+        # The executor runs onnxruntime sessions, which the dispatcher creates.
+        self.dispatcher = dispatcher or Dispatcher(
+            settings, probe_hardware(settings.assume_gpus), executor
+        )
         self._entries: dict[str, ModelEntry] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self._draining: set[LoadedModel] = set()
@@ -354,7 +360,7 @@ class ModelRegistry:
         started = time.perf_counter()
         files = ModelFiles(source.name, version, source.versions[version])
         fingerprint = source.fingerprint(version)
-        backend = self._backend(files)
+        backend = await self.dispatcher.backend(files)
         try:
             signature = await backend.load()
         except ModelLoadError:
@@ -386,10 +392,6 @@ class ModelRegistry:
                 source.name, backend, policy, model.stats.record_execution
             )
         return model
-
-    def _backend(self, files: ModelFiles) -> Backend:
-        cls = backend_class("onnxruntime")
-        return cls(files, self.settings.onnxruntime, self._executor)  # type: ignore[call-arg]
 
     async def _retire(self, entry: ModelEntry, models: list[LoadedModel]) -> None:
         """Unload models already taken out of the table, once their requests finished.

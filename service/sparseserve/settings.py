@@ -99,6 +99,56 @@ class BatchingSettings(BaseModel):
     )
 
 
+class DispatchPolicy(StrEnum):
+    """Where a model runs. auto: on the Triton server when this machine has a GPU and
+    `triton.url` answers ServerReady at load, else on onnxruntime; cpu: always
+    onnxruntime; triton: always the Triton server (with the onnxruntime fallback unless
+    `dispatch_fallback` is off)."""
+
+    auto = "auto"
+    cpu = "cpu"
+    triton = "triton"
+
+
+class TritonSettings(BaseModel):
+    """How to reach the Triton Inference Server that runs models on the GPU."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(
+        None, description="host:port of Triton's gRPC endpoint; None: no Triton (CPU only)."
+    )
+    ssl: bool = Field(False, description="Use TLS to talk to Triton.")
+    root_certificates: Path | None = Field(None, description="PEM CA bundle (TLS).")
+    private_key: Path | None = Field(None, description="PEM client key (mutual TLS).")
+    certificate_chain: Path | None = Field(None, description="PEM client cert (mutual TLS).")
+    timeout_seconds: float = Field(
+        10.0, gt=0, description="Deadline of one inference sent to Triton."
+    )
+    control_timeout_seconds: float = Field(
+        2.0, gt=0, description="Deadline of readiness and metadata calls."
+    )
+    load_timeout_seconds: float = Field(
+        60.0, gt=0, description="Deadline of a RepositoryModelLoad sent to Triton."
+    )
+    retries: int = Field(
+        0,
+        ge=0,
+        le=5,
+        description="Extra attempts of an inference that found Triton unreachable, before "
+        "it falls back (or fails, with fallback off).",
+    )
+    failure_threshold: int = Field(
+        3,
+        ge=1,
+        description="Consecutive failed inferences that open the circuit breaker: while "
+        "open, requests go straight to onnxruntime.",
+    )
+    probe_interval_seconds: float = Field(
+        2.0, gt=0, description="How often an open breaker asks Triton whether it is back."
+    )
+
+
 class Settings(BaseSettings):
     """Everything `sparseserve serve` can be told."""
 
@@ -142,6 +192,24 @@ class Settings(BaseSettings):
     log_format: LogFormat = LogFormat.text
     onnxruntime: OnnxRuntimeSettings = Field(default_factory=OnnxRuntimeSettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    dispatch: DispatchPolicy = Field(
+        DispatchPolicy.auto, description="Where models run (see DispatchPolicy)."
+    )
+    dispatch_overrides: dict[str, DispatchPolicy] = Field(
+        default_factory=dict, description="Per-model dispatch policy, by model name."
+    )
+    dispatch_fallback: bool = Field(
+        True,
+        description="When Triton fails or is unreachable, serve from onnxruntime on the CPU. "
+        "Off: such requests fail with UNAVAILABLE, so GPU faults surface.",
+    )
+    triton: TritonSettings = Field(default_factory=TritonSettings)
+    assume_gpus: int | None = Field(
+        None,
+        ge=0,
+        description="TEST/OVERRIDE KNOB: report this many GPUs instead of probing the "
+        "machine (NVML, nvidia-smi). For tests and for forcing or disabling the GPU path.",
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -12,11 +12,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sparseserve.codec import Datatype, datatype_of
 from sparseserve.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from sparseserve.observability.metrics import DispatchStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,10 +124,15 @@ class Backend(ABC):
     async def unload(self) -> None:
         """Release the model's resources. In-flight calls have finished when this runs."""
 
+    def dispatch_stats(self) -> DispatchStats | None:
+        """For a backend that hands executions to others: who ran them. None: itself."""
+        return None
+
 
 # Name -> "module:Class". Optional implementations are resolved only when used.
 BACKENDS: Mapping[str, str] = {
     "onnxruntime": "sparseserve.backends.onnxruntime:OnnxRuntimeBackend",
+    "triton": "sparseserve.backends.triton:TritonBackend",
 }
 
 

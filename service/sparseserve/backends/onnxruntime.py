@@ -50,7 +50,7 @@ class OnnxRuntimeBackend(Backend):
     async def load(self) -> ModelSignature:
         loop = asyncio.get_running_loop()
         session = await loop.run_in_executor(self._executor, self._create_session)
-        signature = _signature(session, self._files)
+        signature = session_signature(session, self._files)
         self._session = session
         self._string_inputs = frozenset(s.name for s in signature.inputs if s.datatype is BYTES)
         feeds = _warmup_inputs(signature)
@@ -131,7 +131,7 @@ def _time_runs(
     return statistics.median(times)
 
 
-def _signature(session: ort.InferenceSession, files: ModelFiles) -> ModelSignature:
+def session_signature(session: ort.InferenceSession, files: ModelFiles) -> ModelSignature:
     def specs(args: Sequence[ort.NodeArg]) -> tuple[TensorSpec, ...]:
         result = []
         for arg in args:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -30,6 +30,7 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
+    from sparseserve.backends.hardware import HardwareReport
     from sparseserve.models import LoadedModel, ModelRegistry
 
 LABELS = ("model", "version", "family", "variant", "backend")
@@ -65,11 +66,32 @@ class LatencyHistogram:
         return sum(self.counts)
 
 
+@dataclass(slots=True)
+class DispatchStats:
+    """Who really ran the executions of a model dispatched to Triton, written by its
+    `DispatchingBackend` on the event loop and read at scrape time like `InferenceStats`."""
+
+    compute: dict[str, LatencyHistogram] = field(default_factory=dict)  # by backend name
+    fallbacks: int = 0  # executions onnxruntime ran because Triton failed or was open
+    breaker_open: bool = False
+
+    def record(self, backend: str, compute_ns: int) -> None:
+        histogram = self.compute.get(backend)
+        if histogram is None:
+            histogram = self.compute[backend] = LatencyHistogram()
+        histogram.observe(compute_ns)
+
+
 class Metrics:
     """The server's metrics registry: the per-model series of `models`, requests refused
     before reaching a model, and the process' CPU, memory and file descriptors."""
 
-    def __init__(self, models: ModelRegistry, registry: CollectorRegistry | None = None):
+    def __init__(
+        self,
+        models: ModelRegistry,
+        registry: CollectorRegistry | None = None,
+        hardware: HardwareReport | None = None,
+    ):
         self.registry = registry or CollectorRegistry()
         if registry is None:
             # Process CPU/memory/fds on our registry too (the default one is not served).
@@ -81,6 +103,25 @@ class Metrics:
             "Inference requests refused before reaching a model (unknown model, bad name...).",
             ("code",), registry=self.registry,
         )  # fmt: skip
+        if hardware is not None:
+            self._add_hardware(hardware)
+
+    def _add_hardware(self, hardware: HardwareReport) -> None:
+        """What the dispatcher saw at start: GPUs, cores, providers, CPU features."""
+        gpus = Gauge("sparseserve_gpus", "NVIDIA GPUs found at start.", registry=self.registry)
+        gpus.set(hardware.gpu_count)
+        cores = Gauge("sparseserve_cpu_cores", "CPU cores of the machine.", registry=self.registry)
+        cores.set(hardware.cpu_cores)
+        info = Gauge(
+            "sparseserve_hardware_info",
+            "Always 1; the labels describe the hardware found at start.",
+            ("gpu_source", "execution_providers", "cpu_features"), registry=self.registry,
+        )  # fmt: skip
+        info.labels(
+            hardware.gpu_source,
+            ",".join(hardware.execution_providers),
+            ",".join(hardware.cpu_features),
+        ).set(1)
 
 
 class ModelCollector(Collector):
@@ -157,11 +198,29 @@ class _ModelFamilies:
         self.ready = GaugeMetricFamily(
             "sparseserve_model_ready", "1 while the model version serves requests.", labels=LABELS
         )
+        # Only for models dispatched to Triton: their request series carry the route
+        # (backend="triton"); these say who actually ran each execution.
+        self.backend_executions = CounterMetricFamily(
+            "sparseserve_backend_executions",
+            "Executions of a dispatched model by the backend that actually ran them.",
+            labels=LABELS,
+        )
+        self.fallbacks = CounterMetricFamily(
+            "sparseserve_fallbacks",
+            "Executions that onnxruntime ran because Triton failed or its circuit was open.",
+            labels=LABELS,
+        )
+        self.circuit_open = GaugeMetricFamily(
+            "sparseserve_circuit_open",
+            "1 while a dispatched model's circuit breaker sends everything to onnxruntime.",
+            labels=LABELS,
+        )
 
     def all(self) -> list[Metric]:
         return [
             self.request_duration, self.queue_duration, self.compute_duration, self.requests,
             self.inferences, self.executions, self.inflight, self.ready,
+            self.backend_executions, self.fallbacks, self.circuit_open,
         ]  # fmt: skip
 
     def add(self, model: LoadedModel, ready: bool) -> None:
@@ -179,6 +238,13 @@ class _ModelFamilies:
         self.executions.add_metric(labels, stats.execution_count, created=created)
         self.inflight.add_metric(labels, model.inflight)
         self.ready.add_metric(labels, 1 if ready else 0)
+        dispatch = model.backend.dispatch_stats()
+        if dispatch is not None:
+            for backend, histogram in dispatch.compute.copy().items():
+                actual = (*labels[:-1], backend)
+                self.backend_executions.add_metric(actual, histogram.count, created=created)
+            self.fallbacks.add_metric(labels, dispatch.fallbacks, created=created)
+            self.circuit_open.add_metric(labels, 1 if dispatch.breaker_open else 0)
 
 
 def _add_histogram(

@@ -21,6 +21,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from sparseserve.backends.dispatch import Dispatcher
+from sparseserve.backends.hardware import probe_hardware
 from sparseserve.dataplane import DataPlane
 from sparseserve.models import ModelRegistry
 from sparseserve.observability.metrics import Metrics
@@ -45,10 +47,14 @@ class SparseServeServer:
         self._executor = ThreadPoolExecutor(
             max_workers=settings.inference_thread_count, thread_name_prefix="inference"
         )
+        self.hardware = probe_hardware(settings.assume_gpus)
         self.registry = ModelRegistry(
-            ModelRepository(settings.repository), settings, self._executor
+            ModelRepository(settings.repository),
+            settings,
+            self._executor,
+            Dispatcher(settings, self.hardware, self._executor),
         )
-        self.metrics = Metrics(self.registry)
+        self.metrics = Metrics(self.registry, hardware=self.hardware)
         self.dataplane = DataPlane(self.registry, self.metrics, settings.max_inflight_per_model)
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -98,6 +104,14 @@ class SparseServeServer:
             settings.host, self.grpc_port, self.metrics_port or "off",
             self.registry.repository.root, settings.model_control.value,
         )  # fmt: skip
+        log.info("hardware: %s", self.hardware.summary())
+        log.info(
+            "dispatch %s (overrides: %s), fallback to onnxruntime %s, Triton %s",
+            settings.dispatch.value,
+            dict(settings.dispatch_overrides) or "none",
+            "on" if settings.dispatch_fallback else "off",
+            settings.triton.url or "not configured",
+        )
         await self.registry.load_startup_models()
         if settings.model_control is ModelControl.poll:
             self._poller = asyncio.create_task(self._poll_forever())

@@ -58,6 +58,11 @@ class ServerProcess:
         return self.process.pid
 
     def start(self) -> ServerProcess:
+        """Start the server (again, after `kill`, on the same ports if they were fixed)."""
+        if self.process is not None:  # a restart: reap the old process first
+            self.process.wait()
+            self._log.close()
+        self.ready_file.unlink(missing_ok=True)
         command = [
             sys.executable, "-m", "sparseserve", "serve",
             "--repository", str(self.repository),
@@ -68,7 +73,7 @@ class ServerProcess:
         if self.cpu is not None:
             command = ["taskset", "-c", str(self.cpu), *command]
         env = {**os.environ, **(self.env or {})}
-        self._log = self.log_path.open("wb")
+        self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             command, stdout=self._log, stderr=subprocess.STDOUT, env=env
         )

@@ -1,0 +1,131 @@
+"""`sparseserve export-triton`: write a `config.pbtxt` per model, so the repository can be
+mounted into a GPU Triton Inference Server unchanged.
+
+What is written, and why:
+
+- `platform: "onnxruntime_onnx"`, inputs and outputs with datatypes and dims as
+  onnxruntime reads them from the newest version's file.
+- A model whose every input and output has a dynamic leading dimension gets
+  `max_batch_size` > 0, that dimension dropped from `dims` (as Triton requires), and
+  `dynamic_batching {}`: on a GPU, batching is what fills the device. sparseserve reads
+  the same block, so the CPU server batches the model too (see README, Dynamic
+  batching). Other models get `max_batch_size: 0` and their full shapes.
+- `instance_group [{ kind: KIND_GPU, count: N }]`.
+- int8 variants (manifest `quantization` set) and 2:4 variants (manifest `method` or
+  recipe mentioning 2:4) get the TensorRT execution accelerator: INT8 precision for the
+  former, TensorRT's sparse kernels (`trt_sparsity_enable`) with FP16 for the latter —
+  the two cases where a GPU turns compression into speed. Unstructured sparsity gets no
+  accelerator: dense kernels run its zeros like any other number.
+
+An existing `config.pbtxt` is kept (a hand-written config is the user's decision) unless
+`force`; then it is rewritten, keeping only its `version_policy` and
+`default_model_filename`, which decide which files are served, not how they run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+from google.protobuf import text_format
+
+from sparseserve.backends.base import ModelFiles, ModelSignature, TensorSpec
+from sparseserve.backends.onnxruntime import session_signature
+from sparseserve.errors import ModelLoadError
+from sparseserve.protocol import model_config_pb2 as mc
+from sparseserve.repository.manifest import VariantManifest
+from sparseserve.repository.store import CONFIG_FILENAME, ModelRepository, ModelSource
+
+DEFAULT_MAX_BATCH_SIZE = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ExportResult:
+    model: str
+    action: str  # "written", "kept" (exists, no --force) or "failed"
+    detail: str = ""
+
+
+def export_repository(
+    root: Path,
+    *,
+    force: bool = False,
+    gpu_instances: int = 1,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+) -> list[ExportResult]:
+    """Write config.pbtxt for every model of the repository at `root`."""
+    repository = ModelRepository(root)
+    results = []
+    for name in repository.names():
+        path = repository.path(name) / CONFIG_FILENAME
+        if path.exists() and not force:
+            results.append(ExportResult(name, "kept", f"{path} exists (use --force)"))
+            continue
+        try:
+            source = repository.read(name)
+            config = triton_config(source, gpu_instances, max_batch_size)
+        except ModelLoadError as exc:
+            results.append(ExportResult(name, "failed", str(exc)))
+            continue
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text_format.MessageToString(config), encoding="utf-8")
+        tmp.replace(path)  # atomic: a polling server never reads half a config
+        results.append(ExportResult(name, "written", str(path)))
+    return results
+
+
+def triton_config(source: ModelSource, gpu_instances: int, max_batch_size: int) -> mc.ModelConfig:
+    """The Triton ModelConfig for one model directory (see the module docstring)."""
+    version = max(source.served_versions())
+    signature = _read_signature(ModelFiles(source.name, version, source.versions[version]))
+    config = mc.ModelConfig(name=source.name, platform="onnxruntime_onnx")
+    if source.config is not None:  # keep which files are served
+        if source.config.HasField("version_policy"):
+            config.version_policy.CopyFrom(source.config.version_policy)
+        config.default_model_filename = source.config.default_model_filename
+    batched = all(s.shape and s.shape[0] == -1 for s in (*signature.inputs, *signature.outputs))
+    if batched:
+        config.max_batch_size = max_batch_size
+        config.dynamic_batching.SetInParent()
+    skip = 1 if batched else 0
+    for spec in signature.inputs:
+        config.input.add(name=spec.name, data_type=_data_type(spec), dims=spec.shape[skip:])
+    for spec in signature.outputs:
+        config.output.add(name=spec.name, data_type=_data_type(spec), dims=spec.shape[skip:])
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=gpu_instances)
+    accelerator = tensorrt_parameters(source.manifest)
+    if accelerator:
+        gpu = config.optimization.execution_accelerators.gpu_execution_accelerator.add()
+        gpu.name = "tensorrt"
+        gpu.parameters.update(accelerator)
+    return config
+
+
+def tensorrt_parameters(manifest: VariantManifest | None) -> dict[str, str]:
+    """TensorRT options for variants a GPU makes faster; empty for the others."""
+    if manifest is None:
+        return {}
+    if manifest.quantization:
+        return {"precision_mode": "INT8", "max_workspace_size_bytes": str(1 << 30)}
+    recipe = json.dumps(manifest.recipe or {})
+    if "2:4" in manifest.method or "2:4" in recipe:
+        return {
+            "precision_mode": "FP16",  # TensorRT's sparse kernels are FP16/INT8 ones
+            "trt_sparsity_enable": "1",
+            "max_workspace_size_bytes": str(1 << 30),
+        }
+    return {}
+
+
+def _read_signature(files: ModelFiles) -> ModelSignature:
+    try:
+        session = ort.InferenceSession(str(files.path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own untyped exceptions
+        raise ModelLoadError(f"onnxruntime cannot read {files.path}: {exc}") from exc
+    return session_signature(session, files)
+
+
+def _data_type(spec: TensorSpec) -> int:
+    return mc.DataType.Value(spec.datatype.config)

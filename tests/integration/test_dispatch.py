@@ -1,0 +1,211 @@
+"""Dispatch to Triton and fallback to onnxruntime, over the real network.
+
+Triton cannot run here, but its protocol can: the upstream "Triton" in these tests is a
+second, real sparseserve process on a loopback port, serving the same repository. The
+downstream server under test is configured with it as `triton.url`. Where a test needs
+the GPU path, the hardware probe's input is injected with `--assume-gpus` (this machine
+has no GPU); nothing else is faked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.utils import InferenceServerException
+
+from sparseserve.server.process import ServerProcess
+from sparseserve.testing import onnx_models
+from tests.scrape import scrape, value
+
+pytestmark = pytest.mark.integration
+
+MODEL = "mlp"
+PIXELS = np.linspace(-1, 1, 4 * 64, dtype=np.float32).reshape(4, 64)
+# Fast breaker probes, so recovery is seen in well under a second.
+FAST_PROBES = {"SPARSESERVE_TRITON__PROBE_INTERVAL_SECONDS": "0.2"}
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("dispatch-repository")
+    onnx_models.mlp(root / MODEL / "1" / "model.onnx")
+    return root
+
+
+def infer(url: str, pixels: np.ndarray = PIXELS) -> np.ndarray:
+    with triton.InferenceServerClient(url) as client:
+        tensor = triton.InferInput("input", list(pixels.shape), "FP32")
+        tensor.set_data_from_numpy(pixels)
+        return client.infer(MODEL, [tensor], client_timeout=10).as_numpy("output")
+
+
+def upstream_inferences(url: str) -> int:
+    """Samples the upstream has inferred for MODEL (its ModelStatistics)."""
+    with triton.InferenceServerClient(url) as client:
+        (stats,) = client.get_inference_statistics(MODEL).model_stats
+        return stats.inference_count
+
+
+def executions_by(server: ServerProcess, backend: str) -> float:
+    return value(scrape(server), "sparseserve_backend_executions_total", backend=backend)
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (for an upstream that must restart on it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def upstream(repository: Path) -> Iterator[ServerProcess]:
+    """The stand-in for Triton, on a fixed free port so that it can restart there.
+    Managed here rather than by `start_server`: tests kill it with SIGKILL."""
+    process = ServerProcess(repository, "--grpc-port", str(free_port()), "--no-metrics")
+    try:
+        yield process.start()
+    finally:
+        process.close()
+
+
+def test_auto_dispatch_uses_triton_when_the_probe_reports_a_gpu(
+    repository: Path, upstream: ServerProcess, start_server: Callable[..., ServerProcess]
+) -> None:
+    """With a GPU (injected: `--assume-gpus 1`) and a ready Triton, `auto` sends the
+    model to Triton; the answers are bit for bit those of onnxruntime."""
+    gpu_host = start_server(
+        repository, "--triton-url", upstream.grpc_url, "--assume-gpus", "1", "--dispatch", "auto"
+    )
+    before = upstream_inferences(upstream.grpc_url)
+    served = infer(gpu_host.grpc_url)
+    assert upstream_inferences(upstream.grpc_url) == before + len(PIXELS)
+    samples = scrape(gpu_host)
+    assert value(samples, "sparseserve_backend_executions_total", backend="triton") == 1
+    assert value(samples, "sparseserve_requests_total", backend="triton", code="OK") == 1
+    assert value(samples, "sparseserve_gpus") == 1
+
+    np.testing.assert_array_equal(served, infer(upstream.grpc_url))
+
+
+def test_auto_dispatch_stays_on_the_cpu_without_a_gpu(
+    repository: Path, upstream: ServerProcess, start_server: Callable[..., ServerProcess]
+) -> None:
+    """No GPU (injected: `--assume-gpus 0`): Triton configured and ready, yet `auto`
+    serves on onnxruntime, and the upstream sees nothing."""
+    cpu_host = start_server(
+        repository, "--triton-url", upstream.grpc_url, "--assume-gpus", "0", "--dispatch", "auto"
+    )
+    before = upstream_inferences(upstream.grpc_url)
+    served = infer(cpu_host.grpc_url)
+    assert upstream_inferences(upstream.grpc_url) == before
+    samples = scrape(cpu_host)
+    assert value(samples, "sparseserve_requests_total", backend="onnxruntime", code="OK") == 1
+    assert value(samples, "sparseserve_gpus") == 0
+    np.testing.assert_array_equal(served, infer(upstream.grpc_url))
+
+
+@dataclass
+class Load:
+    """Closed-loop load from `workers` concurrent clients, counting what happened."""
+
+    ok: int = 0
+    inflight: int = 0
+    failures: list[str] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def worker(self, url: str) -> None:
+        async with triton_aio.InferenceServerClient(url) as client:
+            tensor = triton_aio.InferInput("input", list(PIXELS.shape), "FP32")
+            tensor.set_data_from_numpy(PIXELS)
+            while not self.stop.is_set():
+                self.inflight += 1
+                try:
+                    await client.infer(MODEL, [tensor], client_timeout=10)
+                    self.ok += 1
+                except InferenceServerException as exc:
+                    self.failures.append(str(exc))
+                finally:
+                    self.inflight -= 1
+
+    async def until(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not await asyncio.to_thread(condition):
+            assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+            await asyncio.sleep(0.05)
+
+
+def test_upstream_killed_under_load_falls_back_and_returns(
+    repository: Path, upstream: ServerProcess, start_server: Callable[..., ServerProcess]
+) -> None:
+    """SIGKILL the upstream while four clients keep sending: at most the requests in
+    flight at that moment may fail (none do: each is retried on onnxruntime), the
+    breaker serves from onnxruntime, and once the upstream is back on the same port the
+    traffic returns to it."""
+    server = start_server(
+        repository, "--triton-url", upstream.grpc_url, "--dispatch", "triton", env=FAST_PROBES
+    )
+
+    async def scenario() -> tuple[Load, int]:
+        load = Load()
+        workers = [asyncio.create_task(load.worker(server.grpc_url)) for _ in range(4)]
+        await load.until(lambda: executions_by(server, "triton") >= 20, 20, "Triton traffic")
+        inflight_at_kill = load.inflight
+        upstream.kill()
+        await load.until(lambda: executions_by(server, "onnxruntime") >= 20, 20, "fallback traffic")
+        assert value(scrape(server), "sparseserve_circuit_open") == 1
+        await asyncio.to_thread(upstream.start)  # the same port: a restarted Triton
+        await load.until(lambda: upstream_inferences(upstream.grpc_url) > 0, 20, "recovery")
+        load.stop.set()
+        await asyncio.gather(*workers)
+        return load, inflight_at_kill
+
+    load, inflight_at_kill = asyncio.run(scenario())
+    assert len(load.failures) <= inflight_at_kill, load.failures
+    samples = scrape(server)
+    assert value(samples, "sparseserve_fallbacks_total") >= 20
+    assert value(samples, "sparseserve_circuit_open") == 0
+    assert value(samples, "sparseserve_requests_total", code="OK") == load.ok
+
+
+def test_without_fallback_the_client_sees_unavailable(
+    repository: Path, upstream: ServerProcess, start_server: Callable[..., ServerProcess]
+) -> None:
+    """`--no-dispatch-fallback`: a dead Triton surfaces as UNAVAILABLE, and the model
+    serves again once Triton is back."""
+    server = start_server(
+        repository,
+        "--triton-url", upstream.grpc_url, "--dispatch", "triton", "--no-dispatch-fallback",
+        env=FAST_PROBES,
+    )  # fmt: skip
+    expected = infer(server.grpc_url)
+    upstream.kill()
+    upstream.process.wait()  # type: ignore[union-attr]
+    with pytest.raises(InferenceServerException) as caught:
+        infer(server.grpc_url)
+    assert caught.value.status() == "StatusCode.UNAVAILABLE"
+    upstream.start()
+
+    def serves() -> bool:
+        try:
+            return bool(np.array_equal(infer(server.grpc_url), expected))
+        except InferenceServerException:
+            return False
+
+    wait_for(serves, 20, "the model to serve from Triton again")
+    assert value(scrape(server), "sparseserve_fallbacks_total") == 0
