@@ -41,6 +41,7 @@ from server_overhead import (  # bench/ is not a package: imported from its fold
     drive_unary,
     environment,
     fmt_spread,
+    machine_lines,
     markdown_table,
     progress,
     triton_inputs,
@@ -268,12 +269,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Machine",
         "",
-        f"- {env['timestamp']} on `{env['hostname']}`: {env['cpu_model']}, "
-        f"{env['cpu_count']} cores, {env['platform']}",
-        f"- Python {env['python']}; "
-        + ", ".join(f"{name} {version}" for name, version in env["packages"].items()),
-        f"- git {env['git']['commit']}" + (" (uncommitted changes)" if env["git"]["dirty"] else ""),
-        f"- command: `{env['command']}`",
+        *machine_lines(env),
         "",
     ]
     return "\n".join(lines)

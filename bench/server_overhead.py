@@ -934,20 +934,26 @@ def render_markdown(report: dict) -> str:
         "",
         "## Machine",
         "",
+        *machine_lines(env),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def machine_lines(env: dict[str, Any], extra: Sequence[str] = ()) -> list[str]:
+    """The Markdown bullets saying where, with what and how a result was measured
+    (`extra` bullets go after the versions)."""
+    changed = env["git"]["changed_paths"]
+    return [
         f"- {env['timestamp']} on `{env['hostname']}`: {env['cpu_model']}, "
         f"{env['cpu_count']} cores, {env['platform']}",
         f"- Python {env['python']}; "
         + ", ".join(f"{name} {version}" for name, version in env["packages"].items()),
+        *extra,
         f"- git {env['git']['commit']}"
-        + (
-            f", uncommitted changes in: {', '.join(env['git']['changed_paths'])}"
-            if env["git"]["dirty"]
-            else ""
-        ),
+        + (f", uncommitted changes in: {', '.join(changed)}" if env["git"]["dirty"] else ""),
         f"- command: `{env['command']}`",
-        "",
     ]
-    return "\n".join(lines)
 
 
 def _jsonable(value: Any) -> Any:
