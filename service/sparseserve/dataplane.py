@@ -55,14 +55,20 @@ class DataPlane:
             try:
                 if model.batcher is not None:
                     results, queue_ns = await model.batcher.infer(inputs, outputs)
+                    if model.relays:
+                        stats = model.served_stats()
                 else:
                     compute_started = time.perf_counter_ns()
                     results = await model.backend.infer(inputs, outputs)
-                    stats.record_execution(time.perf_counter_ns() - compute_started)
+                    compute_ns = time.perf_counter_ns() - compute_started
+                    if model.relays:
+                        stats = model.served_stats()
+                    stats.record_execution(compute_ns)
                     queue_ns = None
             finally:
                 model.end()
         except SparseServeError as exc:
+            # Counted against the route (model.stats): who failed is not the question.
             stats.record_failure(status_of(exc), time.perf_counter_ns() - started)
             raise
         stats.record_success(time.perf_counter_ns() - started, _batch_rows(inputs), queue_ns)

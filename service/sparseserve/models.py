@@ -19,7 +19,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from sparseserve.backends.base import Backend, ModelFiles, ModelSignature
+from sparseserve.backends.base import SERVED_BY, Backend, ModelFiles, ModelSignature
 from sparseserve.backends.dispatch import Dispatcher
 from sparseserve.backends.hardware import probe_hardware
 from sparseserve.errors import (
@@ -113,10 +113,38 @@ class InferenceStats:
     def queue_ns(self) -> int:
         return self.queue_duration.sum_ns
 
+    @classmethod
+    def total(cls, parts: list[InferenceStats]) -> InferenceStats:
+        """The sum of `parts` (e.g. one model's stats per serving backend)."""
+        if len(parts) == 1:
+            return parts[0]
+        total = cls(created=min(p.created for p in parts))
+        for part in parts:
+            for code, count in part.codes.copy().items():
+                total.codes[code] = total.codes.get(code, 0) + count
+            for mine, theirs in (
+                (total.request_duration, part.request_duration),
+                (total.queue_duration, part.queue_duration),
+                (total.compute_duration, part.compute_duration),
+            ):
+                counts = theirs.counts.copy()
+                mine.counts = [a + b for a, b in zip(mine.counts, counts, strict=True)]
+                mine.sum_ns += theirs.sum_ns
+            total.fail_ns += part.fail_ns
+            total.inference_count += part.inference_count
+            total.execution_count += part.execution_count
+            total.last_inference_ms = max(total.last_inference_ms, part.last_inference_ms)
+        return total
+
 
 @dataclass(eq=False, slots=True)
 class LoadedModel:
-    """One version of one model, loaded and warmed up."""
+    """One version of one model, loaded and warmed up.
+
+    Its stats are kept per backend that served its requests (the `backend` label of its
+    Prometheus series): `stats` is the route's (`backend.name`): every request of a
+    plain model, and of a dispatched one (`backend.relays`) the failures and what
+    Triton served; `stats_of` adds the fallback's on its first request."""
 
     name: str
     version: int
@@ -128,6 +156,36 @@ class LoadedModel:
     batcher: DynamicBatcher | None = None  # None: requests run one by one
     inflight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    # By serving backend; replaced, never changed, so the metrics thread reads it safely.
+    served: dict[str, InferenceStats] = field(init=False)
+    relays: bool = field(init=False)  # backend.relays, read on every request
+
+    def __post_init__(self) -> None:
+        self.served = {self.backend.name: self.stats}
+        self.relays = self.backend.relays
+
+    def stats_of(self, backend: str) -> InferenceStats:
+        """The stats of the requests `backend` served (created on its first)."""
+        stats = self.served.get(backend)
+        if stats is None:
+            stats = InferenceStats()
+            self.served = {**self.served, backend: stats}
+        return stats
+
+    def served_stats(self) -> InferenceStats:
+        """The stats of the execution this task just awaited: who served it (SERVED_BY)
+        for a dispatched model, else the model's only ones."""
+        if self.relays:
+            return self.stats_of(SERVED_BY.get(self.backend.name))
+        return self.stats
+
+    def record_execution(self, compute_ns: int) -> None:
+        """A batch execution, in the task that ran it (the batcher's `on_execution`)."""
+        self.served_stats().record_execution(compute_ns)
+
+    def total_stats(self) -> InferenceStats:
+        """All its requests, whoever served them (Triton's per-model ModelStatistics)."""
+        return InferenceStats.total(list(self.served.values()))
 
     @property
     def version_label(self) -> str:
@@ -388,9 +446,9 @@ class ModelRegistry:
             fingerprint=fingerprint,
         )
         if policy is not None:
-            model.batcher = DynamicBatcher(
-                source.name, backend, policy, model.stats.record_execution
-            )
+            # A dispatched model's executions count for who ran them (model.relays).
+            on_execution = model.record_execution if model.relays else model.stats.record_execution
+            model.batcher = DynamicBatcher(source.name, backend, policy, on_execution)
         return model
 
     async def _retire(self, entry: ModelEntry, models: list[LoadedModel]) -> None:

@@ -178,9 +178,18 @@ def test_upstream_killed_under_load_falls_back_and_returns(
     load, inflight_at_kill = asyncio.run(scenario())
     assert len(load.failures) <= inflight_at_kill, load.failures
     samples = scrape(server)
-    assert value(samples, "sparseserve_fallbacks_total") >= 20
+    fallbacks = value(samples, "sparseserve_fallbacks_total")
+    assert fallbacks >= 20
     assert value(samples, "sparseserve_circuit_open") == 0
-    assert value(samples, "sparseserve_requests_total", code="OK") == load.ok
+    # Every answer is counted for who served it: onnxruntime the fallbacks (one request
+    # per execution: the model is not batched), Triton the rest.
+    ok = {"model": MODEL, "code": "OK"}
+    by_onnxruntime = value(samples, "sparseserve_requests_total", **ok, backend="onnxruntime")
+    by_triton = value(samples, "sparseserve_requests_total", **ok, backend="triton")
+    assert by_onnxruntime == fallbacks
+    assert by_triton == load.ok - fallbacks
+    assert by_triton == value(samples, "sparseserve_backend_executions_total", backend="triton")
+    assert value(samples, "sparseserve_executions_total", backend="onnxruntime") == fallbacks
 
 
 def test_without_fallback_the_client_sees_unavailable(

@@ -9,7 +9,7 @@ import contextlib
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +20,16 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from sparseserve.backends.base import Backend, ModelFiles
+from sparseserve.backends.dispatch import Dispatcher, DispatchingBackend
+from sparseserve.backends.hardware import probe_hardware
+from sparseserve.backends.onnxruntime import OnnxRuntimeBackend
 from sparseserve.dataplane import DataPlane
-from sparseserve.errors import InvalidInput
+from sparseserve.errors import BackendUnavailable, InvalidInput
 from sparseserve.models import LoadedModel, ModelRegistry
 from sparseserve.observability.metrics import LATENCY_BUCKETS, Metrics
 from sparseserve.repository.store import ModelRepository
-from sparseserve.settings import Settings
+from sparseserve.settings import BatchingSettings, Settings
 from sparseserve.testing import onnx_models
 
 # No sparseserve.yaml: family is the model name, variant "default".
@@ -214,3 +218,89 @@ def test_a_draining_version_is_not_ready_until_unloaded(repository: Path) -> Non
     assert series(draining, "sparseserve_inflight_requests") == [1]
     assert series(draining, "sparseserve_requests_total") == [1]
     assert not [s for s in unloaded if "model" in s.labels]
+
+
+class FlakyTriton(OnnxRuntimeBackend):
+    """A stand-in for Triton: onnxruntime under the name "triton", down on demand."""
+
+    name = "triton"
+    down = False
+
+    async def infer(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        if self.down:
+            raise BackendUnavailable("triton is down")
+        return await super().infer(inputs, outputs)
+
+
+class FlakyDispatcher(Dispatcher):
+    """Dispatches every model to a FlakyTriton, with a real onnxruntime fallback."""
+
+    primary: FlakyTriton
+
+    async def backend(self, files: ModelFiles) -> Backend:
+        ort = self.settings.onnxruntime
+        self.primary = FlakyTriton(files, ort, self._executor)
+        fallback = OnnxRuntimeBackend(files, ort, self._executor)
+        return DispatchingBackend(self.primary, fallback, 10_000, 60.0)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["direct", "batched"])
+def test_a_dispatched_model_counts_each_request_for_the_backend_that_served_it(
+    repository: Path, batched: bool
+) -> None:
+    """Requests Triton answered count under backend="triton", fallbacks under
+    backend="onnxruntime", failures under the route; ModelStatistics sums them all."""
+    triton_rows, fallback_rows, bad = (1, 2, 3), (4, 5), 2
+
+    async def main() -> tuple[list[Sample], LoadedModel]:
+        settings = Settings(
+            repository=repository,
+            shutdown_grace_seconds=5,
+            batching=BatchingSettings(enabled=batched),
+        )
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            dispatcher = FlakyDispatcher(settings, probe_hardware(0), executor)
+            registry = ModelRegistry(ModelRepository(repository), settings, executor, dispatcher)
+            metrics = Metrics(registry)
+            try:
+                await registry.load("mlp")
+                served = Served(registry, DataPlane(registry, metrics, 8), metrics)
+                assert (served.model.batcher is not None) is batched
+                for rows in triton_rows:
+                    await served.infer(rows)
+                dispatcher.primary.down = True
+                for rows in fallback_rows:
+                    await served.infer(rows)
+                for _ in range(bad):
+                    with pytest.raises(InvalidInput):
+                        await served.infer(2, width=63)
+                return served.scrape(), served.model
+            finally:
+                await registry.close()
+
+    samples, model = asyncio.run(main())
+    triton = {**LABELS, "backend": "triton"}
+    fallback = {**LABELS, "backend": "onnxruntime"}
+    assert value(samples, "sparseserve_fallbacks_total", **triton) == len(fallback_rows)
+    for labels, rows in ((triton, triton_rows), (fallback, fallback_rows)):
+        assert value(samples, "sparseserve_requests_total", **labels, code="OK") == len(rows)
+        assert value(samples, "sparseserve_inferences_total", **labels) == sum(rows)
+        assert value(samples, "sparseserve_executions_total", **labels) == len(rows)
+        assert value(samples, "sparseserve_backend_executions_total", **labels) == len(rows)
+        for name in (REQUEST, COMPUTE):
+            assert value(samples, f"{name}_count", **labels) == len(rows)
+        queued = len(rows) if batched else 0
+        assert value(samples, "sparseserve_queue_duration_seconds_count", **labels) == queued
+    assert value(samples, "sparseserve_requests_total", **triton, code="INVALID_ARGUMENT") == bad
+    assert value(samples, "sparseserve_requests_total", **fallback, code="INVALID_ARGUMENT") == 0
+    # The model-wide series stay single, under the route.
+    assert value(samples, "sparseserve_model_ready", **triton) == 1
+    assert value(samples, "sparseserve_model_ready", **fallback) == 0
+    # ModelStatistics (Triton's per-model view) counts every request once.
+    total = model.total_stats()
+    requests = len(triton_rows) + len(fallback_rows)
+    assert (total.success_count, total.fail_count, total.compute_count) == (requests, bad, requests)
+    assert total.inference_count == sum(triton_rows) + sum(fallback_rows)
+    assert total.execution_count == requests

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -104,11 +105,24 @@ def _describe(specs: Sequence[TensorSpec]) -> str:
     return ", ".join(f"{s.name} {s.datatype.name}{list(s.shape)}" for s in specs)
 
 
+# Who ran the execution that a successful `infer` of a backend with `relays` just
+# returned: set by that backend (and passed on by the batcher), read by its caller.
+# A context variable rather than a second return value, so that the `infer` contract and
+# the hot path of every plain backend stay as they are (a plain backend is always served
+# by itself: `name`). It is race-free under concurrency: awaiting a coroutine runs it in
+# the awaiting task's context, so a value set inside `infer` is seen by the task that
+# awaited it, right after the await, and by no other task.
+SERVED_BY: ContextVar[str] = ContextVar("sparseserve_served_by")
+
+
 class Backend(ABC):
     """Runs one version of one model. `load` before `infer`; `unload` when done."""
 
     name: str = "base"  # the `backend` metric label and ModelConfig.backend
     platform: str = ""  # Triton's platform string, e.g. "onnxruntime_onnx"
+    # True: `infer` hands executions to other backends and sets SERVED_BY to the name of
+    # the one that ran it. False: every execution is served by this backend (`name`).
+    relays: bool = False
 
     @abstractmethod
     async def load(self) -> ModelSignature:

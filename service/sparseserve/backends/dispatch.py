@@ -29,7 +29,13 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from sparseserve.backends.base import Backend, ModelFiles, ModelSignature, backend_class
+from sparseserve.backends.base import (
+    SERVED_BY,
+    Backend,
+    ModelFiles,
+    ModelSignature,
+    backend_class,
+)
 from sparseserve.backends.hardware import HardwareReport
 from sparseserve.errors import BackendUnavailable, InvalidInput, ModelLoadError, SparseServeError
 from sparseserve.observability.metrics import DispatchStats
@@ -41,8 +47,9 @@ log = logging.getLogger(__name__)
 class DispatchingBackend(Backend):
     """Triton first, onnxruntime behind a circuit breaker (see the module docstring)."""
 
-    name = "triton"  # the route; `stats` says who actually ran each execution
+    name = "triton"  # the route; SERVED_BY says who actually ran each execution
     platform = "onnxruntime_onnx"
+    relays = True
 
     def __init__(
         self,
@@ -108,6 +115,7 @@ class DispatchingBackend(Backend):
             else:
                 self._failures = 0
                 self.stats.record(self.primary.name, time.perf_counter_ns() - started)
+                SERVED_BY.set(self.primary.name)
                 return results
         if self.fallback is None:
             raise BackendUnavailable(
@@ -117,6 +125,7 @@ class DispatchingBackend(Backend):
         results = await self.fallback.infer(inputs, outputs)
         self.stats.record(self.fallback.name, time.perf_counter_ns() - started)
         self.stats.fallbacks += 1
+        SERVED_BY.set(self.fallback.name)
         return results
 
     def _failed(self, error: SparseServeError) -> None:

@@ -198,8 +198,9 @@ class _ModelFamilies:
         self.ready = GaugeMetricFamily(
             "sparseserve_model_ready", "1 while the model version serves requests.", labels=LABELS
         )
-        # Only for models dispatched to Triton: their request series carry the route
-        # (backend="triton"); these say who actually ran each execution.
+        # Only for models dispatched to Triton, labelled with the route (backend="triton")
+        # except backend_executions, which says who ran each execution (as the request
+        # series do, which also count per serving backend).
         self.backend_executions = CounterMetricFamily(
             "sparseserve_backend_executions",
             "Executions of a dispatched model by the backend that actually ran them.",
@@ -225,17 +226,22 @@ class _ModelFamilies:
 
     def add(self, model: LoadedModel, ready: bool) -> None:
         """Add the samples of one model version."""
-        # In LABELS order.
+        # In LABELS order; `backend` is the route (the backend the model was loaded with).
         labels = (model.name, model.version_label, model.family, model.variant, model.backend.name)
-        stats = model.stats
-        created = stats.created
-        _add_histogram(self.request_duration, labels, stats.request_duration, created)
-        _add_histogram(self.queue_duration, labels, stats.queue_duration, created)
-        _add_histogram(self.compute_duration, labels, stats.compute_duration, created)
-        for code, count in stats.codes.copy().items():
-            self.requests.add_metric((*labels, code), count, created=created)
-        self.inferences.add_metric(labels, stats.inference_count, created=created)
-        self.executions.add_metric(labels, stats.execution_count, created=created)
+        # The request series: one set per backend that served requests (a dispatched
+        # model's fallbacks count under backend="onnxruntime"; its failures under the
+        # route). `served` is replaced, never changed, so reading it needs no copy.
+        for backend, stats in model.served.items():
+            served = (*labels[:-1], backend)
+            created = stats.created
+            _add_histogram(self.request_duration, served, stats.request_duration, created)
+            _add_histogram(self.queue_duration, served, stats.queue_duration, created)
+            _add_histogram(self.compute_duration, served, stats.compute_duration, created)
+            for code, count in stats.codes.copy().items():
+                self.requests.add_metric((*served, code), count, created=created)
+            self.inferences.add_metric(served, stats.inference_count, created=created)
+            self.executions.add_metric(served, stats.execution_count, created=created)
+        created = model.stats.created
         self.inflight.add_metric(labels, model.inflight)
         self.ready.add_metric(labels, 1 if ready else 0)
         dispatch = model.backend.dispatch_stats()

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sparseserve.backends.base import Backend, ModelSignature
+from sparseserve.backends.base import SERVED_BY, Backend, ModelSignature
 from sparseserve.errors import (
     InferenceFailed,
     InvalidInput,
@@ -155,6 +155,7 @@ class _Request:
     outputs: Sequence[str]
     rows: int
     enqueued_ns: int
+    served_by: str | None = None  # who ran it, for a backend that `relays`
     future: asyncio.Future[tuple[Outputs, int]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -173,7 +174,8 @@ class DynamicBatcher:
         policy: BatchingPolicy,
         on_execution: Callable[[int], None],
     ):
-        """`on_execution(compute_ns)` is called once per successful backend execution."""
+        """`on_execution(compute_ns)` is called once per successful backend execution, in
+        the task that ran it (so SERVED_BY says who ran it, for a backend that relays)."""
         self.name = name
         self.backend = backend
         self.policy = policy
@@ -205,13 +207,17 @@ class DynamicBatcher:
         self._queued_rows += rows
         self._schedule()
         try:
-            return await request.future
+            result = await request.future
         except asyncio.CancelledError:
             # The caller is gone: if the request still waits, it must not run.
             if request in self._queue:
                 self._queue.remove(request)
                 self._queued_rows -= request.rows
             raise
+        if request.served_by is not None:
+            # The batch ran in another task: tell our caller who served it (see SERVED_BY).
+            SERVED_BY.set(request.served_by)
+        return result
 
     def _rows(self, inputs: Mapping[str, np.ndarray]) -> int:
         """Rows of a request: the leading dimension, which all its inputs must share."""
@@ -313,8 +319,11 @@ class DynamicBatcher:
             for request in batch:
                 _fail(request, InferenceFailed(f"batch execution failed: {exc!r}"))
             raise
+        # Read in this task right after its execution: its own value (see SERVED_BY).
+        served_by = SERVED_BY.get(None) if self.backend.relays else None
         for request, outputs in zip(batch, results, strict=True):
             if not request.future.done():
+                request.served_by = served_by
                 request.future.set_result((outputs, started - request.enqueued_ns))
 
     async def _run(self, batch: list[_Request]) -> list[Outputs]:

@@ -198,7 +198,7 @@ def _model_config(model: LoadedModel) -> mc.ModelConfig:
 
 
 def _statistics(model: LoadedModel) -> pb.ModelStatistics:
-    s = model.stats
+    s = model.total_stats()
     duration = pb.StatisticDuration
     return pb.ModelStatistics(
         name=model.name,
