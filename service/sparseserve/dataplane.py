@@ -54,19 +54,20 @@ class DataPlane:
             model.begin()
             try:
                 if model.batcher is not None:
+                    # The batcher records its executions itself (one per batch).
                     results, queue_ns = await model.batcher.infer(inputs, outputs)
-                    if model.relays:
-                        stats = model.served_stats()
+                    compute_ns = None
                 else:
                     compute_started = time.perf_counter_ns()
                     results = await model.backend.infer(inputs, outputs)
                     compute_ns = time.perf_counter_ns() - compute_started
-                    if model.relays:
-                        stats = model.served_stats()
-                    stats.record_execution(compute_ns)
                     queue_ns = None
             finally:
                 model.end()
+            if model.relays:  # count it for the backend that served it
+                stats = model.served_stats()
+            if compute_ns is not None:
+                stats.record_execution(compute_ns)
         except SparseServeError as exc:
             # Counted against the route (model.stats): who failed is not the question.
             stats.record_failure(status_of(exc), time.perf_counter_ns() - started)

@@ -122,14 +122,9 @@ class InferenceStats:
         for part in parts:
             for code, count in part.codes.copy().items():
                 total.codes[code] = total.codes.get(code, 0) + count
-            for mine, theirs in (
-                (total.request_duration, part.request_duration),
-                (total.queue_duration, part.queue_duration),
-                (total.compute_duration, part.compute_duration),
-            ):
-                counts = theirs.counts.copy()
-                mine.counts = [a + b for a, b in zip(mine.counts, counts, strict=True)]
-                mine.sum_ns += theirs.sum_ns
+            total.request_duration.add(part.request_duration)
+            total.queue_duration.add(part.queue_duration)
+            total.compute_duration.add(part.compute_duration)
             total.fail_ns += part.fail_ns
             total.inference_count += part.inference_count
             total.execution_count += part.execution_count

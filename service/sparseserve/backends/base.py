@@ -74,6 +74,18 @@ class ModelSignature:
         if len(arrays) != len(self.inputs):
             self._check_names(model, arrays)
 
+    def batch_dimension_problem(self) -> str:
+        """Why the leading dimension is not a batch dimension of every tensor ("" if it
+        is): batching needs a dynamic (-1) leading dimension on every input and output."""
+        for kind, specs in (("input", self.inputs), ("output", self.outputs)):
+            for spec in specs:
+                if not spec.shape or spec.shape[0] != -1:
+                    return (
+                        f"{kind} {spec.name!r} has shape {list(spec.shape)}; every input and "
+                        "output needs a dynamic (-1) leading dimension to batch on"
+                    )
+        return ""
+
     def _check_names(self, model: str, arrays: Mapping[str, np.ndarray]) -> None:
         known = {spec.name for spec in self.inputs}
         for name in arrays:

@@ -31,7 +31,7 @@ from pathlib import Path
 import onnxruntime as ort
 from google.protobuf import text_format
 
-from sparseserve.backends.base import ModelFiles, ModelSignature, TensorSpec
+from sparseserve.backends.base import ModelFiles, ModelSignature
 from sparseserve.backends.onnxruntime import session_signature
 from sparseserve.errors import ModelLoadError
 from sparseserve.protocol import model_config_pb2 as mc
@@ -85,15 +85,11 @@ def triton_config(source: ModelSource, gpu_instances: int, max_batch_size: int) 
         if source.config.HasField("version_policy"):
             config.version_policy.CopyFrom(source.config.version_policy)
         config.default_model_filename = source.config.default_model_filename
-    batched = all(s.shape and s.shape[0] == -1 for s in (*signature.inputs, *signature.outputs))
+    batched = not signature.batch_dimension_problem()
     if batched:
         config.max_batch_size = max_batch_size
         config.dynamic_batching.SetInParent()
-    skip = 1 if batched else 0
-    for spec in signature.inputs:
-        config.input.add(name=spec.name, data_type=_data_type(spec), dims=spec.shape[skip:])
-    for spec in signature.outputs:
-        config.output.add(name=spec.name, data_type=_data_type(spec), dims=spec.shape[skip:])
+    describe_tensors(config, signature, batched=batched)
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=gpu_instances)
     accelerator = tensorrt_parameters(source.manifest)
     if accelerator:
@@ -127,5 +123,18 @@ def _read_signature(files: ModelFiles) -> ModelSignature:
     return session_signature(session, files)
 
 
-def _data_type(spec: TensorSpec) -> int:
-    return mc.DataType.Value(spec.datatype.config)
+def describe_tensors(
+    config: mc.ModelConfig, signature: ModelSignature, batched: bool = False
+) -> None:
+    """Add the signature's inputs and outputs to `config` (those it lists none of).
+    `batched`: leave the batch dimension out of `dims`, as Triton wants when
+    `max_batch_size` > 0."""
+    skip = 1 if batched else 0
+    for specs, configs in ((signature.inputs, config.input), (signature.outputs, config.output)):
+        if not configs:
+            for spec in specs:
+                configs.add(
+                    name=spec.name,
+                    data_type=mc.DataType.Value(spec.datatype.config),
+                    dims=spec.shape[skip:],
+                )

@@ -65,6 +65,13 @@ class LatencyHistogram:
     def count(self) -> int:
         return sum(self.counts)
 
+    def add(self, other: LatencyHistogram) -> None:
+        """Add `other`'s observations to these (copying its buckets first: its writer
+        may be recording meanwhile)."""
+        counts = other.counts.copy()
+        self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
+        self.sum_ns += other.sum_ns
+
 
 @dataclass(slots=True)
 class DispatchStats:

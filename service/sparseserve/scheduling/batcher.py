@@ -97,7 +97,7 @@ class BatchingPolicy:
         explicit = config is not None and config.HasField("dynamic_batching")
         if not explicit and not defaults.enabled:
             return None
-        why_not = _why_not_batchable(signature)
+        why_not = signature.batch_dimension_problem()
         if explicit:
             assert config is not None
             if config.max_batch_size <= 0:
@@ -126,18 +126,6 @@ class BatchingPolicy:
             max_queue_size=defaults.max_queue_size,
             instances=_instances(config),
         )
-
-
-def _why_not_batchable(signature: ModelSignature) -> str:
-    """Why the leading dimension is not a batch dimension for every tensor ("" if it is)."""
-    for kind, specs in (("input", signature.inputs), ("output", signature.outputs)):
-        for spec in specs:
-            if not spec.shape or spec.shape[0] != -1:
-                return (
-                    f"{kind} {spec.name!r} has shape {list(spec.shape)}; every input and "
-                    "output needs a dynamic (-1) leading dimension to batch on"
-                )
-    return ""
 
 
 def _instances(config: model_config_pb2.ModelConfig | None) -> int:

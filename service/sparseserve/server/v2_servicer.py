@@ -10,6 +10,7 @@ from functools import partial
 
 from sparseserve import __version__, codec
 from sparseserve.backends.base import TensorSpec
+from sparseserve.backends.triton_export import describe_tensors
 from sparseserve.dataplane import DataPlane
 from sparseserve.errors import InvalidInput, SparseServeError
 from sparseserve.models import LoadedModel, ModelRegistry
@@ -184,16 +185,7 @@ def _model_config(model: LoadedModel) -> mc.ModelConfig:
     config.name = model.name
     config.platform = config.platform or model.backend.platform
     config.backend = config.backend or model.backend.name
-    if not config.input:
-        for spec in model.signature.inputs:
-            config.input.add(
-                name=spec.name, data_type=mc.DataType.Value(spec.datatype.config), dims=spec.shape
-            )
-    if not config.output:
-        for spec in model.signature.outputs:
-            config.output.add(
-                name=spec.name, data_type=mc.DataType.Value(spec.datatype.config), dims=spec.shape
-            )
+    describe_tensors(config, model.signature)
     return config
 
 
