@@ -54,6 +54,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="fail with UNAVAILABLE when Triton fails, instead of serving from onnxruntime",
     )
+    p.add_argument(
+        "--traffic-policy",
+        type=Path,
+        metavar="PATH",
+        help="YAML traffic policy (family defaults, splits, shadow), reloaded when it changes",
+    )
     _assume_gpus_argument(p)
     p.add_argument(
         "--ready-file",
@@ -79,6 +85,9 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["dispatch_fallback"] = False
     if args.triton_url is not None:
         overrides["triton"] = {"url": args.triton_url}
+    if args.traffic_policy is not None:
+        # Merged with the YAML/environment values of the other traffic settings.
+        overrides["traffic"] = {"policy_file": args.traffic_policy}
     if args.intra_op_threads is not None:
         # Merged with the YAML/environment values of the other onnxruntime settings.
         overrides["onnxruntime"] = {"intra_op_threads": args.intra_op_threads}

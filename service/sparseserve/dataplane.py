@@ -1,27 +1,58 @@
-"""The protocol-agnostic core: every protocol adapter calls these methods, so validation,
-metrics, statistics and errors live in one place."""
+"""The protocol-agnostic core: every protocol adapter calls these methods, so routing,
+validation, metrics, statistics, shadow sampling and errors live in one place."""
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from sparseserve.errors import Overloaded, SparseServeError, status_of
 from sparseserve.models import LoadedModel, ModelRegistry
 from sparseserve.observability.metrics import Metrics
+from sparseserve.routing.router import Router
+from sparseserve.routing.shadow import ShadowJob, ShadowRunner
+from sparseserve.routing.traffic import PolicyFile
+
+
+@dataclass(slots=True)
+class Answer:
+    """A model's answer to one request. `shadow`: the shadow job sampled for it, which
+    the protocol adapter hands to `DataPlane.after_sent` once the answer is sent."""
+
+    model: LoadedModel
+    outputs: dict[str, np.ndarray]
+    shadow: ShadowJob | None = None
 
 
 class DataPlane:
-    def __init__(self, registry: ModelRegistry, metrics: Metrics, max_inflight_per_model: int):
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        metrics: Metrics,
+        max_inflight_per_model: int,
+        router: Router | None = None,
+        shadows: ShadowRunner | None = None,
+    ):
         self.registry = registry
         self.metrics = metrics
+        self.router = router or Router(registry, PolicyFile(None))
+        self.shadows = shadows
         self._max_inflight = max_inflight_per_model
+        self._random = random.random
 
     def model(self, name: str, version: str = "") -> LoadedModel:
-        """The loaded model for a metadata/config/inference call (raises if none)."""
-        return self.registry.get(name, version)
+        """The loaded model a metadata/config call about `name` describes: the model, or
+        the variant a family name goes to without a split draw (raises if none)."""
+        return self.router.route(name, version, draw=False).model
+
+    def after_sent(self, answer: Answer) -> None:
+        """The answer is on the wire: now its shadow runs may start."""
+        if answer.shadow is not None and self.shadows is not None:
+            self.shadows.submit(answer.shadow)
 
     async def infer(
         self,
@@ -29,16 +60,19 @@ class DataPlane:
         version: str,
         decode: Callable[[], Mapping[str, np.ndarray]],
         requested_outputs: Sequence[str] = (),
-    ) -> tuple[LoadedModel, dict[str, np.ndarray]]:
-        """Route to the model, decode the inputs with `decode` (so that malformed requests
-        are counted against the model they were sent to), validate them against the model
-        and run it (through the model's batcher if it has one). The outputs come back in
-        the order requested (or the model's order when none were requested)."""
+    ) -> Answer:
+        """Route to the model (by model or family name), decode the inputs with `decode`
+        (so that malformed requests are counted against the model they were sent to),
+        validate them against the model and run it (through the model's batcher if it
+        has one). The outputs come back in the order requested (or the model's order
+        when none were requested); the answer says which model version gave them."""
         try:
-            model = self.registry.get(name, version)
+            route = self.router.route(name, version)
         except SparseServeError as exc:
             self.metrics.unroutable.labels(status_of(exc)).inc()
             raise
+        model = route.model
+        name = model.name  # errors name the variant that was chosen
         started = time.perf_counter_ns()
         stats = model.stats
         try:
@@ -66,14 +100,21 @@ class DataPlane:
                 model.end()
             if model.relays:  # count it for the backend that served it
                 stats = model.served_stats()
+            rows = _batch_rows(inputs)
             if compute_ns is not None:
-                stats.record_execution(compute_ns)
+                stats.record_execution(compute_ns, rows)
         except SparseServeError as exc:
             # Counted against the route (model.stats): who failed is not the question.
             stats.record_failure(status_of(exc), time.perf_counter_ns() - started)
             raise
-        stats.record_success(time.perf_counter_ns() - started, _batch_rows(inputs), queue_ns)
-        return model, results
+        stats.record_success(time.perf_counter_ns() - started, rows, queue_ns)
+        answer = Answer(model, results)
+        plan = route.shadow
+        if plan is not None and self.shadows is not None and self._random() < plan.fraction:
+            targets = tuple(t for t in plan.targets if t[0] != model.variant)
+            if targets:
+                answer.shadow = ShadowJob(model, inputs, results, targets)
+        return answer
 
 
 def _batch_rows(inputs: Mapping[str, np.ndarray]) -> int:

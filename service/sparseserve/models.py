@@ -29,7 +29,13 @@ from sparseserve.errors import (
     OperationNotAllowed,
     SparseServeError,
 )
-from sparseserve.observability.metrics import LatencyHistogram
+from sparseserve.observability.memory import ResidentGrowth, directory_bytes
+from sparseserve.observability.metrics import (
+    LatencyHistogram,
+    ModelFootprint,
+    ValueHistogram,
+    batch_size_histogram,
+)
 from sparseserve.repository.manifest import VariantManifest
 from sparseserve.repository.store import Fingerprint, ModelRepository, ModelSource
 from sparseserve.scheduling.batcher import BatchingPolicy, DynamicBatcher
@@ -59,6 +65,7 @@ class InferenceStats:
     request_duration: LatencyHistogram = field(default_factory=LatencyHistogram)  # successes
     queue_duration: LatencyHistogram = field(default_factory=LatencyHistogram)  # batched ones
     compute_duration: LatencyHistogram = field(default_factory=LatencyHistogram)  # executions
+    batch_size: ValueHistogram = field(default_factory=batch_size_histogram)  # executions
     fail_ns: int = 0
     inference_count: int = 0
     execution_count: int = 0
@@ -75,9 +82,11 @@ class InferenceStats:
         self.inference_count += rows
         self.last_inference_ms = time.time_ns() // 1_000_000
 
-    def record_execution(self, compute_ns: int) -> None:
-        """One successful backend execution, of one request or of a batch of them."""
+    def record_execution(self, compute_ns: int, rows: int) -> None:
+        """One successful backend execution of `rows` samples, of one request or of a
+        batch of them."""
         self.compute_duration.observe(compute_ns)
+        self.batch_size.observe(rows)
         self.execution_count += 1
 
     def record_failure(self, code: str, request_ns: int) -> None:
@@ -125,6 +134,7 @@ class InferenceStats:
             total.request_duration.add(part.request_duration)
             total.queue_duration.add(part.queue_duration)
             total.compute_duration.add(part.compute_duration)
+            total.batch_size.add(part.batch_size)
             total.fail_ns += part.fail_ns
             total.inference_count += part.inference_count
             total.execution_count += part.execution_count
@@ -149,6 +159,7 @@ class LoadedModel:
     fingerprint: Fingerprint
     stats: InferenceStats = field(default_factory=InferenceStats)
     batcher: DynamicBatcher | None = None  # None: requests run one by one
+    footprint: ModelFootprint = field(default_factory=ModelFootprint)  # measured at load
     inflight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
     # By serving backend; replaced, never changed, so the metrics thread reads it safely.
@@ -174,9 +185,9 @@ class LoadedModel:
             return self.stats_of(SERVED_BY.get(self.backend.name))
         return self.stats
 
-    def record_execution(self, compute_ns: int) -> None:
+    def record_execution(self, compute_ns: int, rows: int) -> None:
         """A batch execution, in the task that ran it (the batcher's `on_execution`)."""
-        self.served_stats().record_execution(compute_ns)
+        self.served_stats().record_execution(compute_ns, rows)
 
     def total_stats(self) -> InferenceStats:
         """All its requests, whoever served them (Triton's per-model ModelStatistics)."""
@@ -279,6 +290,10 @@ class ModelRegistry:
         self._entries: dict[str, ModelEntry] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self._draining: set[LoadedModel] = set()
+        # One load at a time, so that each version's measured memory growth is its own.
+        self._load_lock = asyncio.Lock()
+        # Bumped whenever the set of serving versions changes (the router's family index).
+        self.generation = 0
 
     # -- the request path ---------------------------------------------------------------
 
@@ -317,6 +332,10 @@ class ModelRegistry:
         except SparseServeError:
             return False
         return True
+
+    def has_model(self, name: str) -> bool:
+        """Whether `name` is a model the registry knows (loaded or not), not a family."""
+        return name in self._entries
 
     def loaded(self) -> Iterator[LoadedModel]:
         """The versions that serve requests. Also called by the metrics thread: the copy
@@ -374,7 +393,7 @@ class ModelRegistry:
             source = self.repository.read(entry.name)
         except ModelNotFound:  # removed from disk: stop serving it
             retired = list(entry.ready.values())
-            entry.publish({})
+            self._publish(entry, {})
             await self._retire(entry, retired)
             raise
         except ModelLoadError as exc:
@@ -406,20 +425,23 @@ class ModelRegistry:
                 entry.loading.discard(version)
         keep = {v: m for v, m in entry.ready.items() if v in wanted and v not in fresh}
         retired = [m for v, m in entry.ready.items() if v not in keep]
-        entry.publish({**keep, **fresh})
+        self._publish(entry, {**keep, **fresh})
         await self._retire(entry, retired)
 
     async def _load_version(self, source: ModelSource, version: int) -> LoadedModel:
         started = time.perf_counter()
         files = ModelFiles(source.name, version, source.versions[version])
         fingerprint = source.fingerprint(version)
-        backend = await self.dispatcher.backend(files)
-        try:
-            signature = await backend.load()
-        except ModelLoadError:
-            raise
-        except SparseServeError as exc:  # e.g. warm-up rejected by the model itself
-            raise ModelLoadError(f"{files.path}: warm-up failed: {exc}") from exc
+        async with self._load_lock:
+            with ResidentGrowth() as growth:
+                backend = await self.dispatcher.backend(files)
+                try:
+                    signature = await backend.load()
+                except ModelLoadError:
+                    raise
+                except SparseServeError as exc:  # e.g. warm-up rejected by the model itself
+                    raise ModelLoadError(f"{files.path}: warm-up failed: {exc}") from exc
+        footprint = ModelFootprint(directory_bytes(files.path.parent), growth.bytes)
         try:
             policy = BatchingPolicy.for_model(
                 source.name, source.config, signature, self.settings.batching
@@ -439,12 +461,17 @@ class ModelRegistry:
             signature=signature,
             source=source,
             fingerprint=fingerprint,
+            footprint=footprint,
         )
         if policy is not None:
             # A dispatched model's executions count for who ran them (model.relays).
             on_execution = model.record_execution if model.relays else model.stats.record_execution
             model.batcher = DynamicBatcher(source.name, backend, policy, on_execution)
         return model
+
+    def _publish(self, entry: ModelEntry, ready: dict[int, LoadedModel]) -> None:
+        entry.publish(ready)
+        self.generation += 1
 
     async def _retire(self, entry: ModelEntry, models: list[LoadedModel]) -> None:
         """Unload models already taken out of the table, once their requests finished.
@@ -477,7 +504,7 @@ class ModelRegistry:
             raise ModelNotFound(f"model {name!r} is not loaded")
         async with entry.lock:
             retired = list(entry.ready.values())
-            entry.publish({})
+            self._publish(entry, {})
             self._entries.pop(name, None)
             await self._retire(entry, retired)
 

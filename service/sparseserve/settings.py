@@ -149,6 +149,34 @@ class TritonSettings(BaseModel):
     )
 
 
+class TrafficSettings(BaseModel):
+    """How requests that name a family are routed, and how shadow runs are bounded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy_file: Path | None = Field(
+        None,
+        description="YAML traffic policy (default variant, weighted split, shadow per "
+        "family; see docs/traffic.md), re-read when it changes. None: every family "
+        "resolves to its baseline and nothing is shadowed.",
+    )
+    reload_interval_seconds: float = Field(
+        2.0, gt=0, description="How often the policy file is checked for changes."
+    )
+    shadow_queue_size: int = Field(
+        64,
+        ge=1,
+        description="Shadow runs waiting at most; a request sampled for shadowing while "
+        "the queue is full is not shadowed (counted as outcome=dropped).",
+    )
+    shadow_concurrency: int = Field(
+        1,
+        ge=1,
+        description="Shadow runs executing at once, across all families: shadows use at "
+        "most this many of the server's inference slots, whatever the traffic.",
+    )
+
+
 class Settings(BaseSettings):
     """Everything `sparseserve serve` can be told."""
 
@@ -204,6 +232,7 @@ class Settings(BaseSettings):
         "Off: such requests fail with UNAVAILABLE, so GPU faults surface.",
     )
     triton: TritonSettings = Field(default_factory=TritonSettings)
+    traffic: TrafficSettings = Field(default_factory=TrafficSettings)
     assume_gpus: int | None = Field(
         None,
         ge=0,

@@ -30,9 +30,11 @@ class Executions:
     """What `on_execution` was told: one entry per backend execution."""
 
     compute_ns: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
 
-    def __call__(self, compute_ns: int) -> None:
+    def __call__(self, compute_ns: int, rows: int) -> None:
         self.compute_ns.append(compute_ns)
+        self.rows.append(rows)
 
 
 @asynccontextmanager

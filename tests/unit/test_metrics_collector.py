@@ -175,7 +175,7 @@ def test_a_scrape_that_races_requests_is_self_consistent(repository: Path) -> No
             def record() -> None:
                 for i in range(CODES_WHILE_SCRAPING):
                     stats.record_success(i * 997 % 50_000_000, rows=1)
-                    stats.record_execution(i * 991 % 1_000_000)
+                    stats.record_execution(i * 991 % 1_000_000, rows=1 + i % 7)
                     stats.record_failure(f"CODE_{i}", i)  # a new series each time
 
             writer = threading.Thread(target=record)

@@ -26,11 +26,12 @@ from tritonclient.grpc import service_pb2 as triton_service_pb2
 
 from sparseserve.protocol import grpc_service_pb2, model_config_pb2
 from sparseserve.protocol._pool import POOL
+from sparseserve.v1 import service_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTO_SRC = ROOT / "protos"
-PROTO_PKG = Path("sparseserve") / "protocol"
-COMMITTED = ROOT / "service" / PROTO_PKG
+# The v2 protocol (wire-compatible with Triton's) and sparseserve's own API.
+PROTO_PKGS = (Path("sparseserve") / "protocol", Path("sparseserve") / "v1")
 
 # The `protos` target in the Makefile post-processes the generated *_pb2.py with this sed
 # script; _apply_pool_rewrite() below is its Python twin. test_makefile_sed_unchanged
@@ -77,7 +78,9 @@ def test_generated_stubs_are_up_to_date(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     sources = sorted(
-        str(p.relative_to(tmp_path)) for p in (tmp_path / "protos" / PROTO_PKG).glob("*.proto")
+        str(p.relative_to(tmp_path))
+        for package in PROTO_PKGS
+        for p in (tmp_path / "protos" / package).glob("*.proto")
     )
     assert sources, "no .proto files found"
     # The same invocation as `make protos`, relative paths included: protoc records the
@@ -86,11 +89,19 @@ def test_generated_stubs_are_up_to_date(tmp_path: Path) -> None:
     protoc += ["--python_out=out", "--grpc_python_out=out", *sources]
     result = subprocess.run(protoc, cwd=tmp_path, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
-    for pb2 in (out / PROTO_PKG).glob("*_pb2.py"):
-        pb2.write_text(_apply_pool_rewrite(pb2.read_text()))
+    for package in PROTO_PKGS:
+        for pb2 in (out / package).glob("*_pb2.py"):
+            pb2.write_text(_apply_pool_rewrite(pb2.read_text()))
 
-    generated = {p.name: p.read_bytes() for p in (out / PROTO_PKG).glob("*_pb2*.py")}
-    committed = {p.name: p.read_bytes() for p in COMMITTED.glob("*_pb2*.py")}
+    def stubs(root: Path) -> dict[str, bytes]:
+        return {
+            str(p.relative_to(root)): p.read_bytes()
+            for package in PROTO_PKGS
+            for p in (root / package).glob("*_pb2*.py")
+        }
+
+    generated, committed = stubs(out), stubs(ROOT / "service")
+    assert {str(Path(name).parent) for name in generated} == {str(p) for p in PROTO_PKGS}
     assert sorted(committed) == sorted(generated), "generated file set differs; run `make protos`"
     stale = [name for name in sorted(generated) if generated[name] != committed[name]]
     assert not stale, f"{stale} out of date with protos/; run `make protos`"
@@ -99,6 +110,7 @@ def test_generated_stubs_are_up_to_date(tmp_path: Path) -> None:
 def test_stubs_use_private_pool() -> None:
     assert grpc_service_pb2.DESCRIPTOR.pool is POOL
     assert model_config_pb2.DESCRIPTOR.pool is POOL
+    assert service_pb2.DESCRIPTOR.pool is POOL
     assert triton_service_pb2.DESCRIPTOR.pool is descriptor_pool.Default()
     assert grpc_service_pb2.ModelInferRequest is not triton_service_pb2.ModelInferRequest
 

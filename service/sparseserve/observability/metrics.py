@@ -12,12 +12,14 @@ turns those numbers into the per-model series when the endpoint is scraped.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -43,6 +45,11 @@ LATENCY_BUCKETS = (
 _BOUNDS_NS = tuple(round(bound * 1e9) for bound in LATENCY_BUCKETS)
 # The `le` label of each bucket, written as prometheus_client writes it, then +Inf.
 _LE = (*(floatToGoString(bound) for bound in LATENCY_BUCKETS), "+Inf")
+# Rows per execution: powers of two up to 1024 (Triton's largest max_batch_size in use).
+BATCH_SIZE_BUCKETS = tuple(float(2**i) for i in range(11))
+# Shadow comparison: cosine similarity is interesting near 1; differences span decades.
+COSINE_BUCKETS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
+ABS_DIFF_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
 
 
 @dataclass(slots=True)
@@ -73,6 +80,69 @@ class LatencyHistogram:
         self.sum_ns += other.sum_ns
 
 
+class ValueHistogram:
+    """A histogram over fixed `bounds` (in base units) in plain ints, for one writer
+    thread; the counterpart of `LatencyHistogram` for batch sizes and shadow scores."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def observe_many(self, values: np.ndarray) -> None:
+        """Count every value of `values` at once."""
+        if not values.size:
+            return
+        found = np.bincount(
+            np.searchsorted(self.bounds, values, side="left"), minlength=len(self.counts)
+        )
+        self.counts = [a + int(b) for a, b in zip(self.counts, found, strict=True)]
+        self.total += float(values.sum())
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def add(self, other: ValueHistogram) -> None:
+        counts = other.counts.copy()
+        self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
+        self.total += other.total
+
+
+def batch_size_histogram() -> ValueHistogram:
+    return ValueHistogram(BATCH_SIZE_BUCKETS)
+
+
+@dataclass(slots=True)
+class ModelFootprint:
+    """What one loaded version costs, measured once at load (see `observability.memory`)."""
+
+    file_bytes: int = 0  # the version's files on disk
+    memory_bytes: int = 0  # resident memory growth across load and warm-up
+
+
+SHADOW_OUTCOMES = ("compared", "error", "dropped")
+
+
+@dataclass(slots=True)
+class ShadowStats:
+    """One (family, variant, baseline) comparison: shadow runs and how the outputs agree.
+    Written on the event loop by the shadow runner, read at scrape time."""
+
+    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SHADOW_OUTCOMES, 0))
+    compared_rows: int = 0
+    top1_agreements: int | None = None  # None: not a classifier, no top-1 series
+    cosine: ValueHistogram = field(default_factory=lambda: ValueHistogram(COSINE_BUCKETS))
+    max_abs_diff: ValueHistogram = field(default_factory=lambda: ValueHistogram(ABS_DIFF_BUCKETS))
+    created: float = field(default_factory=time.time)
+
+
 @dataclass(slots=True)
 class DispatchStats:
     """Who really ran the executions of a model dispatched to Triton, written by its
@@ -90,20 +160,23 @@ class DispatchStats:
 
 
 class Metrics:
-    """The server's metrics registry: the per-model series of `models`, requests refused
-    before reaching a model, and the process' CPU, memory and file descriptors."""
+    """The server's metrics registry: the per-model series of `models`, the shadow
+    comparisons of `shadow`, requests refused before reaching a model, and the process'
+    CPU, memory and file descriptors."""
 
     def __init__(
         self,
         models: ModelRegistry,
         registry: CollectorRegistry | None = None,
         hardware: HardwareReport | None = None,
+        shadow: Callable[[], Mapping[ShadowKey, ShadowStats]] | None = None,
     ):
         self.registry = registry or CollectorRegistry()
         if registry is None:
             # Process CPU/memory/fds on our registry too (the default one is not served).
             ProcessCollector(registry=self.registry)
         self.registry.register(ModelCollector(models))
+        self.registry.register(ShadowCollector(shadow or dict))
         # A plain Counter: only errors reach it, so its lock costs nothing that matters.
         self.unroutable = Counter(
             "sparseserve_unroutable_requests",
@@ -155,21 +228,27 @@ class ModelCollector(Collector):
 
     def describe(self) -> Iterator[Metric]:
         """The families without samples: lets the registry refuse a name clash."""
-        return iter(_ModelFamilies().all())
+        return iter(_ModelFamilies({}).all())
 
     def collect(self) -> Iterator[Metric]:
-        families = _ModelFamilies()
-        for model in self._models.loaded():
+        serving = list(self._models.loaded())
+        draining = self._models.draining()
+        # Model name -> variant, so that model_info names the baseline by its variant.
+        variants = {model.name: model.variant for model in serving}
+        families = _ModelFamilies(variants)
+        for model in serving:
             families.add(model, ready=True)
-        for model in self._models.draining():
+        for model in draining:
             families.add(model, ready=False)
+        families.add_backends(serving)
         return iter(families.all())
 
 
 class _ModelFamilies:
     """One scrape's per-model metric families: names, help texts and types."""
 
-    def __init__(self) -> None:
+    def __init__(self, variants: Mapping[str, str]) -> None:
+        self._variants = variants
         self.request_duration = HistogramMetricFamily(
             "sparseserve_request_duration_seconds",
             "Time from a decoded request to its result, per model, including queueing.",
@@ -184,6 +263,11 @@ class _ModelFamilies:
             "sparseserve_compute_duration_seconds",
             "Time the backend spent running the model for one execution (one request, or "
             "one batch of them for a batched model).",
+            labels=LABELS,
+        )
+        self.batch_size = HistogramMetricFamily(
+            "sparseserve_batch_size",
+            "Rows (samples of the batch dimension) per backend execution.",
             labels=LABELS,
         )
         self.requests = CounterMetricFamily(
@@ -205,6 +289,44 @@ class _ModelFamilies:
         self.ready = GaugeMetricFamily(
             "sparseserve_model_ready", "1 while the model version serves requests.", labels=LABELS
         )
+        self.info = GaugeMetricFamily(
+            "sparseserve_model_info",
+            "Always 1; from the variant's manifest: its family's baseline variant (empty "
+            "for the baseline itself), whether it is the baseline, how it was made and its "
+            "quantization.",
+            labels=(*LABELS, "baseline", "is_baseline", "method", "quantization"),
+        )
+        self.file_bytes = GaugeMetricFamily(
+            "sparseserve_model_file_bytes",
+            "Size of the version's files on disk (its version directory), measured at load.",
+            labels=LABELS,
+        )
+        self.parameters = GaugeMetricFamily(
+            "sparseserve_model_parameters",
+            "Weight parameters, from the variant's manifest (counted when the variant was "
+            "built); absent for a model without parameters in its manifest.",
+            labels=LABELS,
+        )
+        self.nonzero_parameters = GaugeMetricFamily(
+            "sparseserve_model_nonzero_parameters",
+            "Weight parameters that are not zero, from the variant's manifest (counted when "
+            "the variant was built); absent for a model without them in its manifest.",
+            labels=LABELS,
+        )
+        self.weight_sparsity = GaugeMetricFamily(
+            "sparseserve_model_weight_sparsity",
+            "Fraction of weight parameters that are zero, from the variant's manifest "
+            "(measured when the variant was built); absent for a model without it.",
+            labels=LABELS,
+        )
+        self.memory_bytes = GaugeMetricFamily(
+            "sparseserve_model_memory_bytes",
+            "Growth of the process' resident memory (RSS) across this version's load and "
+            "warm-up (onnxruntime session, weights, first-run arenas), measured once; loads "
+            "are serialised so that they do not blur each other. Requests served meanwhile "
+            "by other models may add to it; freed memory the allocator keeps is not counted.",
+            labels=LABELS,
+        )
         # Only for models dispatched to Triton, labelled with the route (backend="triton")
         # except backend_executions, which says who ran each execution (as the request
         # series do, which also count per serving backend).
@@ -223,12 +345,21 @@ class _ModelFamilies:
             "1 while a dispatched model's circuit breaker sends everything to onnxruntime.",
             labels=LABELS,
         )
+        self.backend_up = GaugeMetricFamily(
+            "sparseserve_backend_up",
+            "1 while a backend can serve: onnxruntime runs in this process and is always "
+            "1; triton (only while a model is dispatched to it) is 1 while at least one "
+            "dispatched model's circuit breaker is closed.",
+            labels=("backend",),
+        )
 
     def all(self) -> list[Metric]:
         return [
-            self.request_duration, self.queue_duration, self.compute_duration, self.requests,
-            self.inferences, self.executions, self.inflight, self.ready,
-            self.backend_executions, self.fallbacks, self.circuit_open,
+            self.request_duration, self.queue_duration, self.compute_duration,
+            self.batch_size, self.requests, self.inferences, self.executions, self.inflight,
+            self.ready, self.info, self.file_bytes, self.parameters,
+            self.nonzero_parameters, self.weight_sparsity, self.memory_bytes,
+            self.backend_executions, self.fallbacks, self.circuit_open, self.backend_up,
         ]  # fmt: skip
 
     def add(self, model: LoadedModel, ready: bool) -> None:
@@ -241,9 +372,10 @@ class _ModelFamilies:
         for backend, stats in model.served.items():
             served = (*labels[:-1], backend)
             created = stats.created
-            _add_histogram(self.request_duration, served, stats.request_duration, created)
-            _add_histogram(self.queue_duration, served, stats.queue_duration, created)
-            _add_histogram(self.compute_duration, served, stats.compute_duration, created)
+            _add_latency(self.request_duration, served, stats.request_duration, created)
+            _add_latency(self.queue_duration, served, stats.queue_duration, created)
+            _add_latency(self.compute_duration, served, stats.compute_duration, created)
+            _add_histogram(self.batch_size, LABELS, served, stats.batch_size, created)
             for code, count in stats.codes.copy().items():
                 self.requests.add_metric((*served, code), count, created=created)
             self.inferences.add_metric(served, stats.inference_count, created=created)
@@ -251,6 +383,7 @@ class _ModelFamilies:
         created = model.stats.created
         self.inflight.add_metric(labels, model.inflight)
         self.ready.add_metric(labels, 1 if ready else 0)
+        self._add_footprint(model, labels)
         dispatch = model.backend.dispatch_stats()
         if dispatch is not None:
             for backend, histogram in dispatch.compute.copy().items():
@@ -259,8 +392,109 @@ class _ModelFamilies:
             self.fallbacks.add_metric(labels, dispatch.fallbacks, created=created)
             self.circuit_open.add_metric(labels, 1 if dispatch.breaker_open else 0)
 
+    def _add_footprint(self, model: LoadedModel, labels: tuple[str, ...]) -> None:
+        """What the version is and costs: manifest facts and what was measured at load."""
+        manifest = model.manifest
+        baseline = manifest.baseline if manifest else None
+        self.info.add_metric(
+            (
+                *labels,
+                self._variants.get(baseline, baseline) if baseline else "",
+                "true" if baseline is None else "false",
+                manifest.method if manifest else "",
+                (manifest.quantization or "") if manifest else "",
+            ),
+            1,
+        )
+        self.file_bytes.add_metric(labels, model.footprint.file_bytes)
+        self.memory_bytes.add_metric(labels, model.footprint.memory_bytes)
+        if manifest is None:
+            return
+        if manifest.parameters is not None:
+            self.parameters.add_metric(labels, manifest.parameters)
+        if manifest.nonzero_parameters is not None:
+            self.nonzero_parameters.add_metric(labels, manifest.nonzero_parameters)
+        if manifest.sparsity is not None:
+            self.weight_sparsity.add_metric(labels, manifest.sparsity)
 
-def _add_histogram(
+    def add_backends(self, serving: Sequence[LoadedModel]) -> None:
+        self.backend_up.add_metric(("onnxruntime",), 1)
+        breakers = [
+            stats.breaker_open
+            for model in serving
+            if (stats := model.backend.dispatch_stats()) is not None
+        ]
+        if breakers:
+            self.backend_up.add_metric(("triton",), 0 if all(breakers) else 1)
+
+
+ShadowKey = tuple[str, str, str]  # (family, variant, baseline)
+SHADOW_LABELS = ("family", "variant", "baseline")
+
+
+class ShadowCollector(Collector):
+    """The shadow comparison series, per (family, variant, baseline), read at scrape
+    time from the shadow runner's plain-int `ShadowStats` (as `ModelCollector` does)."""
+
+    def __init__(self, stats: Callable[[], Mapping[ShadowKey, ShadowStats]]):
+        self._stats = stats
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(_ShadowFamilies().all())
+
+    def collect(self) -> Iterator[Metric]:
+        families = _ShadowFamilies()
+        for key, stats in dict(self._stats()).items():
+            families.add(key, stats)
+        return iter(families.all())
+
+
+class _ShadowFamilies:
+    def __init__(self) -> None:
+        self.runs = CounterMetricFamily(
+            "sparseserve_shadow_runs",
+            "Shadow runs of a variant beside the one that answered, by outcome: compared, "
+            "error (the shadow run or the comparison failed) or dropped (the shadow queue "
+            "was full).",
+            labels=(*SHADOW_LABELS, "outcome"),
+        )
+        self.rows = CounterMetricFamily(
+            "sparseserve_shadow_compared_rows",
+            "Rows (samples) whose outputs were compared between variant and baseline.",
+            labels=SHADOW_LABELS,
+        )
+        self.top1 = CounterMetricFamily(
+            "sparseserve_shadow_top1_agreements",
+            "Compared rows whose arg-max class is the same for variant and baseline "
+            "(classifiers: manifest task classification).",
+            labels=SHADOW_LABELS,
+        )
+        self.cosine = HistogramMetricFamily(
+            "sparseserve_shadow_cosine",
+            "Cosine similarity of each compared row's outputs, variant vs baseline.",
+            labels=SHADOW_LABELS,
+        )
+        self.max_abs_diff = HistogramMetricFamily(
+            "sparseserve_shadow_max_abs_diff",
+            "Largest absolute difference between each compared row's outputs, variant vs baseline.",
+            labels=SHADOW_LABELS,
+        )
+
+    def all(self) -> list[Metric]:
+        return [self.runs, self.rows, self.top1, self.cosine, self.max_abs_diff]
+
+    def add(self, key: ShadowKey, stats: ShadowStats) -> None:
+        created = stats.created
+        for outcome, count in stats.outcomes.copy().items():
+            self.runs.add_metric((*key, outcome), count, created=created)
+        self.rows.add_metric(key, stats.compared_rows, created=created)
+        if stats.top1_agreements is not None:
+            self.top1.add_metric(key, stats.top1_agreements, created=created)
+        _add_histogram(self.cosine, SHADOW_LABELS, key, stats.cosine, created)
+        _add_histogram(self.max_abs_diff, SHADOW_LABELS, key, stats.max_abs_diff, created)
+
+
+def _add_latency(
     family: HistogramMetricFamily,
     labels: Sequence[str],
     histogram: LatencyHistogram,
@@ -270,7 +504,26 @@ def _add_histogram(
     family.add_metric(
         labels, list(zip(_LE, accumulate(counts), strict=True)), histogram.sum_ns / 1e9
     )
+    _add_created(family, LABELS, labels, created)
+
+
+def _add_histogram(
+    family: HistogramMetricFamily,
+    names: Sequence[str],
+    labels: Sequence[str],
+    histogram: ValueHistogram,
+    created: float,
+) -> None:
+    counts = histogram.counts.copy()  # before summing: the event loop may add meanwhile
+    bounds = (*(floatToGoString(b) for b in histogram.bounds), "+Inf")
+    family.add_metric(labels, list(zip(bounds, accumulate(counts), strict=True)), histogram.total)
+    _add_created(family, names, labels, created)
+
+
+def _add_created(
+    family: HistogramMetricFamily, names: Sequence[str], labels: Sequence[str], created: float
+) -> None:
     # HistogramMetricFamily has no `created`; add the sample prometheus' Histogram writes.
     family.samples.append(
-        Sample(f"{family.name}_created", dict(zip(LABELS, labels, strict=True)), created)
+        Sample(f"{family.name}_created", dict(zip(names, labels, strict=True)), created)
     )

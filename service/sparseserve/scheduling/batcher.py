@@ -160,9 +160,9 @@ class DynamicBatcher:
         name: str,
         backend: Backend,
         policy: BatchingPolicy,
-        on_execution: Callable[[int], None],
+        on_execution: Callable[[int, int], None],
     ):
-        """`on_execution(compute_ns)` is called once per successful backend execution, in
+        """`on_execution(compute_ns, rows)` is called once per successful backend execution, in
         the task that ran it (so SERVED_BY says who ran it, for a backend that relays)."""
         self.name = name
         self.backend = backend
@@ -323,12 +323,12 @@ class DynamicBatcher:
             inputs = {
                 name: np.concatenate([r.inputs[name] for r in batch]) for name in first.inputs
             }
+        total = sum(r.rows for r in batch)
         compute_started = time.perf_counter_ns()
         outputs = await self.backend.infer(inputs, first.outputs)
-        self._on_execution(time.perf_counter_ns() - compute_started)
+        self._on_execution(time.perf_counter_ns() - compute_started, total)
         if len(batch) == 1:
             return [outputs]
-        total = sum(r.rows for r in batch)
         for name, array in outputs.items():
             if array.ndim == 0 or array.shape[0] != total:
                 raise InferenceFailed(

@@ -29,14 +29,21 @@ from sparseserve.observability.metrics import Metrics
 from sparseserve.protocol import grpc_service_pb2, grpc_service_pb2_grpc
 from sparseserve.protocol._pool import POOL
 from sparseserve.repository.store import ModelRepository
+from sparseserve.routing.router import Router
+from sparseserve.routing.shadow import ShadowRunner
+from sparseserve.routing.traffic import PolicyFile
 from sparseserve.server.errors import ErrorInterceptor
 from sparseserve.server.metrics_http import start_metrics_server
+from sparseserve.server.predict_servicer import PredictServicer
 from sparseserve.server.v2_servicer import V2Servicer
 from sparseserve.settings import ModelControl, Settings
+from sparseserve.v1 import service_pb2, service_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 V2_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+V1_SERVICE = service_pb2.DESCRIPTOR.services_by_name["SparseServe"].full_name
+SERVICES = ("", V2_SERVICE, V1_SERVICE)  # what the health service reports on
 
 
 class SparseServeServer:
@@ -54,12 +61,26 @@ class SparseServeServer:
             self._executor,
             Dispatcher(settings, self.hardware, self._executor),
         )
-        self.metrics = Metrics(self.registry, hardware=self.hardware)
-        self.dataplane = DataPlane(self.registry, self.metrics, settings.max_inflight_per_model)
+        traffic = settings.traffic
+        self.router = Router(self.registry, PolicyFile(traffic.policy_file))
+        self.shadows = ShadowRunner(
+            self.registry, traffic.shadow_queue_size, traffic.shadow_concurrency
+        )
+        self.metrics = Metrics(
+            self.registry, hardware=self.hardware, shadow=lambda: self.shadows.stats
+        )
+        self.dataplane = DataPlane(
+            self.registry,
+            self.metrics,
+            settings.max_inflight_per_model,
+            router=self.router,
+            shadows=self.shadows,
+        )
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._metrics_server: WSGIServer | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._policy_watcher: asyncio.Task[None] | None = None
         self._ready = False
         self.grpc_port = 0
         self.metrics_port: int | None = None
@@ -84,13 +105,16 @@ class SparseServeServer:
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             V2Servicer(self.dataplane, self.registry, lambda: self._ready), server
         )
+        service_pb2_grpc.add_SparseServeServicer_to_server(
+            PredictServicer(self.dataplane, self.registry, self.router), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         _add_reflection(server)
         address = f"{_bind_host(settings.host)}:{settings.grpc_port}"
         self.grpc_port = server.add_insecure_port(address)
         if self.grpc_port == 0:
             raise OSError(f"cannot bind the gRPC port {address}")
-        for service in ("", V2_SERVICE):
+        for service in SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
@@ -115,7 +139,10 @@ class SparseServeServer:
         await self.registry.load_startup_models()
         if settings.model_control is ModelControl.poll:
             self._poller = asyncio.create_task(self._poll_forever())
-        for service in ("", V2_SERVICE):
+        self.shadows.start()
+        if settings.traffic.policy_file is not None:
+            self._policy_watcher = asyncio.create_task(self._watch_policy())
+        for service in SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._ready = True
         log.info("sparseserve ready: %d model versions loaded", len(list(self.registry.loaded())))
@@ -128,6 +155,16 @@ class SparseServeServer:
             except Exception:  # a bad pass must not end polling
                 log.exception("repository poll failed")
 
+    async def _watch_policy(self) -> None:
+        """Hot reload: apply the policy file whenever it changes (a bad file is logged
+        and leaves the policy in force as it was)."""
+        while True:
+            await asyncio.sleep(self.settings.traffic.reload_interval_seconds)
+            try:
+                self.router.policy.refresh()
+            except Exception:  # a bad pass must not end watching
+                log.exception("traffic policy check failed")
+
     async def stop(self) -> None:
         """Drain and stop; safe to call more than once."""
         if self._server is None:
@@ -135,14 +172,16 @@ class SparseServeServer:
         self._ready = False
         # NOT_SERVING first, so load balancers stop sending before the port closes.
         await self._health.enter_graceful_shutdown()
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+        for task in (self._poller, self._policy_watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         grace = self.settings.shutdown_grace_seconds
         log.info("sparseserve stopping: up to %.1fs for in-flight requests", grace)
         await self._server.stop(grace)
         self._server = None
+        await self.shadows.stop()
         await self.registry.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
@@ -162,7 +201,7 @@ def _add_reflection(server: grpc.aio.Server) -> None:
     for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
         with contextlib.suppress(TypeError):  # already added by an earlier server
             POOL.AddSerializedFile(descriptor.serialized_pb)
-    names = (V2_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    names = (V2_SERVICE, V1_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server, pool=POOL)
 
 

@@ -1,5 +1,12 @@
 """The Open Inference Protocol (KServe v2 / Triton) over gRPC: decode, call the
-DataPlane, encode. No logic lives here; errors are raised and mapped by the interceptor."""
+DataPlane, encode. No logic lives here; errors are raised and mapped by the interceptor.
+
+A family name works wherever a model name does, so that v2 clients can call a family:
+ModelInfer runs the variant the traffic policy picks and answers with that variant's
+`model_name` and `model_version`; ModelMetadata, ModelConfig and ModelReady describe the
+variant the family goes to without a random split draw (its default, the heaviest
+variant of its split, or its baseline); ModelStatistics reports every loaded variant of
+the family. Repository calls (index, load, unload) take model names only."""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ from functools import partial
 from sparseserve import __version__, codec
 from sparseserve.backends.base import TensorSpec
 from sparseserve.backends.triton_export import describe_tensors
-from sparseserve.dataplane import DataPlane
+from sparseserve.dataplane import Answer, DataPlane
 from sparseserve.errors import InvalidInput, SparseServeError
 from sparseserve.models import LoadedModel, ModelRegistry
 from sparseserve.protocol import grpc_service_pb2 as pb
@@ -24,6 +31,8 @@ SERVER_NAME = "sparseserve"
 # Requests of one ModelStreamInfer stream running or answered-but-unsent at once.
 STREAM_WINDOW = 256
 EXTENSIONS = ("model_repository", "model_configuration", "statistics")
+# A stream's answer, and what to hand to the data plane once it is written.
+StreamAnswer = tuple[pb.ModelStreamInferResponse, Answer | None]
 
 
 class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -41,7 +50,11 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self._is_ready())
 
     async def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(ready=self._registry.is_ready(request.name, request.version))
+        try:
+            self._dataplane.model(request.name, request.version)
+        except SparseServeError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(
@@ -64,10 +77,12 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=_model_config(model))
 
     async def ModelStatistics(self, request, context):
+        # A family name (that is no model name) stands for all its loaded variants.
+        by_family = bool(request.name) and not self._registry.has_model(request.name)
         models = [
             m
             for m in self._registry.loaded()
-            if (not request.name or m.name == request.name)
+            if (not request.name or (m.family if by_family else m.name) == request.name)
             and (not request.version or m.version_label == request.version)
         ]
         if request.name and not models:
@@ -78,13 +93,17 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- inference --------------------------------------------------------------------
 
     async def ModelInfer(self, request, context):
-        return await self._infer(request)
+        response, answer = await self._infer(request)
+        if answer.shadow is not None:
+            # Shadow runs start once the answer has been sent, never before.
+            context.add_done_callback(lambda _: self._dataplane.after_sent(answer))
+        return response
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Many requests on one stream: each runs as soon as it arrives (concurrently with
         the others) and the answers go back in the order of the requests. A failed
         request is answered with its `error_message`; the stream goes on."""
-        pending: asyncio.Queue[asyncio.Future | None] = asyncio.Queue(STREAM_WINDOW)
+        pending: asyncio.Queue[asyncio.Future[StreamAnswer] | None] = asyncio.Queue(STREAM_WINDOW)
 
         async def read() -> None:
             try:
@@ -97,35 +116,41 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         reader = asyncio.create_task(read())
         try:
             while (answer := await pending.get()) is not None:
-                yield await answer
+                response, sent = await answer
+                yield response
+                if sent is not None:  # written to the stream: its shadow runs may start
+                    self._dataplane.after_sent(sent)
         finally:
             reader.cancel()
             while not pending.empty():
                 if (answer := pending.get_nowait()) is not None:
                     answer.cancel()
 
-    async def _stream_answer(self, request) -> pb.ModelStreamInferResponse:
+    async def _stream_answer(self, request) -> StreamAnswer:
         try:
-            return pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+            response, answer = await self._infer(request)
+            return pb.ModelStreamInferResponse(infer_response=response), answer
         except SparseServeError as exc:
-            return pb.ModelStreamInferResponse(error_message=str(exc))
+            return pb.ModelStreamInferResponse(error_message=str(exc)), None
         except Exception as exc:
             log.exception("unexpected error in ModelStreamInfer")
-            return pb.ModelStreamInferResponse(error_message=f"internal error: {exc}")
+            return pb.ModelStreamInferResponse(error_message=f"internal error: {exc}"), None
 
-    async def _infer(self, request) -> pb.ModelInferResponse:
+    async def _infer(self, request) -> tuple[pb.ModelInferResponse, Answer]:
         requested = [output.name for output in request.outputs]
-        model, outputs = await self._dataplane.infer(
+        answer = await self._dataplane.infer(
             request.model_name,
             request.model_version,
             partial(codec.decode_inputs, request),
             requested,
         )
+        model = answer.model
+        # The variant that answered, also when the request named its family.
         response = pb.ModelInferResponse(
             model_name=model.name, model_version=model.version_label, id=request.id
         )
-        codec.encode_outputs(response, outputs)
-        return response
+        codec.encode_outputs(response, answer.outputs)
+        return response, answer
 
     # -- repository -------------------------------------------------------------------
 

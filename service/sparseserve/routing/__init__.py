@@ -1,0 +1,1 @@
+"""Families, the traffic policy that routes them, and shadow traffic."""

@@ -1,0 +1,184 @@
+"""sparseserve's own gRPC API (`sparseserve.v1.SparseServe`): families and variants.
+
+A thin adapter like the v2 servicer: Predict decodes named tensors, calls the same
+DataPlane (routing, validation, metrics, shadow sampling) and encodes the answer with
+the variant that gave it; errors are raised and mapped by the same interceptor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+
+import numpy as np
+
+from sparseserve import codec
+from sparseserve.dataplane import DataPlane
+from sparseserve.errors import ModelNotFound, SparseServeError
+from sparseserve.models import IndexEntry, LoadedModel, ModelRegistry, ModelState
+from sparseserve.repository.manifest import VariantManifest
+from sparseserve.routing.router import Family, Router
+from sparseserve.v1 import service_pb2 as pb
+from sparseserve.v1 import service_pb2_grpc as pb_grpc
+
+
+class PredictServicer(pb_grpc.SparseServeServicer):
+    def __init__(self, dataplane: DataPlane, registry: ModelRegistry, router: Router):
+        self._dataplane = dataplane
+        self._registry = registry
+        self._router = router
+
+    async def Predict(self, request, context):
+        answer = await self._dataplane.infer(
+            request.name,
+            request.version,
+            partial(decode_tensors, request.inputs),
+            list(request.outputs),
+        )
+        model = answer.model
+        response = pb.PredictResponse(
+            model=model.name,
+            version=model.version_label,
+            family=model.family,
+            variant=model.variant,
+            id=request.id,
+        )
+        for name, array in answer.outputs.items():
+            dtype, raw = codec.encode_raw(array)
+            tensor = response.outputs[name]
+            tensor.datatype, tensor.data = dtype.name, raw
+            tensor.shape.extend(array.shape)
+        if answer.shadow is not None:
+            # Shadow runs start once the answer has been sent, never before.
+            context.add_done_callback(lambda _: self._dataplane.after_sent(answer))
+        return response
+
+    async def ListVariants(self, request, context):
+        variants = [self._variant(name, rows) for name, rows in _by_model(self._registry.index())]
+        if request.family:
+            families = sorted({v.family for v in variants})
+            if request.family not in families:
+                raise ModelNotFound(
+                    f"unknown family {request.family!r}; families: {', '.join(families) or 'none'}"
+                )
+            variants = [v for v in variants if v.family == request.family]
+        return pb.ListVariantsResponse(variants=variants)
+
+    def _variant(self, name: str, rows: list[IndexEntry]) -> pb.Variant:
+        ready = [row.version for row in rows if row.state is ModelState.READY]
+        states = {row.state for row in rows}
+        state = (
+            ModelState.READY if ready
+            else ModelState.LOADING if ModelState.LOADING in states
+            else ModelState.UNAVAILABLE
+        )  # fmt: skip
+        variant = pb.Variant(
+            model=name,
+            state=state.value,
+            reason="; ".join(r.reason for r in rows if r.reason),
+            ready_versions=ready,
+        )
+        model: LoadedModel | None = None
+        if ready:
+            model = self._registry.get(name)
+            manifest = model.manifest
+            variant.backend = model.backend.name
+            variant.file_bytes = model.footprint.file_bytes
+            variant.memory_bytes = model.footprint.memory_bytes
+            variant.inflight_requests = model.inflight
+        else:
+            manifest = self._manifest_on_disk(name, variant)
+        _describe(variant, name, manifest)
+        return variant
+
+    def _manifest_on_disk(self, name: str, variant: pb.Variant) -> VariantManifest | None:
+        """A model that does not serve: what its manifest says, if it can be read."""
+        try:
+            return self._registry.repository.read(name).manifest
+        except SparseServeError as exc:
+            if not variant.reason:
+                variant.reason = str(exc)
+            return None
+
+    async def GetTrafficPolicy(self, request, context):
+        state = self._router.policy.state
+        families = self._router.families()
+        if request.family and request.family not in families:
+            raise ModelNotFound(
+                f"unknown family {request.family!r}; families: "
+                f"{', '.join(sorted(families)) or 'none'}"
+            )
+        names = [request.family] if request.family else sorted(families)
+        return pb.GetTrafficPolicyResponse(
+            source=str(state.source) if state.source else "",
+            loaded_at=state.loaded_at,
+            error=state.error,
+            policy_yaml=state.policy.to_yaml(),
+            families=[_family_route(families[name]) for name in names],
+        )
+
+
+def decode_tensors(tensors: Mapping[str, pb.Tensor]) -> dict[str, np.ndarray]:
+    """Predict's named tensors -> arrays, checking the wire format only (the model's own
+    expectations are checked by the DataPlane)."""
+    arrays = {}
+    for name, tensor in tensors.items():
+        shape = codec.validate_shape(name, tensor.shape)
+        arrays[name] = codec.decode_raw(name, codec.datatype(tensor.datatype), shape, tensor.data)
+    return arrays
+
+
+def _by_model(rows: list[IndexEntry]) -> list[tuple[str, list[IndexEntry]]]:
+    grouped: dict[str, list[IndexEntry]] = {}
+    for row in rows:
+        grouped.setdefault(row.name, []).append(row)
+    return list(grouped.items())
+
+
+def _describe(variant: pb.Variant, name: str, manifest: VariantManifest | None) -> None:
+    """The manifest's summary; a model without one is its own family, variant default."""
+    if manifest is None:
+        variant.family, variant.variant, variant.is_baseline = name, "default", True
+        return
+    variant.has_manifest = True
+    variant.family, variant.variant = manifest.family, manifest.variant
+    variant.baseline = manifest.baseline or ""
+    variant.is_baseline = manifest.is_baseline
+    variant.task, variant.method = manifest.task.value, manifest.method
+    variant.quantization = manifest.quantization or ""
+    variant.description = manifest.description
+    if manifest.parameters is not None:
+        variant.parameters = manifest.parameters
+    if manifest.nonzero_parameters is not None:
+        variant.nonzero_parameters = manifest.nonzero_parameters
+    if manifest.sparsity is not None:
+        variant.sparsity = manifest.sparsity
+    for quality in manifest.quality:
+        entry = variant.quality.add(
+            metric=quality.metric,
+            value=quality.value,
+            dataset=quality.dataset,
+            samples=quality.samples,
+        )
+        if quality.baseline_value is not None:
+            entry.baseline_value = quality.baseline_value
+
+
+def _family_route(family: Family) -> pb.FamilyRoute:
+    route = pb.FamilyRoute(
+        family=family.name,
+        baseline=family.baseline or "",
+        loaded_variants=sorted(family.variants),
+        problems=family.problems,
+    )
+    policy = family.policy
+    if policy is not None:
+        route.default = policy.default or ""
+        route.split.update(policy.split or {})
+        if policy.shadow is not None:
+            route.shadow.variants.extend(policy.shadow.variants)
+            route.shadow.fraction = policy.shadow.fraction
+    variant = family.default_variant()
+    if variant is not None and variant in family.variants:
+        route.resolves_to, route.model = variant, family.variants[variant]
+    return route
