@@ -45,13 +45,19 @@ def _save(graph: onnx.GraphProto, path: Path) -> Path:
     return path
 
 
-def mlp(path: Path, sizes: Sequence[int] = (64, 256, 256, 10), seed: int = 0) -> Path:
-    """Dense ReLU MLP: input "input" FP32 [batch, sizes[0]] -> output "output"."""
+def mlp(
+    path: Path, sizes: Sequence[int] = (64, 256, 256, 10), seed: int = 0, sparsity: float = 0.0
+) -> Path:
+    """Dense ReLU MLP: input "input" FP32 [batch, sizes[0]] -> output "output".
+    `sparsity` > 0: that fraction of each weight matrix, the smallest in magnitude, is
+    zero (a magnitude-pruned variant of the same seed's dense model)."""
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     current = "input"
     for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
         w = (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
+        if sparsity > 0:
+            w[np.abs(w) < np.quantile(np.abs(w), sparsity)] = 0.0
         b = (rng.standard_normal(fan_out) * 0.01).astype(np.float32)
         inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
         last = i == len(sizes) - 2
@@ -151,5 +157,22 @@ def lookup(path: Path, table: Sequence[float] = (10.0, 20.0, 30.0, 40.0)) -> Pat
         [helper.make_tensor_value_info("index", TensorProto.INT64, ["batch"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch"])],
         [numpy_helper.from_array(np.asarray(table, dtype=np.float32), "table")],
+    )
+    return _save(graph, path)
+
+
+def failing(path: Path, width: int = 64) -> Path:
+    """Loads and warms up (on zeros), then fails at run time on inputs >= 1: "input" FP32
+    [batch, width] is cast to indices into a one-entry table (output "output", same
+    shape), so any element of 1 or more is an index out of range."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["input"], ["index"], to=TensorProto.INT64),
+            helper.make_node("Gather", ["table", "index"], ["output"], axis=0),
+        ],
+        "failing",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", width])],
+        [numpy_helper.from_array(np.zeros(1, dtype=np.float32), "table")],
     )
     return _save(graph, path)
