@@ -182,8 +182,8 @@ def compare(
         if _rows(a) != rows:
             raise InvalidInput(f"output {name!r} has {_rows(a)} rows, the first output {rows}")
         numeric.append(name)
-        left.append(a.reshape(rows, -1).astype(np.float64))
-        right.append(b.reshape(rows, -1).astype(np.float64))
+        left.append(_per_row(a, rows).astype(np.float64))
+        right.append(_per_row(b, rows).astype(np.float64))
     if not left:
         raise InvalidInput("no numeric output to compare")
     if rows == 0:
@@ -202,10 +202,15 @@ def compare(
     top1 = None
     if classifier:
         first = numeric[0]
-        scores_a = np.asarray(answer[first]).reshape(rows, -1)
-        scores_b = np.asarray(shadow[first]).reshape(rows, -1)
+        scores_a = _per_row(np.asarray(answer[first]), rows)
+        scores_b = _per_row(np.asarray(shadow[first]), rows)
         top1 = int((scores_a.argmax(axis=1) == scores_b.argmax(axis=1)).sum())
     return Comparison(rows, cosine, diff, top1)
+
+
+def _per_row(array: np.ndarray, rows: int) -> np.ndarray:
+    """`array` as `rows` flat rows (reshape(rows, -1) cannot infer a width for 0 rows)."""
+    return array.reshape(rows, int(np.prod(array.shape[1:])) if array.ndim else 1)
 
 
 def _rows(array: np.ndarray) -> int:
