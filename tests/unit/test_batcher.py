@@ -87,17 +87,18 @@ def test_concurrent_requests_share_executions_and_get_their_own_rows(
 
 
 def test_max_batch_size_caps_rows_per_execution(tmp_path: Path) -> None:
-    """10 requests of 3 rows with max_batch_size 7: executions of 2 requests (6 rows)."""
+    """10 requests of 3 rows with max_batch_size 7: executions of 2 requests (6 rows),
+    each reported with its rows (the batch-size histogram's input)."""
     path = onnx_models.add_constant(tmp_path / "add.onnx", 1.0)
     policy = BatchingPolicy(max_batch_size=7, max_queue_delay_us=0)
 
-    async def main() -> int:
+    async def main() -> list[int]:
         async with batcher_for(path, policy) as (batcher, _, executions):
             x = np.zeros((3, 4), np.float32)
             await asyncio.gather(*(batcher.infer({"x": x}, ["y"]) for _ in range(10)))
-            return len(executions.compute_ns)
+            return executions.rows
 
-    assert asyncio.run(main()) == 5
+    assert asyncio.run(main()) == [6] * 5
 
 
 def test_requests_of_different_shapes_are_never_mixed(tmp_path: Path) -> None:

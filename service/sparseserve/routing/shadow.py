@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -189,28 +190,33 @@ def compare(
     if rows == 0:
         empty = np.zeros(0)
         return Comparison(0, empty, empty, 0 if classifier else None)
-    a, b = np.concatenate(left, axis=1), np.concatenate(right, axis=1)
+    # Few numpy calls on the common path: a shadow's comparison runs on the event loop,
+    # and for small outputs each call costs more than its arithmetic.
+    a = left[0] if len(left) == 1 else np.concatenate(left, axis=1)
+    b = right[0] if len(right) == 1 else np.concatenate(right, axis=1)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        cosine = np.where(norms > 0, (a * b).sum(axis=1) / norms, 0.0)
-        # Two all-zero rows are the same answer.
-        both_zero = ~a.any(axis=1) & ~b.any(axis=1)
-        cosine = np.where(both_zero, 1.0, cosine)
-        cosine = np.where(np.isfinite(cosine), np.clip(cosine, -1.0, 1.0), 0.0)
+        dot = np.einsum("ij,ij->i", a, b)
+        norms = np.sqrt(np.einsum("ij,ij->i", a, a) * np.einsum("ij,ij->i", b, b))
+        cosine = dot / norms
         diff = np.abs(a - b).max(axis=1) if a.shape[1] else np.zeros(rows)
+    if not np.isfinite(cosine).all():  # zero or non-finite rows: rare, done row-wise
+        both_zero = ~a.any(axis=1) & ~b.any(axis=1)  # two all-zero rows: the same answer
+        cosine = np.where(both_zero, 1.0, np.where(np.isfinite(cosine), cosine, 0.0))
         diff = np.where(np.isnan(diff), np.inf, diff)
+    # Rounding may step past +-1 (np.clip costs more than these two).
+    np.minimum(np.maximum(cosine, -1.0, out=cosine), 1.0, out=cosine)
     top1 = None
     if classifier:
         first = numeric[0]
         scores_a = _per_row(np.asarray(answer[first]), rows)
         scores_b = _per_row(np.asarray(shadow[first]), rows)
-        top1 = int((scores_a.argmax(axis=1) == scores_b.argmax(axis=1)).sum())
+        top1 = int(np.count_nonzero(scores_a.argmax(axis=1) == scores_b.argmax(axis=1)))
     return Comparison(rows, cosine, diff, top1)
 
 
 def _per_row(array: np.ndarray, rows: int) -> np.ndarray:
     """`array` as `rows` flat rows (reshape(rows, -1) cannot infer a width for 0 rows)."""
-    return array.reshape(rows, int(np.prod(array.shape[1:])) if array.ndim else 1)
+    return array.reshape(rows, math.prod(array.shape[1:]) if array.ndim else 1)
 
 
 def _rows(array: np.ndarray) -> int:
