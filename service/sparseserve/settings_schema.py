@@ -26,7 +26,9 @@ from sparseserve.settings import Settings
 # who sets them in `config` is told where they belong by the schema's refusal.
 CHART_OWNED = ("repository", "host", "grpc_port", "metrics_port", "shutdown_grace_seconds")
 ROOT = "ServerSettings"
-GENERATED = "generated from sparseserve.settings.Settings by `python -m sparseserve.settings_schema`"
+GENERATED = (
+    "generated from sparseserve.settings.Settings by `python -m sparseserve.settings_schema`"
+)
 
 
 def _strip_titles(node: Any) -> Any:
