@@ -49,6 +49,7 @@ EVERYTHING_ON: dict[str, Any] = {
     "triton": {"enabled": True},
     "grafanaDashboard": {"enabled": True},
     "trafficPolicies": {"families": {"digits-mlp": {"default": "dense"}}},
+    "service": {"headless": True},
 }
 CASES = {path.name: values_of(path) for path in VALUES_FILES} | {"everything-on": EVERYTHING_ON}
 
@@ -155,6 +156,19 @@ def test_pod_runs_as_the_images_non_root_user(case) -> None:
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert "/tmp" in {m["mountPath"] for m in container["volumeMounts"]}
     assert pod["automountServiceAccountToken"] is False
+
+
+def test_headless_service_lists_the_server_pods() -> None:
+    documents = render(EVERYTHING_ON)
+    settings = server_config(documents)
+    headless = component(documents, "Service", "server-headless")
+    assert headless["spec"]["clusterIP"] == "None"
+    assert (
+        headless["spec"]["selector"]
+        == component(documents, "Service", "server")["spec"]["selector"]
+    )
+    assert [p["port"] for p in headless["spec"]["ports"]] == [settings.grpc_port]
+    assert len(of_kind(render(), "Service")) == 1  # off by default
 
 
 def test_service_exposes_named_grpc_and_metrics_ports(case) -> None:
