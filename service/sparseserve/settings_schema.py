@@ -34,7 +34,12 @@ GENERATED = (
 def _strip_titles(node: Any) -> Any:
     """pydantic's titles repeat the field names; leave descriptions, bounds and enums."""
     if isinstance(node, dict):
-        return {k: _strip_titles(v) for k, v in node.items() if k != "title"}
+        # A string: a *setting* called "title" would be a mapping, and stays.
+        return {
+            k: _strip_titles(v)
+            for k, v in node.items()
+            if not (k == "title" and isinstance(v, str))
+        }
     if isinstance(node, list):
         return [_strip_titles(v) for v in node]
     return node

@@ -42,6 +42,15 @@ def test_lint_reports_a_broken_template(tmp_path: Path) -> None:
     assert any(m["severity"] > WARNING for m in report["messages"]) or report["errors"]
 
 
+def test_lint_applies_the_values_it_is_given() -> None:
+    """The lint above really lints each values file: bad values make it fail. (Helm's
+    lint mode lets `required` and `fail` pass, as the helm CLI does; the render tests
+    check those, as an install meets them.)"""
+    report = helm.lint(CHART, {"models": {"source": "s3"}}, strict=True)
+    errors = [m["error"] for m in report["messages"] if m["severity"] > WARNING]
+    assert any("/models/source" in e for e in errors), report
+
+
 @pytest.mark.parametrize("values_file", VALUES_FILES, ids=lambda p: p.name)
 def test_values_file_passes_the_schema(values_file: Path) -> None:
     with helm.Chart.load(CHART) as chart:
