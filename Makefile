@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_REPOSITORY ?= demo-models
 
-.PHONY: help venv demo test test-fast protos check-protos lint bench clean
+.PHONY: help venv demo test test-fast protos check-protos helm-schema lint bench clean
 
 help:
 	@echo "make demo    build demo models + sparse variants, serve them, query them, compare"
@@ -14,6 +14,7 @@ help:
 	@echo "make bench   server overhead benchmark (writes bench/results/)"
 	@echo "make protos  regenerate the gRPC stubs from protos/"
 	@echo "make lint    ruff (the generated stubs are checked by a test)"
+	@echo "make helm-schema  regenerate the chart's settings schema from the server's settings"
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -50,6 +51,11 @@ protos: $(STAMP)
 
 check-protos: protos
 	git diff --exit-code -- $(PROTO_OUT)/sparseserve/protocol $(PROTO_OUT)/sparseserve/v1
+
+# The `config` part of the chart's values.schema.json is generated from the server's
+# Settings (a test checks it is current).
+helm-schema: $(STAMP)
+	$(BIN)/python -m sparseserve.settings_schema helm/sparseserve/values.schema.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check service tests bench

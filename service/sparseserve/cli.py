@@ -139,6 +139,46 @@ def _hardware(args: argparse.Namespace) -> int:
     return 0
 
 
+def _health_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "health",
+        help="exit 0 if a running server's gRPC health service says SERVING (for HEALTHCHECKs)",
+        description="Ask the standard grpc.health.v1.Health service of a running server. "
+        "Exit 0 when it answers SERVING, 1 otherwise. The address defaults to 127.0.0.1 "
+        "on the gRPC port of the settings (--config, SPARSESERVE_* environment), so the "
+        "same command works in any container whatever its port.",
+    )
+    p.add_argument("--config", type=Path, help="YAML settings file the server was started with")
+    p.add_argument("--address", help="host:port to ask (default: 127.0.0.1:<grpc_port>)")
+    p.add_argument(
+        "--service",
+        default="",
+        help="service to ask about: '' (default) is the whole server, "
+        "'inference.GRPCInferenceService' the inference API",
+    )
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
+
+
+def _health(args: argparse.Namespace) -> int:
+    from sparseserve.server.health_check import SERVING, HealthCheckError, check_health
+    from sparseserve.settings import Settings
+
+    address = args.address
+    if address is None:
+        try:
+            address = f"127.0.0.1:{Settings.load(args.config).grpc_port}"
+        except (ValueError, OSError, yaml.YAMLError) as exc:
+            print(f"sparseserve: invalid configuration: {exc}", file=sys.stderr)
+            return 2
+    try:
+        status = check_health(address, args.service, args.timeout)
+    except HealthCheckError as exc:
+        print(f"sparseserve health: {exc}", file=sys.stderr)
+        return 1
+    print(f"{address} {args.service or '(server)'}: {status}")
+    return 0 if status == SERVING else 1
+
+
 def _export_triton_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export-triton",
@@ -178,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _serve_parser(sub)
     _hardware_parser(sub)
     _export_triton_parser(sub)
+    _health_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
@@ -185,5 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _hardware(args)
     if args.command == "export-triton":
         return _export_triton(args)
+    if args.command == "health":
+        return _health(args)
     parser.error(f"unknown command {args.command}")
     return 2

@@ -1,0 +1,132 @@
+{{/* The chart's name, or nameOverride. */}}
+{{- define "sparseserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Release-qualified name: two releases (dense, sparse) never share objects. */}}
+{{- define "sparseserve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "sparseserve.tritonName" -}}
+{{- printf "%s-triton" (include "sparseserve.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "sparseserve.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every object. Call with (dict "ctx" $ "component" "server"). */}}
+{{- define "sparseserve.labels" -}}
+helm.sh/chart: {{ include "sparseserve.chart" .ctx }}
+{{ include "sparseserve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+{{- end }}
+
+{{/* The immutable selector. app.kubernetes.io/instance (the release name) is what the
+monitors relabel into the Prometheus target label `deployment`. */}}
+{{- define "sparseserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "sparseserve.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "sparseserve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "sparseserve.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "sparseserve.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* The gRPC service whose health readiness asks for: the server's inference API
+(sparseserve.server.app.V2_SERVICE), SERVING once the startup models are loaded. */}}
+{{- define "sparseserve.readinessService" -}}
+inference.GRPCInferenceService
+{{- end }}
+
+{{/* Where the ConfigMap is mounted: a directory, never a subPath, so that the kubelet
+updates the traffic policy file in place and the server's hot reload sees it. */}}
+{{- define "sparseserve.configDir" -}}
+/etc/sparseserve
+{{- end }}
+
+{{/* The server's settings file: the user's `config` with the chart-owned keys set. */}}
+{{- define "sparseserve.serverConfig" -}}
+{{- $config := deepCopy .Values.config }}
+{{- if .Values.triton.enabled }}
+{{- $triton := deepCopy (get $config "triton" | default dict) }}
+{{- if hasKey $triton "url" }}
+{{- fail "config.triton.url: the chart points sparseserve at its own Triton when triton.enabled; remove config.triton.url, or disable triton to use an external one" }}
+{{- end }}
+{{- $_ := set $triton "url" (printf "%s:%d" (include "sparseserve.tritonName" .) 8001) }}
+{{- $_ := set $config "triton" $triton }}
+{{- end }}
+{{- $owned := dict
+  "repository" .Values.models.mountPath
+  "host" "0.0.0.0"
+  "grpc_port" (int .Values.ports.grpc)
+  "metrics_port" (int .Values.ports.metrics)
+  "shutdown_grace_seconds" .Values.shutdown.graceSeconds }}
+{{- toYaml (mustMergeOverwrite $config $owned) }}
+{{- end }}
+
+{{/* The model repository volume, shared by sparseserve and Triton. */}}
+{{- define "sparseserve.modelVolume" -}}
+{{- if eq .Values.models.source "pvc" }}
+- name: models
+  persistentVolumeClaim:
+    claimName: {{ required "models.pvc.claimName is required when models.source is pvc" .Values.models.pvc.claimName }}
+    readOnly: true
+{{- else if eq .Values.models.source "image" }}
+- name: models
+  emptyDir:
+    sizeLimit: {{ .Values.models.image.sizeLimit }}
+{{- end }}
+{{- end }}
+
+{{- define "sparseserve.modelVolumeMount" -}}
+{{- if ne .Values.models.source "baked" }}
+- name: models
+  mountPath: {{ .Values.models.mountPath }}
+  readOnly: true
+  {{- if and (eq .Values.models.source "pvc") .Values.models.pvc.subPath }}
+  subPath: {{ .Values.models.pvc.subPath }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* models.source image: copy the repository out of the models image before start. */}}
+{{- define "sparseserve.modelInitContainer" -}}
+{{- if eq .Values.models.source "image" }}
+- name: copy-models
+  image: {{ printf "%s:%s" (required "models.image.repository is required when models.source is image" .Values.models.image.repository) .Values.models.image.tag }}
+  imagePullPolicy: {{ .Values.models.image.pullPolicy }}
+  command: ["cp", "-R", "{{ trimSuffix "/" .Values.models.image.path }}/.", "/repository/"]
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+  resources:
+    requests:
+      cpu: 100m
+      memory: 64Mi
+    limits:
+      memory: 256Mi
+  volumeMounts:
+    - name: models
+      mountPath: /repository
+{{- end }}
+{{- end }}
