@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -162,6 +163,8 @@ class FamilyBuilder:
         name = f"{self.recipe.family}.{spec.name}"
         parent = self.variants.get(spec.parent) if spec.parent else None
         model = copy.deepcopy(self._torch_models[spec.parent] if spec.parent else base)
+        # Each variant its own seed: its numbers do not depend on which variants came before.
+        torch.manual_seed(self.recipe.data.seed + zlib.crc32(spec.name.encode()))
         context = self._context(name)
         steps = [*(parent.steps if parent else []), *_run_torch_steps(model, spec.steps, context)]
         self._torch_models[spec.name] = model

@@ -218,9 +218,15 @@ def _gradual(model: nn.Module, config: GradualPruneConfig, context: StepContext)
     return {
         "optimizer_steps": total,
         "pruning_events": len(schedule),
-        "schedule": schedule[:: max(1, len(schedule) // 10)] + schedule[-1:],
+        "schedule": _thin(schedule, 10),
         "layer_sparsity": {name: layer_sparsity(m) for name, m in layers.items()},
     }
+
+
+def _thin(schedule: list[tuple[int, float]], points: int) -> list[tuple[int, float]]:
+    """About `points` evenly spaced entries, always ending with the last."""
+    kept = schedule[:: max(1, len(schedule) // points)]
+    return kept if kept[-1] == schedule[-1] else [*kept, schedule[-1]]
 
 
 def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
