@@ -194,7 +194,7 @@ def parse_step(item: object) -> StepConfig:
     try:
         return config_type.model_validate(fields or {})
     except ValidationError as exc:
-        raise ValueError(f"step {name!r}: {_problems(exc)}") from None
+        raise ValueError(_problems(exc, prefix=name)) from None
 
 
 def dump_step(config: StepConfig) -> dict[str, dict[str, Any]]:
@@ -310,16 +310,18 @@ def _parse_steps(value: object) -> list[StepConfig]:
         try:
             steps.append(parse_step(item))
         except ValueError as exc:
-            raise ValueError(f"steps.{index}: {exc}") from None
+            raise ValueError(f"item {index}: {exc}") from None
     return steps
 
 
-def _problems(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(part) for part in error['loc']) or '<root>'}: "
-        f"{error['msg'].removeprefix('Value error, ')}"
-        for error in exc.errors()
-    )
+def _problems(exc: ValidationError, prefix: str = "") -> str:
+    """One "field.path: message" per error (checks across fields name their field)."""
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {message}" if where else message)
+    return "; ".join(problems)
 
 
 def parse_recipe(data: object, source: str = "recipe") -> Recipe:

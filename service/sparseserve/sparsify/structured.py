@@ -69,7 +69,7 @@ def find_links(model: nn.Module) -> list[Link]:
     producer: str | None = None
     norm: str | None = None
     for name, module in model.named_children():
-        if isinstance(module, LAYERS):
+        if isinstance(module, LAYERS) and getattr(module, "groups", 1) == 1:
             if producer is not None:
                 links.append(Link(producer, norm, name, _spatial(model, producer, module)))
             producer, norm = name, None
