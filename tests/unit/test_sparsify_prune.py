@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="needs the [sparsify] extra")
+pytest.importorskip("torch", reason="needs the [sparsify] extra")
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 

@@ -11,6 +11,7 @@ import yaml
 
 pytest.importorskip("torch", reason="needs the [sparsify] extra")
 
+
 from sparseserve.sparsify.recipe import (
     RecipeError,
     StepConfig,

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch", reason="needs the [sparsify] extra")
+pytest.importorskip("torch", reason="needs the [sparsify] extra")
 
+import torch
 from torch import nn
 
 from sparseserve.sparsify.digits import load_digits_split, mlp

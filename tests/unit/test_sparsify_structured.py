@@ -6,9 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="needs the [sparsify] extra")
-onnx = pytest.importorskip("onnx", reason="needs the [sparsify] extra")
+pytest.importorskip("torch", reason="needs the [sparsify] extra")
+pytest.importorskip("onnx", reason="needs the [sparsify] extra")
 
+import onnx
+import torch
 from onnx import numpy_helper
 from torch import nn
 
@@ -110,9 +112,7 @@ def test_structured_prune_then_shrink_gives_a_smaller_onnx_model(pixels: np.ndar
     torch.testing.assert_close(model(torch.from_numpy(pixels)).detach(), trained, atol=1e-5, rtol=0)
 
     onnx_model = export_onnx(model.eval(), (64,), "pixels", "logits")
-    shapes = {
-        i.name: list(i.dims) for i in onnx.load_from_string(onnx_model).graph.initializer
-    }
+    shapes = {i.name: list(i.dims) for i in onnx.load_from_string(onnx_model).graph.initializer}
     assert shapes["fc1.weight"] == [64, 64]
     assert shapes["fc2.weight"] == [32, 64]
     assert shapes["fc3.weight"] == [10, 32]

@@ -36,15 +36,17 @@ def describe_model(directory: Path) -> str:
     lines.append(f"  file:         {_kib(m.file_bytes)}, gzip {_kib(m.gzip_bytes)}")
     for version in sorted(p for p in directory.iterdir() if p.name.isdigit()):
         for file in sorted(version.glob("*.onnx")):
-            lines.append(f"  on disk:      {file.relative_to(directory)} {_kib(file.stat().st_size)}")
+            size = _kib(file.stat().st_size)
+            lines.append(f"  on disk:      {file.relative_to(directory)} {size}")
     if m.layers:
         lines.append("  layers:")
         width = max(len(layer.name) for layer in m.layers)
         for layer in m.layers:
             shape = "x".join(str(d) for d in layer.shape)
+            counts = f"{layer.nonzero:>8,}/{layer.parameters:<8,}"
             lines.append(
-                f"    {layer.name:<{width}}  {shape:>12}  {layer.nonzero:>8,}/{layer.parameters:<8,}"
-                f" non-zero  sparsity {layer.sparsity:7.2%}"
+                f"    {layer.name:<{width}}  {shape:>12}  {counts} non-zero"
+                f"  sparsity {layer.sparsity:7.2%}"
             )
     if m.activation_sparsity:
         lines.append("  zero activations (test data):")

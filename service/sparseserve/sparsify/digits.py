@@ -56,7 +56,9 @@ def load_digits_split(seed: int = 0, test_fraction: float = TEST_FRACTION) -> Di
 @register_data_source("sklearn-digits")
 def _digits(config: DataConfig) -> LabelledData:
     split = load_digits_split(config.seed, config.test_fraction)
-    return LabelledData(split.x_train, split.y_train, split.x_test, split.y_test, split.test_dataset)
+    return LabelledData(
+        split.x_train, split.y_train, split.x_test, split.y_test, split.test_dataset
+    )
 
 
 def mlp() -> nn.Sequential:

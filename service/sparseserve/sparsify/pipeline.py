@@ -40,11 +40,10 @@ from sparseserve.sparsify.recipe import (
     Stage,
     StepConfig,
     StepContext,
-    StepReport,
     TrainingData,
     VariantSpec,
-    handler_for,
     dump_step,
+    handler_for,
     load_recipe,
 )
 
@@ -257,9 +256,11 @@ class FamilyBuilder:
             agreement = variant.logits.argmax(axis=1) == baseline.logits.argmax(axis=1)
             quality.append(
                 Quality(
-                    metric="top1_agreement", value=float(agreement.mean()), dataset=dataset,
+                    metric="top1_agreement",
+                    value=float(agreement.mean()),
+                    dataset=dataset,
                     samples=samples,
-                )  # fmt: skip
+                )
             )
         activations = activation_sparsity(variant.model, self.x_test)
         return VariantManifest(

@@ -210,7 +210,9 @@ class StructuredPruneConfig(StepConfig):
 
 
 @register_step(StructuredPruneConfig)
-def _structured(model: nn.Module, config: StructuredPruneConfig, context: StepContext) -> StepReport:
+def _structured(
+    model: nn.Module, config: StructuredPruneConfig, context: StepContext
+) -> StepReport:
     masked = prune_neurons(model, config.sparsity, context.filter_fn)
     context.progress(f"structured_prune: masked {masked}")
     return {"masked_neurons": masked}
