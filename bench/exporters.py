@@ -29,7 +29,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_overhead import environment, machine_lines, markdown_table  # bench/ is no package
-
 from sparseserve.sparsify.catalog import architecture
 from sparseserve.sparsify.export import export_onnx
 from sparseserve.sparsify.recipe import Exporter
@@ -115,10 +114,9 @@ def render(report: dict[str, Any]) -> str:
     for model, exporters in report["models"].items():
         for name, e in exporters.items():
             ops = ", ".join(sorted(set(e["operators"])))
-            rows.append(
-                (model, name, f"{e['export_seconds']:.2f}", f"{e['file_bytes']:,}", ops,
-                 f"{e['max_abs_difference_to_torch']:.1e}")  # fmt: skip
-            )
+            seconds, size = f"{e['export_seconds']:.2f}", f"{e['file_bytes']:,}"
+            difference = f"{e['max_abs_difference_to_torch']:.1e}"
+            rows.append((model, name, seconds, size, ops, difference))
     lines += markdown_table(
         ("model", "exporter", "export s", "file bytes", "operators", "max |diff| to torch"),
         rows,
@@ -130,10 +128,8 @@ def render(report: dict[str, Any]) -> str:
         for level in levels:
             m = level["median_us"]
             low, high = level["ratio_range"]
-            rows.append(
-                (model, level["batch"], f"{m['legacy']:.1f}", f"{m['dynamo']:.1f}",
-                 f"{level['dynamo_over_legacy']:.3f} ({low:.3f}-{high:.3f})")  # fmt: skip
-            )
+            ratio = f"{level['dynamo_over_legacy']:.3f} ({low:.3f}-{high:.3f})"
+            rows.append((model, level["batch"], f"{m['legacy']:.1f}", f"{m['dynamo']:.1f}", ratio))
     lines += markdown_table(
         ("model", "batch", "legacy µs", "dynamo µs", "dynamo / legacy (range over rounds)"),
         rows,

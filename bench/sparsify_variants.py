@@ -30,7 +30,6 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_overhead import environment, machine_lines, markdown_table  # bench/ is no package
-
 from sparseserve.repository.manifest import MANIFEST_FILENAME, VariantManifest
 
 RESULTS = Path(__file__).resolve().parent / "results"
