@@ -3,6 +3,8 @@ N:M pattern."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -185,3 +187,19 @@ def test_nm_prune_on_an_mlp_is_half_sparse_in_every_layer() -> None:
     report = apply(model, NMPruneConfig())
     assert report["skipped"] == {}
     assert report["layer_sparsity"] == {"fc1": 0.5, "fc2": 0.5, "fc3": 0.5}
+
+
+def test_baking_a_deep_copy_leaves_the_original_pruned_and_working() -> None:
+    """The pipeline bakes a copy for export and keeps the original for later variants:
+    torch's own removal would break every copy that shares the parametrized class."""
+    torch.manual_seed(0)
+    model = mlp()
+    apply(model, MagnitudePruneConfig(sparsity=0.5))
+    exported = copy.deepcopy(model)
+    bake(exported)
+    assert type(exported.fc1) is nn.Linear
+    x = torch.rand(3, 64)
+    torch.testing.assert_close(exported(x), model(x))  # the original still computes
+    assert mask_of(model.fc1) is not None
+    apply(model, MagnitudePruneConfig(sparsity=0.7))  # and can be pruned further
+    assert float((model.fc1.weight == 0).float().mean()) == pytest.approx(0.7, abs=1 / 8192)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sparseserve.sparsify.prune import prunable_layers
+from sparseserve.sparsify.prune import prunable_layers, unparametrize
 from sparseserve.sparsify.recipe import FilterFn
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU)
@@ -71,7 +71,7 @@ def _remove_dropconnect(module: nn.Module) -> None:
     others = [p for p in chain if not isinstance(p, DropConnect)]
     if not others:
         # DropConnect is the identity outside training: the original is the weight.
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        unparametrize(module, keep_values=False)
         return
     for index in reversed(range(len(chain))):
         if isinstance(chain[index], DropConnect):

@@ -67,7 +67,8 @@ class _Variant:
     model: nn.Module  # baked: masks applied, parametrizations gone
     onnx_model: bytes
     logits: np.ndarray
-    steps: list[dict[str, Any]] = field(default_factory=list)  # lineage, with reports
+    torch_steps: list[dict[str, Any]] = field(default_factory=list)  # lineage, with reports
+    steps: list[dict[str, Any]] = field(default_factory=list)  # torch_steps + own ONNX steps
     labels: list[str] = field(default_factory=list)
     quantization: str | None = None
     sparse_tensors: list[str] = field(default_factory=list)
@@ -165,7 +166,13 @@ class FamilyBuilder:
         # Each variant its own seed: its numbers do not depend on which variants came before.
         torch.manual_seed(self.recipe.data.seed + zlib.crc32(spec.name.encode()))
         context = self._context(name)
-        steps = [*(parent.steps if parent else []), *_run_torch_steps(model, spec.steps, context)]
+        # A child starts from its parent's torch model: it inherits the parent's torch steps,
+        # not its quantization (ONNX steps act on the parent's export only).
+        torch_steps = [
+            *(parent.torch_steps if parent else []),
+            *_run_torch_steps(model, spec.steps, context),
+        ]
+        steps = list(torch_steps)
         self._torch_models[spec.name] = model
 
         exported = copy.deepcopy(model)
@@ -188,7 +195,7 @@ class FamilyBuilder:
         if difference > EXPORT_TOLERANCE:
             raise RuntimeError(f"{name}: onnxruntime differs from torch by {difference:.2e}")
 
-        quantization = parent.quantization if parent else None
+        quantization = None
         for config in spec.steps:
             if config.stage is Stage.onnx:
                 onnx_model, report = handler_for(config, Stage.onnx)(onnx_model, config, context)
@@ -208,6 +215,7 @@ class FamilyBuilder:
             model=exported,
             onnx_model=onnx_model,
             logits=run_onnx(onnx_model, arch.input_name, self.x_test),
+            torch_steps=torch_steps,
             steps=steps,
             labels=[c.label() for c in self._lineage_configs(spec)],
             quantization=quantization,
@@ -228,7 +236,8 @@ class FamilyBuilder:
         while current is not None:
             chain.append(current)
             current = by_name[current.parent] if current.parent else None
-        return [config for variant in reversed(chain) for config in variant.steps]
+        ancestors = [c for v in reversed(chain[1:]) for c in v.steps if c.stage is Stage.torch]
+        return [*ancestors, *spec.steps]
 
     def _accuracy(self, variant: _Variant) -> float:
         return float((variant.logits.argmax(axis=1) == self.labelled.y_test).mean())

@@ -74,12 +74,31 @@ def set_mask(module: nn.Module, mask: torch.Tensor, tensor: str = "weight") -> N
     parametrize.register_parametrization(module, tensor, WeightMask(mask))
 
 
+def unparametrize(module: nn.Module, *, keep_values: bool = True) -> None:
+    """Drop every parametrization of `module`: its tensors become plain parameters again,
+    with the parametrized values (`keep_values`) or the originals.
+
+    torch's `remove_parametrizations` deletes the property from the module's class, a
+    class that every deep copy of the module shares, so baking one copy (the export)
+    would break the others (the model a later variant starts from). This rebinds the
+    module alone.
+    """
+    if not parametrize.is_parametrized(module):
+        return
+    values = {}
+    for name, chain in module.parametrizations.items():
+        value = getattr(module, name) if keep_values else chain.original
+        values[name] = nn.Parameter(value.detach().clone(), chain.original.requires_grad)
+    module.__class__ = module.__class__.__bases__[0]  # ParametrizedLinear -> Linear
+    del module.parametrizations
+    for name, value in values.items():
+        module.register_parameter(name, value)
+
+
 def bake(model: nn.Module) -> None:
     """Remove every parametrization, keeping the masked values (call before export)."""
-    for module in model.modules():
-        if parametrize.is_parametrized(module):
-            for tensor in list(module.parametrizations):
-                parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
+    for module in list(model.modules()):
+        unparametrize(module)
 
 
 def _scores(module: nn.Module) -> torch.Tensor:
