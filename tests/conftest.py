@@ -60,6 +60,18 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo repository (both digits recipes, trained with torch), built once per
+    session; tests that change it must work on a copy."""
+    pytest.importorskip("torch", reason="needs the [sparsify] extra")
+    from sparseserve.sparsify.demo_models import build_demo_repository
+
+    path = tmp_path_factory.mktemp("demo-models")
+    build_demo_repository(path, seed=0, progress=lambda line: None)
+    return path
+
+
+@pytest.fixture(scope="session")
 def server(repository: Path) -> Iterator[ServerProcess]:
     """One server for the whole session, for tests that do not change its state."""
     with ServerProcess(repository) as process:

@@ -209,6 +209,65 @@ def _export_triton(args: argparse.Namespace) -> int:
     return 1 if any(r.action == "failed" for r in results) else 0
 
 
+def _sparsify_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sparsify",
+        help="build a family's variants from a recipe into a model repository (needs torch)",
+        description="Train the recipe's base model, build each variant (pruning, structured "
+        "pruning, N:M, quantization...), measure it, and write model.onnx and its "
+        "sparseserve.yaml manifest into the repository. Needs the [sparsify] extra.",
+    )
+    p.add_argument("--recipe", type=Path, required=True, help="recipe YAML file")
+    p.add_argument("--repository", type=Path, required=True, help="model repository")
+    p.add_argument("--seed", type=int, help="override the recipe's data.seed")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _sparsify(args: argparse.Namespace) -> int:
+    # torch is imported here, and only here: `serve` must not pay for it.
+    try:
+        from sparseserve.sparsify.pipeline import build_family
+        from sparseserve.sparsify.recipe import RecipeError
+    except ImportError as exc:
+        print(f"sparseserve sparsify needs the [sparsify] extra: {exc}", file=sys.stderr)
+        return 2
+
+    def progress(line: str) -> None:
+        if not args.quiet:
+            print(line, flush=True)
+
+    try:
+        built = build_family(args.recipe, args.repository, progress=progress, seed=args.seed)
+    except RecipeError as exc:
+        print(f"sparseserve: {exc}", file=sys.stderr)
+        return 2
+    for variant in built:
+        print(f"wrote {variant.directory}")
+    return 0
+
+
+def _inspect_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="show a variant's manifest: per-layer sparsity, size, quality",
+        description="Print what a model directory's sparseserve.yaml records, beside the "
+        "size of its model files on disk.",
+    )
+    p.add_argument("model", type=Path, help="a model directory, e.g. ./models/digits-mlp.pruned90")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from sparseserve.repository.inspect import describe_model
+    from sparseserve.repository.manifest import ManifestError
+
+    try:
+        print(describe_model(args.model))
+    except (ManifestError, FileNotFoundError) as exc:
+        print(f"sparseserve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sparseserve", description="Serve dense and sparse ONNX models side by side."
@@ -219,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _hardware_parser(sub)
     _export_triton_parser(sub)
     _health_parser(sub)
+    _sparsify_parser(sub)
+    _inspect_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
@@ -228,5 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _export_triton(args)
     if args.command == "health":
         return _health(args)
+    if args.command == "sparsify":
+        return _sparsify(args)
+    if args.command == "inspect":
+        return _inspect(args)
     parser.error(f"unknown command {args.command}")
     return 2

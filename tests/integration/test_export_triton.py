@@ -99,14 +99,24 @@ def test_sparseserve_serves_the_exported_repository(
 
 
 @pytest.mark.slow
-def test_demo_variants_export_to_valid_triton_configs(tmp_path: Path) -> None:
+def test_demo_variants_export_to_valid_triton_configs(
+    tmp_path: Path, demo_repository: Path
+) -> None:
     """The demo repository (trained with torch), exported: every file parses."""
-    pytest.importorskip("torch", reason="needs the [sparsify] extra")
-    from sparseserve.sparsify.demo_models import build_demo_repository
-
-    names = build_demo_repository(tmp_path, seed=0)
+    shutil.copytree(demo_repository, tmp_path, dirs_exist_ok=True)
+    names = sorted(p.name for p in tmp_path.iterdir())
     assert main(["export-triton", "--repository", str(tmp_path)]) == 0
     for name in names:
         config = triton_config(tmp_path / name / "config.pbtxt")
         assert config.name == name and config.max_batch_size == 64
         assert config.input and config.output
+
+    def accelerator(name: str) -> dict[str, str]:
+        config = triton_config(tmp_path / name / "config.pbtxt")
+        (gpu,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+        return dict(gpu.parameters)
+
+    # What sparsify wrote in the manifests is what picks TensorRT's int8 and 2:4 kernels.
+    assert accelerator("digits-cnn.int8")["precision_mode"] == "INT8"
+    assert accelerator("digits-mlp.structured50-int8")["precision_mode"] == "INT8"
+    assert accelerator("digits-mlp.nm24")["trt_sparsity_enable"] == "1"

@@ -66,3 +66,15 @@ def test_importtime_check_notices_a_forbidden_import() -> None:
     result, imported = imported_modules("-c", "import onnx")
     assert result.returncode == 0, result.stderr
     assert forbidden_in(imported) == ["onnx"]
+
+
+def test_inspect_imports_no_heavy_packages(tmp_path) -> None:
+    """`sparseserve inspect` reads manifests only, so it runs wherever the server runs."""
+    from sparseserve.repository.manifest import VariantManifest
+
+    VariantManifest(family="f", variant="v", sparsity=0.5).write(tmp_path / "sparseserve.yaml")
+    result, imported = imported_modules("-m", "sparseserve", "inspect", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "family f, variant v" in result.stdout
+    assert "sparseserve.repository.inspect" in imported
+    assert forbidden_in(imported) == []

@@ -48,6 +48,13 @@ class LayerSparsity(_Strict):
     sparsity: Fraction
 
 
+class ActivationSparsity(_Strict):
+    """Fraction of an activation layer's outputs that were exactly zero on real data."""
+
+    name: str
+    zero_fraction: Fraction
+
+
 class Quality(_Strict):
     """What the variant scores, measured when it was built.
 
@@ -79,8 +86,13 @@ class VariantManifest(_Strict):
     nonzero_parameters: NonNegativeInt | None = None
     sparsity: Fraction | None = Field(None, description="Global weight sparsity.")
     layers: list[LayerSparsity] = Field(default_factory=list)
-    quantization: str | None = None
+    quantization: str | None = Field(None, description="e.g. int8 dynamic per-channel")
     file_bytes: NonNegativeInt | None = None
+    gzip_bytes: NonNegativeInt | None = Field(None, description="model.onnx after gzip -9")
+    activation_sparsity: list[ActivationSparsity] = Field(default_factory=list)
+    notes: list[str] = Field(
+        default_factory=list, description="What the numbers do not say (zeros stored densely...)"
+    )
     quality: list[Quality] = Field(default_factory=list)
     recipe: dict[str, object] | None = None
 

@@ -1,0 +1,360 @@
+"""Run a recipe: train the base, build every variant, measure it, write it to a repository.
+
+Every variant is measured the way it will be served: the accuracy in its manifest is
+onnxruntime's on the exported file, not torch's. Manifests are written last, once the
+baseline's numbers are known, each model file appearing after its manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sparseserve.repository.manifest import ActivationSparsity, Quality, VariantManifest
+from sparseserve.sparsify.activations import activation_sparsity
+from sparseserve.sparsify.catalog import Architecture, LabelledData, architecture, load_data
+from sparseserve.sparsify.export import (
+    export_onnx,
+    gzip_size,
+    max_relative_difference,
+    run_onnx,
+    sparse_storage,
+    weight_sparsity,
+    write_variant,
+)
+from sparseserve.sparsify.prune import bake
+from sparseserve.sparsify.recipe import (
+    Progress,
+    Recipe,
+    Stage,
+    StepConfig,
+    StepContext,
+    TrainingData,
+    VariantSpec,
+    dump_step,
+    handler_for,
+    load_recipe,
+)
+
+# A correct export differs from torch only by float32 summation order (and BatchNorm
+# folded into the convolution): relative for logits above 1 in magnitude, absolute below.
+EXPORT_TOLERANCE = 1e-4
+
+
+@dataclass
+class BuiltVariant:
+    """A variant written to the repository."""
+
+    name: str
+    manifest: VariantManifest
+    directory: Path
+
+
+@dataclass
+class _Variant:
+    spec: VariantSpec
+    model: nn.Module  # baked: masks applied, parametrizations gone
+    onnx_model: bytes
+    logits: np.ndarray
+    torch_steps: list[dict[str, Any]] = field(default_factory=list)  # lineage, with reports
+    steps: list[dict[str, Any]] = field(default_factory=list)  # torch_steps + own ONNX steps
+    labels: list[str] = field(default_factory=list)
+    quantization: str | None = None
+    sparse_tensors: list[str] = field(default_factory=list)
+    export_difference: float = 0.0
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def deterministic_torch(seed: int, threads: int = 1) -> Iterator[None]:
+    """Seeded, deterministic torch; the caller's RNG and thread settings come back after
+    (this also runs inside test processes).
+
+    One thread: these models are tiny, and on a shared 2-core machine two torch threads
+    spin against each other (a CNN epoch took 0.29 s on one thread, 11.6 s on two).
+    """
+    threads_before = torch.get_num_threads()
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads_before)
+            torch.use_deterministic_algorithms(deterministic_before)
+
+
+def _run_torch_steps(
+    model: nn.Module, steps: Sequence[StepConfig], context: StepContext
+) -> list[dict[str, Any]]:
+    done = []
+    for config in steps:
+        if config.stage is not Stage.torch:
+            continue
+        started = time.perf_counter()
+        report = handler_for(config, Stage.torch)(model, config, context)
+        report["seconds"] = round(time.perf_counter() - started, 3)
+        done.append({**dump_step(config), "report": report})
+    return done
+
+
+class FamilyBuilder:
+    """Builds the variants of one recipe; `build()` then `write(repository)`."""
+
+    def __init__(self, recipe: Recipe, progress: Progress = print, source: str | None = None):
+        self.recipe = recipe
+        self.progress = progress
+        self.source = source
+        self.architecture: Architecture = architecture(recipe.base.architecture)
+        self.labelled: LabelledData = load_data(recipe.data)
+        self.x_test = self._shaped(self.labelled.x_test)
+        x_train = self._shaped(self.labelled.x_train)
+        self.data = TrainingData(
+            x_train=x_train,
+            y_train=self.labelled.y_train,
+            x_calibration=x_train[: recipe.data.calibration_samples],
+            seed=recipe.data.seed,
+        )
+        self.variants: dict[str, _Variant] = {}
+        self._torch_models: dict[str, nn.Module] = {}
+        self._base_steps: list[dict[str, Any]] = []
+
+    def _shaped(self, rows: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(rows.reshape(-1, *self.architecture.sample_shape))
+
+    def _context(self, prefix: str) -> StepContext:
+        return StepContext(
+            data=self.data,
+            progress=lambda line: self.progress(f"[{prefix}] {line}"),
+            input_name=self.architecture.input_name,
+        )
+
+    def build(self) -> FamilyBuilder:
+        """Train the base and build every variant in memory."""
+        recipe = self.recipe
+        with deterministic_torch(recipe.data.seed):
+            started = time.perf_counter()
+            base = self.architecture.build()
+            self._base_steps = _run_torch_steps(
+                base, recipe.base.steps, self._context(f"{recipe.family} base")
+            )
+            self.progress(
+                f"[{recipe.family} base] trained in {time.perf_counter() - started:.1f} s"
+            )
+            for spec in recipe.variants:
+                self._build_variant(spec, base)
+        return self
+
+    def _build_variant(self, spec: VariantSpec, base: nn.Module) -> None:
+        started = time.perf_counter()
+        name = f"{self.recipe.family}.{spec.name}"
+        parent = self.variants.get(spec.parent) if spec.parent else None
+        model = copy.deepcopy(self._torch_models[spec.parent] if spec.parent else base)
+        # Each variant its own seed: its numbers do not depend on which variants came before.
+        torch.manual_seed(self.recipe.data.seed + zlib.crc32(spec.name.encode()))
+        context = self._context(name)
+        # A child starts from its parent's torch model: it inherits the parent's torch steps,
+        # not its quantization (ONNX steps act on the parent's export only).
+        torch_steps = [
+            *(parent.torch_steps if parent else []),
+            *_run_torch_steps(model, spec.steps, context),
+        ]
+        steps = list(torch_steps)
+        self._torch_models[spec.name] = model
+
+        exported = copy.deepcopy(model)
+        bake(exported)
+        exported.eval()
+        arch = self.architecture
+        onnx_model = export_onnx(
+            exported,
+            arch.sample_shape,
+            arch.input_name,
+            arch.output_name,
+            exporter=self.recipe.export.exporter,
+            opset=self.recipe.export.opset,
+        )
+        with torch.no_grad():
+            expected = exported(torch.from_numpy(self.x_test)).numpy()
+        difference = max_relative_difference(
+            run_onnx(onnx_model, arch.input_name, self.x_test), expected
+        )
+        if difference > EXPORT_TOLERANCE:
+            raise RuntimeError(f"{name}: onnxruntime differs from torch by {difference:.2e}")
+
+        quantization = None
+        for config in spec.steps:
+            if config.stage is Stage.onnx:
+                onnx_model, report = handler_for(config, Stage.onnx)(onnx_model, config, context)
+                steps.append({**dump_step(config), "report": report})
+                quantization = config.label()
+        sparse_tensors: list[str] = []
+        if self.recipe.export.sparse_storage:
+            compact, sparse_tensors = sparse_storage(onnx_model)
+            if sparse_tensors:
+                same = run_onnx(compact, arch.input_name, self.x_test)
+                before = run_onnx(onnx_model, arch.input_name, self.x_test)
+                if not np.array_equal(same, before):
+                    raise RuntimeError(f"{name}: sparse storage changed the outputs")
+                onnx_model = compact
+        self.variants[spec.name] = _Variant(
+            spec=spec,
+            model=exported,
+            onnx_model=onnx_model,
+            logits=run_onnx(onnx_model, arch.input_name, self.x_test),
+            torch_steps=torch_steps,
+            steps=steps,
+            labels=[c.label() for c in self._lineage_configs(spec)],
+            quantization=quantization,
+            sparse_tensors=sparse_tensors,
+            export_difference=difference,
+            seconds=time.perf_counter() - started,
+        )
+        accuracy = self._accuracy(self.variants[spec.name])
+        self.progress(
+            f"[{name}] built in {time.perf_counter() - started:.1f} s, "
+            f"{len(onnx_model):,} bytes, test accuracy {accuracy:.4f}"
+        )
+
+    def _lineage_configs(self, spec: VariantSpec) -> list[StepConfig]:
+        chain: list[VariantSpec] = []
+        current: VariantSpec | None = spec
+        by_name = {v.name: v for v in self.recipe.variants}
+        while current is not None:
+            chain.append(current)
+            current = by_name[current.parent] if current.parent else None
+        ancestors = [c for v in reversed(chain[1:]) for c in v.steps if c.stage is Stage.torch]
+        return [*ancestors, *spec.steps]
+
+    def _accuracy(self, variant: _Variant) -> float:
+        return float((variant.logits.argmax(axis=1) == self.labelled.y_test).mean())
+
+    def manifest(self, variant: _Variant) -> VariantManifest:
+        """The manifest of a built variant, measured against the recipe's baseline."""
+        recipe, arch = self.recipe, self.architecture
+        baseline = self.variants[recipe.baseline]
+        is_baseline = variant is baseline
+        layers = weight_sparsity(variant.model)
+        weights = sum(layer.parameters for layer in layers)
+        sparsity = 1.0 - sum(layer.nonzero for layer in layers) / weights
+        samples = len(self.labelled.y_test)
+        dataset = self.labelled.test_description
+        quality = [
+            Quality(
+                metric="accuracy",
+                value=self._accuracy(variant),
+                dataset=dataset,
+                samples=samples,
+                baseline_value=None if is_baseline else self._accuracy(baseline),
+            )
+        ]
+        if not is_baseline:
+            agreement = variant.logits.argmax(axis=1) == baseline.logits.argmax(axis=1)
+            quality.append(
+                Quality(
+                    metric="top1_agreement",
+                    value=float(agreement.mean()),
+                    dataset=dataset,
+                    samples=samples,
+                )
+            )
+        activations = activation_sparsity(variant.model, self.x_test)
+        return VariantManifest(
+            family=recipe.family,
+            variant=variant.spec.name,
+            baseline=None if is_baseline else f"{recipe.family}.{recipe.baseline}",
+            task=arch.task,
+            description=variant.spec.description or arch.description,
+            method=" + ".join(variant.labels) or "dense",
+            created=datetime.now(UTC),
+            parameters=sum(p.numel() for p in variant.model.parameters()),
+            nonzero_parameters=sum(int(p.count_nonzero()) for p in variant.model.parameters()),
+            sparsity=sparsity,
+            layers=layers,
+            quantization=variant.quantization,
+            file_bytes=len(variant.onnx_model),
+            gzip_bytes=gzip_size(variant.onnx_model),
+            activation_sparsity=[
+                ActivationSparsity(name=name, zero_fraction=value)
+                for name, value in activations.items()
+            ],
+            quality=quality,
+            notes=self._notes(variant, sparsity),
+            recipe={
+                "source": self.source,
+                "architecture": recipe.base.architecture,
+                "base_steps": self._base_steps,
+                "data": recipe.data.model_dump(mode="json"),
+                "from": variant.spec.parent,
+                "steps": variant.steps,
+                "export": {
+                    **recipe.export.model_dump(mode="json"),
+                    "sparse_initializers": variant.sparse_tensors,
+                    "max_difference_to_torch": variant.export_difference,
+                },
+                "build_seconds": round(variant.seconds, 2),
+            },
+        )
+
+    def _notes(self, variant: _Variant, sparsity: float) -> list[str]:
+        notes = []
+        if variant.sparse_tensors:
+            notes.append(
+                f"{len(variant.sparse_tensors)} weight tensor(s) stored as ONNX sparse "
+                "initializers (values + int64 indices): a smaller file; onnxruntime makes "
+                "them dense when it loads the model, so memory and latency are as dense"
+            )
+        elif sparsity > 0.01:
+            notes.append(
+                f"{sparsity:.0%} of the weights are zero but stored densely (sparse storage "
+                "would be larger at this sparsity): the file only shrinks under gzip"
+            )
+        if sparsity > 0.01:
+            notes.append(
+                "onnxruntime's CPU kernels multiply the zeros like any other number: "
+                "unstructured and 2:4 sparsity do not change CPU latency"
+            )
+        if variant.quantization and variant.quantization != "fp16":
+            notes.append("per-layer sparsity is of the float weights before quantization")
+        return notes
+
+    def write(self, repository: Path) -> list[BuiltVariant]:
+        """Write every built variant's model and manifest into `repository`."""
+        repository.mkdir(parents=True, exist_ok=True)
+        built = []
+        for variant in self.variants.values():
+            manifest = self.manifest(variant)
+            name = f"{manifest.family}.{manifest.variant}"
+            directory = write_variant(repository, name, variant.onnx_model, manifest)
+            built.append(BuiltVariant(name, manifest, directory))
+        return built
+
+
+def build_family(
+    recipe: Recipe | Path,
+    repository: Path,
+    *,
+    progress: Progress = print,
+    seed: int | None = None,
+) -> list[BuiltVariant]:
+    """Build every variant of a recipe (a `Recipe` or a YAML path) into `repository`."""
+    source = None
+    if isinstance(recipe, Path):
+        source = recipe.name
+        recipe = load_recipe(recipe)
+    if seed is not None:
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"seed": seed})})
+    return FamilyBuilder(recipe, progress, source).build().write(repository)

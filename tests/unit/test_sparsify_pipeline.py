@@ -1,0 +1,61 @@
+"""The recipe pipeline: what a variant inherits from the variant it starts from, and
+numbers that do not depend on which other variants a recipe builds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch", reason="needs the [sparsify] extra")
+
+from sparseserve.sparsify.pipeline import FamilyBuilder
+from sparseserve.sparsify.recipe import parse_recipe
+
+
+def recipe(*variants: dict) -> dict:
+    return {
+        "family": "t",
+        "base": {"architecture": "digits-mlp", "steps": [{"train": {"epochs": 2}}]},
+        "data": {"source": "sklearn-digits", "calibration_samples": 32},
+        "variants": [{"name": "dense"}, *variants],
+    }
+
+
+PRUNED = {
+    "name": "pruned",
+    "steps": [{"magnitude_prune": {"sparsity": 0.5}}, {"train": {"epochs": 1}}],
+}
+INT8 = {"name": "int8", "steps": [{"quantize": {}}]}
+
+
+def build(data: dict) -> FamilyBuilder:
+    return FamilyBuilder(parse_recipe(data), progress=lambda line: None).build()
+
+
+def test_a_variant_from_a_quantized_one_inherits_its_torch_steps_not_its_quantization() -> None:
+    child = {
+        "name": "int8-then-pruned",
+        "from": "int8",
+        "steps": [{"magnitude_prune": {"sparsity": 0.5}}],
+    }
+    builder = build(recipe(INT8, child))
+    manifest = builder.manifest(builder.variants["int8-then-pruned"])
+    assert manifest.quantization is None
+    assert manifest.method == "magnitude 50% per_layer"
+    assert [next(iter(step)) for step in manifest.recipe["steps"]] == ["magnitude_prune"]
+    assert builder.manifest(builder.variants["int8"]).quantization == "int8 dynamic per-channel"
+
+
+def test_a_variant_from_another_carries_the_whole_lineage() -> None:
+    child = {"name": "pruned-int8", "from": "pruned", "steps": [{"quantize": {}}]}
+    builder = build(recipe(PRUNED, child))
+    manifest = builder.manifest(builder.variants["pruned-int8"])
+    assert manifest.method == "magnitude 50% per_layer + train 1 epochs + int8 dynamic per-channel"
+    assert manifest.sparsity == pytest.approx(0.5)
+    assert manifest.recipe["from"] == "pruned"
+
+
+def test_a_variant_comes_out_the_same_whatever_is_built_before_it() -> None:
+    alone = build(recipe(PRUNED)).variants["pruned"]
+    after_another = build(recipe(INT8, PRUNED)).variants["pruned"]
+    np.testing.assert_array_equal(alone.logits, after_another.logits)
