@@ -70,4 +70,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/server_overhead.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_REPOSITORY) .pytest_cache
+	rm -rf $(VENV) $(DEMO_REPOSITORY) $(DEMO_REPOSITORY)-report compare-report .pytest_cache

@@ -162,8 +162,26 @@ def run(repository: Path, rebuild: bool = False) -> int:
             "\nnote: onnxruntime on CPU runs pruned weights as dense matrices, so zeros alone "
             "change neither file size nor latency; structured pruning and int8 do."
         )
+        _compare_families(server, repository, split.x_test)
     print(f"\nserver stopped cleanly (exit code {server.returncode})")
     return 0 if server.returncode == 0 else 1
+
+
+def _compare_families(server: ServerProcess, repository: Path, digits: np.ndarray) -> None:
+    """End with `sparseserve compare` of each digits family, the test digits as the
+    inputs every variant answers (for agreement with the baseline)."""
+    from sparseserve.compare.loadgen import LoadSettings
+    from sparseserve.compare.run import print_comparisons
+
+    families = sorted(
+        {VariantManifest.read(p).family for p in repository.glob(f"*/{MANIFEST_FILENAME}")}
+    )
+    print("\nsparseserve compare (load through the server, figures from its metrics):")
+    print_comparisons(
+        server.grpc_url, server.metrics_url, repository, families,
+        repository.with_name(f"{repository.name}-report"),
+        LoadSettings(concurrency=2, duration_seconds=2.0, rounds=4), probe=digits,
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -272,3 +272,26 @@ def run_and_report(
         raise CompareError("say which server: --url and --metrics-url, or --repository")
     report.write(comparison, out)
     return comparison
+
+
+def print_comparisons(
+    url: str,
+    metrics_url: str,
+    repository: Path,
+    families: Sequence[str],
+    out_root: Path,
+    settings: LoadSettings,
+    probe: np.ndarray | None = None,
+) -> None:
+    """Compare each family on a running server and print its table (for `make demo`)."""
+    from sparseserve.compare.report import text_table
+
+    for family in families:
+        out = out_root / family
+        comparison = run_and_report(
+            family, out, settings, url=url, metrics_url=metrics_url, repository=repository,
+            probe=probe, progress=False,
+        )  # fmt: skip
+        print(f"\n{family}: {settings.concurrency} concurrent requests, "
+              f"{settings.duration_seconds:g} s per variant ({out / 'report.html'})")  # fmt: skip
+        print(text_table(comparison))
