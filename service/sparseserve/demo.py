@@ -180,7 +180,7 @@ def _compare_families(server: ServerProcess, repository: Path, digits: np.ndarra
     print_comparisons(
         server.grpc_url, server.metrics_url, repository, families,
         repository.with_name(f"{repository.name}-report"),
-        LoadSettings(concurrency=2, duration_seconds=2.0, rounds=4), probe=digits,
+        LoadSettings(concurrency=2, duration_seconds=1.5, rounds=3), probe=digits,
     )  # fmt: skip
 
 
