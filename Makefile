@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_REPOSITORY ?= demo-models
 
-.PHONY: help venv demo test test-fast protos check-protos helm-schema lint bench clean
+.PHONY: help venv prometheus demo test test-fast protos check-protos helm-schema lint bench clean
 
 help:
 	@echo "make demo    build demo models + sparse variants, serve them, query them, compare"
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch==2.13.0 (CPU) comes from the machine's wheel cache; see pyproject.toml.
-	$(BIN)/pip install --quiet -e ".[dev,sparsify]"
+	$(BIN)/pip install --quiet -e ".[dev,sparsify,compare]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -29,10 +29,22 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m sparseserve.demo --repository $(DEMO_REPOSITORY)
 
-test: $(STAMP)
+# The monitoring tests run a real Prometheus (Debian's package: prometheus + promtool).
+# Installed when missing and we are root; a no-op when present. Without it (and not
+# root) those tests skip, unless SPARSESERVE_REQUIRE_PROMETHEUS=1 (as in .ci/run).
+prometheus:
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's prometheus (for the monitoring tests) ..."; \
+		DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends prometheus >/dev/null \
+		|| { apt-get -o DPkg::Lock::Timeout=300 update -qq && \
+		     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends prometheus >/dev/null; }; \
+	else echo "prometheus not installed and not root: the real-Prometheus tests will skip"; fi
+
+test: $(STAMP) prometheus
 	$(BIN)/python -m pytest
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) prometheus
 	$(BIN)/python -m pytest -m "not slow"
 
 # Stubs are generated into the package and committed: the Open Inference Protocol in
@@ -65,4 +77,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/server_overhead.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_REPOSITORY) .pytest_cache
+	rm -rf $(VENV) $(DEMO_REPOSITORY) $(DEMO_REPOSITORY)-report compare-report .pytest_cache

@@ -268,6 +268,53 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="drive load through each variant of a family and write a comparison report",
+        description="Drive load through every ready variant of a family, the variants "
+        "taking turns, and write report.md, report.html and PNG plots: latency, throughput, "
+        "memory, size, parameters, sparsity and agreement with the baseline, from the load "
+        "run and the server's own metrics. Needs the [compare] extra.",
+    )
+    p.add_argument("--family", required=True, help="the family to compare (e.g. digits-mlp)")
+    p.add_argument("--url", help="gRPC host:port of a running server")
+    p.add_argument("--metrics-url", help="its metrics endpoint (http://host:8002/metrics)")
+    p.add_argument(
+        "--repository", type=Path, help="start a server on this repository (or, with --url, "
+        "read its manifests)"
+    )  # fmt: skip
+    p.add_argument("--baseline", help="the baseline variant (default: as the server says)")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    p.add_argument(
+        "--duration", type=float, default=10.0, help="seconds of load per variant (default 10)"
+    )
+    p.add_argument("--rounds", type=int, default=5, help="turns the variants take (default 5)")
+    p.add_argument("--batch", type=int, default=1, help="rows per request (default 1)")
+    p.add_argument("--output", type=Path, default=Path("compare-report"), help="report folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from sparseserve.compare.loadgen import LoadSettings
+    from sparseserve.compare.report import text_table
+    from sparseserve.compare.run import CompareError, run_and_report
+    from sparseserve.compare.server_metrics import MetricsUnavailable
+
+    try:
+        settings = LoadSettings(args.concurrency, args.duration, args.rounds, args.batch)
+        comparison = run_and_report(
+            args.family, args.output, settings, url=args.url, metrics_url=args.metrics_url,
+            repository=args.repository, baseline=args.baseline, progress=not args.no_progress,
+        )  # fmt: skip
+    except (CompareError, MetricsUnavailable, ValueError) as exc:
+        print(f"sparseserve compare: {exc}", file=sys.stderr)
+        return 2
+    print(text_table(comparison))
+    print(f"\nreport: {args.output / 'report.md'} and {args.output / 'report.html'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sparseserve", description="Serve dense and sparse ONNX models side by side."
@@ -280,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _health_parser(sub)
     _sparsify_parser(sub)
     _inspect_parser(sub)
+    _compare_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
@@ -293,5 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _sparsify(args)
     if args.command == "inspect":
         return _inspect(args)
+    if args.command == "compare":
+        return _compare(args)
     parser.error(f"unknown command {args.command}")
     return 2

@@ -163,8 +163,26 @@ def run(repository: Path, rebuild: bool = False) -> int:
             "do not change latency (sparse initializers only shrink the file); structured "
             "pruning and int8 shrink the work. `sparseserve inspect DIR` shows a manifest."
         )
+        _compare_families(server, repository, split.x_test)
     print(f"\nserver stopped cleanly (exit code {server.returncode})")
     return 0 if server.returncode == 0 else 1
+
+
+def _compare_families(server: ServerProcess, repository: Path, digits: np.ndarray) -> None:
+    """End with `sparseserve compare` of each digits family, the test digits as the
+    inputs every variant answers (for agreement with the baseline)."""
+    from sparseserve.compare.loadgen import LoadSettings
+    from sparseserve.compare.run import print_comparisons
+
+    families = sorted(
+        {VariantManifest.read(p).family for p in repository.glob(f"*/{MANIFEST_FILENAME}")}
+    )
+    print("\nsparseserve compare (load through the server, figures from its metrics):")
+    print_comparisons(
+        server.grpc_url, server.metrics_url, repository, families,
+        repository.with_name(f"{repository.name}-report"),
+        LoadSettings(concurrency=2, duration_seconds=1.5, rounds=3), probe=digits,
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,279 @@
+"""Load through a running server: concurrent batch requests to each variant, taking turns.
+
+Each variant gets the same inputs. The variants take turns in short slices (round 1:
+a, b, c; round 2: a, b, c; ...), so whatever else the machine does slows all of them
+alike, as the demo's latency measurement does. Latency is measured at the client, per
+request, from send to answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TextIO
+
+import numpy as np
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.utils import InferenceServerException
+
+from sparseserve.codec import datatype
+
+MAX_CONCURRENCY = 256
+MAX_DURATION_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """How hard and how long to push each variant."""
+
+    concurrency: int = 4
+    duration_seconds: float = 10.0  # per variant, over all rounds
+    rounds: int = 5
+    batch: int = 1
+    warmup_requests: int = 10
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.concurrency <= MAX_CONCURRENCY:
+            raise ValueError(f"concurrency must be 1..{MAX_CONCURRENCY}, got {self.concurrency}")
+        if not 0 < self.duration_seconds <= MAX_DURATION_SECONDS:
+            raise ValueError(
+                f"duration must be in (0, {MAX_DURATION_SECONDS:.0f}] seconds, "
+                f"got {self.duration_seconds}"
+            )
+        if self.rounds < 1 or self.batch < 1 or self.warmup_requests < 0:
+            raise ValueError("rounds and batch must be at least 1, warm-up requests at least 0")
+
+
+@dataclass
+class InputSpec:
+    """One input of a model: name, v2 datatype and shape with the batch dimension first."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class VariantLoad:
+    """What the load run measured for one model."""
+
+    model: str
+    latencies_s: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    rows_per_request: int = 1
+    warmup_requests: int = 0
+    probe_requests: int = 0
+    probe_output: np.ndarray | None = None  # first output for the shared probe inputs
+
+    @property
+    def ok(self) -> int:
+        return len(self.latencies_s)
+
+    @property
+    def failed(self) -> int:
+        return sum(self.errors.values())
+
+    @property
+    def sent(self) -> int:
+        """Every request this run sent to the model: warm-up, probes and load."""
+        return self.warmup_requests + self.probe_requests + self.ok + self.failed
+
+    @property
+    def requests_per_second(self) -> float:
+        return self.ok / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def latency_quantile(self, q: float) -> float:
+        return float(np.quantile(np.asarray(self.latencies_s), q))
+
+
+class Progress:
+    """A one-line progress bar on stderr (redrawn in place on a terminal, a line per
+    slice otherwise, so that logs stay readable)."""
+
+    def __init__(self, total_seconds: float, stream: TextIO = sys.stderr, width: int = 30):
+        self.total = total_seconds
+        self.stream = stream
+        self.width = width
+        self.done = 0.0
+        self.tty = stream.isatty()
+        self._last_draw = 0.0
+
+    def update(self, done: float, what: str, force: bool = False) -> None:
+        self.done = min(done, self.total)
+        now = time.monotonic()
+        if not force and (not self.tty or now - self._last_draw < 0.2):
+            return
+        self._last_draw = now
+        filled = round(self.width * self.done / self.total) if self.total else self.width
+        bar = "#" * filled + "." * (self.width - filled)
+        line = f"[{bar}] {self.done / self.total:4.0%}  {what}"
+        if self.tty:
+            self.stream.write("\r" + line.ljust(80))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def input_specs(metadata: object, batch: int) -> list[InputSpec]:
+    """The model's inputs with dynamic dimensions resolved: the batch dimension to
+    `batch`, any other dynamic dimension to 1."""
+    specs = []
+    for tensor in metadata.inputs:  # type: ignore[attr-defined]
+        dims = [int(d) for d in tensor.shape]
+        shape = tuple(batch if i == 0 and d < 0 else max(d, 1) for i, d in enumerate(dims))
+        specs.append(InputSpec(tensor.name, tensor.datatype, shape))
+    return specs
+
+
+def random_inputs(specs: Sequence[InputSpec], seed: int) -> dict[str, np.ndarray]:
+    """Seeded inputs for every spec: uniform in [0, 1) for floats, 0..9 for integers."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for spec in specs:
+        dtype = datatype(spec.datatype).numpy
+        if dtype.kind == "f":
+            arrays[spec.name] = rng.random(spec.shape).astype(dtype)
+        elif dtype.kind in "iu":
+            arrays[spec.name] = rng.integers(0, 10, spec.shape).astype(dtype)
+        elif dtype.kind == "b":
+            arrays[spec.name] = rng.random(spec.shape) < 0.5
+        else:
+            raise ValueError(
+                f"input {spec.name!r} is {spec.datatype}: compare generates numeric and BOOL "
+                "inputs only"
+            )
+    return arrays
+
+
+def shape_probe(probe: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Reshape probe rows (N, ...) to the model's one input (N, *spec.shape[1:])."""
+    row = tuple(spec.shape[1:])
+    per_row = int(np.prod(row)) if row else 1
+    if probe[0].size != per_row:
+        raise ValueError(
+            f"probe rows have {probe[0].size} values, input {spec.name!r} wants {per_row} "
+            f"per row (shape {list(spec.shape)})"
+        )
+    return probe.reshape(len(probe), *row).astype(datatype(spec.datatype).numpy)
+
+
+def _tensors(arrays: dict[str, np.ndarray], specs: Sequence[InputSpec]) -> list:
+    tensors = []
+    for spec in specs:
+        array = arrays[spec.name]
+        tensor = triton_aio.InferInput(spec.name, list(array.shape), spec.datatype)
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    return tensors
+
+
+class LoadGenerator:
+    """Drives the load of one comparison over one client connection."""
+
+    def __init__(self, url: str, settings: LoadSettings, progress: Progress | None = None):
+        self.url = url
+        self.settings = settings
+        self.progress = progress
+
+    async def run(
+        self, models: Sequence[str], probe: np.ndarray | None = None, probe_rows: int = 256
+    ) -> dict[str, VariantLoad]:
+        """Warm up, run the shared probe inputs, then the timed load, for every model."""
+        s = self.settings
+        async with triton_aio.InferenceServerClient(self.url) as client:
+            specs, results = {}, {}
+            for model in models:
+                metadata = await client.get_model_metadata(model)
+                specs[model] = input_specs(metadata, s.batch)
+                results[model] = VariantLoad(model, rows_per_request=s.batch)
+            for model in models:
+                await self._probe(client, model, specs[model], results[model], probe, probe_rows)
+                inputs = random_inputs(specs[model], seed=0)
+                for _ in range(s.warmup_requests):
+                    await client.infer(model, _tensors(inputs, specs[model]))
+                results[model].warmup_requests = s.warmup_requests
+            slice_s = s.duration_seconds / s.rounds
+            done = 0.0
+            for round_ in range(s.rounds):
+                for model in models:
+                    what = f"{model} (round {round_ + 1}/{s.rounds})"
+                    await self._slice(client, model, specs[model], results[model], slice_s,
+                                      lambda t, w=what, d=done: self._tick(d + t, w))  # fmt: skip
+                    done += slice_s
+                    self._tick(done, what, force=True)
+        if self.progress is not None:
+            self.progress.close()
+        return results
+
+    def _tick(self, done: float, what: str, force: bool = False) -> None:
+        if self.progress is not None:
+            self.progress.update(done, what, force)
+
+    async def _probe(
+        self,
+        client: triton_aio.InferenceServerClient,
+        model: str,
+        specs: list[InputSpec],
+        result: VariantLoad,
+        probe: np.ndarray | None,
+        rows: int,
+    ) -> None:
+        """Send the same probe inputs to every model and keep the first output, for the
+        agreement of each variant with the baseline on identical inputs."""
+        if len(specs) != 1:
+            return  # agreement is defined for one-input models
+        (spec,) = specs
+        if probe is None:
+            probe = random_inputs([InputSpec(spec.name, spec.datatype, (rows, *spec.shape[1:]))],
+                                  seed=1)[spec.name]  # fmt: skip
+        else:
+            probe = shape_probe(probe, spec)
+        outputs = []
+        chunk = 64
+        for start in range(0, len(probe), chunk):
+            part = {spec.name: probe[start : start + chunk]}
+            shaped = InputSpec(spec.name, spec.datatype, part[spec.name].shape)
+            answer = await client.infer(model, _tensors(part, [shaped]))
+            first = answer.get_response().outputs[0].name
+            outputs.append(answer.as_numpy(first))
+            result.probe_requests += 1
+        result.probe_output = np.concatenate(outputs)
+
+    async def _slice(
+        self,
+        client: triton_aio.InferenceServerClient,
+        model: str,
+        specs: list[InputSpec],
+        result: VariantLoad,
+        seconds: float,
+        tick: Callable[[float], None],
+    ) -> None:
+        """`concurrency` workers send requests back to back for `seconds`."""
+        inputs = random_inputs(specs, seed=2)
+        started = time.perf_counter()
+        deadline = started + seconds
+
+        async def worker() -> None:
+            while time.perf_counter() < deadline:
+                tensors = _tensors(inputs, specs)
+                now = time.perf_counter()
+                try:
+                    await client.infer(model, tensors)
+                except InferenceServerException as exc:
+                    key = exc.status() or "error"
+                    result.errors[key] = result.errors.get(key, 0) + 1
+                    continue
+                result.latencies_s.append(time.perf_counter() - now)
+                tick(now - started)
+
+        await asyncio.gather(*(worker() for _ in range(self.settings.concurrency)))
+        result.elapsed_s += time.perf_counter() - started

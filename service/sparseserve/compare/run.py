@@ -1,0 +1,297 @@
+"""One comparison: find a family's variants, drive load through them, gather the numbers.
+
+Against a running server (`url`, `metrics_url`) or one started here on a repository
+(`ServerProcess`, as the demo does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from sparseserve.compare import figures as f
+from sparseserve.compare.loadgen import LoadGenerator, LoadSettings, Progress, VariantLoad
+from sparseserve.compare.server_metrics import (
+    MODEL_GAUGES,
+    REQUEST_DURATION,
+    ServedVariant,
+    Snapshot,
+    scrape,
+)
+from sparseserve.repository.manifest import MANIFEST_FILENAME, ManifestError, VariantManifest
+
+
+class CompareError(ValueError):
+    """The comparison cannot run as asked (unknown family, no baseline...)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the server is: its gRPC address and its metrics endpoint."""
+
+    url: str
+    metrics_url: str
+    repository: Path | None = None  # for manifests, when known
+
+
+def family_variants(snapshot: Snapshot, family: str) -> list[ServedVariant]:
+    """The ready variants of `family` (the newest version of each model)."""
+    served = snapshot.variants()
+    newest: dict[str, ServedVariant] = {}
+    for v in served:
+        if v.family == family:
+            current = newest.get(v.model)
+            if current is None or _version_key(v.version) > _version_key(current.version):
+                newest[v.model] = v
+    if not newest:
+        families = sorted({v.family for v in served})
+        raise CompareError(
+            f"the server has no ready variant of family {family!r}; "
+            f"families served: {', '.join(families) or 'none'}"
+        )
+    return sorted(newest.values(), key=lambda v: v.model)
+
+
+def _version_key(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (-1, version)
+
+
+def _manifests(repository: Path | None, models: Sequence[str]) -> dict[str, VariantManifest]:
+    found: dict[str, VariantManifest] = {}
+    if repository is None:
+        return found
+    for model in models:
+        path = repository / model / MANIFEST_FILENAME
+        if path.exists():
+            try:
+                found[model] = VariantManifest.read(path)
+            except ManifestError:
+                continue  # the server reports such a model unavailable; it is not served
+    return found
+
+
+def find_baseline(
+    snapshot: Snapshot,
+    family: str,
+    variants: Sequence[ServedVariant],
+    manifests: dict[str, VariantManifest],
+    asked: str | None,
+) -> str:
+    """The baseline variant: as asked, else as the server labels it, else as the
+    manifests say."""
+    names = [v.variant for v in variants]
+    if asked is not None:
+        if asked not in names:
+            raise CompareError(f"--baseline {asked!r} is not a variant of {family}: {names}")
+        return asked
+    labelled = snapshot.baseline_variant(family)
+    if labelled is not None and labelled in names:
+        return labelled
+    baselines = [
+        v.variant for v in variants if v.model in manifests and manifests[v.model].is_baseline
+    ]
+    if len(baselines) == 1:
+        return baselines[0]
+    raise CompareError(
+        f"cannot tell which variant of {family} is the baseline (the server exports no "
+        f"sparseserve_model_info and no manifest names one): pass --baseline, one of {names}"
+    )
+
+
+def compare(
+    target: Target,
+    family: str,
+    settings: LoadSettings,
+    baseline: str | None = None,
+    probe: np.ndarray | None = None,
+    progress: bool = True,
+) -> f.Comparison:
+    """Run the comparison against a running server and return its numbers."""
+    before = scrape(target.metrics_url)
+    variants = family_variants(before, family)
+    models = [v.model for v in variants]
+    manifests = _manifests(target.repository, models)
+    base = find_baseline(before, family, variants, manifests, baseline)
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    bar = Progress(settings.duration_seconds * len(models)) if progress else None
+    loads = asyncio.run(LoadGenerator(target.url, settings, bar).run(models, probe))
+    after = scrape(target.metrics_url)
+
+    rows = [
+        _figures(v, loads[v.model], before, after, manifests.get(v.model), v.variant == base)
+        for v in variants
+    ]
+    baseline_row = next(r for r in rows if r.is_baseline)
+    baseline_load = loads[baseline_row.model]
+    notes = []
+    for row, v in zip(rows, variants, strict=True):
+        _versus_baseline(row, baseline_row, loads[v.model], baseline_load, after, family)
+        row.verdict = f.verdict(row, base)
+    for name, metric in MODEL_GAUGES.items():
+        if not after.exports(metric):
+            notes.append(
+                f"this server does not export {metric}: {name.replace('_', ' ')} is from the "
+                "manifests where they record it"
+            )
+    return f.Comparison(
+        family=family,
+        baseline=base,
+        url=target.url,
+        metrics_url=target.metrics_url,
+        concurrency=settings.concurrency,
+        duration_seconds=settings.duration_seconds,
+        rounds=settings.rounds,
+        batch=settings.batch,
+        started=started,
+        machine=f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        variants=rows,
+        notes=notes,
+    )
+
+
+def _figures(
+    served: ServedVariant,
+    load: VariantLoad,
+    before: Snapshot,
+    after: Snapshot,
+    manifest: VariantManifest | None,
+    is_baseline: bool,
+) -> f.VariantFigures:
+    row = f.VariantFigures(
+        model=served.model,
+        version=served.version,
+        variant=served.variant,
+        backend=served.backend,
+        is_baseline=is_baseline,
+        requests_ok=load.ok,
+        requests_failed=load.failed,
+        requests_sent=load.sent,
+        requests_per_second=load.requests_per_second,
+        rows_per_second=load.requests_per_second * load.rows_per_request,
+    )
+    if load.ok:
+        row.latency_p50_s = load.latency_quantile(0.50)
+        row.latency_p95_s = load.latency_quantile(0.95)
+        row.latency_p99_s = load.latency_quantile(0.99)
+    codes_after, codes_before = after.requests(served.model), before.requests(served.model)
+    deltas = {c: n - codes_before.get(c, 0.0) for c, n in codes_after.items()}
+    row.server_requests = sum(deltas.values())
+    row.server_errors = sum(n for c, n in deltas.items() if c != "OK")
+    histogram = after.histogram(REQUEST_DURATION, served.model).minus(
+        before.histogram(REQUEST_DURATION, served.model)
+    )
+    row.server_p50_s = histogram.quantile(0.50)
+    row.server_p99_s = histogram.quantile(0.99)
+
+    for name, metric in MODEL_GAUGES.items():
+        value = after.gauge(metric, served.model, served.version)
+        if value is not None:
+            setattr(row, name, f.Sourced(value, f.FROM_METRICS))
+        elif manifest is not None:
+            recorded = {
+                "file_bytes": manifest.file_bytes,
+                "parameters": manifest.parameters,
+                "nonzero_parameters": manifest.nonzero_parameters,
+                "weight_sparsity": manifest.sparsity,
+            }.get(name)
+            if recorded is not None:
+                setattr(row, name, f.Sourced(float(recorded), f.FROM_MANIFEST))
+    if manifest is not None:
+        row.manifest_quality = {q.metric: q.value for q in manifest.quality}
+    return row
+
+
+def _versus_baseline(
+    row: f.VariantFigures,
+    base: f.VariantFigures,
+    load: VariantLoad,
+    base_load: VariantLoad,
+    after: Snapshot,
+    family: str,
+) -> None:
+    if row.latency_p50_s and base.latency_p50_s:
+        row.speedup_p50 = base.latency_p50_s / row.latency_p50_s
+    if row.file_bytes.value and base.file_bytes.value:
+        row.size_ratio = base.file_bytes.value / row.file_bytes.value
+    if row.memory_bytes.value and base.memory_bytes.value:
+        row.memory_ratio = base.memory_bytes.value / row.memory_bytes.value
+    if row.is_baseline:
+        return
+    shadow = after.shadow_agreement(family, row.variant)
+    if shadow is not None:
+        row.agreement = f.Sourced(shadow[0], f.FROM_SHADOW)
+        return
+    ours, theirs = load.probe_output, base_load.probe_output
+    if ours is None or theirs is None or ours.shape != theirs.shape:
+        return
+    ours2, theirs2 = ours.reshape(len(ours), -1), theirs.reshape(len(theirs), -1)
+    row.agreement_rows = len(ours2)
+    if ours2.shape[1] > 1:  # a class per column: top-1 agreement
+        agree = float((ours2.argmax(axis=1) == theirs2.argmax(axis=1)).mean())
+        row.agreement = f.Sourced(agree, f.FROM_PROBE)
+    dot = (ours2 * theirs2).sum(axis=1)
+    norms = np.linalg.norm(ours2, axis=1) * np.linalg.norm(theirs2, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        row.probe_cosine = float(np.nanmean(np.where(norms > 0, dot / norms, np.nan)))
+
+
+def run_and_report(
+    family: str,
+    out: Path,
+    settings: LoadSettings,
+    url: str | None = None,
+    metrics_url: str | None = None,
+    repository: Path | None = None,
+    baseline: str | None = None,
+    probe: np.ndarray | None = None,
+    progress: bool = True,
+) -> f.Comparison:
+    """Compare `family` on the server at `url`, or on one started on `repository`, and
+    write the report into `out`."""
+    from sparseserve.compare import report
+
+    if url is not None:
+        if metrics_url is None:
+            raise CompareError("--url needs --metrics-url (the server's /metrics address)")
+        target = Target(url, metrics_url, repository)
+        comparison = compare(target, family, settings, baseline, probe, progress)
+    elif repository is not None:
+        from sparseserve.server.process import ServerProcess
+
+        with ServerProcess(repository.resolve(), "--log-level", "WARNING") as server:
+            target = Target(server.grpc_url, server.metrics_url, repository)
+            comparison = compare(target, family, settings, baseline, probe, progress)
+    else:
+        raise CompareError("say which server: --url and --metrics-url, or --repository")
+    report.write(comparison, out)
+    return comparison
+
+
+def print_comparisons(
+    url: str,
+    metrics_url: str,
+    repository: Path,
+    families: Sequence[str],
+    out_root: Path,
+    settings: LoadSettings,
+    probe: np.ndarray | None = None,
+) -> None:
+    """Compare each family on a running server and print its table (for `make demo`)."""
+    from sparseserve.compare.report import text_table
+
+    for family in families:
+        out = out_root / family
+        comparison = run_and_report(
+            family, out, settings, url=url, metrics_url=metrics_url, repository=repository,
+            probe=probe, progress=False,
+        )  # fmt: skip
+        print(f"\n{family}: {settings.concurrency} concurrent requests, "
+              f"{settings.duration_seconds:g} s per variant ({out / 'report.html'})")  # fmt: skip
+        print(text_table(comparison))

@@ -1,0 +1,210 @@
+"""`sparseserve compare` from a real run: the report's figures are the load run's and
+the server's own metrics, checked here against a scrape of the same server."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sparseserve.compare.report import PLOTS
+from sparseserve.compare.server_metrics import MODEL_GAUGES
+from sparseserve.repository.manifest import VariantManifest
+from sparseserve.server.process import ServerProcess
+from tests.integration.test_prometheus import PENDING_SERIES
+from tests.scrape import scrape, values
+from tests.variants import DENSE, FAMILY, PRUNED, build_family
+
+pytestmark = pytest.mark.integration
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+LOAD = ("--duration", "1.5", "--rounds", "3", "--concurrency", "2", "--no-progress")
+
+
+def sparseserve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sparseserve", *args], capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def family_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_family(tmp_path_factory.mktemp("compare-repository"))
+
+
+@pytest.fixture(scope="module")
+def run(family_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """One comparison against a running server; the server is scraped after it."""
+    out = tmp_path_factory.mktemp("report")
+    with ServerProcess(family_repository) as server:
+        before = scrape(server)
+        result = sparseserve(
+            "compare", "--family", FAMILY, "--url", server.grpc_url,
+            "--metrics-url", server.metrics_url, "--repository", str(family_repository),
+            "--output", str(out), *LOAD,
+        )  # fmt: skip
+        after = scrape(server)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / "report.json").read_text())
+    yield {
+        "out": out,
+        "stdout": result.stdout,
+        "report": report,
+        "variants": {v["model"]: v for v in report["variants"]},
+        "before": before,
+        "after": after,
+        "repository": family_repository,
+    }
+
+
+def test_the_report_files_are_written(run: dict) -> None:
+    out: Path = run["out"]
+    markdown = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    for name in PLOTS:
+        assert (out / name).read_bytes().startswith(PNG_MAGIC), name
+        assert f"]({name})" in markdown
+        assert f"src='{name}'" in page
+    assert f"# {FAMILY}: sparse versus dense" in markdown
+    assert set(run["variants"]) == {DENSE, PRUNED}
+    assert run["report"]["baseline"] == "dense"
+
+
+def test_request_counts_match_the_server(run: dict) -> None:
+    """Every request the run sent (warm-up, probes, load) is the server's count, and the
+    report's server-side count is what the scrape says."""
+    for model, figures in run["variants"].items():
+        sent = sum(values(run["after"], "sparseserve_requests_total", model=model)) - sum(
+            values(run["before"], "sparseserve_requests_total", model=model)
+        )
+        assert figures["requests_ok"] > 50
+        assert figures["requests_failed"] == 0
+        assert figures["requests_sent"] == sent
+        assert figures["server_requests"] == sent
+        assert figures["server_errors"] == 0
+
+
+def test_server_latency_lies_in_the_scraped_median_bucket(run: dict) -> None:
+    """The report's server p50 falls in the bucket of the scraped histogram (this run's
+    observations) that holds the median request."""
+    for model, figures in run["variants"].items():
+        counts: dict[float, float] = {}
+        for sample in run["after"]:
+            if sample.name == "sparseserve_request_duration_seconds_bucket" and (
+                sample.labels["model"] == model
+            ):
+                counts[float(sample.labels["le"])] = sample.value
+        for sample in run["before"]:
+            if sample.name == "sparseserve_request_duration_seconds_bucket" and (
+                sample.labels["model"] == model
+            ):
+                counts[float(sample.labels["le"])] -= sample.value
+        bounds = sorted(counts)
+        half = counts[math.inf] / 2
+        upper = next(b for b in bounds if counts[b] >= half)
+        lower = max([0.0, *(b for b in bounds if b < upper)])
+        assert lower <= figures["server_p50_s"] <= upper, (model, lower, upper)
+        client = [figures[f"latency_{p}_s"] for p in ("p50", "p95", "p99")]
+        assert 0 < client[0] <= client[1] <= client[2]
+
+
+def test_model_figures_are_the_servers_gauges(run: dict) -> None:
+    """Size, parameters, sparsity and memory come from the server's gauges; where this
+    server does not export one yet (PENDING_SERIES), from the manifest, marked so."""
+    for model, figures in run["variants"].items():
+        manifest = VariantManifest.read(run["repository"] / model / "sparseserve.yaml")
+        recorded = {
+            "file_bytes": manifest.file_bytes,
+            "parameters": manifest.parameters,
+            "nonzero_parameters": manifest.nonzero_parameters,
+            "weight_sparsity": manifest.sparsity,
+            "memory_bytes": None,
+        }
+        for name, metric in MODEL_GAUGES.items():
+            figure = figures[name]
+            if metric in PENDING_SERIES:
+                expected = recorded[name]
+                source = "manifest" if expected is not None else None
+            else:
+                (expected,) = values(run["after"], metric, model=model)
+                source = "server metrics"
+            assert figure == {"value": expected, "source": source}, (model, name)
+
+
+def test_verdicts_say_what_the_numbers_say(run: dict) -> None:
+    dense, pruned = run["variants"][DENSE], run["variants"][PRUNED]
+    assert dense["verdict"] == "baseline"
+    speedup = dense["latency_p50_s"] / pruned["latency_p50_s"]
+    assert pruned["speedup_p50"] == pytest.approx(speedup)
+    if speedup >= 1.1:
+        assert pruned["verdict"].startswith(f"{speedup:.1f}x faster")
+    elif speedup <= 1 / 1.1:
+        assert pruned["verdict"].startswith(f"{1 / speedup:.1f}x slower than dense")
+    else:
+        assert pruned["verdict"].startswith("no faster than dense")
+    # Same file size (zeros are stored), and agreement measured on the probe inputs.
+    assert "no smaller" in pruned["verdict"]
+    agreement = pruned["agreement"]
+    assert agreement["source"] == "probe inputs"
+    assert f"{agreement['value']:.1%} agreement" in pruned["verdict"]
+    assert pruned["agreement_rows"] == 256
+    assert re.search(rf"^{re.escape(PRUNED)}\s.*{re.escape(pruned['verdict'])}$",
+                     run["stdout"], re.MULTILINE)  # fmt: skip
+
+
+def test_compare_starts_its_own_server_on_a_repository(
+    family_repository: Path, tmp_path: Path
+) -> None:
+    result = sparseserve(
+        "compare", "--family", FAMILY, "--repository", str(family_repository),
+        "--output", str(tmp_path), "--duration", "0.5", "--rounds", "1", "--no-progress",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [v["model"] for v in report["variants"]] == [DENSE, PRUNED]
+    assert all(v["requests_ok"] > 0 for v in report["variants"])
+
+
+def test_progress_bar_on_stderr(family_repository: Path, tmp_path: Path) -> None:
+    result = sparseserve(
+        "compare", "--family", FAMILY, "--repository", str(family_repository),
+        "--output", str(tmp_path), "--duration", "0.4", "--rounds", "2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert re.search(rf"\[#+\] 100%  {re.escape(PRUNED)} \(round 2/2\)", result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--family", "no-such-family"), "no ready variant of family 'no-such-family'; "
+                                         f"families served: {FAMILY}"),
+        (("--family", FAMILY, "--baseline", "int4"), "--baseline 'int4' is not a variant"),
+        (("--family", FAMILY, "--concurrency", "0"), "concurrency must be 1..256, got 0"),
+    ],
+)  # fmt: skip
+def test_bad_requests_get_a_clear_error(
+    family_repository: Path, tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    result = sparseserve(
+        "compare", *args, "--repository", str(family_repository), "--output", str(tmp_path),
+        "--duration", "0.2", "--rounds", "1", "--no-progress",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
+
+
+def test_an_unreachable_server_is_named(tmp_path: Path) -> None:
+    result = sparseserve(
+        "compare", "--family", FAMILY, "--url", "127.0.0.1:9",
+        "--metrics-url", "http://127.0.0.1:9/metrics", "--output", str(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "cannot read metrics from http://127.0.0.1:9/metrics" in result.stderr
