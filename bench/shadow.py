@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -147,6 +148,7 @@ async def one_run(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     inputs = triton_inputs(random_inputs(256, seed=0))
     runs: list[dict[str, Any]] = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-shadow-") as tmp:
         root = build_repository(Path(tmp) / "models")
         policy = Path(tmp) / "traffic.yaml"
@@ -177,7 +179,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             file=sys.stderr,
                         )
     settings = {**vars(args), "out": str(args.out)}
-    return {"environment": environment(), "settings": settings, "runs": runs}
+    load = {"before": load_before, "after": os.getloadavg()}  # others share this machine
+    return {"environment": environment(), "settings": settings, "runs": runs, "loadavg": load}
 
 
 def summarize(report: dict[str, Any]) -> dict[str, Any]:
@@ -247,7 +250,13 @@ def render(report: dict[str, Any]) -> str:
             "",
             *table,
             "",
-            *machine_lines(report["environment"]),
+            *machine_lines(
+                report["environment"],
+                [
+                    "- load average (1 min) before / after: "
+                    f"{report['loadavg']['before'][0]:.1f} / {report['loadavg']['after'][0]:.1f}"
+                ],
+            ),
             "",
         ]
     )
