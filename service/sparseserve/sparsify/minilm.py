@@ -89,7 +89,10 @@ class MiniLMBuildConfig(BaseModel):
         ffn_fraction=0.5, head_fraction=0.25, importance=Importance.activation
     )
     distill: DistillConfig = DistillConfig(
-        steps=400, learning_rate=2e-4, loss=DistillLoss.cosine_mse, log_every=25
+        steps=250, learning_rate=2e-4, loss=DistillLoss.cosine_mse, log_every=25
+    )
+    chunk_words: int = Field(
+        32, ge=4, le=96, description="Corpus chunk length in words (~1.4 tokens a word)."
     )
     batch_size: int = Field(32, ge=1, le=1024)
     calibration_batches: int = Field(16, ge=1, le=10_000)
@@ -396,7 +399,7 @@ def build_minilm_repository(
         progress(f"[{time.perf_counter() - started:6.1f} s] {message}")
 
     say("reading the standard library's docstrings")
-    corpus = stdlib_corpus()
+    corpus = stdlib_corpus(max_words=config.chunk_words)
     train_texts, heldout_texts = _corpus_texts(corpus, config)
     say(f"corpus: {len(train_texts)} training chunks, {len(heldout_texts)} held-out chunks")
     tokenizer, bert = load_minilm()
