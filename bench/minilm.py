@@ -1,7 +1,8 @@
 """MiniLM variants: what each costs and keeps, measured on this machine.
 
 Needs a repository built by `python -m sparseserve.sparsify.minilm` (or `make minilm`).
-Three measurements, written to bench/results/minilm.json and bench/results/minilm.md:
+Parts 1 and 2 are written to bench/results/minilm.{json,md} (skip: --skip-latency), part
+3 to bench/results/minilm_importance.{json,md} (skip: --skip-importance):
 
 1. Latency: every variant's model.onnx, plus the dense model exported again with the
    dynamo exporter, in onnxruntime with 1 intra-op thread, batch 1, a 128-token input.
@@ -10,7 +11,7 @@ Three measurements, written to bench/results/minilm.json and bench/results/minil
    is dense/variant within a round, then the median over rounds.
 2. Quality and size: from the manifests (cosine and top-1 agreement to minilm.dense on
    held-out stdlib text, measured when the family was built), file and gzip bytes.
-3. Importance (unless --skip-importance): which score keeps more quality when
+3. Importance: which score keeps more quality when
    pruning the dense model the way the build does: magnitude or activation. For each,
    one-shot fidelity, and fidelity after `--importance-steps` distillation steps; and
    the issue's reference point, 50% of FFN neurons removed one-shot.
@@ -192,27 +193,31 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"(`dynamo=False`) export: {1 / dyn['speedup_vs_dense']:.2f}x the time (median of "
         f"the per-round ratios, {1 / dyn['speedup_max']:.2f}-{1 / dyn['speedup_min']:.2f}).",
     ]
-    study = report.get("importance")
-    if study:
-        lines += [
-            "",
-            f"## Importance: magnitude or activation ({study['heldout_chunks']} held-out "
-            f"chunks; distillation {study['steps']} steps on {study['train_chunks']} chunks)",
-            "",
-        ]
-        rows = []
-        for name, row in study["results"].items():
-            for stage in ("ffn50_one_shot", "one_shot", "distilled"):
-                if stage in row:
-                    fid = row[stage]
-                    cells = (fid["cosine_mean"], fid["cosine_min"], fid["top1_agreement"])
-                    rows.append([name, stage, *(f"{value:.4f}" for value in cells)])
-        lines += markdown_table(["importance", "stage", "cos mean", "cos min", "top-1"], rows, 2)
-        lines += [
-            "",
-            f"Pruning as the build does: {study['prune']}. `ffn50_one_shot` removes only "
-            "50% of the FFN neurons, without distillation (issue 3 measured cosine 0.72).",
-        ]
+    return "\n".join(lines) + "\n"
+
+
+def render_importance(report: dict[str, Any]) -> str:
+    study = report["importance"]
+    lines = ["# MiniLM pruning: magnitude or activation importance", "",
+             *machine_lines(report["environment"]), ""]  # fmt: skip
+    lines += [
+        f"{study['heldout_chunks']} held-out chunks; distillation {study['steps']} steps on "
+        f"{study['train_chunks']} chunks, otherwise as the build.",
+        "",
+    ]
+    rows = []
+    for name, row in study["results"].items():
+        for stage in ("ffn50_one_shot", "one_shot", "distilled"):
+            if stage in row:
+                fid = row[stage]
+                cells = (fid["cosine_mean"], fid["cosine_min"], fid["top1_agreement"])
+                rows.append([name, stage, *(f"{value:.4f}" for value in cells)])
+    lines += markdown_table(["importance", "stage", "cos mean", "cos min", "top-1"], rows, 2)
+    lines += [
+        "",
+        f"Pruning as the build does: {study['prune']}. `ffn50_one_shot` removes only "
+        "50% of the FFN neurons, without distillation (issue 3 measured cosine 0.72).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -235,7 +240,7 @@ def variant_rows(repository: Path) -> dict[str, dict[str, Any]]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--repository", type=Path, required=True, help="a repository holding the minilm family"
+        "--repository", type=Path, help="a repository holding the minilm family (latency part)"
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=30, help="timed runs per graph per round")
@@ -248,6 +253,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--importance-train-chunks", type=int, default=960)
     parser.add_argument("--heldout-chunks", type=int, default=400)
     parser.add_argument("--skip-importance", action="store_true")
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (importance)")
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "bench" / "results")
     return parser.parse_args(argv)  # fmt: skip
 
@@ -257,6 +264,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     env = environment()
     env["packages"] = {name: _version(name) for name in PACKAGES}
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    if not args.skip_latency:
+        if args.repository is None:
+            raise SystemExit("--repository is needed for the latency part")
+        report = {"environment": env, **latency_report(args)}
+        write(args.output_dir / "minilm", report, render_markdown(report))
+    if not args.skip_importance:
+        torch.set_num_threads(args.threads)
+        study = importance_study(
+            args.importance_steps, args.heldout_chunks, args.importance_train_chunks
+        )
+        report = {"environment": env, "importance": study}
+        write(args.output_dir / "minilm_importance", report, render_importance(report))
+    return 0
+
+
+def write(stem: Path, report: dict[str, Any], markdown: str) -> None:
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown)
+    print(markdown, flush=True)
+
+
+def latency_report(args: argparse.Namespace) -> dict[str, Any]:
+    """Latency of every variant and of a dynamo export of the dense model."""
     tokenizer, bert = load_minilm()
     feed = {k: v.numpy() for k, v in sample_inputs(tokenizer, SEQUENCE, 1).items()}
     assert feed["input_ids"].shape == (1, SEQUENCE), feed["input_ids"].shape
@@ -275,24 +306,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         latency = measure_latency(timed, feed, args.rounds, args.runs)
     # "dense" is the key the speed-ups are taken against; report it under its model name.
     latency["summary"]["minilm.dense"] = latency["summary"].pop("dense")
-    report: dict[str, Any] = {
-        "environment": env,
+    return {
         "rounds": args.rounds,
         "runs": args.runs,
         "sequence": SEQUENCE,
         "latency": latency,
         "variants": variant_rows(args.repository),
     }
-    if not args.skip_importance:
-        report["importance"] = importance_study(
-            args.importance_steps, args.heldout_chunks, args.importance_train_chunks
-        )
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "minilm.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = render_markdown(report)
-    (args.output_dir / "minilm.md").write_text(markdown)
-    print(markdown)
-    return 0
 
 
 if __name__ == "__main__":
