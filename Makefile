@@ -6,10 +6,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_REPOSITORY ?= demo-models
 
-.PHONY: help venv prometheus demo test test-fast protos check-protos helm-schema lint bench clean
+.PHONY: help venv prometheus demo minilm bench-minilm test test-fast protos check-protos helm-schema lint bench clean
 
 help:
 	@echo "make demo    build demo models + sparse variants, serve them, query them, compare"
+	@echo "make minilm  build the minilm family (real all-MiniLM-L6-v2; slow: ~10-40 min on CPU)"
+	@echo "make bench-minilm  latency, size and fidelity of the minilm variants (after make minilm)"
 	@echo "make test    the whole test suite"
 	@echo "make bench   server overhead benchmark (writes bench/results/)"
 	@echo "make protos  regenerate the gRPC stubs from protos/"
@@ -28,6 +30,14 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m sparseserve.demo --repository $(DEMO_REPOSITORY)
+
+# Slow and optional: distils a pruned MiniLM on the CPU. See docs/minilm.md.
+MINILM_REPOSITORY ?= minilm-models
+minilm: $(STAMP)
+	$(BIN)/python -m sparseserve.sparsify.minilm --repository $(MINILM_REPOSITORY)
+
+bench-minilm: $(STAMP)
+	$(BIN)/python bench/minilm.py --repository $(MINILM_REPOSITORY)
 
 # The monitoring tests run a real Prometheus (Debian's package: prometheus + promtool).
 # Installed when missing and we are root; a no-op when present. Without it (and not
@@ -77,4 +87,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/server_overhead.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_REPOSITORY) $(DEMO_REPOSITORY)-report compare-report .pytest_cache
+	rm -rf $(VENV) $(DEMO_REPOSITORY) $(DEMO_REPOSITORY)-report compare-report $(MINILM_REPOSITORY) .pytest_cache

@@ -1,0 +1,289 @@
+"""Structured pruning of BERT-style encoders: remove FFN neurons and attention heads.
+
+Unlike zeroing weights, this makes the matrices smaller, so the exported ONNX graph has
+smaller shapes and onnxruntime does less work. Two kinds of unit are removed, per layer:
+
+- an FFN intermediate neuron *i*: row *i* of ``intermediate.dense`` and column *i* of
+  ``output.dense``;
+- an attention head *h*: its rows of the query, key and value projections and its
+  columns of ``attention.output.dense``; the layer's head count shrinks with it.
+
+Which units go is decided by an importance score (`Importance`). The code works on the
+module structure of Hugging Face's ``BertModel`` (``encoder.layer[i].attention.self.query``
+...) by duck typing, so it imports neither transformers nor anything it does not need.
+A layer always keeps at least one neuron and one head: an empty matrix has no ONNX shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+
+class Importance(StrEnum):
+    """How a unit's importance is scored.
+
+    ``magnitude``: the weights alone. A neuron scores ``|W_in[i]| * |W_out[:, i]|`` and a
+    head ``|W_v[h]| * |W_o[:, h]|`` (Frobenius norms of the path its output takes).
+    ``activation``: what the unit contributes on calibration text, averaged over real
+    (unpadded) tokens: ``mean |act_i| * |W_out[:, i]|`` for a neuron and the mean norm of
+    the head's share of the attention output for a head.
+    """
+
+    magnitude = "magnitude"
+    activation = "activation"
+
+
+class EncoderPruneConfig(BaseModel):
+    """Remove `ffn_fraction` of each layer's FFN neurons and `head_fraction` of its heads."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ffn_fraction: float = Field(0.5, ge=0.0, lt=1.0)
+    head_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    importance: Importance = Importance.magnitude
+
+
+@dataclass(frozen=True)
+class UnitScores:
+    """Importance per layer: `ffn[l]` has one score per neuron, `heads[l]` one per head."""
+
+    ffn: list[torch.Tensor]
+    heads: list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What one encoder layer has after pruning."""
+
+    layer: int
+    ffn_neurons: int
+    heads: int
+
+
+def encoder_layers(model: nn.Module) -> Sequence[Any]:
+    """The transformer layers of a ``BertModel`` (or of a module holding one as `.bert`)."""
+    bert = model if hasattr(model, "encoder") else getattr(model, "bert", None)
+    layers = getattr(getattr(bert, "encoder", None), "layer", None)
+    if layers is None:
+        raise TypeError(f"{type(model).__name__} is not a BERT-style encoder (no encoder.layer)")
+    return list(layers)
+
+
+def layer_shapes(model: nn.Module) -> list[LayerShape]:
+    """FFN width and head count of every layer, as they are now."""
+    return [
+        LayerShape(
+            index,
+            layer.intermediate.dense.out_features,
+            layer.attention.self.num_attention_heads,
+        )
+        for index, layer in enumerate(encoder_layers(model))
+    ]
+
+
+def _head_rows(head_size: int, heads: Sequence[int]) -> torch.Tensor:
+    return torch.cat([torch.arange(h * head_size, (h + 1) * head_size) for h in heads])
+
+
+def _sliced_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A new Linear keeping rows (dim 0: outputs) or columns (dim 1: inputs) `index`."""
+    weight = linear.weight.detach().index_select(dim, index).clone()
+    has_bias = linear.bias is not None
+    out_features, in_features = weight.shape
+    sliced = nn.Linear(
+        in_features, out_features, bias=has_bias, device=weight.device, dtype=weight.dtype
+    )
+    with torch.no_grad():
+        sliced.weight.copy_(weight)
+        if has_bias:
+            bias = linear.bias.detach()
+            # Removing inputs leaves every output, and so the bias, as it was.
+            sliced.bias.copy_(bias.index_select(0, index) if dim == 0 else bias)
+    sliced.train(linear.training)
+    return sliced
+
+
+def _checked_keep(keep: Sequence[int] | torch.Tensor, total: int, what: str) -> torch.Tensor:
+    index = torch.as_tensor(keep, dtype=torch.long).flatten()
+    if index.numel() == 0:
+        raise ValueError(f"at least one {what} must remain in a layer, got none to keep")
+    if int(index.min()) < 0 or int(index.max()) >= total:
+        raise ValueError(f"{what} indices must be in [0, {total}), got {index.tolist()}")
+    if index.unique().numel() != index.numel():
+        raise ValueError(f"{what} indices to keep must be distinct, got {index.tolist()}")
+    return index.sort().values
+
+
+def prune_ffn_neurons(layer: Any, keep: Sequence[int] | torch.Tensor) -> None:
+    """Keep only FFN neurons `keep` of one encoder layer (in place)."""
+    index = _checked_keep(keep, layer.intermediate.dense.out_features, "FFN neuron")
+    layer.intermediate.dense = _sliced_linear(layer.intermediate.dense, index, 0)
+    layer.output.dense = _sliced_linear(layer.output.dense, index, 1)
+
+
+def prune_attention_heads(layer: Any, keep: Sequence[int] | torch.Tensor) -> None:
+    """Keep only attention heads `keep` of one encoder layer (in place)."""
+    attention = layer.attention.self
+    heads = _checked_keep(keep, attention.num_attention_heads, "attention head")
+    rows = _head_rows(attention.attention_head_size, heads.tolist())
+    for name in ("query", "key", "value"):
+        setattr(attention, name, _sliced_linear(getattr(attention, name), rows, 0))
+    layer.attention.output.dense = _sliced_linear(layer.attention.output.dense, rows, 1)
+    # The forward pass reshapes with -1 heads, but these two describe the layer to others.
+    attention.num_attention_heads = heads.numel()
+    attention.all_head_size = rows.numel()
+
+
+def _all_zero(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    return tensor.detach().eq(0).all(dim=dim)
+
+
+def dead_ffn_neurons(layer: Any) -> list[int]:
+    """Neurons that contribute nothing whatever the input: the output column is all zero,
+    or the input row and bias are zero (GELU and ReLU map 0 to 0)."""
+    w_in, w_out = layer.intermediate.dense, layer.output.dense
+    silent = _all_zero(w_in.weight, 1)
+    if w_in.bias is not None:
+        silent &= w_in.bias.detach().eq(0)
+    dead = silent | _all_zero(w_out.weight, 0)
+    return dead.nonzero().flatten().tolist()
+
+
+def dead_heads(layer: Any) -> list[int]:
+    """Heads that contribute nothing whatever the input: their columns of the attention
+    output are all zero, or their value rows and bias are (softmax averages zero vectors)."""
+    attention = layer.attention.self
+    size, count = attention.attention_head_size, attention.num_attention_heads
+    value_rows = attention.value.weight.detach().view(count, size, -1).eq(0).all(dim=(1, 2))
+    if attention.value.bias is not None:
+        value_rows &= attention.value.bias.detach().view(count, size).eq(0).all(dim=1)
+    out_columns = layer.attention.output.dense.weight.detach().view(-1, count, size)
+    dead = value_rows | out_columns.eq(0).all(dim=(0, 2))
+    return dead.nonzero().flatten().tolist()
+
+
+def remove_dead_units(model: nn.Module) -> list[LayerShape]:
+    """Remove every neuron and head that contributes nothing; outputs do not change.
+    A layer whose units are all dead keeps one of each (see the module docstring)."""
+    for layer in encoder_layers(model):
+        neurons = layer.intermediate.dense.out_features
+        dead = set(dead_ffn_neurons(layer))
+        alive = [i for i in range(neurons) if i not in dead] or [0]
+        if len(alive) < neurons:
+            prune_ffn_neurons(layer, alive)
+        heads = layer.attention.self.num_attention_heads
+        dead = set(dead_heads(layer))
+        alive = [h for h in range(heads) if h not in dead] or [0]
+        if len(alive) < heads:
+            prune_attention_heads(layer, alive)
+    return layer_shapes(model)
+
+
+def magnitude_scores(model: nn.Module) -> UnitScores:
+    """Importance from the weights alone (see `Importance.magnitude`)."""
+    ffn, heads = [], []
+    with torch.no_grad():
+        for layer in encoder_layers(model):
+            w_in = layer.intermediate.dense.weight
+            w_out = layer.output.dense.weight
+            ffn.append(w_in.norm(dim=1) * w_out.norm(dim=0))
+            attention = layer.attention.self
+            count, size = attention.num_attention_heads, attention.attention_head_size
+            value = attention.value.weight.view(count, size, -1).flatten(1).norm(dim=1)
+            out = layer.attention.output.dense.weight.view(-1, count, size)
+            heads.append(value * out.permute(1, 0, 2).flatten(1).norm(dim=1))
+    return UnitScores(ffn, heads)
+
+
+def activation_scores(
+    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]
+) -> UnitScores:
+    """Importance from what each unit contributes on `batches` (tokenizer outputs with an
+    ``attention_mask``), averaged over unpadded tokens (see `Importance.activation`)."""
+    layers = encoder_layers(model)
+    ffn_sums = [torch.zeros(layer.intermediate.dense.out_features) for layer in layers]
+    head_sums = [torch.zeros(layer.attention.self.num_attention_heads) for layer in layers]
+    state: dict[str, torch.Tensor] = {}
+
+    def on_ffn(index: int) -> Any:
+        def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            real = output[state["mask"]]  # [tokens, neurons]
+            ffn_sums[index] += real.abs().sum(dim=0).float().cpu()
+
+        return hook
+
+    def on_context(index: int) -> Any:
+        def hook(module: nn.Linear, inputs: tuple[torch.Tensor, ...]) -> None:
+            attention = layers[index].attention.self
+            count, size = attention.num_attention_heads, attention.attention_head_size
+            context = inputs[0][state["mask"]].view(-1, count, size)  # [tokens, heads, size]
+            w_out = module.weight.view(-1, count, size)  # [hidden, heads, size]
+            # Each head's share of the attention output, before the bias is added.
+            share = torch.einsum("thd,ohd->tho", context, w_out)
+            head_sums[index] += share.norm(dim=2).sum(dim=0).float().cpu()
+
+        return hook
+
+    handles = []
+    for index, layer in enumerate(layers):
+        handles.append(layer.intermediate.register_forward_hook(on_ffn(index)))
+        handles.append(layer.attention.output.dense.register_forward_pre_hook(on_context(index)))
+    tokens = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                state["mask"] = batch["attention_mask"].bool()
+                tokens += int(state["mask"].sum())
+                model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if tokens == 0:
+        raise ValueError("activation scores need at least one batch with real tokens")
+    ffn = [
+        total / tokens * layer.output.dense.weight.detach().norm(dim=0)
+        for total, layer in zip(ffn_sums, layers, strict=True)
+    ]
+    return UnitScores(ffn, [total / tokens for total in head_sums])
+
+
+def keep_most_important(scores: torch.Tensor, remove_fraction: float) -> torch.Tensor:
+    """Indices (ascending) of the units to keep when the lowest-scoring
+    `remove_fraction` go; at least one unit always stays."""
+    total = scores.numel()
+    keep = max(1, total - round(remove_fraction * total))
+    # A stable sort, so ties fall the same way on every run.
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return order[:keep].sort().values
+
+
+def prune_encoder(
+    model: nn.Module,
+    config: EncoderPruneConfig,
+    calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
+) -> list[LayerShape]:
+    """Remove the least important FFN neurons and heads of every layer (in place);
+    `calibration` batches are required for `Importance.activation`."""
+    if config.importance is Importance.activation:
+        if calibration is None:
+            raise ValueError("importance 'activation' needs calibration batches")
+        scores = activation_scores(model, calibration)
+    else:
+        scores = magnitude_scores(model)
+    for index, layer in enumerate(encoder_layers(model)):
+        if config.ffn_fraction > 0:
+            prune_ffn_neurons(layer, keep_most_important(scores.ffn[index], config.ffn_fraction))
+        if config.head_fraction > 0:
+            heads = keep_most_important(scores.heads[index], config.head_fraction)
+            prune_attention_heads(layer, heads)
+    return layer_shapes(model)
