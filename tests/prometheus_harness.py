@@ -64,6 +64,7 @@ class PrometheusProcess:
         config["global"] = {"scrape_interval": interval, "evaluation_interval": interval}
         config["rule_files"] = [str(path) for path in RULE_FILES]
         (job,) = config["scrape_configs"]
+        del job["file_sd_configs"]  # compose's targets file; the test's targets instead
         job["static_configs"] = [
             {"targets": [target], "labels": {"deployment": deployment}}
             for deployment, target in targets.items()

@@ -3,6 +3,7 @@ server's settings, the Dockerfile and the monitoring files it mounts."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from pathlib import Path
@@ -151,7 +152,8 @@ def test_prometheus_scrapes_the_server(stack, monkeypatch: pytest.MonkeyPatch) -
     targets = [t for group in job.get("static_configs", []) for t in group["targets"]]
     # Or the targets file compose writes (with the $DEPLOYMENT label), by file_sd.
     target_file = stack["services"]["prometheus"]["configs"][0]["target"]
-    if any(target_file in sd["files"] for sd in job.get("file_sd_configs", [])):
+    sd_files = [pattern for sd in job.get("file_sd_configs", []) for pattern in sd["files"]]
+    if any(fnmatch.fnmatch(target_file, pattern) for pattern in sd_files):
         content = json.loads(stack["configs"]["sparseserve-targets"]["content"])
         targets += [t for group in content for t in group["targets"]]
     assert f"sparseserve:{settings.metrics_port}" in targets
