@@ -66,8 +66,10 @@ class VariantFigures:
     manifest_quality: dict[str, float] = field(default_factory=dict)
     # versus the baseline
     speedup_p50: float | None = None
+    round_speedups: list[float] = field(default_factory=list)  # baseline/variant p50 per round
     size_ratio: float | None = None  # baseline / variant: 4 = four times smaller
     memory_ratio: float | None = None  # baseline / variant
+    memory_resolved: bool = False  # the two differ by more than MEMORY_RESOLUTION_BYTES
     verdict: str = ""
 
 
@@ -87,15 +89,31 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
 
 
-def ratio_word(ratio: float | None, better: str, worse: str, same: str) -> str | None:
-    """ "2.3x better" / "1.5x worse" / `same` (within 10%), or None when unknown."""
+# Differences of resident memory below this are page-granular noise of the measurement
+# (a small model's load grows the process by a few hundred KiB, whatever its weights).
+MEMORY_RESOLUTION_BYTES = 1 << 20
+
+
+def ratio_word(
+    ratio: float | None, better: str, worse: str, same: str, consistent: bool = True
+) -> str | None:
+    """ "2.3x better" / "1.5x worse" / `same` (within 10%, or not `consistent`: the
+    difference did not hold in every round), or None when unknown."""
     if ratio is None:
         return None
-    if ratio >= 1.1:
+    if ratio >= 1.1 and consistent:
         return f"{ratio:.1f}x {better}"
-    if ratio <= 1 / 1.1:
+    if ratio <= 1 / 1.1 and consistent:
         return f"{1 / ratio:.1f}x {worse}"
     return same
+
+
+def speed_is_consistent(figures: VariantFigures) -> bool:
+    """Every round agrees on the side of the overall ratio (a single round cannot say)."""
+    rounds, ratio = figures.round_speedups, figures.speedup_p50
+    if ratio is None or len(rounds) < 2:
+        return False
+    return all(r > 1 for r in rounds) if ratio > 1 else all(r < 1 for r in rounds)
 
 
 def verdict(figures: VariantFigures, baseline: str) -> str:
@@ -104,9 +122,10 @@ def verdict(figures: VariantFigures, baseline: str) -> str:
         return "baseline"
     parts = [
         ratio_word(figures.speedup_p50, "faster", f"slower than {baseline}",
-                   f"no faster than {baseline}"),
+                   f"no faster than {baseline}", speed_is_consistent(figures)),
         ratio_word(figures.size_ratio, "smaller", "larger", "no smaller"),
-        ratio_word(figures.memory_ratio, "less memory", "more memory", "no less memory"),
+        ratio_word(figures.memory_ratio, "less memory", "more memory", "no less memory",
+                   figures.memory_resolved),
     ]  # fmt: skip
     if figures.agreement.known:
         parts.append(f"{figures.agreement.value:.1%} agreement")

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import TextIO
 
 import numpy as np
@@ -62,6 +63,7 @@ class VariantLoad:
 
     model: str
     latencies_s: list[float] = field(default_factory=list)
+    round_starts: list[int] = field(default_factory=list)  # index of each round's first
     errors: dict[str, int] = field(default_factory=dict)
     elapsed_s: float = 0.0
     rows_per_request: int = 1
@@ -88,6 +90,15 @@ class VariantLoad:
 
     def latency_quantile(self, q: float) -> float:
         return float(np.quantile(np.asarray(self.latencies_s), q))
+
+    def round_quantiles(self, q: float) -> list[float]:
+        """The `q` latency quantile of each round that completed requests."""
+        bounds = [*self.round_starts, len(self.latencies_s)]
+        return [
+            float(np.quantile(np.asarray(self.latencies_s[start:end]), q))
+            for start, end in pairwise(bounds)
+            if end > start
+        ]
 
 
 class Progress:
@@ -206,6 +217,7 @@ class LoadGenerator:
             for round_ in range(s.rounds):
                 for model in models:
                     what = f"{model} (round {round_ + 1}/{s.rounds})"
+                    results[model].round_starts.append(len(results[model].latencies_s))
                     await self._slice(client, model, specs[model], results[model], slice_s,
                                       lambda t, w=what, d=done: self._tick(d + t, w))  # fmt: skip
                     done += slice_s

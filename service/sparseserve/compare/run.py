@@ -220,10 +220,19 @@ def _versus_baseline(
     probe outputs."""
     if row.latency_p50_s and base.latency_p50_s:
         row.speedup_p50 = base.latency_p50_s / row.latency_p50_s
+        # The variants took turns: the ratio of each round says whether the difference
+        # held while the machine's load changed, or was one noisy slice.
+        row.round_speedups = [
+            b / v
+            for b, v in zip(base_load.round_quantiles(0.5), load.round_quantiles(0.5), strict=False)
+            if v > 0
+        ]
     if row.file_bytes.value and base.file_bytes.value:
         row.size_ratio = base.file_bytes.value / row.file_bytes.value
     if row.memory_bytes.value and base.memory_bytes.value:
         row.memory_ratio = base.memory_bytes.value / row.memory_bytes.value
+        difference = abs(base.memory_bytes.value - row.memory_bytes.value)
+        row.memory_resolved = difference >= f.MEMORY_RESOLUTION_BYTES
     if row.is_baseline:
         return
     if shadow.rows > 0:
