@@ -15,7 +15,6 @@ pytest.importorskip("transformers", reason="needs the [sparsify] extra")
 
 import onnx
 import torch
-import transformers
 
 from sparseserve.repository.manifest import MANIFEST_FILENAME, Task, VariantManifest
 from sparseserve.sparsify.catalog import (
@@ -33,29 +32,15 @@ from sparseserve.sparsify.export import run_onnx
 from sparseserve.sparsify.minilm import SentenceEmbedder
 from sparseserve.sparsify.pipeline import build_family
 from sparseserve.sparsify.recipe import DataConfig, RecipeError, TrainingData, apply, parse_recipe
+from tests.unit.tiny_bert import FFN, HIDDEN, VOCAB, tiny_bert
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-VOCAB, HIDDEN, HEADS, FFN, LAYERS = 100, 32, 4, 96, 2
 NAMES = ("input_ids", "attention_mask")
 
 
 def tiny_embedder() -> SentenceEmbedder:
-    config = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        intermediate_size=FFN,
-        max_position_embeddings=64,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    bert = transformers.BertModel(config, add_pooling_layer=False)
-    with torch.no_grad():  # BERT's init gives near-zero biases; make every path count
-        for parameter in bert.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)
-    return SentenceEmbedder(bert).eval()
+    return SentenceEmbedder(tiny_bert()).eval()
 
 
 def token_batches(count: int, batch_size: int, seed: int) -> list[dict[str, np.ndarray]]:

@@ -13,7 +13,6 @@ pytest.importorskip("onnx", reason="needs the [sparsify] extra")
 
 import onnx
 import torch
-import transformers
 from pydantic import ValidationError
 
 from sparseserve.sparsify.export import export_onnx, run_onnx, run_torch
@@ -34,27 +33,7 @@ from sparseserve.sparsify.transformer import (
     prune_ffn_neurons,
     remove_dead_units,
 )
-
-HEADS, HEAD_SIZE, FFN, LAYERS = 4, 8, 96, 2
-
-
-def tiny_bert(seed: int = 0) -> torch.nn.Module:
-    """A 2-layer BERT (hidden 32, 4 heads of 8, FFN 96), random weights, eval mode."""
-    config = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=HEADS * HEAD_SIZE,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        intermediate_size=FFN,
-        max_position_embeddings=64,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(seed)
-    model = transformers.BertModel(config, add_pooling_layer=False).eval()
-    with torch.no_grad():  # BERT's init gives near-zero biases; make every path count
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)
-    return model
+from tests.unit.tiny_bert import FFN, HEAD_SIZE, HEADS, LAYERS, tiny_bert
 
 
 def batch(seed: int = 1) -> dict[str, torch.Tensor]:
