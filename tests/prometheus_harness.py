@@ -64,6 +64,7 @@ class PrometheusProcess:
         config["global"] = {"scrape_interval": interval, "evaluation_interval": interval}
         config["rule_files"] = [str(path) for path in RULE_FILES]
         (job,) = config["scrape_configs"]
+        del job["file_sd_configs"]  # compose's targets file; the test's targets instead
         job["static_configs"] = [
             {"targets": [target], "labels": {"deployment": deployment}}
             for deployment, target in targets.items()
@@ -176,10 +177,14 @@ def family(name: str) -> str:
     return name
 
 
+_LEGEND_LABEL = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+
 @dataclass(frozen=True)
 class Query:
     where: str  # 'panel "Throughput" A', 'rule variant:...'
     expr: str
+    legend: str = ""  # a panel target's legendFormat: the labels it names must exist
 
 
 def recording_rules(paths: Iterable[Path] = RULE_FILES) -> dict[str, str]:
@@ -212,7 +217,7 @@ def dashboard_queries(
     for panel in dashboard["panels"]:
         for target in panel.get("targets", []):
             where = f'panel "{panel["title"]}" {target["refId"]}'
-            queries.append(Query(where, substitute(target["expr"])))
+            queries.append(Query(where, substitute(target["expr"]), target.get("legendFormat", "")))
     return queries
 
 
@@ -220,33 +225,17 @@ class QueryChecker:
     """Says what is wrong with queries against a Prometheus scraping a real server.
 
     A query may name only series the server exports (`exported`, sample names from
-    its endpoint), recording rules, or `pending` series (documented in docs/metrics.md
-    but not exported yet). A query that depends, itself or through recording rules, on
-    a pending series must return nothing (and is reported once it returns data: the
-    series exists now, so it must leave the pending list); every other query must
-    return at least one finite value.
+    its endpoint) or recording rules, and must return at least one finite value. Every
+    label its legend names must be on every series it returns (a legend naming a label
+    the series lack, say `model` on a shadow series, shows a blank in Grafana).
     """
 
     def __init__(
-        self,
-        prometheus: PrometheusProcess,
-        exported: set[str],
-        recorded: Mapping[str, str],
-        pending: set[str],
+        self, prometheus: PrometheusProcess, exported: set[str], recorded: Mapping[str, str]
     ):
         self.prometheus = prometheus
         self.exported = {family(name) for name in exported} | exported
         self.recorded = recorded
-        self.pending = pending
-
-    def pending_dependencies(self, expr: str, seen: frozenset[str] = frozenset()) -> set[str]:
-        found = set()
-        for name in metric_names(expr):
-            if family(name) in self.pending or name in self.pending:
-                found.add(name)
-            elif name in self.recorded and name not in seen:
-                found |= self.pending_dependencies(self.recorded[name], seen | {name})
-        return found
 
     def problem(self, query: Query) -> str | None:
         unknown = sorted(
@@ -255,8 +244,6 @@ class QueryChecker:
             if name not in self.exported
             and family(name) not in self.exported
             and name not in self.recorded
-            and family(name) not in self.pending
-            and name not in self.pending
         )
         if unknown:
             return (
@@ -265,18 +252,22 @@ class QueryChecker:
             )
         result = self.prometheus.query(query.expr)
         values = [float(sample["value"][1]) for sample in result]
-        pending = self.pending_dependencies(query.expr)
-        if pending:
-            if result:
-                return (
-                    f"{query.where} depends on {', '.join(sorted(pending))}, listed as pending, "
-                    f"but returns data: the series is exported now, remove it from "
-                    f"PENDING_SERIES"
-                )
-            return None
         if not any(math.isfinite(v) for v in values):
             return (
-                f"{query.where} returns no data ({len(result)} series, none finite): {query.expr}"
+                f"{query.where} returns no data ({len(values)} series, none finite): {query.expr}"
+            )
+        missing = sorted(
+            {
+                label
+                for label in _LEGEND_LABEL.findall(query.legend)
+                for sample in result
+                if label not in sample["metric"]
+            }
+        )
+        if missing:
+            return (
+                f"{query.where} has legend {query.legend!r}, but its series lack "
+                f"{', '.join(missing)}: {query.expr}"
             )
         return None
 

@@ -290,7 +290,7 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-url", help="its metrics endpoint (http://host:8002/metrics)")
     p.add_argument(
         "--repository", type=Path, help="start a server on this repository (or, with --url, "
-        "read its manifests)"
+        "read the accuracy its manifests record)"
     )  # fmt: skip
     p.add_argument("--baseline", help="the baseline variant (default: as the server says)")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")

@@ -272,8 +272,6 @@ def test_policy_changes_do_not_restart_pods_but_config_changes_do() -> None:
 def test_env_var_names_are_settings() -> None:
     """Unknown SPARSESERVE_* variables are ignored by the settings loader, so a typo
     would pass silently: every name the chart sets must be a real setting."""
-    if "traffic" not in Settings.model_fields:
-        pytest.skip("traffic.policy_file arrives with the traffic policies (branch routing)")
     documents = render(EVERYTHING_ON)
     for var in server_container(documents).get("env", []):
         path = var["name"].removeprefix("SPARSESERVE_").lower().split("__")
@@ -394,9 +392,11 @@ def test_gpu_mode_wires_triton_as_the_backend() -> None:
     )
 
 
-def test_dashboard_config_map_renders_nothing_without_dashboards() -> None:
-    assert not list(CHART.glob("dashboards/*.json")) or pytest.skip("the chart has dashboards")
-    documents = render({"grafanaDashboard": {"enabled": True}})
+def test_dashboard_config_map_renders_nothing_without_dashboards(tmp_path: Path) -> None:
+    chart = shutil.copytree(CHART, tmp_path / "sparseserve")
+    for path in chart.glob("dashboards/*.json"):
+        path.unlink()
+    documents = render({"grafanaDashboard": {"enabled": True}}, chart=chart)
     assert [
         d for d in of_kind(documents, "ConfigMap") if "dashboards" in d["metadata"]["name"]
     ] == []
@@ -411,19 +411,35 @@ def test_dashboard_config_map_carries_the_charts_dashboards(tmp_path: Path) -> N
         "-dashboards"))  # fmt: skip
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(config_map["data"]["extra.json"]) == dashboard
+    assert set(config_map["data"]) == {"extra.json", "sparseserve.json"}
     assert not [d for d in of_kind(render(chart=chart), "ConfigMap") if "dashboards" in
                 d["metadata"]["name"]]  # fmt: skip  # off unless enabled
 
 
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "sparseserve.json"
+
+
 def test_charts_dashboard_is_the_compose_dashboard() -> None:
     """The chart can only read files inside itself, so it keeps a copy of the dashboard
-    that compose provisions: the two must stay identical."""
-    source = ROOT / "deploy" / "grafana" / "dashboards" / "sparseserve.json"
-    if not source.exists():
-        pytest.skip("deploy/grafana/dashboards/sparseserve.json comes with branch monitoring")
+    that compose provisions (and tests/integration/test_prometheus.py checks against a
+    live Prometheus): the two must stay identical."""
     copy = CHART / "dashboards" / "sparseserve.json"
-    assert copy.exists(), f"copy {source.relative_to(ROOT)} to {copy.relative_to(ROOT)}"
-    assert copy.read_bytes() == source.read_bytes()
+    assert copy.exists(), f"copy {DASHBOARD.relative_to(ROOT)} to {copy.relative_to(ROOT)}"
+    assert copy.read_bytes() == DASHBOARD.read_bytes(), (
+        f"{copy.relative_to(ROOT)} differs from {DASHBOARD.relative_to(ROOT)}: copy it again"
+    )
+
+
+def test_the_release_ships_the_dashboard() -> None:
+    """With grafanaDashboard.enabled, the release's ConfigMap carries the dashboard
+    byte for byte, for Grafana's sidecar to load (a ConfigMap holds at most 1 MiB)."""
+    documents = render({"grafanaDashboard": {"enabled": True}})
+    (config_map,) = (
+        d for d in of_kind(documents, "ConfigMap") if d["metadata"]["name"].endswith("-dashboards")
+    )
+    assert config_map["data"] == {"sparseserve.json": DASHBOARD.read_text(encoding="utf-8")}
+    assert json.loads(config_map["data"]["sparseserve.json"])["uid"] == "sparseserve"
+    assert len(DASHBOARD.read_bytes()) < 2**20
 
 
 def test_notes_say_how_to_call_the_service() -> None:

@@ -1,5 +1,7 @@
 """`sparseserve compare` from a real run: the report's figures are the load run's and
-the server's own metrics, checked here against a scrape of the same server."""
+the server's own metrics, checked here against a scrape of the same server. That server
+shadows the pruned variant with the dense baseline, so agreement and cosine come from
+its shadow series; a server without a policy (`--repository`) gives probe agreement."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from sparseserve.compare.report import PLOTS
 from sparseserve.compare.server_metrics import MODEL_GAUGES
 from sparseserve.repository.manifest import VariantManifest
 from sparseserve.server.process import ServerProcess
-from tests.integration.test_prometheus import PENDING_SERIES
+from tests.integration.test_prometheus import SHADOW_POLICY
 from tests.scrape import scrape, values
 from tests.variants import DENSE, FAMILY, PRUNED, build_family
 
@@ -41,9 +43,12 @@ def family_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def run(family_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """One comparison against a running server; the server is scraped after it."""
+    """One comparison against a running server that shadows the pruned variant with the
+    dense baseline; the server is scraped before and after it."""
     out = tmp_path_factory.mktemp("report")
-    with ServerProcess(family_repository) as server:
+    policy = tmp_path_factory.mktemp("traffic") / "policy.yaml"
+    policy.write_text(SHADOW_POLICY)
+    with ServerProcess(family_repository, "--traffic-policy", str(policy)) as server:
         before = scrape(server)
         result = sparseserve(
             "compare", "--family", FAMILY, "--url", server.grpc_url,
@@ -116,26 +121,39 @@ def test_server_latency_lies_in_the_scraped_median_bucket(run: dict) -> None:
 
 
 def test_model_figures_are_the_servers_gauges(run: dict) -> None:
-    """Size, parameters, sparsity and memory come from the server's gauges; where this
-    server does not export one yet (PENDING_SERIES), from the manifest, marked so."""
+    """Size, parameters, sparsity and memory are the server's gauges; the manifest adds
+    only the accuracy it records."""
     for model, figures in run["variants"].items():
-        manifest = VariantManifest.read(run["repository"] / model / "sparseserve.yaml")
-        recorded = {
-            "file_bytes": manifest.file_bytes,
-            "parameters": manifest.parameters,
-            "nonzero_parameters": manifest.nonzero_parameters,
-            "weight_sparsity": manifest.sparsity,
-            "memory_bytes": None,
-        }
         for name, metric in MODEL_GAUGES.items():
-            figure = figures[name]
-            if metric in PENDING_SERIES:
-                expected = recorded[name]
-                source = "manifest" if expected is not None else None
-            else:
-                (expected,) = values(run["after"], metric, model=model)
-                source = "server metrics"
-            assert figure == {"value": expected, "source": source}, (model, name)
+            (expected,) = values(run["after"], metric, model=model)
+            assert figures[name] == {"value": expected, "source": "server metrics"}, (model, name)
+        manifest = VariantManifest.read(run["repository"] / model / "sparseserve.yaml")
+        assert figures["manifest_quality"] == {q.metric: q.value for q in manifest.quality}
+
+
+def _shadow_delta(run: dict, name: str) -> float:
+    key = {"family": FAMILY, "variant": "pruned80", "baseline": "dense"}
+    return sum(values(run["after"], name, **key)) - sum(values(run["before"], name, **key))
+
+
+def test_agreement_and_cosine_are_the_servers_shadow_series(run: dict) -> None:
+    """With a shadow policy, agreement and cosine are the shadow counters' increase over
+    the run (compare waits for the shadow queue to drain before its last scrape)."""
+    pruned = run["variants"][PRUNED]
+    rows = _shadow_delta(run, "sparseserve_shadow_compared_rows_total")
+    agreed = _shadow_delta(run, "sparseserve_shadow_top1_agreements_total")
+    cosine = _shadow_delta(run, "sparseserve_shadow_cosine_sum") / _shadow_delta(
+        run, "sparseserve_shadow_cosine_count"
+    )
+    assert rows > 256  # the probe rows and the load's
+    assert pruned["agreement_rows"] == rows
+    assert pruned["agreement"] == {
+        "value": pytest.approx(agreed / rows),
+        "source": "shadow traffic",
+    }
+    assert pruned["cosine"] == {"value": pytest.approx(cosine), "source": "shadow traffic"}
+    assert run["variants"][DENSE]["agreement"] == {"value": None, "source": None}
+    print(f"agreement {agreed / rows:.4f} on {rows:g} shadowed rows, cosine {cosine:.4f}")
 
 
 def test_verdicts_say_what_the_numbers_say(run: dict) -> None:
@@ -149,12 +167,9 @@ def test_verdicts_say_what_the_numbers_say(run: dict) -> None:
         assert pruned["verdict"].startswith(f"{1 / speedup:.1f}x slower than dense")
     else:
         assert pruned["verdict"].startswith("no faster than dense")
-    # Same file size (zeros are stored), and agreement measured on the probe inputs.
+    # Same file size (zeros are stored).
     assert "no smaller" in pruned["verdict"]
-    agreement = pruned["agreement"]
-    assert agreement["source"] == "probe inputs"
-    assert f"{agreement['value']:.1%} agreement" in pruned["verdict"]
-    assert pruned["agreement_rows"] == 256
+    assert f"{pruned['agreement']['value']:.1%} agreement" in pruned["verdict"]
     assert re.search(rf"^{re.escape(PRUNED)}\s.*{re.escape(pruned['verdict'])}$",
                      run["stdout"], re.MULTILINE)  # fmt: skip
 
@@ -170,6 +185,11 @@ def test_compare_starts_its_own_server_on_a_repository(
     report = json.loads((tmp_path / "report.json").read_text())
     assert [v["model"] for v in report["variants"]] == [DENSE, PRUNED]
     assert all(v["requests_ok"] > 0 for v in report["variants"])
+    # No shadow policy: agreement and cosine on the 256 probe rows.
+    pruned = report["variants"][1]
+    assert pruned["agreement"]["source"] == pruned["cosine"]["source"] == "probe inputs"
+    assert 0 <= pruned["agreement"]["value"] <= 1
+    assert pruned["agreement_rows"] == 256
 
 
 def test_progress_bar_on_stderr(family_repository: Path, tmp_path: Path) -> None:

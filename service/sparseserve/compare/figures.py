@@ -3,9 +3,10 @@
 Latency and throughput come from the load run (measured at the client), the server's
 request counts and latency histogram from its metrics endpoint (scraped before and
 after the run), size, parameters, sparsity and memory from the endpoint's per-model
-gauges (the manifest only where the server does not export one, and then marked so),
-and agreement with the baseline from shadow traffic when the server has compared rows,
-else from the probe inputs this run sent to every variant.
+gauges, and agreement and cosine similarity with the baseline from the server's shadow
+series when a shadow policy compared rows during the run, else from the probe inputs
+this run sent to every variant. The manifest adds only what the server cannot know:
+quality measured on labelled data when the variant was built.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from dataclasses import dataclass, field
 # Sources of a figure, as the report names them.
 FROM_LOAD = "load run"
 FROM_METRICS = "server metrics"
-FROM_MANIFEST = "manifest"
 FROM_SHADOW = "shadow traffic"
 FROM_PROBE = "probe inputs"
 
@@ -61,8 +61,8 @@ class VariantFigures:
     memory_bytes: Sourced = field(default_factory=Sourced)
     # quality versus the baseline
     agreement: Sourced = field(default_factory=Sourced)
-    agreement_rows: int = 0
-    probe_cosine: float | None = None
+    agreement_rows: int = 0  # rows compared (shadow or probe)
+    cosine: Sourced = field(default_factory=Sourced)  # mean cosine similarity per row
     manifest_quality: dict[str, float] = field(default_factory=dict)
     # versus the baseline
     speedup_p50: float | None = None

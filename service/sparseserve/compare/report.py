@@ -1,7 +1,8 @@
 """report.md + report.html + PNG plots (+ report.json) from one `Comparison`.
 
-Every number is written with its source (load run, server metrics, manifest, shadow
-traffic, probe inputs), so a reader can tell a measurement from a claim.
+Every number is written with its source (load run, server metrics, shadow traffic,
+probe inputs; the manifest only for quality measured when the variant was built), so a
+reader can tell a measurement from a claim.
 """
 
 from __future__ import annotations
@@ -29,10 +30,7 @@ def _ms(seconds: float | None) -> str:
 
 
 def _number(x: Sourced, render: Callable[[float], str]) -> str:
-    if x.value is None:
-        return "—"
-    mark = "†" if x.source == "manifest" else ""
-    return render(x.value) + mark
+    return "—" if x.value is None else render(x.value)
 
 
 def table_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
@@ -81,11 +79,12 @@ def _sources(c: Comparison) -> list[str]:
         "Latency and req/s: measured at the client during the load run. Server p50: the "
         "server's own request-duration histogram over the run (bucket-interpolated, as "
         "PromQL's histogram_quantile). File size, parameters, sparsity, memory: the "
-        "server's per-model gauges; † marks a value from the manifest where the server "
-        "does not export it.",
-        "Agreement: top-1 agreement with the baseline from the server's shadow counters "
-        "when it has compared rows, else on the probe inputs this run sent to every "
-        "variant (the same rows to each).",
+        "server's per-model gauges.",
+        "Agreement and cosine: top-1 agreement and mean cosine similarity with the "
+        "baseline from the server's shadow series over this run when a shadow policy "
+        "compared rows, else on the probe inputs this run sent to every variant (the "
+        "same rows to each). Accuracy: as recorded in the manifest when the variant was "
+        "built.",
     ]
     return lines + [f"Note: {n}." for n in c.notes]
 
@@ -109,9 +108,9 @@ def _details(v: VariantFigures) -> list[str]:
         if v.agreement.value is not None:
             rows = f" on {v.agreement_rows} rows" if v.agreement_rows else ""
             out.append(f"top-1 agreement: {v.agreement.value:.2%} ({v.agreement.source}{rows})")
-        if v.probe_cosine is not None:
+        if v.cosine.value is not None:
             out.append(
-                f"mean cosine similarity to the baseline (probe inputs): {v.probe_cosine:.5f}"
+                f"mean cosine similarity to the baseline ({v.cosine.source}): {v.cosine.value:.5f}"
             )
     for metric, value in v.manifest_quality.items():
         out.append(f"{metric} recorded in the manifest: {value:.4g}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,6 +23,7 @@ from sparseserve.compare.server_metrics import (
     MODEL_GAUGES,
     REQUEST_DURATION,
     ServedVariant,
+    ShadowTotals,
     Snapshot,
     scrape,
 )
@@ -78,14 +80,10 @@ def _manifests(repository: Path | None, models: Sequence[str]) -> dict[str, Vari
 
 
 def find_baseline(
-    snapshot: Snapshot,
-    family: str,
-    variants: Sequence[ServedVariant],
-    manifests: dict[str, VariantManifest],
-    asked: str | None,
+    snapshot: Snapshot, family: str, variants: Sequence[ServedVariant], asked: str | None
 ) -> str:
-    """The baseline variant: as asked, else as the server labels it, else as the
-    manifests say."""
+    """The baseline variant: as asked, else the one the server labels
+    `sparseserve_model_info{is_baseline="true"}`."""
     names = [v.variant for v in variants]
     if asked is not None:
         if asked not in names:
@@ -94,15 +92,26 @@ def find_baseline(
     labelled = snapshot.baseline_variant(family)
     if labelled is not None and labelled in names:
         return labelled
-    baselines = [
-        v.variant for v in variants if v.model in manifests and manifests[v.model].is_baseline
-    ]
-    if len(baselines) == 1:
-        return baselines[0]
     raise CompareError(
-        f"cannot tell which variant of {family} is the baseline (the server exports no "
-        f"sparseserve_model_info and no manifest names one): pass --baseline, one of {names}"
+        f"the server serves no baseline of {family} (no ready variant has "
+        f'sparseserve_model_info{{is_baseline="true"}}): pass --baseline, one of {names}'
     )
+
+
+def settled_scrape(metrics_url: str, timeout: float = 5.0, pause: float = 0.2) -> Snapshot:
+    """A scrape taken once the server's shadow runs have stopped changing: shadow jobs
+    run after their answers, so some may still wait in the queue when the load ends.
+    Gives up waiting after `timeout` (a server shadowing other clients' traffic never
+    settles) and returns the last scrape."""
+    snapshot = scrape(metrics_url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(pause)
+        later = scrape(metrics_url)
+        if later.shadow_runs() == snapshot.shadow_runs():
+            return later
+        snapshot = later
+    return snapshot
 
 
 def compare(
@@ -118,11 +127,11 @@ def compare(
     variants = family_variants(before, family)
     models = [v.model for v in variants]
     manifests = _manifests(target.repository, models)
-    base = find_baseline(before, family, variants, manifests, baseline)
+    base = find_baseline(before, family, variants, baseline)
     started = datetime.now(UTC).isoformat(timespec="seconds")
     bar = Progress(settings.duration_seconds * len(models)) if progress else None
     loads = asyncio.run(LoadGenerator(target.url, settings, bar).run(models, probe))
-    after = scrape(target.metrics_url)
+    after = settled_scrape(target.metrics_url)
 
     rows = [
         _figures(v, loads[v.model], before, after, manifests.get(v.model), v.variant == base)
@@ -132,13 +141,13 @@ def compare(
     baseline_load = loads[baseline_row.model]
     notes = []
     for row, v in zip(rows, variants, strict=True):
-        _versus_baseline(row, baseline_row, loads[v.model], baseline_load, after, family)
+        shadow = after.shadow(family, v.variant, base).minus(before.shadow(family, v.variant, base))
+        _versus_baseline(row, baseline_row, loads[v.model], baseline_load, shadow)
         row.verdict = f.verdict(row, base)
     for name, metric in MODEL_GAUGES.items():
         if not after.exports(metric):
             notes.append(
-                f"this server does not export {metric}: {name.replace('_', ' ')} is from the "
-                "manifests where they record it"
+                f"this server does not export {metric}: {name.replace('_', ' ')} is not known"
             )
     return f.Comparison(
         family=family,
@@ -194,16 +203,7 @@ def _figures(
         value = after.gauge(metric, served.model, served.version)
         if value is not None:
             setattr(row, name, f.Sourced(value, f.FROM_METRICS))
-        elif manifest is not None:
-            recorded = {
-                "file_bytes": manifest.file_bytes,
-                "parameters": manifest.parameters,
-                "nonzero_parameters": manifest.nonzero_parameters,
-                "weight_sparsity": manifest.sparsity,
-            }.get(name)
-            if recorded is not None:
-                setattr(row, name, f.Sourced(float(recorded), f.FROM_MANIFEST))
-    if manifest is not None:
+    if manifest is not None:  # measured on labelled data at build time: the server cannot
         row.manifest_quality = {q.metric: q.value for q in manifest.quality}
     return row
 
@@ -213,9 +213,11 @@ def _versus_baseline(
     base: f.VariantFigures,
     load: VariantLoad,
     base_load: VariantLoad,
-    after: Snapshot,
-    family: str,
+    shadow: ShadowTotals,
 ) -> None:
+    """Speedup, size and memory ratios; agreement and cosine from the shadow rows the
+    server compared during the run (variant against this baseline), else from the
+    probe outputs."""
     if row.latency_p50_s and base.latency_p50_s:
         row.speedup_p50 = base.latency_p50_s / row.latency_p50_s
     if row.file_bytes.value and base.file_bytes.value:
@@ -224,9 +226,12 @@ def _versus_baseline(
         row.memory_ratio = base.memory_bytes.value / row.memory_bytes.value
     if row.is_baseline:
         return
-    shadow = after.shadow_agreement(family, row.variant)
-    if shadow is not None:
-        row.agreement = f.Sourced(shadow[0], f.FROM_SHADOW)
+    if shadow.rows > 0:
+        row.agreement_rows = int(shadow.rows)
+        if shadow.agreements is not None:
+            row.agreement = f.Sourced(shadow.agreements / shadow.rows, f.FROM_SHADOW)
+        if shadow.cosine_count > 0:
+            row.cosine = f.Sourced(shadow.cosine_sum / shadow.cosine_count, f.FROM_SHADOW)
         return
     ours, theirs = load.probe_output, base_load.probe_output
     if ours is None or theirs is None or ours.shape != theirs.shape:
@@ -239,7 +244,8 @@ def _versus_baseline(
     dot = (ours2 * theirs2).sum(axis=1)
     norms = np.linalg.norm(ours2, axis=1) * np.linalg.norm(theirs2, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        row.probe_cosine = float(np.nanmean(np.where(norms > 0, dot / norms, np.nan)))
+        cosine = float(np.nanmean(np.where(norms > 0, dot / norms, np.nan)))
+    row.cosine = f.Sourced(cosine, f.FROM_PROBE)
 
 
 def run_and_report(

@@ -1,9 +1,9 @@
 """What a sparseserve server says about its models on its Prometheus endpoint.
 
 The comparison reads its per-variant facts (which variants a family has, which is the
-baseline, file size, parameters, sparsity, measured memory, shadow agreement) and the
-server's own request counts and latency histograms from here, so that the report shows
-what the server measured, not what a manifest claims.
+baseline, file size, parameters, sparsity, measured memory, shadow agreement and cosine)
+and the server's own request counts and latency histograms from here, so that the report
+shows what the server measured, not what a manifest claims.
 """
 
 from __future__ import annotations
@@ -107,24 +107,47 @@ class Snapshot:
             total += s.value
         return Histogram(dict(buckets), total)
 
-    def shadow_agreement(self, family: str, variant: str) -> tuple[float, str] | None:
-        """(top-1 agreement, baseline) from the shadow counters, or None without rows."""
-        compared = list(self._matching("sparseserve_shadow_compared_rows_total", family=family))
-        for rows in compared:
-            if rows.labels.get("variant") != variant or rows.value <= 0:
-                continue
-            baseline = rows.labels.get("baseline", "")
-            agreed = sum(
-                s.value
-                for s in self._matching(
-                    "sparseserve_shadow_top1_agreements_total",
-                    family=family,
-                    variant=variant,
-                    baseline=baseline,
-                )
-            )
-            return agreed / rows.value, baseline
-        return None
+    def shadow_runs(self) -> float:
+        """Shadow runs of every outcome, all comparisons: unchanged between two scrapes
+        once the shadow queue has drained."""
+        return sum(s.value for s in self._matching("sparseserve_shadow_runs_total"))
+
+    def shadow(self, family: str, variant: str, baseline: str) -> ShadowTotals:
+        """The shadow counters of one comparison (zeros where the server has none)."""
+        key = {"family": family, "variant": variant, "baseline": baseline}
+
+        def total(name: str) -> float | None:
+            found = list(self._matching(name, **key))
+            return sum(s.value for s in found) if found else None
+
+        return ShadowTotals(
+            rows=total("sparseserve_shadow_compared_rows_total") or 0.0,
+            agreements=total("sparseserve_shadow_top1_agreements_total"),
+            cosine_sum=total("sparseserve_shadow_cosine_sum") or 0.0,
+            cosine_count=total("sparseserve_shadow_cosine_count") or 0.0,
+        )
+
+
+@dataclass(frozen=True)
+class ShadowTotals:
+    """Totals of one (family, variant, baseline) comparison's shadow series."""
+
+    rows: float
+    agreements: float | None  # None: not a classifier, the server counts no top-1
+    cosine_sum: float
+    cosine_count: float
+
+    def minus(self, earlier: ShadowTotals) -> ShadowTotals:
+        """The comparisons made since `earlier` (a scrape of the same server)."""
+        agreements = None
+        if self.agreements is not None:
+            agreements = self.agreements - (earlier.agreements or 0.0)
+        return ShadowTotals(
+            self.rows - earlier.rows,
+            agreements,
+            self.cosine_sum - earlier.cosine_sum,
+            self.cosine_count - earlier.cosine_count,
+        )
 
 
 @dataclass

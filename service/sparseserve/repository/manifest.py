@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
+
+from sparseserve.yaml_files import read_model
 
 MANIFEST_FILENAME = "sparseserve.yaml"
 MANIFEST_SCHEMA_VERSION = 1
@@ -103,20 +105,7 @@ class VariantManifest(_Strict):
     @classmethod
     def read(cls, path: Path) -> VariantManifest:
         """Parse and validate a manifest file; raise `ManifestError` saying what is wrong."""
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise ManifestError(f"{path}: cannot read manifest: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ManifestError(f"{path}: manifest must be a mapping, got {type(data).__name__}")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(part) for part in error['loc']) or '<root>'}: {error['msg']}"
-                for error in exc.errors()
-            )
-            raise ManifestError(f"{path}: invalid manifest: {problems}") from exc
+        return read_model(cls, path, "manifest", ManifestError)
 
     def write(self, path: Path) -> None:
         """Write the manifest as YAML (atomically: a poller never sees half a file)."""

@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sparseserve.yaml_files import read_model
 
 log = logging.getLogger(__name__)
 
@@ -103,24 +105,7 @@ class TrafficPolicy(_Strict):
     def read(cls, path: Path) -> TrafficPolicy:
         """Parse and validate a policy file; raise `TrafficPolicyError` saying what is
         wrong, where."""
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise TrafficPolicyError(f"{path}: cannot read traffic policy: {exc}") from exc
-        if data is None:
-            return cls()
-        if not isinstance(data, dict):
-            raise TrafficPolicyError(
-                f"{path}: a traffic policy is a mapping with `families:`, got {type(data).__name__}"
-            )
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(part) for part in error['loc']) or '<root>'}: {error['msg']}"
-                for error in exc.errors()
-            )
-            raise TrafficPolicyError(f"{path}: invalid traffic policy: {problems}") from exc
+        return read_model(cls, path, "traffic policy", TrafficPolicyError, empty_ok=True)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
