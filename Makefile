@@ -34,7 +34,7 @@ demo: $(STAMP)
 # Slow and optional: distils a pruned MiniLM on the CPU. See docs/minilm.md.
 MINILM_REPOSITORY ?= minilm-models
 minilm: $(STAMP)
-	$(BIN)/python -m sparseserve.sparsify.minilm --repository $(MINILM_REPOSITORY)
+	$(BIN)/sparseserve sparsify --recipe recipes/minilm.yaml --repository $(MINILM_REPOSITORY)
 
 bench-minilm: $(STAMP)
 	$(BIN)/python bench/minilm.py --repository $(MINILM_REPOSITORY)

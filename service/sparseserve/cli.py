@@ -220,6 +220,12 @@ def _sparsify_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", type=Path, required=True, help="recipe YAML file")
     p.add_argument("--repository", type=Path, required=True, help="model repository")
     p.add_argument("--seed", type=int, help="override the recipe's data.seed")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads while building (0: torch's default; default: what the "
+        "recipe's architecture asks for, 1 for the digits models)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -237,7 +243,9 @@ def _sparsify(args: argparse.Namespace) -> int:
             print(line, flush=True)
 
     try:
-        built = build_family(args.recipe, args.repository, progress=progress, seed=args.seed)
+        built = build_family(
+            args.recipe, args.repository, progress=progress, seed=args.seed, threads=args.threads
+        )
     except RecipeError as exc:
         print(f"sparseserve: {exc}", file=sys.stderr)
         return 2

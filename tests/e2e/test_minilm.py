@@ -1,6 +1,6 @@
-"""The minilm family end to end, on the real all-MiniLM-L6-v2: built (with a short
-distillation, to stay in test time), written to a repository, served by a real server,
-queried with tritonclient."""
+"""The minilm family end to end, on the real all-MiniLM-L6-v2: built from
+recipes/minilm.yaml (with a short distillation on fewer chunks, to stay in test time),
+written to a repository, served by a real server, queried with tritonclient."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 pytest.importorskip("torch", reason="needs the [sparsify] extra")
 pytest.importorskip("transformers", reason="needs the [sparsify] extra")
@@ -20,49 +21,47 @@ from tritonclient.utils import InferenceServerException
 
 from sparseserve.repository.manifest import MANIFEST_FILENAME, Task, VariantManifest
 from sparseserve.server.process import ServerProcess
-from sparseserve.sparsify.distill import DistillConfig
-from sparseserve.sparsify.minilm import (
-    MiniLMBuildConfig,
-    build_minilm_repository,
-    load_minilm,
-    onnx_session,
-)
+from sparseserve.sparsify.export import run_onnx
+from sparseserve.sparsify.minilm import load_tokenizer
+from sparseserve.sparsify.pipeline import build_family
 
-# About a minute on an idle 2-core machine; the timeout leaves room for a busy one.
+# About 40 s on the shared 2-core machine; the timeout leaves room for a busy one.
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(900)]
 
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "minilm.yaml"
 VARIANTS = ["minilm.dense", "minilm.int8", "minilm.structured", "minilm.structured-int8"]
 QUERIES = [
     "Return the number of items in the queue.",
     "A socket server that handles each request in a new thread and stops on shutdown.",
 ]
-# Short: the test shows the pipeline works and that distillation helps, not final quality.
-CONFIG = MiniLMBuildConfig(
-    distill=DistillConfig(steps=10, learning_rate=2e-4, log_every=5),
-    batch_size=16,
-    train_chunks=160,
-    heldout_chunks=48,
-    calibration_batches=2,
-)
+
+
+def short_recipe(path: Path) -> Path:
+    """The shipped recipe with 10 distillation steps on 160 chunks, measured on 48: the
+    test shows that the recipe builds and that distillation helps, not final quality."""
+    recipe = yaml.safe_load(RECIPE.read_text())
+    recipe["data"].update(batch_size=16, train_samples=160, test_samples=48,
+                          calibration_samples=32)  # fmt: skip
+    (structured,) = [v for v in recipe["variants"] if v["name"] == "structured"]
+    (distill,) = [step["distill"] for step in structured["steps"] if "distill" in step]
+    distill.update(steps=10, log_every=5)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list[str]]:
-    repository = tmp_path_factory.mktemp("minilm")
+    root = tmp_path_factory.mktemp("minilm")
     lines: list[str] = []
-    manifests = build_minilm_repository(repository, CONFIG, progress=lines.append)
-    return repository, manifests, lines
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> object:
-    return load_minilm()[0]
+    variants = build_family(
+        short_recipe(root / "minilm-short.yaml"), root / "models", progress=lines.append
+    )
+    return root / "models", {variant.name: variant.manifest for variant in variants}, lines
 
 
 def test_build_writes_four_variants_with_honest_manifests(built: tuple) -> None:
     repository, manifests, lines = built
     assert list(manifests) == VARIANTS
-    assert any(line.endswith("exporting minilm.dense (legacy exporter)") for line in lines)
     assert any("distill step 10/10" in line for line in lines)
     for name in VARIANTS:
         manifest = VariantManifest.read(repository / name / MANIFEST_FILENAME)
@@ -72,11 +71,12 @@ def test_build_writes_four_variants_with_honest_manifests(built: tuple) -> None:
         path = repository / name / "1" / "model.onnx"
         assert [p.name for p in path.parent.iterdir()] == ["model.onnx"]
         assert manifest.file_bytes == path.stat().st_size
-        assert manifest.recipe is not None
-        assert 0 < manifest.recipe["measured"]["gzip_bytes"] < manifest.file_bytes
-        quality = {q.metric: q.value for q in manifest.quality}
+        assert 0 < manifest.gzip_bytes < manifest.file_bytes
+        assert manifest.recipe is not None and manifest.recipe["source"] == "minilm-short.yaml"
+        quality = {q.metric: q for q in manifest.quality}
         assert set(quality) == {"cosine_mean", "cosine_min", "top1_agreement"}
-        assert -1.0 <= quality["cosine_min"] <= quality["cosine_mean"] <= 1.0 + 1e-6
+        assert all(q.samples == 48 for q in quality.values())
+        assert -1.0 <= quality["cosine_min"].value <= quality["cosine_mean"].value <= 1.0 + 1e-6
 
     def quality(name: str) -> dict[str, float]:
         return {q.metric: q.value for q in manifests[name].quality}
@@ -86,7 +86,10 @@ def test_build_writes_four_variants_with_honest_manifests(built: tuple) -> None:
     assert quality("minilm.int8")["cosine_mean"] > 0.98
     # Ten steps of distillation already recover part of what pruning lost.
     structured = manifests["minilm.structured"]
-    before = structured.recipe["before_distillation"]["cosine_mean"]
+    distill = structured.recipe["steps"][1]
+    assert distill["distill"]["steps"] == 10
+    before = distill["report"]["heldout_before"]["cosine_mean"]
+    assert distill["report"]["loss_window_steps"] == 5
     assert quality("minilm.structured")["cosine_mean"] > before + 0.02
     assert quality("minilm.structured-int8")["cosine_mean"] > before
     # Smaller on disk in the order the techniques promise.
@@ -102,6 +105,8 @@ def test_structured_variant_has_smaller_matrices(built: tuple) -> None:
     assert layers["bert.encoder.layer.0.intermediate.dense.weight"] == [768, 384]
     assert layers["bert.encoder.layer.5.attention.self.query.weight"] == [288, 384]
     assert structured.parameters < manifests["minilm.dense"].parameters
+    prune_report = structured.recipe["steps"][0]["report"]
+    assert prune_report["layers"][5] == {"layer": 5, "ffn_neurons": 768, "heads": 9}
     graph = onnx.load(str(repository / "minilm.structured" / "1" / "model.onnx")).graph
     dims = [list(init.dims) for init in graph.initializer]
     assert dims.count([384, 768]) == 6 and [384, 1536] not in dims
@@ -119,11 +124,11 @@ def _infer(
 
 
 def test_every_variant_serves_embeddings_through_tritonclient(
-    built: tuple, tokenizer: Callable, start_server: Callable[..., ServerProcess]
+    built: tuple, start_server: Callable[..., ServerProcess]
 ) -> None:
     repository, _, _ = built
     server = start_server(repository)
-    encoded = tokenizer(QUERIES, padding=True, return_tensors="np")
+    encoded = load_tokenizer()(QUERIES, padding=True, return_tensors="np")
     inputs = {name: encoded[name].astype(np.int64) for name in ("input_ids", "attention_mask")}
     with triton.InferenceServerClient(server.grpc_url) as client:
         served = {}
@@ -137,8 +142,7 @@ def test_every_variant_serves_embeddings_through_tritonclient(
             served[name] = _infer(client, name, inputs)
             assert served[name].shape == (2, 384)
             np.testing.assert_allclose(np.linalg.norm(served[name], axis=1), 1.0, atol=1e-5)
-            session = onnx_session(repository / name / "1" / "model.onnx")
-            local = session.run(["sentence_embedding"], inputs)[0]
+            local = run_onnx(repository / name / "1" / "model.onnx", inputs)
             np.testing.assert_allclose(served[name], local, atol=1e-5)
         cosine = (served["minilm.dense"] * served["minilm.int8"]).sum(axis=1)
         assert cosine.min() > 0.97

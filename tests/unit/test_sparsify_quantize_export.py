@@ -43,7 +43,7 @@ def trained() -> dict[str, object]:
 
 def float_export(model, name: str) -> tuple[bytes, str, tuple[int, ...]]:
     shape = (64,) if name == "mlp" else (1, 8, 8)
-    return export_onnx(model, shape, "input", "logits"), "input", shape
+    return export_onnx(model, {"input": torch.zeros(2, *shape)}, "logits"), "input", shape
 
 
 def ops(onnx_model: bytes) -> set[str]:
@@ -73,8 +73,8 @@ def test_quantized_outputs_are_close_to_float(
     quantized, report = apply_onnx(float_model, config, data=data, input_name=input_name)
     assert int8_ops <= ops(quantized)
     assert report["bytes_after"] == len(quantized) < len(float_model)
-    expected = run_onnx(float_model, input_name, x)
-    actual = run_onnx(quantized, input_name, x)
+    expected = run_onnx(float_model, {input_name: x})
+    actual = run_onnx(quantized, {input_name: x})
     assert actual.dtype == np.float32  # clients keep sending and receiving float32
     scale = np.abs(expected).max()
     assert np.abs(actual - expected).max() < tolerance * scale
@@ -95,16 +95,19 @@ def test_legacy_export_matches_torch(trained: dict, name: str) -> None:
     x = trained["split"].x_test.reshape(-1, *data.x_train.shape[1:])
     onnx_model, input_name, _ = float_export(model, name)
     expected = model(torch.from_numpy(x)).detach().numpy()
-    np.testing.assert_allclose(run_onnx(onnx_model, input_name, x), expected, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        run_onnx(onnx_model, {input_name: x}), expected, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_dynamo_export_matches_torch(trained: dict) -> None:
     pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
     model, _ = trained["cnn"]
     x = trained["split"].x_test.reshape(-1, 1, 8, 8)
-    onnx_model = export_onnx(model, (1, 8, 8), "image", "logits", exporter=Exporter.dynamo)
+    example = {"image": torch.zeros(2, 1, 8, 8)}
+    onnx_model = export_onnx(model, example, "logits", exporter=Exporter.dynamo)
     expected = model(torch.from_numpy(x)).detach().numpy()
-    np.testing.assert_allclose(run_onnx(onnx_model, "image", x), expected, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(run_onnx(onnx_model, {"image": x}), expected, atol=1e-5, rtol=1e-5)
     assert onnx.load_from_string(onnx_model).graph.input[0].name == "image"
 
 
@@ -120,7 +123,9 @@ def test_sparse_storage_shrinks_a_pruned_model_and_changes_no_output(trained: di
     graph = onnx.load_from_string(compact).graph
     assert {s.values.name for s in graph.sparse_initializer} == set(moved)
     x = trained["split"].x_test
-    np.testing.assert_array_equal(run_onnx(compact, input_name, x), run_onnx(dense, input_name, x))
+    np.testing.assert_array_equal(
+        run_onnx(compact, {input_name: x}), run_onnx(dense, {input_name: x})
+    )
 
 
 def test_sparse_storage_leaves_weights_where_it_would_be_larger() -> None:

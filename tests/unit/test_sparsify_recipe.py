@@ -46,6 +46,13 @@ EXAMPLES: dict[str, dict[str, object]] = {
         "mode": "static", "per_channel": False, "calibration_samples": 64,
         "calibration_batch": 16,
     },
+    "encoder_prune": {"ffn_fraction": 0.3, "head_fraction": 0.5, "importance": "activation"},
+    "distill": {
+        "steps": 40, "learning_rate": 0.001, "weight_decay": 0.01, "warmup_fraction": 0.2,
+        "loss": "kl", "temperature": 3.0, "max_grad_norm": 2.0, "student_dropout": True,
+        "cache_teacher": False, "log_every": 5, "seed": 7, "freeze": ["bert.embeddings"],
+        "batch_size": 16,
+    },
 }  # fmt: skip
 
 
@@ -67,7 +74,33 @@ def test_the_shipped_recipes_validate_and_have_the_required_variants(name: str) 
     assert recipe.baseline == "dense"
 
 
-@pytest.mark.parametrize("name", ["digits-mlp.yaml", "digits-cnn.yaml"])
+def test_the_minilm_recipe_validates_with_its_transformer_steps() -> None:
+    from sparseserve.sparsify.distill import DistillConfig, DistillLoss
+    from sparseserve.sparsify.quantize import QuantizeConfig
+    from sparseserve.sparsify.transformer import EncoderPruneConfig, Importance
+
+    recipe = load_recipe(RECIPES / "minilm.yaml")
+    variants = {v.name: v for v in recipe.variants}
+    assert list(variants) == ["dense", "int8", "structured", "structured-int8"]
+    assert (recipe.base.architecture, recipe.data.source) == (
+        "all-minilm-l6-v2",
+        "stdlib-docstrings",
+    )
+    prune, distill = variants["structured"].steps
+    assert prune == EncoderPruneConfig(
+        ffn_fraction=0.5, head_fraction=0.25, importance=Importance.activation
+    )
+    assert isinstance(distill, DistillConfig)
+    assert (distill.steps, distill.loss, distill.freeze) == (
+        250,
+        DistillLoss.cosine_mse,
+        ("bert.embeddings",),
+    )
+    assert variants["structured-int8"].parent == "structured"
+    assert variants["structured-int8"].steps == [QuantizeConfig()]
+
+
+@pytest.mark.parametrize("name", ["digits-mlp.yaml", "digits-cnn.yaml", "minilm.yaml"])
 def test_a_recipe_survives_a_yaml_round_trip(name: str) -> None:
     recipe = load_recipe(RECIPES / name)
     again = parse_recipe(yaml.safe_load(recipe.to_yaml()))
@@ -107,7 +140,7 @@ def test_every_step_survives_a_yaml_round_trip(name: str) -> None:
         ),
         (
             lambda d: d["variants"][1]["steps"].append({"prune_harder": {}}),
-            "unknown step 'prune_harder' (known steps: gradual_prune,",
+            "unknown step 'prune_harder' (known steps: distill, encoder_prune, gradual_prune,",
         ),
         (
             lambda d: d["variants"][1]["steps"].append({"train": {}, "shrink": {}}),
@@ -150,6 +183,12 @@ def test_a_bad_recipe_is_refused_naming_the_field(mutate, expected: str) -> None
         ("train", {"epochs": 0}, "train.epochs: Input should be greater than or equal to 1"),
         ("train", {"epochs": 1, "dropout": 1.0}, "train.dropout: Input should be less than 1"),
         ("quantize", {"mode": "int4"}, "quantize.mode: Input should be"),
+        ("encoder_prune", {"ffn_fraction": 1.0}, "encoder_prune.ffn_fraction: Input should be"),
+        ("encoder_prune", {"importance": "random"}, "encoder_prune.importance: Input should be"),
+        ("encoder_prune", {"heads": 2}, "encoder_prune.heads: Extra inputs are not permitted"),
+        ("distill", {"steps": 0}, "distill.steps: Input should be greater than or equal to 1"),
+        ("distill", {"loss": "l1"}, "distill.loss: Input should be"),
+        ("distill", {"freeze": ["bert embeddings"]}, "distill.freeze.0: String should match"),
     ],
 )
 def test_a_bad_step_is_refused_naming_the_field(step: str, fields: dict, expected: str) -> None:

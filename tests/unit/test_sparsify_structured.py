@@ -111,13 +111,13 @@ def test_structured_prune_then_shrink_gives_a_smaller_onnx_model(pixels: np.ndar
     assert report["widths"] == {"fc1": [128, 64], "fc2": [64, 32]}
     torch.testing.assert_close(model(torch.from_numpy(pixels)).detach(), trained, atol=1e-5, rtol=0)
 
-    onnx_model = export_onnx(model.eval(), (64,), "pixels", "logits")
+    onnx_model = export_onnx(model.eval(), {"pixels": pixels[:2]}, "logits")
     shapes = {i.name: list(i.dims) for i in onnx.load_from_string(onnx_model).graph.initializer}
     assert shapes["fc1.weight"] == [64, 64]
     assert shapes["fc2.weight"] == [32, 64]
     assert shapes["fc3.weight"] == [10, 32]
     np.testing.assert_allclose(
-        run_onnx(onnx_model, "pixels", pixels), trained.numpy(), atol=1e-5, rtol=1e-5
+        run_onnx(onnx_model, {"pixels": pixels}), trained.numpy(), atol=1e-5, rtol=1e-5
     )
 
 
@@ -146,6 +146,6 @@ def test_exported_onnx_weights_match_after_shrinking(pixels: np.ndarray) -> None
     model = mlp().eval()
     apply(model, StructuredPruneConfig(sparsity=0.5))
     shrink(model)
-    graph = onnx.load_from_string(export_onnx(model, (64,), "pixels", "logits")).graph
+    graph = onnx.load_from_string(export_onnx(model, {"pixels": pixels[:2]}, "logits")).graph
     weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     np.testing.assert_array_equal(weights["fc2.weight"], model.fc2.weight.detach().numpy())

@@ -4,8 +4,6 @@ the exported ONNX graph has the smaller shapes."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -15,16 +13,10 @@ pytest.importorskip("onnx", reason="needs the [sparsify] extra")
 
 import onnx
 import torch
-import transformers
 from pydantic import ValidationError
 
-from sparseserve.sparsify.minilm import (
-    SentenceEmbedder,
-    export_onnx,
-    onnx_embeddings,
-    onnx_session,
-    torch_embeddings,
-)
+from sparseserve.sparsify.export import export_onnx, run_onnx, run_torch
+from sparseserve.sparsify.minilm import SentenceEmbedder
 from sparseserve.sparsify.transformer import (
     EncoderPruneConfig,
     Importance,
@@ -41,27 +33,7 @@ from sparseserve.sparsify.transformer import (
     prune_ffn_neurons,
     remove_dead_units,
 )
-
-HEADS, HEAD_SIZE, FFN, LAYERS = 4, 8, 96, 2
-
-
-def tiny_bert(seed: int = 0) -> torch.nn.Module:
-    """A 2-layer BERT (hidden 32, 4 heads of 8, FFN 96), random weights, eval mode."""
-    config = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=HEADS * HEAD_SIZE,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        intermediate_size=FFN,
-        max_position_embeddings=64,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(seed)
-    model = transformers.BertModel(config, add_pooling_layer=False).eval()
-    with torch.no_grad():  # BERT's init gives near-zero biases; make every path count
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)
-    return model
+from tests.unit.tiny_bert import FFN, HEAD_SIZE, HEADS, LAYERS, tiny_bert
 
 
 def batch(seed: int = 1) -> dict[str, torch.Tensor]:
@@ -247,14 +219,15 @@ def test_prune_config_is_bounded_and_strict(fields: dict[str, object], problem: 
         EncoderPruneConfig.model_validate(fields)
 
 
-def test_exported_onnx_has_the_smaller_shapes_and_matches_torch(tmp_path: Path) -> None:
+def test_exported_onnx_has_the_smaller_shapes_and_matches_torch() -> None:
     embedder = SentenceEmbedder(tiny_bert())
     prune_encoder(embedder.bert, EncoderPruneConfig(ffn_fraction=0.5, head_fraction=0.5))
-    path = tmp_path / "model.onnx"
     example = {k: v[:1, :6] for k, v in batch().items()}
-    export_onnx(embedder, example, path)
+    axes = {name: {0: "batch", 1: "sequence"} for name in example}
+    onnx_model = export_onnx(embedder, example, "sentence_embedding", dynamic_axes=axes)
 
-    shapes = {init.name: list(init.dims) for init in onnx.load(str(path)).graph.initializer}
+    graph = onnx.load_from_string(onnx_model).graph
+    shapes = {init.name: list(init.dims) for init in graph.initializer}
     matrices = sorted(dims for dims in shapes.values() if len(dims) == 2)
     hidden_size = HEADS * HEAD_SIZE
     # Per layer: Q, K, V [hidden, 2 heads] and the attention output [2 heads, hidden]
@@ -265,6 +238,7 @@ def test_exported_onnx_has_the_smaller_shapes_and_matches_torch(tmp_path: Path) 
     assert matrices.count([2 * HEAD_SIZE, hidden_size]) == LAYERS
     assert [hidden_size, FFN] not in matrices
     # A different batch and sequence length than the export example, with padding.
-    got = onnx_embeddings(onnx_session(path), [batch(seed=5)])
-    np.testing.assert_allclose(got, torch_embeddings(embedder, [batch(seed=5)]), atol=1e-5)
+    inputs = {name: value.numpy() for name, value in batch(seed=5).items()}
+    got = run_onnx(onnx_model, inputs)
+    np.testing.assert_allclose(got, run_torch(embedder, inputs), atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)

@@ -8,7 +8,7 @@ the data, not of the weights, so it is measured by running the data through the 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -16,14 +16,20 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sparseserve.sparsify.prune import prunable_layers, unparametrize
-from sparseserve.sparsify.recipe import FilterFn
+from sparseserve.sparsify.recipe import Feed, FilterFn, feeds
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU)
 
 
 @torch.no_grad()
-def activation_sparsity(model: nn.Module, x: np.ndarray, batch_size: int = 512) -> dict[str, float]:
-    """Per activation module (by name), the fraction of its outputs that are exactly zero."""
+def activation_sparsity(
+    model: nn.Module, x: np.ndarray | Sequence[Feed], batch_size: int = 512
+) -> dict[str, float]:
+    """Per activation module (by name), the fraction of its outputs that are exactly zero.
+
+    `x` is rows of the model's one input, or batches of its inputs (passed positionally).
+    A model without such modules (BERT's GELU is a function) is not run at all.
+    """
     zeros: dict[str, int] = {}
     totals: dict[str, int] = {}
     handles = []
@@ -38,12 +44,13 @@ def activation_sparsity(model: nn.Module, x: np.ndarray, batch_size: int = 512) 
     for name, module in model.named_modules():
         if isinstance(module, ACTIVATIONS):
             handles.append(module.register_forward_hook(counter(name)))
+    if not handles:
+        return {}
     was_training = model.training
     model.eval()
     try:
-        inputs = torch.from_numpy(x)
-        for start in range(0, len(inputs), batch_size):
-            model(inputs[start : start + batch_size])
+        for feed in feeds(x, "input", batch_size):
+            model(*(torch.from_numpy(value) for value in feed.values()))
     finally:
         for handle in handles:
             handle.remove()

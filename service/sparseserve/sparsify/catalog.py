@@ -8,46 +8,85 @@ name something that exists, and a bad name gets an error listing the known ones.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sparseserve.repository.manifest import Task
-from sparseserve.sparsify.recipe import DataConfig, RecipeError
+from sparseserve.sparsify.recipe import DataConfig, Feed, RecipeError, Rows
 
 if TYPE_CHECKING:
     from torch import nn
 
-CATALOG_MODULES = ("sparseserve.sparsify.digits",)
+CATALOG_MODULES = (
+    "sparseserve.sparsify.digits",
+    "sparseserve.sparsify.minilm",
+    "sparseserve.sparsify.corpus",
+)
+# The name of every dimension that `None` marks in a `ModelInput`: inputs that share it
+# (token ids and their mask) must agree on it.
+SEQUENCE_AXIS = "sequence"
+TextEncoder = Callable[[Sequence[str]], Feed]
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """One input of the exported graph. `sample_shape` is one sample's shape, without the
+    batch dimension; `None` marks a dimension that varies between batches (a sequence)."""
+
+    name: str
+    sample_shape: tuple[int | None, ...]
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """How to build an untrained model, and what its one input and output are called."""
+    """How to build the starting model (untrained, or pretrained weights from a package),
+    and what its inputs and output are called."""
 
     name: str
     build: Callable[[], nn.Module]
-    input_name: str
-    sample_shape: tuple[int, ...]  # one sample, without the batch dimension
+    inputs: tuple[ModelInput, ...]
     description: str
     output_name: str = "logits"
     task: Task = Task.classification
+    # For text data sources: loads the model's tokenizer, returns texts -> one padded batch.
+    text_encoder: Callable[[], TextEncoder] | None = None
+    # torch threads for building (0: torch's default). The digits models are so small that
+    # a second thread on a shared 2-core machine only spins against the first.
+    torch_threads: int = 1
+
+    @property
+    def input_name(self) -> str:
+        """The first input (the only one of a single-input model)."""
+        return self.inputs[0].name
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """Per input, its varying axes: 0 is the batch, `None` dimensions the sequence."""
+        return {
+            spec.name: {
+                0: "batch",
+                **{i + 1: SEQUENCE_AXIS for i, d in enumerate(spec.sample_shape) if d is None},
+            }
+            for spec in self.inputs
+        }
 
 
 @dataclass(frozen=True)
 class LabelledData:
-    """A train/test split: rows of features (float32) and integer labels."""
+    """A train/test split: model inputs (`Rows`) and, for classifiers, integer labels."""
 
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
+    x_train: Rows
+    y_train: np.ndarray | None
+    x_test: Rows
+    y_test: np.ndarray | None
     test_description: str
 
 
-DataLoader = Callable[[DataConfig], LabelledData]
+# A loader gets the architecture too: text becomes input only through its tokenizer.
+DataLoader = Callable[[DataConfig, Architecture], LabelledData]
 _ARCHITECTURES: dict[str, Architecture] = {}
 _DATA_SOURCES: dict[str, DataLoader] = {}
 
@@ -82,10 +121,10 @@ def architecture(name: str) -> Architecture:
     return _ARCHITECTURES[name]
 
 
-def load_data(config: DataConfig) -> LabelledData:
-    """Load the data source a recipe names."""
+def load_data(config: DataConfig, architecture: Architecture) -> LabelledData:
+    """Load the data source a recipe names, as input for `architecture`."""
     _load_catalog()
     if config.source not in _DATA_SOURCES:
         known = ", ".join(sorted(_DATA_SOURCES))
         raise RecipeError(f"data.source: unknown data source {config.source!r} (known: {known})")
-    return _DATA_SOURCES[config.source](config)
+    return _DATA_SOURCES[config.source](config, architecture)

@@ -7,12 +7,18 @@ browser, `this` prints a poem), in sorted path order, so the same Python gives t
 corpus. Each docstring is cleaned, split into sentences, and the sentences are
 deduplicated and grouped into chunks. A chunk goes to the held-out split by a hash of its
 text, so the split of a chunk does not depend on what else is in the corpus.
+
+In a recipe this is the data source ``stdlib-docstrings``: chunks of at most
+`RECIPE_CHUNK_WORDS` words, `data.test_fraction` of them held out, the training chunks
+shuffled by `data.seed`, both tokenized by the architecture's tokenizer in batches of
+`data.batch_size`.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import random
 import re
 import sys
 import sysconfig
@@ -20,6 +26,12 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from sparseserve.sparsify.catalog import Architecture, LabelledData, register_data_source
+from sparseserve.sparsify.recipe import DataConfig, Feed, RecipeError
+
+# A sentence or two, about 1.4 tokens a word: chunks stay well under MiniLM's 128-token cut.
+RECIPE_CHUNK_WORDS = 32
 
 # Tests, the IDE, vendored code and generated tables: little prose, or the same prose again.
 _SKIPPED_PARTS = frozenset(
@@ -143,3 +155,29 @@ def stdlib_corpus(
     version = ".".join(str(part) for part in sys.version_info[:3])
     source = f"Python {version} standard library docstrings, chunks of <= {max_words} words"
     return Corpus(train=train, heldout=heldout, source=source)
+
+
+@register_data_source("stdlib-docstrings")
+def _stdlib_docstrings(config: DataConfig, architecture: Architecture) -> LabelledData:
+    if architecture.text_encoder is None:
+        raise RecipeError(
+            f"data.source: 'stdlib-docstrings' is text, and architecture "
+            f"{architecture.name!r} has no tokenizer to turn it into input"
+        )
+    corpus = stdlib_corpus(max_words=RECIPE_CHUNK_WORDS, heldout_fraction=config.test_fraction)
+    train = list(corpus.train[: config.train_samples])
+    random.Random(config.seed).shuffle(train)
+    heldout = list(corpus.heldout[: config.test_samples])
+    encode = architecture.text_encoder()
+
+    def batches(texts: list[str]) -> list[Feed]:
+        size = config.batch_size
+        return [encode(texts[start : start + size]) for start in range(0, len(texts), size)]
+
+    return LabelledData(
+        x_train=batches(train),
+        y_train=None,
+        x_test=batches(heldout),
+        y_test=None,
+        test_description=f"{corpus.source}; {len(heldout)} held-out chunks",
+    )

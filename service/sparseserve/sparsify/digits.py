@@ -17,6 +17,7 @@ from torch import nn
 from sparseserve.sparsify.catalog import (
     Architecture,
     LabelledData,
+    ModelInput,
     register_architecture,
     register_data_source,
 )
@@ -54,10 +55,15 @@ def load_digits_split(seed: int = 0, test_fraction: float = TEST_FRACTION) -> Di
 
 
 @register_data_source("sklearn-digits")
-def _digits(config: DataConfig) -> LabelledData:
+def _digits(config: DataConfig, _architecture: Architecture) -> LabelledData:
     split = load_digits_split(config.seed, config.test_fraction)
+    train, test = slice(config.train_samples), slice(config.test_samples)
     return LabelledData(
-        split.x_train, split.y_train, split.x_test, split.y_test, split.test_dataset
+        split.x_train[train],
+        split.y_train[train],
+        split.x_test[test],
+        split.y_test[test],
+        split.test_dataset,
     )
 
 
@@ -92,14 +98,18 @@ def cnn() -> nn.Sequential:
 
 
 MLP = register_architecture(
-    Architecture("digits-mlp", mlp, "pixels", (64,), "MLP 64-128-64-10 (ReLU) on 8x8 digits")
+    Architecture(
+        "digits-mlp",
+        mlp,
+        (ModelInput("pixels", (64,)),),
+        "MLP 64-128-64-10 (ReLU) on 8x8 digits",
+    )
 )
 CNN = register_architecture(
     Architecture(
         "digits-cnn",
         cnn,
-        "image",
-        (1, 8, 8),
+        (ModelInput("image", (1, 8, 8)),),
         "Two 3x3 convolutions with BatchNorm and ReLU, max-pool, Linear on 8x8 digits",
     )
 )

@@ -3,25 +3,46 @@
 After structured pruning there are usually no labels to fine-tune on (a sentence
 embedder was trained on a billion pairs nobody ships), but the dense model itself is a
 perfect label source: the student learns to give the teacher's outputs on unlabelled
-input. Both models are called the same way, ``model(**batch)``, and must return one
-tensor: embeddings (loss: cosine and/or MSE) or logits (loss: KL divergence at a
-temperature, as in Hinton et al. 2015).
+input. Both models are called the same way, with a batch's tensors as positional
+arguments in its order (as the ONNX export calls them), and must return one tensor:
+embeddings (loss: cosine and/or MSE) or logits (loss: KL divergence at a temperature, as
+in Hinton et al. 2015).
+
+In a recipe this is the ``distill`` step; the teacher is the family's base model and the
+batches are the recipe's training data::
+
+    - distill: {steps: 250, learning_rate: 0.0002, loss: cosine_mse, freeze: [bert.embeddings]}
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Annotated, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
+from sparseserve.sparsify.export import run_torch
+from sparseserve.sparsify.quality import fidelity
+from sparseserve.sparsify.recipe import (
+    RecipeError,
+    StepConfig,
+    StepContext,
+    StepReport,
+    feeds,
+    register_step,
+)
+
 Batch = Mapping[str, torch.Tensor]
+ModulePath = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")]
 
 
 class DistillLoss(StrEnum):
@@ -37,11 +58,10 @@ class DistillLoss(StrEnum):
     kl = "kl"
 
 
-class DistillConfig(BaseModel):
+class DistillConfig(StepConfig):
     """How long and how hard to train the student; every field bounded."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+    step = "distill"
     steps: int = Field(300, ge=1, le=1_000_000, description="Optimizer steps.")
     learning_rate: float = Field(1e-4, gt=0.0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
@@ -59,6 +79,18 @@ class DistillConfig(BaseModel):
     )
     log_every: int = Field(50, ge=1, le=1_000_000, description="Steps between progress lines.")
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    freeze: tuple[ModulePath, ...] = Field(
+        (),
+        description="Submodules of the student kept as they are, e.g. bert.embeddings: "
+        "pruning did not touch the token table, and not updating it saves an optimizer "
+        "pass over most of MiniLM's parameters.",
+    )
+    batch_size: int = Field(
+        32, ge=1, le=4096, description="Rows per batch for row data (text keeps its batches)."
+    )
+
+    def label(self) -> str:
+        return f"distill {self.steps} steps ({self.loss.value})"
 
 
 @dataclass(frozen=True)
@@ -130,8 +162,43 @@ def distill(
     `batches`, cycling through them as often as needed.
 
     A one-shot iterator is read once: training then ends when it runs out. The teacher is
-    never changed. `progress`, if given, receives a line every `config.log_every` steps.
+    never changed, nor are the student's `config.freeze` submodules. `progress`, if
+    given, receives a line every `config.log_every` steps.
     """
+    with _frozen(student, config.freeze):
+        return _train(teacher, student, batches, config, progress)
+
+
+@contextmanager
+def _frozen(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """`requires_grad` off for the parameters of the submodules `names`, until exit."""
+    parameters = []
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            children = ", ".join(child for child, _ in model.named_children())
+            raise ValueError(
+                f"distill.freeze: {type(model).__name__} has no submodule {name!r} "
+                f"(its children: {children})"
+            ) from None
+        parameters += [p for p in module.parameters() if p.requires_grad]
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+
+
+def _train(
+    teacher: nn.Module,
+    student: nn.Module,
+    batches: Iterable[Batch],
+    config: DistillConfig,
+    progress: Callable[[str], None] | None,
+) -> DistillResult:
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(
@@ -155,10 +222,10 @@ def distill(
                     target = cache[index]
                 else:
                     with torch.no_grad():
-                        target = teacher(**batch)
+                        target = teacher(*batch.values())
                     if cacheable:
                         cache[index] = target
-                loss = distillation_loss(student(**batch), target, config)
+                loss = distillation_loss(student(*batch.values()), target, config)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.max_grad_norm is not None:
@@ -184,3 +251,46 @@ def distill(
         student.train(student_was_training)
         torch.random.set_rng_state(generator_state)
     return DistillResult(losses, time.perf_counter() - started)
+
+
+def _closeness(teacher: np.ndarray, student: np.ndarray, loss: DistillLoss) -> dict[str, float]:
+    """How close the student's outputs are to the teacher's: embedding fidelity, or for
+    logits the fraction of rows with the same top class."""
+    if loss is DistillLoss.kl:
+        same = teacher.argmax(axis=1) == student.argmax(axis=1)
+        return {"top1_agreement": round(float(same.mean()), 6)}
+    return fidelity(teacher, student).rounded()
+
+
+@register_step(DistillConfig)
+def _distill(model: nn.Module, config: DistillConfig, context: StepContext) -> StepReport:
+    if context.teacher is None:
+        raise RecipeError(
+            "distill trains towards a teacher: in a recipe, the family's base model; "
+            "from Python, pass apply(..., teacher=model)"
+        )
+    if context.data is None:
+        raise RecipeError("distill needs input to run both models on (pass data=TrainingData(...))")
+    data, teacher = context.data, context.teacher
+    batches = [
+        {name: torch.from_numpy(value) for name, value in feed.items()}
+        for feed in feeds(data.x_train, context.input_name, config.batch_size)
+    ]
+    heldout = feeds(data.x_heldout, context.input_name) if data.x_heldout is not None else None
+    report: dict[str, Any] = {"train_batches": len(batches)}
+    if heldout:
+        target = run_torch(teacher, heldout)
+        report["heldout_before"] = _closeness(target, run_torch(model, heldout), config.loss)
+    result = distill(teacher, model, batches, config, progress=context.progress)
+    # Mean losses over windows that never overlap: single steps are noisy.
+    window = max(1, min(20, result.steps // 2))
+    report["loss_window_steps"] = window
+    report["loss_first"] = round(result.mean_loss(first=True, window=window), 6)
+    report["loss_last"] = round(result.mean_loss(first=False, window=window), 6)
+    report["distill_seconds"] = round(result.seconds, 1)
+    if heldout:
+        report["heldout_after"] = _closeness(target, run_torch(model, heldout), config.loss)
+        context.progress(
+            f"distill: held-out {report['heldout_before']} -> {report['heldout_after']}"
+        )
+    return report

@@ -15,7 +15,7 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from sparseserve.repository.manifest import MANIFEST_FILENAME, LayerSparsity, VariantManifest
-from sparseserve.sparsify.recipe import Exporter
+from sparseserve.sparsify.recipe import Exporter, Feed
 
 INDEX_BYTES = 8  # ONNX sparse tensors index with int64
 
@@ -45,6 +45,9 @@ def _exporter_warnings_silenced() -> Iterator[None]:
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", UserWarning)
+            # Shape arithmetic (in transformers) that tracing records as constants: every
+            # export is checked against torch on batches of other shapes before it is used.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             yield
     finally:
         logger.setLevel(level)
@@ -52,47 +55,85 @@ def _exporter_warnings_silenced() -> Iterator[None]:
 
 def export_onnx(
     model: nn.Module,
-    sample_shape: tuple[int, ...],
-    input_name: str,
+    example: Mapping[str, np.ndarray | torch.Tensor],
     output_name: str,
     *,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     exporter: Exporter = Exporter.legacy,
     opset: int = 17,
 ) -> bytes:
-    """Serialize `model` (eval mode) to ONNX with a dynamic batch dimension."""
+    """Serialize `model` (eval mode) to one self-contained ONNX file.
+
+    `example` holds one tensor per input, in the order `model` takes them positionally
+    (real rows are best: tracing follows the branches they take). `dynamic_axes` names
+    each input's varying axes, such as ``{0: "batch", 1: "sequence"}``; by default only
+    the batch varies. The output's batch axis always varies.
+    """
     model.eval()
-    sample = (torch.zeros(2, *sample_shape),)
+    names = list(example)
+    args = tuple(torch.as_tensor(value) for value in example.values())
+    axes = {name: dict((dynamic_axes or {}).get(name, {0: "batch"})) for name in names}
     with _exporter_warnings_silenced():
         if exporter is Exporter.dynamo:
+            # torch.export warns about its own internals (pytree APIs, axis renaming).
+            warnings.simplefilter("ignore")
+            dims: dict[str, torch.export.Dim] = {}
+            shapes = tuple(
+                {axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in axes[n].items()}
+                for n in names
+            )
             program = torch.onnx.export(
                 model,
-                sample,
+                args,
                 dynamo=True,
                 verbose=False,
                 opset_version=max(opset, 18),  # the dynamo exporter's lowest opset
-                input_names=[input_name],
+                input_names=names,
                 output_names=[output_name],
-                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                dynamic_shapes=shapes,
             )
             return program.model_proto.SerializeToString()
         buffer = io.BytesIO()
         torch.onnx.export(
             model,
-            sample,
+            args,
             buffer,
             dynamo=False,
             opset_version=opset,
-            input_names=[input_name],
+            input_names=names,
             output_names=[output_name],
-            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+            dynamic_axes={**axes, output_name: {0: "batch"}},
         )
         return buffer.getvalue()
 
 
-def run_onnx(onnx_model: bytes, input_name: str, x: np.ndarray) -> np.ndarray:
-    """The model's first output for `x`, computed by onnxruntime on the CPU."""
-    session = ort.InferenceSession(onnx_model, providers=["CPUExecutionProvider"])
-    return session.run(None, {input_name: x})[0]
+def onnx_session(model: bytes | Path, threads: int = 0) -> ort.InferenceSession:
+    """A CPU onnxruntime session; `threads` intra-op threads (0: onnxruntime's default)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    source = str(model) if isinstance(model, Path) else model
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(onnx_model: bytes | Path, batches: Feed | Sequence[Feed]) -> np.ndarray:
+    """The model's first output for every batch of named inputs, concatenated."""
+    session = onnx_session(onnx_model)
+    batches = [batches] if isinstance(batches, Mapping) else batches
+    return np.concatenate([session.run(None, dict(feed))[0] for feed in batches])
+
+
+@torch.no_grad()
+def run_torch(model: nn.Module, batches: Feed | Sequence[Feed]) -> np.ndarray:
+    """`model`'s output (eval mode) for every batch, inputs passed positionally in the
+    order of each batch (as the export passes them), concatenated."""
+    was_training = model.training
+    model.eval()
+    try:
+        batches = [batches] if isinstance(batches, Mapping) else batches
+        outputs = [model(*(torch.from_numpy(value) for value in feed.values())) for feed in batches]
+    finally:
+        model.train(was_training)
+    return torch.cat(outputs).numpy()
 
 
 def max_relative_difference(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -128,10 +169,10 @@ def sparse_storage(onnx_model: bytes) -> tuple[bytes, list[str]]:
 
 
 def weight_sparsity(model: nn.Module) -> list[LayerSparsity]:
-    """Sparsity of every Linear and Conv2d weight."""
+    """Shape and sparsity of every Linear, Conv2d and Embedding weight."""
     layers = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear | nn.Conv2d):
+        if isinstance(module, nn.Linear | nn.Conv2d | nn.Embedding):
             weight = module.weight.detach()
             nonzero = int(weight.count_nonzero())
             layers.append(

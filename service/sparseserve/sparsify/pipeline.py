@@ -1,8 +1,9 @@
 """Run a recipe: train the base, build every variant, measure it, write it to a repository.
 
-Every variant is measured the way it will be served: the accuracy in its manifest is
-onnxruntime's on the exported file, not torch's. Manifests are written last, once the
-baseline's numbers are known, each model file appearing after its manifest.
+Every variant is measured the way it will be served: the quality in its manifest
+(accuracy, or cosine to the baseline's embeddings) is computed on onnxruntime's outputs of
+the exported file, not torch's. Manifests are written last, once the baseline's numbers
+are known, each model file appearing after its manifest.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparseserve.repository.manifest import ActivationSparsity, Quality, VariantManifest
+from sparseserve.repository.manifest import ActivationSparsity, Quality, Task, VariantManifest
 from sparseserve.sparsify.activations import activation_sparsity
 from sparseserve.sparsify.catalog import Architecture, LabelledData, architecture, load_data
 from sparseserve.sparsify.export import (
@@ -29,26 +30,37 @@ from sparseserve.sparsify.export import (
     gzip_size,
     max_relative_difference,
     run_onnx,
+    run_torch,
     sparse_storage,
     weight_sparsity,
     write_variant,
 )
 from sparseserve.sparsify.prune import bake
+from sparseserve.sparsify.quality import (
+    accuracy,
+    classification_quality,
+    embedding_quality,
+    summary,
+)
 from sparseserve.sparsify.recipe import (
+    Feed,
     Progress,
     Recipe,
+    Rows,
     Stage,
     StepConfig,
     StepContext,
     TrainingData,
     VariantSpec,
     dump_step,
+    feeds,
     handler_for,
+    head,
     load_recipe,
 )
 
 # A correct export differs from torch only by float32 summation order (and BatchNorm
-# folded into the convolution): relative for logits above 1 in magnitude, absolute below.
+# folded into the convolution): relative for outputs above 1 in magnitude, absolute below.
 EXPORT_TOLERANCE = 1e-4
 
 
@@ -66,7 +78,8 @@ class _Variant:
     spec: VariantSpec
     model: nn.Module  # baked: masks applied, parametrizations gone
     onnx_model: bytes
-    logits: np.ndarray
+    outputs: np.ndarray  # onnxruntime's, on the test inputs
+    torch_outputs: np.ndarray  # torch's, of the exported model, on the same inputs
     torch_steps: list[dict[str, Any]] = field(default_factory=list)  # lineage, with reports
     steps: list[dict[str, Any]] = field(default_factory=list)  # torch_steps + own ONNX steps
     labels: list[str] = field(default_factory=list)
@@ -79,16 +92,18 @@ class _Variant:
 @contextlib.contextmanager
 def deterministic_torch(seed: int, threads: int = 1) -> Iterator[None]:
     """Seeded, deterministic torch; the caller's RNG and thread settings come back after
-    (this also runs inside test processes).
+    (this also runs inside test processes). `threads` 0 keeps torch's setting.
 
-    One thread: these models are tiny, and on a shared 2-core machine two torch threads
-    spin against each other (a CNN epoch took 0.29 s on one thread, 11.6 s on two).
+    One thread by default: the digits models are tiny, and on a shared 2-core machine two
+    torch threads spin against each other (a CNN epoch took 0.29 s on one thread, 11.6 s
+    on two).
     """
     threads_before = torch.get_num_threads()
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        torch.set_num_threads(threads)
+        if threads > 0:
+            torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(True)
         try:
             yield
@@ -114,46 +129,61 @@ def _run_torch_steps(
 class FamilyBuilder:
     """Builds the variants of one recipe; `build()` then `write(repository)`."""
 
-    def __init__(self, recipe: Recipe, progress: Progress = print, source: str | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        progress: Progress = print,
+        source: str | None = None,
+        threads: int | None = None,
+    ):
         self.recipe = recipe
         self.progress = progress
         self.source = source
         self.architecture: Architecture = architecture(recipe.base.architecture)
-        self.labelled: LabelledData = load_data(recipe.data)
-        self.x_test = self._shaped(self.labelled.x_test)
+        self.threads = self.architecture.torch_threads if threads is None else threads
+        self.labelled: LabelledData = load_data(recipe.data, self.architecture)
         x_train = self._shaped(self.labelled.x_train)
+        # Rows go through the models in one batch; text comes in the source's batches.
+        self.test_feeds: list[Feed] = feeds(
+            self._shaped(self.labelled.x_test), self.architecture.input_name
+        )
         self.data = TrainingData(
             x_train=x_train,
             y_train=self.labelled.y_train,
-            x_calibration=x_train[: recipe.data.calibration_samples],
+            x_calibration=head(x_train, recipe.data.calibration_samples),
             seed=recipe.data.seed,
+            x_heldout=self._shaped(self.labelled.x_test),
         )
         self.variants: dict[str, _Variant] = {}
         self._torch_models: dict[str, nn.Module] = {}
         self._base_steps: list[dict[str, Any]] = []
+        self._base: nn.Module | None = None
 
-    def _shaped(self, rows: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(rows.reshape(-1, *self.architecture.sample_shape))
+    def _shaped(self, rows: Rows) -> Rows:
+        inputs = self.architecture.inputs
+        if not isinstance(rows, np.ndarray) or len(inputs) != 1:
+            return rows
+        return np.ascontiguousarray(rows.reshape(-1, *inputs[0].sample_shape))
 
     def _context(self, prefix: str) -> StepContext:
         return StepContext(
             data=self.data,
             progress=lambda line: self.progress(f"[{prefix}] {line}"),
             input_name=self.architecture.input_name,
+            teacher=self._base,
         )
 
     def build(self) -> FamilyBuilder:
         """Train the base and build every variant in memory."""
         recipe = self.recipe
-        with deterministic_torch(recipe.data.seed):
+        with deterministic_torch(recipe.data.seed, self.threads):
             started = time.perf_counter()
             base = self.architecture.build()
             self._base_steps = _run_torch_steps(
                 base, recipe.base.steps, self._context(f"{recipe.family} base")
             )
-            self.progress(
-                f"[{recipe.family} base] trained in {time.perf_counter() - started:.1f} s"
-            )
+            self.progress(f"[{recipe.family} base] ready in {time.perf_counter() - started:.1f} s")
+            self._base = base.eval()  # the teacher of every distillation
             for spec in recipe.variants:
                 self._build_variant(spec, base)
         return self
@@ -181,17 +211,17 @@ class FamilyBuilder:
         arch = self.architecture
         onnx_model = export_onnx(
             exported,
-            arch.sample_shape,
-            arch.input_name,
+            {key: value[:2] for key, value in self.test_feeds[0].items()},
             arch.output_name,
+            dynamic_axes=arch.dynamic_axes(),
             exporter=self.recipe.export.exporter,
             opset=self.recipe.export.opset,
         )
-        with torch.no_grad():
-            expected = exported(torch.from_numpy(self.x_test)).numpy()
-        difference = max_relative_difference(
-            run_onnx(onnx_model, arch.input_name, self.x_test), expected
-        )
+        # Checked on every test batch: other batch sizes (and sequence lengths) than the
+        # two rows it was traced with.
+        expected = run_torch(exported, self.test_feeds)
+        outputs = run_onnx(onnx_model, self.test_feeds)
+        difference = max_relative_difference(outputs, expected)
         if difference > EXPORT_TOLERANCE:
             raise RuntimeError(f"{name}: onnxruntime differs from torch by {difference:.2e}")
 
@@ -201,20 +231,20 @@ class FamilyBuilder:
                 onnx_model, report = handler_for(config, Stage.onnx)(onnx_model, config, context)
                 steps.append({**dump_step(config), "report": report})
                 quantization = config.label()
+                outputs = run_onnx(onnx_model, self.test_feeds)
         sparse_tensors: list[str] = []
         if self.recipe.export.sparse_storage:
             compact, sparse_tensors = sparse_storage(onnx_model)
             if sparse_tensors:
-                same = run_onnx(compact, arch.input_name, self.x_test)
-                before = run_onnx(onnx_model, arch.input_name, self.x_test)
-                if not np.array_equal(same, before):
+                if not np.array_equal(run_onnx(compact, self.test_feeds), outputs):
                     raise RuntimeError(f"{name}: sparse storage changed the outputs")
                 onnx_model = compact
         self.variants[spec.name] = _Variant(
             spec=spec,
             model=exported,
             onnx_model=onnx_model,
-            logits=run_onnx(onnx_model, arch.input_name, self.x_test),
+            outputs=outputs,
+            torch_outputs=expected,
             torch_steps=torch_steps,
             steps=steps,
             labels=[c.label() for c in self._lineage_configs(spec)],
@@ -223,10 +253,9 @@ class FamilyBuilder:
             export_difference=difference,
             seconds=time.perf_counter() - started,
         )
-        accuracy = self._accuracy(self.variants[spec.name])
         self.progress(
-            f"[{name}] built in {time.perf_counter() - started:.1f} s, "
-            f"{len(onnx_model):,} bytes, test accuracy {accuracy:.4f}"
+            f"[{name}] built in {time.perf_counter() - started:.1f} s, {len(onnx_model):,} "
+            f"bytes, {summary(arch.task, outputs, self.labelled.y_test)}"
         )
 
     def _lineage_configs(self, spec: VariantSpec) -> list[StepConfig]:
@@ -239,8 +268,19 @@ class FamilyBuilder:
         ancestors = [c for v in reversed(chain[1:]) for c in v.steps if c.stage is Stage.torch]
         return [*ancestors, *spec.steps]
 
-    def _accuracy(self, variant: _Variant) -> float:
-        return float((variant.logits.argmax(axis=1) == self.labelled.y_test).mean())
+    def _quality(self, variant: _Variant, baseline: _Variant) -> list[Quality]:
+        dataset = self.labelled.test_description
+        is_baseline = variant is baseline
+        if self.architecture.task is Task.embedding:
+            if is_baseline:  # its fidelity to itself is 1: say how exact the export is
+                dataset = f"{dataset}; the ONNX export against torch"
+            reference = variant.torch_outputs if is_baseline else baseline.outputs
+            return embedding_quality(variant.outputs, reference, dataset)
+        labels = self.labelled.y_test
+        against = None
+        if not is_baseline and labels is not None:
+            against = (baseline.outputs, accuracy(baseline.outputs, labels))
+        return classification_quality(variant.outputs, labels, dataset, against)
 
     def manifest(self, variant: _Variant) -> VariantManifest:
         """The manifest of a built variant, measured against the recipe's baseline."""
@@ -250,28 +290,7 @@ class FamilyBuilder:
         layers = weight_sparsity(variant.model)
         weights = sum(layer.parameters for layer in layers)
         sparsity = 1.0 - sum(layer.nonzero for layer in layers) / weights
-        samples = len(self.labelled.y_test)
-        dataset = self.labelled.test_description
-        quality = [
-            Quality(
-                metric="accuracy",
-                value=self._accuracy(variant),
-                dataset=dataset,
-                samples=samples,
-                baseline_value=None if is_baseline else self._accuracy(baseline),
-            )
-        ]
-        if not is_baseline:
-            agreement = variant.logits.argmax(axis=1) == baseline.logits.argmax(axis=1)
-            quality.append(
-                Quality(
-                    metric="top1_agreement",
-                    value=float(agreement.mean()),
-                    dataset=dataset,
-                    samples=samples,
-                )
-            )
-        activations = activation_sparsity(variant.model, self.x_test)
+        activations = activation_sparsity(variant.model, self.test_feeds)
         return VariantManifest(
             family=recipe.family,
             variant=variant.spec.name,
@@ -291,7 +310,7 @@ class FamilyBuilder:
                 ActivationSparsity(name=name, zero_fraction=value)
                 for name, value in activations.items()
             ],
-            quality=quality,
+            quality=self._quality(variant, baseline),
             notes=self._notes(variant, sparsity),
             recipe={
                 "source": self.source,
@@ -349,12 +368,17 @@ def build_family(
     *,
     progress: Progress = print,
     seed: int | None = None,
+    threads: int | None = None,
 ) -> list[BuiltVariant]:
-    """Build every variant of a recipe (a `Recipe` or a YAML path) into `repository`."""
+    """Build every variant of a recipe (a `Recipe` or a YAML path) into `repository`.
+
+    `threads`: torch threads while building (0: torch's default; None: what the
+    architecture asks for).
+    """
     source = None
     if isinstance(recipe, Path):
         source = recipe.name
         recipe = load_recipe(recipe)
     if seed is not None:
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"seed": seed})})
-    return FamilyBuilder(recipe, progress, source).build().write(repository)
+    return FamilyBuilder(recipe, progress, source, threads).build().write(repository)

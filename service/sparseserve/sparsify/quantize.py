@@ -23,12 +23,17 @@ import onnx
 from pydantic import Field
 
 from sparseserve.sparsify.recipe import (
+    Feed,
     RecipeError,
+    Rows,
     Stage,
     StepConfig,
     StepContext,
     StepReport,
+    feeds,
+    head,
     register_step,
+    row_count,
 )
 
 
@@ -57,12 +62,10 @@ class QuantizeConfig(StepConfig):
 
 
 class _CalibrationRows:
-    """onnxruntime's CalibrationDataReader protocol over rows of the recipe's data."""
+    """onnxruntime's CalibrationDataReader protocol over batches of the recipe's data."""
 
-    def __init__(self, input_name: str, rows: np.ndarray, batch: int) -> None:
-        self._batches: Iterator[dict[str, np.ndarray]] = iter(
-            {input_name: rows[i : i + batch]} for i in range(0, len(rows), batch)
-        )
+    def __init__(self, batches: list[Feed]) -> None:
+        self._batches: Iterator[Feed] = iter(batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)
@@ -84,10 +87,11 @@ def _quiet_root_logger() -> Iterator[None]:
 def quantize_model(
     onnx_model: bytes,
     config: QuantizeConfig,
-    calibration: np.ndarray | None = None,
+    calibration: Rows | None = None,
     input_name: str = "input",
 ) -> bytes:
-    """Return the quantized model; `calibration` rows are needed for static mode."""
+    """Return the quantized model; `calibration` rows (or batches of named inputs) are
+    needed for static mode."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -109,13 +113,13 @@ def quantize_model(
                 source, target, per_channel=config.per_channel, weight_type=QuantType.QInt8
             )
         else:
-            if calibration is None or len(calibration) == 0:
+            if calibration is None or row_count(calibration) == 0:
                 raise RecipeError("quantize: static mode needs calibration rows")
-            rows = calibration[: config.calibration_samples]
+            rows = head(calibration, config.calibration_samples)
             quantize_static(
                 source,
                 target,
-                _CalibrationRows(input_name, rows, config.calibration_batch),
+                _CalibrationRows(feeds(rows, input_name, config.calibration_batch)),
                 quant_format=QuantFormat.QDQ,
                 per_channel=config.per_channel,
                 activation_type=QuantType.QUInt8,
@@ -133,5 +137,5 @@ def _quantize(
     quantized = quantize_model(onnx_model, config, calibration, context.input_name)
     report: StepReport = {"bytes_before": len(onnx_model), "bytes_after": len(quantized)}
     if config.mode is QuantMode.static and calibration is not None:
-        report["calibration_samples"] = min(len(calibration), config.calibration_samples)
+        report["calibration_samples"] = row_count(head(calibration, config.calibration_samples))
     return quantized, report

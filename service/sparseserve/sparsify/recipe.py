@@ -39,6 +39,8 @@ STEP_MODULES = (
     "sparseserve.sparsify.prune",
     "sparseserve.sparsify.structured",
     "sparseserve.sparsify.quantize",
+    "sparseserve.sparsify.transformer",
+    "sparseserve.sparsify.distill",
 )
 
 Sparsity = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -76,14 +78,54 @@ def silent(_: str) -> None:
     pass
 
 
+# One batch of named model inputs, in the model's input order (token ids and masks...).
+Feed = dict[str, np.ndarray]
+# Model input: rows of the model's one input (shaped for it), or batches of named inputs.
+# Text comes as batches because each batch is padded only to its own longest sequence.
+Rows = np.ndarray | list[Feed]
+
+
+def row_count(rows: Rows) -> int:
+    """How many samples `rows` holds."""
+    if isinstance(rows, np.ndarray):
+        return len(rows)
+    return sum(len(next(iter(feed.values()))) for feed in rows)
+
+
+def head(rows: Rows, count: int) -> Rows:
+    """The first `count` rows; of batches, the first batches that hold `count` rows."""
+    if isinstance(rows, np.ndarray):
+        return rows[:count]
+    taken: list[Feed] = []
+    for feed in rows:
+        if row_count(taken) >= count:
+            break
+        taken.append(feed)
+    return taken
+
+
+def feeds(rows: Rows, input_name: str, batch_size: int | None = None) -> list[Feed]:
+    """`rows` as batches of named inputs: rows become ``{input_name: rows[i:i+batch_size]}``
+    (one batch if `batch_size` is None); batches stay as they are."""
+    if not isinstance(rows, np.ndarray):
+        return list(rows)
+    size = batch_size or max(1, len(rows))
+    return [{input_name: rows[start : start + size]} for start in range(0, len(rows), size)]
+
+
 @dataclass
 class TrainingData:
-    """What steps that train or calibrate may use: rows already shaped for the model."""
+    """What steps that train or calibrate may use, already shaped for the model.
 
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_calibration: np.ndarray
+    `x_heldout` is data a step may measure on (a distillation reports how close it came
+    on it) but never train on. Unlabelled data (text for an embedder) has no `y_train`.
+    """
+
+    x_train: Rows
+    y_train: np.ndarray | None
+    x_calibration: Rows
     seed: int = 0
+    x_heldout: Rows | None = None
 
 
 @dataclass
@@ -94,6 +136,7 @@ class StepContext:
     filter_fn: FilterFn | None = None
     progress: Progress = silent
     input_name: str = "input"
+    teacher: nn.Module | None = None  # the family's base model, for distillation
 
 
 StepReport = dict[str, Any]
@@ -158,13 +201,18 @@ def apply(
     *,
     data: TrainingData | None = None,
     progress: Progress = silent,
+    input_name: str = "input",
+    teacher: nn.Module | None = None,
 ) -> StepReport:
     """Run one torch step on `model` in place; `filter_fn(module, fqn)` picks the modules.
 
     ``apply(model, MagnitudePruneConfig(sparsity=0.9))`` is the Python API of the recipe
-    step ``magnitude_prune: {sparsity: 0.9}``. Returns what the step measured.
+    step ``magnitude_prune: {sparsity: 0.9}``. Returns what the step measured. `teacher`
+    is the model a ``distill`` step trains towards (in a recipe: the family's base).
     """
-    context = StepContext(data=data, filter_fn=filter_fn, progress=progress)
+    context = StepContext(
+        data=data, filter_fn=filter_fn, progress=progress, input_name=input_name, teacher=teacher
+    )
     return handler_for(config, Stage.torch)(model, config, context)
 
 
@@ -213,6 +261,15 @@ class DataConfig(_Strict):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     calibration_samples: int = Field(256, ge=1, le=100_000)
+    batch_size: int = Field(
+        32, ge=1, le=4096, description="Rows per batch, for sources that batch (text)."
+    )
+    train_samples: int | None = Field(
+        None, ge=1, description="Use only the first N training samples (default: all)."
+    )
+    test_samples: int | None = Field(
+        None, ge=2, description="Measure on only the first N test samples (default: all)."
+    )
 
 
 class Exporter(StrEnum):

@@ -12,6 +12,12 @@ Which units go is decided by an importance score (`Importance`). The code works 
 module structure of Hugging Face's ``BertModel`` (``encoder.layer[i].attention.self.query``
 ...) by duck typing, so it imports neither transformers nor anything it does not need.
 A layer always keeps at least one neuron and one head: an empty matrix has no ONNX shape.
+
+In a recipe this is the ``encoder_prune`` step::
+
+    - encoder_prune: {ffn_fraction: 0.5, head_fraction: 0.25, importance: activation}
+
+Activation importance is measured on the recipe's calibration batches.
 """
 
 from __future__ import annotations
@@ -22,8 +28,17 @@ from enum import StrEnum
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
+
+from sparseserve.sparsify.recipe import (
+    RecipeError,
+    StepConfig,
+    StepContext,
+    StepReport,
+    feeds,
+    register_step,
+)
 
 
 class Importance(StrEnum):
@@ -40,14 +55,19 @@ class Importance(StrEnum):
     activation = "activation"
 
 
-class EncoderPruneConfig(BaseModel):
+class EncoderPruneConfig(StepConfig):
     """Remove `ffn_fraction` of each layer's FFN neurons and `head_fraction` of its heads."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+    step = "encoder_prune"
     ffn_fraction: float = Field(0.5, ge=0.0, lt=1.0)
     head_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     importance: Importance = Importance.magnitude
+
+    def label(self) -> str:
+        return (
+            f"encoder prune {self.ffn_fraction:.0%} FFN neurons, {self.head_fraction:.0%} "
+            f"heads ({self.importance.value} importance)"
+        )
 
 
 @dataclass(frozen=True)
@@ -287,3 +307,33 @@ def prune_encoder(
             heads = keep_most_important(scores.heads[index], config.head_fraction)
             prune_attention_heads(layer, heads)
     return layer_shapes(model)
+
+
+@register_step(EncoderPruneConfig)
+def _encoder_prune(
+    model: nn.Module, config: EncoderPruneConfig, context: StepContext
+) -> StepReport:
+    calibration = None
+    if config.importance is Importance.activation:
+        if context.data is None:
+            raise RecipeError(
+                "encoder_prune: activation importance needs calibration data "
+                "(pass data=TrainingData(...))"
+            )
+        calibration = [
+            {name: torch.from_numpy(value) for name, value in feed.items()}
+            for feed in feeds(context.data.x_calibration, context.input_name)
+        ]
+    before = sum(p.numel() for p in model.parameters())
+    shapes = prune_encoder(model, config, calibration)
+    context.progress(
+        f"encoder_prune: FFN {shapes[0].ffn_neurons} neurons, {shapes[0].heads} heads per layer"
+    )
+    return {
+        "parameters_before": before,
+        "parameters_after": sum(p.numel() for p in model.parameters()),
+        "calibration_batches": len(calibration) if calibration is not None else 0,
+        "layers": [
+            {"layer": s.layer, "ffn_neurons": s.ffn_neurons, "heads": s.heads} for s in shapes
+        ],
+    }
