@@ -325,9 +325,9 @@ class _ModelFamilies:
             "sparseserve_model_memory_bytes",
             "Growth of the process' resident memory (RSS) across this version's load and "
             "warm-up (onnxruntime session, weights, first-run arenas), measured once; loads "
-            "are serialised so that they do not blur each other. The first version loaded also "
-            "carries onnxruntime's one-time set-up; requests served meanwhile by other models "
-            "may add to it; memory the allocator keeps after freeing is not given back.",
+            "are serialised so that they do not blur each other, and onnxruntime's one-time "
+            "set-up is spent on an unmeasured first load; requests served meanwhile by other "
+            "models may add to it; memory the allocator keeps after freeing is not given back.",
             labels=LABELS,
         )
         # Only for models dispatched to Triton, labelled with the route (backend="triton")
