@@ -203,6 +203,66 @@ def test_a_lone_request_does_not_wait_for_the_window(tmp_path: Path) -> None:
     assert asyncio.run(main()) < 0.02
 
 
+def test_a_lone_request_runs_in_its_callers_task(tmp_path: Path) -> None:
+    """Sequential requests (the concurrency-1 case) start no batch task: each runs in its
+    caller's own task, and one the model rejects fails with the model's error. Requests
+    sent together still get a batch task and share one execution."""
+    path = onnx_models.lookup(tmp_path / "lookup.onnx")
+    policy = BatchingPolicy(max_batch_size=64, max_queue_delay_us=500)
+
+    async def main() -> tuple[int, BaseException | None, int, list[int]]:
+        loop = asyncio.get_running_loop()
+        created = 0
+
+        def counting(loop: asyncio.AbstractEventLoop, coro, **kwargs) -> asyncio.Task:  # type: ignore[no-untyped-def]
+            nonlocal created
+            created += 1
+            return asyncio.Task(coro, loop=loop, **kwargs)
+
+        async with batcher_for(path, policy) as (batcher, _, executions):
+            loop.set_task_factory(counting)
+            for i in range(10):
+                (outputs, _) = await batcher.infer({"index": np.array([i % 4], np.int64)}, ["y"])
+                assert outputs["y"].tolist() == [10.0 * (i % 4 + 1)]
+            lone_tasks = created
+            error: BaseException | None = None
+            try:
+                await batcher.infer({"index": np.array([9], np.int64)}, ["y"])
+            except InvalidInput as exc:
+                error = exc
+            created = 0
+            together = [np.array([i], np.int64) for i in range(4)]
+            await asyncio.gather(*(batcher.infer({"index": x}, ["y"]) for x in together))
+            loop.set_task_factory(None)
+            return lone_tasks, error, created, executions.rows
+
+    lone_tasks, error, together_tasks, rows = asyncio.run(main())
+    assert lone_tasks == 0
+    assert isinstance(error, InvalidInput) and "out of data bounds" in str(error)
+    assert together_tasks == 4 + 1  # gather's four, and one batch task
+    assert rows == [1] * 10 + [4]
+
+
+def test_a_lone_request_cancelled_before_it_runs_never_runs(tmp_path: Path) -> None:
+    """Cancelled during the loop turn a lone request waits for company: it never runs,
+    and the batcher goes on serving."""
+    path = onnx_models.mlp(tmp_path / "mlp.onnx")
+
+    async def main() -> tuple[int, bool]:
+        async with batcher_for(path, POLICY) as (batcher, _, executions):
+            x = {"input": np.ones((1, 64), np.float32)}
+            gone = asyncio.ensure_future(batcher.infer(x, ["output"]))
+            await asyncio.sleep(0)  # it has started and waits its one turn
+            gone.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await gone
+            ran_before = len(executions.compute_ns)
+            (outputs, _) = await batcher.infer(x, ["output"])
+            return ran_before, outputs["output"].shape == (1, 10)
+
+    assert asyncio.run(main()) == (0, True)
+
+
 def test_overlapping_requests_wait_for_each_other(tmp_path: Path) -> None:
     """Once requests have been seen to overlap, a request waits (up to the window) for
     as many companions as recently came: 4 requests sent 5 ms apart share one run."""

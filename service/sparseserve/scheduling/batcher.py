@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 
 # How many recent batches decide whether requests overlap (see the module docstring).
 HISTORY = 8
+# `_wakeup` while a lone request waits its one loop turn (see `DynamicBatcher._lead`).
+_LEADING = object()
 
 Outputs = dict[str, np.ndarray]
 
@@ -171,7 +173,7 @@ class DynamicBatcher:
         self._queue: deque[_Request] = deque()
         self._queued_rows = 0
         self._running: set[asyncio.Task[None]] = set()
-        self._wakeup: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._wakeup: asyncio.TimerHandle | asyncio.Handle | object | None = None
         self._recent: deque[int] = deque([1], maxlen=HISTORY)  # requests per recent batch
         self._delay_ns = policy.max_queue_delay_us * 1000
 
@@ -191,9 +193,15 @@ class DynamicBatcher:
         )
         rows = self._rows(inputs)
         request = _Request(key, inputs, outputs, rows, time.perf_counter_ns())
+        if not self._queue and self._wakeup is None and not self._running and self._alone():
+            return await self._lead(request)
         self._queue.append(request)
         self._queued_rows += rows
         self._schedule()
+        return await self._answer(request)
+
+    async def _answer(self, request: _Request) -> tuple[Outputs, int]:
+        """Wait for the batch task that runs `request` to answer it."""
         try:
             result = await request.future
         except asyncio.CancelledError:
@@ -206,6 +214,44 @@ class DynamicBatcher:
             # The batch ran in another task: tell our caller who served it (see SERVED_BY).
             SERVED_BY.set(request.served_by)
         return result
+
+    async def _lead(self, request: _Request) -> tuple[Outputs, int]:
+        """The path of a lone request (nothing queued or running, no overlap lately): wait
+        one turn of the loop, so that requests received in this turn can join it, and if
+        none did, run it in the caller's own task. That spares a lone client the batch
+        task and the two extra loop turns of handing its result back."""
+        self._queue.append(request)
+        self._queued_rows += request.rows
+        self._wakeup = _LEADING  # requests arriving meanwhile queue behind this one
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            self._wakeup = None
+            self._queue.remove(request)
+            self._queued_rows -= request.rows
+            self._schedule()
+            raise
+        self._wakeup = None
+        if len(self._queue) > 1:  # company came: batch as usual, in a batch task
+            self._schedule()
+            return await self._answer(request)
+        self._queue.clear()
+        self._queued_rows = 0
+        self._recent.append(1)
+        task = asyncio.current_task()
+        assert task is not None
+        self._running.add(task)  # counts as a running batch for requests arriving meanwhile
+        try:
+            started = time.perf_counter_ns()
+            (outputs,) = await self._run([request])
+            return outputs, started - request.enqueued_ns
+        finally:
+            self._running.discard(task)
+            self._schedule()
+
+    def _alone(self) -> bool:
+        """No recent batch held more than one request."""
+        return max(self._recent) <= 1
 
     def _rows(self, inputs: Mapping[str, np.ndarray]) -> int:
         """Rows of a request: the leading dimension, which all its inputs must share."""
