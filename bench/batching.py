@@ -43,6 +43,7 @@ from server_overhead import (  # bench/ is not a package: imported from its fold
     fmt_spread,
     machine_lines,
     markdown_table,
+    pin_thread,
     progress,
     triton_inputs,
 )
@@ -60,8 +61,9 @@ TARGETS = {
     "mlp_large c=32 batching: p99 ≤ 100 ms": lambda s: (
         s["mlp_large@32"]["on"]["latency_p99_ms"] <= 100
     ),
-    "mlp_small c=1: batching on not slower than off": lambda s: (
-        s["mlp_small@1"]["on"]["requests_per_s"] >= 0.97 * s["mlp_small@1"]["off"]["requests_per_s"]
+    # Within noise: the median over rounds of on/off, each round's arms back to back.
+    "mlp_small c=1: batching on not slower than off (on/off req/s ≥ 0.97)": lambda s: (
+        s["mlp_small@1"]["on_vs_off"]["requests_per_s"].median >= 0.97
     ),
     "mlp_small (every level, batching on): server CPU ≤ 200 µs/request": lambda s: all(
         s[f"mlp_small@{c}"]["on"]["server_cpu_us_per_request"] <= 200 for c in (1, 8, 32)
@@ -171,7 +173,7 @@ async def run_rounds(args: argparse.Namespace, server: ServerProcess) -> list[Ar
     async with triton_aio.InferenceServerClient(server.grpc_url) as client:
         await check_same_answers(client, requests)
         for round_index in range(args.rounds):
-            for model, concurrency in LEVELS:
+            for model, concurrency in args.levels:
                 arms = ARMS if round_index % 2 == 0 else ARMS[::-1]
                 for batching in arms:
                     run = await measure(
@@ -188,10 +190,10 @@ async def run_rounds(args: argparse.Namespace, server: ServerProcess) -> list[Ar
     return runs
 
 
-def summarize(runs: Sequence[ArmRun]) -> dict[str, Any]:
+def summarize(runs: Sequence[ArmRun], levels: Sequence[tuple[str, int]]) -> dict[str, Any]:
     """Per level and arm, the median over rounds (Spread: median, min, max)."""
     summary: dict[str, Any] = {}
-    for model, concurrency in LEVELS:
+    for model, concurrency in levels:
         level = summary[f"{model}@{concurrency}"] = {}
         for batching in ARMS:
             mine = [
@@ -209,7 +211,54 @@ def summarize(runs: Sequence[ArmRun]) -> dict[str, Any]:
                 ),
                 "average_batch_requests": statistics.median(r.average_batch_requests for r in mine),
             }
+        # Paired within each round (the two arms ran back to back): on / off.
+        by_round = {
+            (r.round, r.batching): r
+            for r in runs
+            if (r.model, r.concurrency) == (model, concurrency)
+        }
+        rounds = sorted({index for index, _ in by_round})
+        level["on_vs_off"] = {
+            "requests_per_s": Spread.of(
+                [
+                    by_round[i, "on"].requests_per_s / by_round[i, "off"].requests_per_s
+                    for i in rounds
+                ]
+            ),
+            "server_cpu_us_per_request": Spread.of(
+                [
+                    by_round[i, "on"].server_cpu_us_per_request
+                    / by_round[i, "off"].server_cpu_us_per_request
+                    for i in rounds
+                ]
+            ),
+        }
     return summary
+
+
+def targets(summary: dict[str, Any]) -> dict[str, bool | None]:
+    """Each target: met, not met, or None when a level it needs was not run."""
+    met: dict[str, bool | None] = {}
+    for name, check in TARGETS.items():
+        try:
+            met[name] = bool(check(summary))
+        except KeyError:
+            met[name] = None
+    return met
+
+
+def parse_levels(text: str) -> list[tuple[str, int]]:
+    """`mlp_small@1,mlp_large@32` -> [("mlp_small", 1), ("mlp_large", 32)]."""
+    levels = []
+    for item in filter(None, text.split(",")):
+        model, _, concurrency = item.partition("@")
+        if model not in MODELS or not concurrency.isdigit() or int(concurrency) < 1:
+            raise argparse.ArgumentTypeError(
+                f"bad level {item!r}: expected MODEL@CONCURRENCY with MODEL one of "
+                f"{', '.join(MODELS)}"
+            )
+        levels.append((model, int(concurrency)))
+    return levels
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -250,19 +299,38 @@ def render_markdown(report: dict[str, Any]) -> str:
             rows,
         ),
         "",
+        "Batching on / off within each round (the two arms ran back to back), median "
+        "[min, max] over rounds:",
+        "",
+        *markdown_table(
+            ("model", "concurrency", "req/s on/off", "server CPU on/off"),
+            (
+                (
+                    *key.split("@"),
+                    fmt_spread(level["on_vs_off"]["requests_per_s"], 3),
+                    fmt_spread(level["on_vs_off"]["server_cpu_us_per_request"], 3),
+                )
+                for key, level in summary.items()
+            ),
+        ),
+        "",
         "## Targets from the issue",
         "",
         *markdown_table(
             ("target", "met"),
-            ((target, "yes" if met else "**no**") for target, met in report["targets"].items()),
+            (
+                (target, "not run" if met is None else "yes" if met else "**no**")
+                for target, met in report["targets"].items()
+            ),
         ),
         "",
         "## Setup",
         "",
         f"- models: {models}, batch-1 requests from 64 pre-generated random inputs",
         f"- batching on: the same model file with config.pbtxt `{setup['config_pbtxt']}`",
-        f"- server: `sparseserve serve {shlex.join(setup['server_args'])}` (not pinned); client: "
-        "tritonclient.grpc.aio in the benchmark process, on the same machine",
+        f"- server: `sparseserve serve {shlex.join(setup['server_args'])}` on "
+        f"{_cores(setup['server_cpu'])}; client: tritonclient.grpc.aio in the benchmark "
+        f"process, on {_cores(setup['client_cpu'])}",
         f"- per level and arm: {setup['warmup']} warm-up requests, then up to "
         f"{setup['requests']} requests or {setup['max_seconds']} s; arms alternate order "
         "between rounds; batched and unbatched answers checked equal first",
@@ -275,11 +343,21 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cores(cpu: int | None) -> str:
+    return "every core (not pinned)" if cpu is None else f"core {cpu} (pinned)"
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--levels",
+        type=parse_levels,
+        default=list(LEVELS),
+        help="comma-separated MODEL@CONCURRENCY levels (default: all four of the issue)",
+    )
     parser.add_argument("--warmup", type=int, default=100, help="requests before each arm")
     parser.add_argument("--requests", type=int, default=5000, help="most requests per arm")
     parser.add_argument("--max-seconds", type=float, default=5.0, help="most time per arm")
@@ -290,6 +368,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--inference-threads", type=int, default=2)
     parser.add_argument("--intra-op-threads", type=int, default=1)
+    parser.add_argument(
+        "--server-cpu",
+        type=int,
+        default=0,
+        help="core the server runs on (the issue's method); -1: every core",
+    )
+    parser.add_argument(
+        "--client-cpu", type=int, default=1, help="core the load client runs on; -1: every core"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "bench" / "results")
     return parser.parse_args(argv)
@@ -297,6 +384,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    args.server_cpu = None if args.server_cpu < 0 else args.server_cpu
+    args.client_cpu = None if args.client_cpu < 0 else args.client_cpu
     server_args = [
         "--inference-threads", str(args.inference_threads),
         "--intra-op-threads", str(args.intra_op_threads),
@@ -304,12 +393,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="sparseserve-bench-") as tmp:
         build_repository(Path(tmp), args)
-        with ServerProcess(Path(tmp), *server_args) as server:
+        pin_thread(args.client_cpu)
+        with ServerProcess(Path(tmp), *server_args, cpu=args.server_cpu) as server:
             try:
                 runs = asyncio.run(run_rounds(args, server))
             except BenchmarkError as exc:
                 raise SystemExit(f"batching: {exc}\n--- server log ---\n{server.log()}") from exc
-    summary = summarize(runs)
+    summary = summarize(runs, args.levels)
     setup = {k: v for k, v in vars(args).items() if k != "output_dir"}
     report = {
         "benchmark": "batching",
@@ -320,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "config_pbtxt": " ".join(config_pbtxt(args).split()),
         },
         "summary": summary,
-        "targets": {name: bool(check(summary)) for name, check in TARGETS.items()},
+        "targets": targets(summary),
         "runs": runs,
     }
     markdown = render_markdown(report)

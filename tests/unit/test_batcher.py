@@ -204,9 +204,10 @@ def test_a_lone_request_does_not_wait_for_the_window(tmp_path: Path) -> None:
 
 
 def test_a_lone_request_runs_in_its_callers_task(tmp_path: Path) -> None:
-    """Sequential requests (the concurrency-1 case) start no batch task: each runs in its
-    caller's own task, and one the model rejects fails with the model's error. Requests
-    sent together still get a batch task and share one execution."""
+    """Sequential requests (the concurrency-1 case: nothing else ready on the loop) start
+    no batch task: each runs in its caller's own task, and one the model rejects fails
+    with the model's error. Requests sent together still get a batch task and share one
+    execution."""
     path = onnx_models.lookup(tmp_path / "lookup.onnx")
     policy = BatchingPolicy(max_batch_size=64, max_queue_delay_us=500)
 
@@ -244,15 +245,15 @@ def test_a_lone_request_runs_in_its_callers_task(tmp_path: Path) -> None:
 
 
 def test_a_lone_request_cancelled_before_it_runs_never_runs(tmp_path: Path) -> None:
-    """Cancelled during the loop turn a lone request waits for company: it never runs,
-    and the batcher goes on serving."""
+    """A request that arrives while other callbacks are ready waits one loop turn for
+    company; cancelled then, it never runs, and the batcher goes on serving."""
     path = onnx_models.mlp(tmp_path / "mlp.onnx")
 
     async def main() -> tuple[int, bool]:
         async with batcher_for(path, POLICY) as (batcher, _, executions):
             x = {"input": np.ones((1, 64), np.float32)}
             gone = asyncio.ensure_future(batcher.infer(x, ["output"]))
-            await asyncio.sleep(0)  # it has started and waits its one turn
+            await asyncio.sleep(0)  # it has started (with this task ready) and waits
             gone.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await gone

@@ -24,9 +24,14 @@ costs a lone client the whole window on every request. Here a batch waits for mo
 requests only when recent batches show that requests overlap (the largest batch of the
 last few held more than one request), and only until as many requests as that are
 queued, the rows reach the largest preferred batch size or the oldest request has waited
-`max_queue_delay`. A lone client (concurrency 1) therefore never waits for the window:
-its request runs on the next turn of the event loop. After a burst, the first few lone
-requests may still wait the window, until the history forgets the burst.
+`max_queue_delay`. A lone client (concurrency 1) therefore never waits for the window.
+Moreover, a request that finds the batcher idle, with no overlap lately, while the event
+loop has nothing else ready to run, runs at once in the caller's own task, exactly as
+without batching: whatever arrives later reaches the batcher after it has started, so
+nothing could have joined it (at concurrency 1 this is every request). When the loop
+does have callbacks ready (requests received together with it may be among them), the
+request is queued and sent on the next turn, so that they can join. After a burst, the
+first few lone requests may still wait the window, until the history forgets the burst.
 
 A request whose caller is gone (gRPC deadline passed, client cancelled) is dropped from
 the queue before it runs. A batch that fails is split in halves and each half retried
@@ -61,8 +66,6 @@ log = logging.getLogger(__name__)
 
 # How many recent batches decide whether requests overlap (see the module docstring).
 HISTORY = 8
-# `_wakeup` while a lone request waits its one loop turn (see `DynamicBatcher._lead`).
-_LEADING = object()
 
 Outputs = dict[str, np.ndarray]
 
@@ -173,7 +176,7 @@ class DynamicBatcher:
         self._queue: deque[_Request] = deque()
         self._queued_rows = 0
         self._running: set[asyncio.Task[None]] = set()
-        self._wakeup: asyncio.TimerHandle | asyncio.Handle | object | None = None
+        self._wakeup: asyncio.TimerHandle | asyncio.Handle | None = None
         self._recent: deque[int] = deque([1], maxlen=HISTORY)  # requests per recent batch
         self._delay_ns = policy.max_queue_delay_us * 1000
 
@@ -187,14 +190,16 @@ class DynamicBatcher:
                 f"the batch queue of model {self.name!r} is full ({limit} requests "
                 "waiting, max_queue_size); retry later"
             )
+        rows = self._rows(inputs)
+        idle = not self._queue and self._wakeup is None and not self._running
+        if idle and self._alone() and not _others_ready():
+            # Nothing could join it: run it now, in this task, as if unbatched.
+            return await self._run_alone(inputs, outputs, rows, time.perf_counter_ns())
         key = (
             tuple((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items()),
             tuple(outputs),
         )
-        rows = self._rows(inputs)
         request = _Request(key, inputs, outputs, rows, time.perf_counter_ns())
-        if not self._queue and self._wakeup is None and not self._running and self._alone():
-            return await self._lead(request)
         self._queue.append(request)
         self._queued_rows += rows
         self._schedule()
@@ -215,36 +220,20 @@ class DynamicBatcher:
             SERVED_BY.set(request.served_by)
         return result
 
-    async def _lead(self, request: _Request) -> tuple[Outputs, int]:
-        """The path of a lone request (nothing queued or running, no overlap lately): wait
-        one turn of the loop, so that requests received in this turn can join it, and if
-        none did, run it in the caller's own task. That spares a lone client the batch
-        task and the two extra loop turns of handing its result back."""
-        self._queue.append(request)
-        self._queued_rows += request.rows
-        self._wakeup = _LEADING  # requests arriving meanwhile queue behind this one
-        try:
-            await asyncio.sleep(0)
-        except asyncio.CancelledError:
-            self._wakeup = None
-            self._queue.remove(request)
-            self._queued_rows -= request.rows
-            self._schedule()
-            raise
-        self._wakeup = None
-        if len(self._queue) > 1:  # company came: batch as usual, in a batch task
-            self._schedule()
-            return await self._answer(request)
-        self._queue.clear()
-        self._queued_rows = 0
+    async def _run_alone(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], rows: int, enqueued_ns: int
+    ) -> tuple[Outputs, int]:
+        """Run one request in the caller's own task: no batch task, no loop turns. It
+        counts as a running batch for requests that arrive meanwhile."""
         self._recent.append(1)
         task = asyncio.current_task()
         assert task is not None
-        self._running.add(task)  # counts as a running batch for requests arriving meanwhile
+        self._running.add(task)
         try:
             started = time.perf_counter_ns()
-            (outputs,) = await self._run([request])
-            return outputs, started - request.enqueued_ns
+            results = await self.backend.infer(inputs, outputs)
+            self._on_execution(time.perf_counter_ns() - started, rows)
+            return results, started - enqueued_ns
         finally:
             self._running.discard(task)
             self._schedule()
@@ -387,6 +376,15 @@ class DynamicBatcher:
             {name: array[stop - r.rows : stop] for name, array in outputs.items()}
             for r, stop in zip(batch, bounds, strict=True)
         ]
+
+
+def _others_ready() -> bool:
+    """Whether the running event loop has other callbacks to run (in this turn): requests
+    received with this one may be among them. Read from CPython's `BaseEventLoop._ready`
+    (measured in the server: always empty at concurrency 1, almost never at 8); a loop
+    without it (uvloop) is assumed busy, which only costs the fast path."""
+    ready = getattr(asyncio.get_running_loop(), "_ready", None)
+    return ready is None or len(ready) > 0
 
 
 def _fail(request: _Request, error: BaseException) -> None:
