@@ -221,9 +221,20 @@ class Spread:
 # -- setup -----------------------------------------------------------------------------
 
 
-def build_repository(root: Path) -> Path:
-    """A model repository holding only mlp_small; returns the model file."""
+def build_repository(root: Path, batching: str | None = None) -> Path:
+    """A model repository holding only mlp_small (batched with `batching`, config.pbtxt
+    text, if given); returns the model file."""
+    if batching is not None:
+        (root / MODEL_NAME).mkdir(parents=True, exist_ok=True)
+        (root / MODEL_NAME / "config.pbtxt").write_text(batching)
     return onnx_models.mlp(root / MODEL_NAME / "1" / "model.onnx", sizes=MODEL_SIZES)
+
+
+BATCHING_PBTXT = (
+    "max_batch_size: 64\n"
+    "dynamic_batching { max_queue_delay_microseconds: 500 }\n"
+    "instance_group [{ count: 2 kind: KIND_CPU }]\n"
+)
 
 
 def random_inputs(count: int, seed: int) -> list[np.ndarray]:
@@ -920,7 +931,12 @@ def render_markdown(report: dict) -> str:
         f"- model: {MODEL_NAME} {'→'.join(map(str, MODEL_SIZES))} FP32, batch {BATCH}",
         f"- server: `sparseserve serve {shlex.join(setup['server_args'])}`, pinned to CPU "
         f"{setup['server_cpu']}; Prometheus metrics "
-        f"{'off' if setup['no_metrics'] else 'on (as in production)'}",
+        f"{'off' if setup['no_metrics'] else 'on (as in production)'}; dynamic batching "
+        + (
+            f"on (config.pbtxt `{' '.join(BATCHING_PBTXT.split())}`)"
+            if setup.get("batching")
+            else "off"
+        ),
         f"- client: tritonclient.grpc.aio in the benchmark process, pinned to CPU "
         f"{setup['client_cpu']}; {setup['distinct_inputs']} pre-generated random inputs; "
         "answers checked against onnxruntime first",
@@ -1002,6 +1018,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--no-metrics", action="store_true", help="serve without Prometheus metrics"
     )
     parser.add_argument(
+        "--batching",
+        action="store_true",
+        help="serve mlp_small with dynamic batching (config.pbtxt as in bench/batching.py)",
+    )
+    parser.add_argument(
         "--output-dir", type=Path, default=REPO_ROOT / "bench" / "results", help="where to write"
     )
     args = parser.parse_args(argv)
@@ -1029,7 +1050,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pin_thread(args.client_cpu)
     extra = server_args(args)
     with tempfile.TemporaryDirectory(prefix="sparseserve-bench-") as tmp:
-        model = build_repository(Path(tmp))
+        model = build_repository(Path(tmp), BATCHING_PBTXT if args.batching else None)
         with ServerProcess(Path(tmp), *extra, cpu=args.server_cpu) as server:
             try:
                 ort_runs, level_runs, peak_rss = asyncio.run(run_rounds(args, model, server))

@@ -1,5 +1,6 @@
 """Every row of the error table, end to end: a real gRPC server with sparseserve's
-ErrorInterceptor, a handler that raises, and a real client that reads the status.
+error mapping (`add_mapping_errors`, as the server registers its servicers), a handler
+that raises, and a real client that reads the status.
 
 A new row in `sparseserve.errors.STATUS` is tested here without editing this file.
 """
@@ -10,31 +11,29 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import grpc
 import pytest
 
 from sparseserve import errors
 from sparseserve.errors import STATUS, SparseServeError
-from sparseserve.server.errors import ErrorInterceptor
+from sparseserve.server.errors import add_mapping_errors
 
 SERVICE = "sparseserve.test.Errors"
 Behavior = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 
 
-def call_raising(behavior: Behavior) -> grpc.aio.AioRpcError | bytes:
-    """Serve `behavior` as a unary RPC behind ErrorInterceptor on 127.0.0.1:<free port>,
-    call it once, and return the client's error (or the reply if there was none)."""
+def call_raising(behavior: Behavior, registered: bool = True) -> grpc.aio.AioRpcError | bytes:
+    """Serve `behavior` as a unary RPC with sparseserve's error mapping on
+    127.0.0.1:<free port>, call it once, and return the client's error (or the reply if
+    there was none). It is registered the way generated `add_*_to_server` code does, as a
+    generic and as a registered method handler (`registered=False`: only as a generic
+    one, which is what serves a method when no registered handler has it)."""
 
     async def run() -> grpc.aio.AioRpcError | bytes:
-        server = grpc.aio.server(interceptors=[ErrorInterceptor()])
-        server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(
-                    SERVICE, {"Call": grpc.unary_unary_rpc_method_handler(behavior)}
-                ),
-            )
-        )
+        server = grpc.aio.server()
+        add_mapping_errors(partial(add_to_server, registered=registered), behavior, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
@@ -47,6 +46,14 @@ def call_raising(behavior: Behavior) -> grpc.aio.AioRpcError | bytes:
             await server.stop(None)
 
     return asyncio.run(run())
+
+
+def add_to_server(behavior: Behavior, server: grpc.aio.Server, registered: bool) -> None:
+    """What generated `add_*Servicer_to_server` code does, for one method."""
+    handlers = {"Call": grpc.unary_unary_rpc_method_handler(behavior)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    if registered:
+        server.add_registered_method_handlers(SERVICE, handlers)
 
 
 def raising(error: BaseException) -> Behavior:
@@ -83,6 +90,21 @@ def test_unexpected_exception_is_internal_with_its_message(
     logged = [r for r in caplog.records if r.exc_info is not None]
     assert logged and logged[0].exc_info[0] is ValueError
     assert f"/{SERVICE}/Call" in logged[0].getMessage()
+
+
+@pytest.mark.parametrize("registered", [True, False], ids=["registered", "generic"])
+def test_both_ways_of_registering_map_errors(registered: bool) -> None:
+    """Generated code registers each method twice (generic and registered handler);
+    whichever of them serves the call, the error keeps its status and message."""
+    result = call_raising(raising(errors.ModelNotFound("no model 'x'")), registered)
+    assert isinstance(result, grpc.aio.AioRpcError)
+    assert result.code() is grpc.StatusCode.NOT_FOUND
+    assert result.details() == "no model 'x'"
+    assert call_raising(lambda request, context: _reversed(request), registered) == b"tseuqer"
+
+
+async def _reversed(request: bytes) -> bytes:
+    return request[::-1]
 
 
 def test_subclass_not_in_the_table_gets_its_parents_status() -> None:

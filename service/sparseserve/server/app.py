@@ -32,7 +32,7 @@ from sparseserve.repository.store import ModelRepository
 from sparseserve.routing.router import Router
 from sparseserve.routing.shadow import ShadowRunner
 from sparseserve.routing.traffic import PolicyFile
-from sparseserve.server.errors import ErrorInterceptor
+from sparseserve.server.errors import add_mapping_errors
 from sparseserve.server.metrics_http import start_metrics_server
 from sparseserve.server.predict_servicer import PredictServicer
 from sparseserve.server.v2_servicer import V2Servicer
@@ -95,18 +95,21 @@ class SparseServeServer:
         settings = self.settings
         limit = settings.max_message_bytes
         server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
             ],
         )
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            V2Servicer(self.dataplane, self.registry, lambda: self._ready), server
+        add_mapping_errors(
+            grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
+            V2Servicer(self.dataplane, self.registry, lambda: self._ready),
+            server,
         )
-        service_pb2_grpc.add_SparseServeServicer_to_server(
-            PredictServicer(self.dataplane, self.registry, self.router), server
+        add_mapping_errors(
+            service_pb2_grpc.add_SparseServeServicer_to_server,
+            PredictServicer(self.dataplane, self.registry, self.router),
+            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         _add_reflection(server)

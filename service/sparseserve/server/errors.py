@@ -1,10 +1,16 @@
-"""The one place where errors become gRPC statuses: an interceptor around every unary
-RPC that turns `SparseServeError`s into the status of `sparseserve.errors.STATUS`."""
+"""The one place where errors become gRPC statuses: every unary handler of sparseserve's
+services is wrapped, once, when it is registered, so that `SparseServeError`s become the
+status of `sparseserve.errors.STATUS`.
+
+This is done at registration rather than with a `grpc.aio.ServerInterceptor`: grpc.aio
+runs an interceptor chain as a coroutine on every call, which cost ~30 µs of server CPU
+per request (measured: a do-nothing ModelInfer took 212 µs with a pass-through
+interceptor and 180 µs without, at concurrency 8, one core)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -13,42 +19,66 @@ from sparseserve.errors import SparseServeError, status_of
 
 log = logging.getLogger(__name__)
 
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
 
 def grpc_status(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode[status_of(error)]
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps domain errors to statuses; an unexpected exception becomes INTERNAL with its
-    message (and a logged traceback) instead of gRPC's bare UNKNOWN."""
+def add_mapping_errors(
+    add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server
+) -> None:
+    """Register `servicer` with its generated `add_*Servicer_to_server` function, each
+    unary handler wrapped so that domain errors reach the client with their status."""
+    add_to_server(servicer, _MappingErrors(server))
 
-    def __init__(self) -> None:
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # streaming RPCs (health Watch, reflection) pass through
-        wrapped = grpc.unary_unary_rpc_method_handler(
-            _mapping_errors(handler.unary_unary, method),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+def mapping_errors(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """`handler` with its errors mapped to statuses; streaming handlers (which answer
+    errors in their messages, or are gRPC's own health and reflection) are unchanged."""
+    if handler.unary_unary is None:
+        return handler
+    return grpc.unary_unary_rpc_method_handler(
+        _mapping_errors(handler.unary_unary, method),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class _MappingErrors:
+    """Stands in for the server while generated code registers a servicer's handlers."""
+
+    def __init__(self, server: grpc.aio.Server):
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_GenericMappingErrors(h) for h in handlers))
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self._server.add_registered_method_handlers(
+            service, {m: mapping_errors(h, f"/{service}/{m}") for m, h in handlers.items()}
         )
-        self._wrapped[method] = wrapped
-        return wrapped
 
 
-def _mapping_errors(
-    behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], method: str
-) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+class _GenericMappingErrors(grpc.GenericRpcHandler):
+    """A generic handler whose handlers map errors (wrapped once per method)."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler):
+        self._inner = inner
+        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        if method not in self._wrapped:
+            handler = self._inner.service(handler_call_details)
+            self._wrapped[method] = None if handler is None else mapping_errors(handler, method)
+        return self._wrapped[method]
+
+
+def _mapping_errors(behavior: Behavior, method: str) -> Behavior:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await behavior(request, context)
