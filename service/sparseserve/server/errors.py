@@ -2,10 +2,10 @@
 services is wrapped, once, when it is registered, so that `SparseServeError`s become the
 status of `sparseserve.errors.STATUS`.
 
-This is done at registration rather than with a `grpc.aio.ServerInterceptor`: grpc.aio
-runs an interceptor chain as a coroutine on every call, which cost ~30 µs of server CPU
-per request (measured: a do-nothing ModelInfer took 212 µs with a pass-through
-interceptor and 180 µs without, at concurrency 8, one core)."""
+This is done at registration rather than with a `grpc.aio.ServerInterceptor`, which
+grpc.aio runs as a coroutine chain on every call: wrapping once costs nothing per call.
+The saving is small (0-7 µs of server CPU per request on a do-nothing ModelInfer,
+bench/results/grpc_floor.md), but the wrapper is no more code than the interceptor."""
 
 from __future__ import annotations
 

@@ -1,0 +1,138 @@
+"""The least a Python v2 gRPC server can do, for bench/grpc_floor.py.
+
+Serves ModelInfer (and ModelReady, for the benchmark's readiness check) with nothing
+around it: no routing, validation, metrics or statistics. `--model PATH` runs the ONNX
+model inline in the handler (raw bytes -> np.frombuffer -> session.run -> raw bytes);
+without it, every request is answered with the same all-zero output, so what is left is
+gRPC and protobuf alone. Run with the project's venv (it uses sparseserve's stubs):
+
+    python bare_v2.py --transport aio|sync [--model PATH] [--interceptor] --port P
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+from sparseserve.protocol import grpc_service_pb2 as pb
+from sparseserve.protocol import grpc_service_pb2_grpc as pb_grpc
+
+
+class Answerer:
+    """Builds the ModelInferResponse for a request: the model's output, or zeros."""
+
+    def __init__(self, model: str | None, output_shape: tuple[int, ...]):
+        self.session: ort.InferenceSession | None = None
+        if model is not None:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            options.inter_op_num_threads = 1
+            self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+            self.input = self.session.get_inputs()[0].name
+            self.output = self.session.get_outputs()[0].name
+        self.zeros = np.zeros(output_shape, dtype=np.float32)
+
+    def answer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        if self.session is None:
+            result = self.zeros
+        else:
+            tensor = request.inputs[0]
+            array = np.frombuffer(request.raw_input_contents[0], dtype=np.float32)
+            feeds = {self.input: array.reshape(tuple(tensor.shape))}
+            result = self.session.run([self.output], feeds)[0]
+        response = pb.ModelInferResponse(
+            model_name=request.model_name, model_version="1", id=request.id
+        )
+        response.outputs.add(name="output", datatype="FP32", shape=result.shape)
+        response.raw_output_contents.append(result.tobytes())
+        return response
+
+
+class AioServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, answerer: Answerer):
+        self.answerer = answerer
+
+    async def ModelInfer(self, request, context):
+        return self.answerer.answer(request)
+
+    async def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=True)
+
+
+class SyncServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, answerer: Answerer):
+        self.answerer = answerer
+
+    def ModelInfer(self, request, context):
+        return self.answerer.answer(request)
+
+    def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=True)
+
+
+class PassThrough(grpc.aio.ServerInterceptor):
+    """Wraps each unary handler in a try/except, as an error-mapping interceptor does
+    (handlers cached per method); what it costs is grpc.aio running the chain per call."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method not in self._wrapped:
+            handler = await continuation(handler_call_details)
+            inner = handler.unary_unary
+
+            async def call(request, context):
+                try:
+                    return await inner(request, context)
+                except LookupError:
+                    await context.abort(grpc.StatusCode.NOT_FOUND, "not found")
+
+            self._wrapped[method] = grpc.unary_unary_rpc_method_handler(
+                call,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return self._wrapped[method]
+
+
+async def serve_aio(answerer: Answerer, port: int, interceptor: bool) -> None:
+    server = grpc.aio.server(interceptors=[PassThrough()] if interceptor else None)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(AioServicer(answerer), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+def serve_sync(answerer: Answerer, port: int, threads: int) -> None:
+    server = grpc.server(ThreadPoolExecutor(threads))
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(SyncServicer(answerer), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--transport", choices=("aio", "sync"), required=True)
+    parser.add_argument("--model", help="ONNX model to run inline (default: answer zeros)")
+    parser.add_argument("--output-shape", type=int, nargs="+", default=[1, 10])
+    parser.add_argument("--interceptor", action="store_true", help="aio: a pass-through one")
+    parser.add_argument("--threads", type=int, default=4, help="sync: handler threads")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    answerer = Answerer(args.model, tuple(args.output_shape))
+    if args.transport == "aio":
+        asyncio.run(serve_aio(answerer, args.port, args.interceptor))
+    else:
+        serve_sync(answerer, args.port, args.threads)
+
+
+if __name__ == "__main__":
+    main()
