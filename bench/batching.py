@@ -364,9 +364,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-queue-delay-us", type=int, default=500)
     parser.add_argument(
-        "--instances", type=int, default=2, help="batches of one model running at once"
+        "--instances",
+        type=int,
+        default=1,
+        help="batches of one model running at once (config.pbtxt instance_group count); "
+        "pinned to one core, a second one only takes turns with the first",
     )
-    parser.add_argument("--inference-threads", type=int, default=2)
+    parser.add_argument("--inference-threads", type=int, default=0, help="0: the server's default")
     parser.add_argument("--intra-op-threads", type=int, default=1)
     parser.add_argument(
         "--server-cpu",
@@ -387,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.server_cpu = None if args.server_cpu < 0 else args.server_cpu
     args.client_cpu = None if args.client_cpu < 0 else args.client_cpu
     server_args = [
-        "--inference-threads", str(args.inference_threads),
+        *(["--inference-threads", str(args.inference_threads)] if args.inference_threads else []),
         "--intra-op-threads", str(args.intra_op_threads),
         "--log-level", "WARNING",
     ]  # fmt: skip

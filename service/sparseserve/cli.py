@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -133,7 +134,7 @@ def _hardware(args: argparse.Namespace) -> int:
     for gpu in report.gpus:
         memory = f", {gpu.memory_bytes / 2**30:.1f} GiB" if gpu.memory_bytes else ""
         print(f"  {gpu.index}: {gpu.name}{memory}")
-    print(f"CPU cores: {report.cpu_cores}")
+    print(f"CPU cores this process may use: {report.cpu_cores} (of {os.cpu_count()} on the host)")
     print(f"CPU features: {' '.join(report.cpu_features) or 'none'}")
     print(f"onnxruntime execution providers: {' '.join(report.execution_providers)}")
     return 0

@@ -6,7 +6,6 @@ Nested settings use ``__`` in the environment, e.g.
 
 from __future__ import annotations
 
-import os
 from contextvars import ContextVar
 from enum import StrEnum
 from pathlib import Path
@@ -20,6 +19,8 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+
+from sparseserve.cpu import usable_cores
 
 MiB = 1024 * 1024
 _CONFIG_VALUES: ContextVar[dict[str, Any] | None] = ContextVar("sparseserve_config", default=None)
@@ -211,7 +212,9 @@ class Settings(BaseSettings):
         "with RESOURCE_EXHAUSTED.",
     )
     inference_threads: int = Field(
-        0, ge=0, description="Threads running model inference (0: one per core)."
+        0,
+        ge=0,
+        description="Threads running model inference (0: one per core this process may use).",
     )
     shutdown_grace_seconds: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
@@ -263,7 +266,7 @@ class Settings(BaseSettings):
 
     @property
     def inference_thread_count(self) -> int:
-        return self.inference_threads or (os.cpu_count() or 1)
+        return self.inference_threads or usable_cores()
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -13,11 +13,12 @@ no GPU; an operator may want to force the GPU path), and the report says it was 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from sparseserve.cpu import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class HardwareReport:
     gpus: tuple[GpuInfo, ...]
     gpu_source: str
     execution_providers: tuple[str, ...]
-    cpu_cores: int
+    cpu_cores: int  # that this process may use (affinity, cgroup CPU limit)
     cpu_features: tuple[str, ...]
 
     @property
@@ -73,7 +74,7 @@ def probe_hardware(assume_gpus: int | None = None) -> HardwareReport:
         gpus=gpus,
         gpu_source=source,
         execution_providers=_execution_providers(),
-        cpu_cores=os.cpu_count() or 1,
+        cpu_cores=usable_cores(),
         cpu_features=cpu_features(),
     )
 
