@@ -60,7 +60,11 @@ from server_overhead import (
     rotated,
     triton_inputs,
 )
+from sparseserve.protocol import grpc_service_pb2 as pb
+from sparseserve.server.app import SparseServeServer
 from sparseserve.server.process import ServerProcess
+from sparseserve.server.v2_servicer import V2Servicer
+from sparseserve.settings import Settings
 
 BARE = Path(__file__).resolve().parent / "peers" / "bare_v2.py"
 SPARSESERVE = "sparseserve"
@@ -122,6 +126,49 @@ async def check_answers(urls: dict[str, str], model: Path, arrays: list[np.ndarr
                 want = session.run(["output"], {"input": array})[0]
                 if not np.allclose(got, want, rtol=1e-5, atol=1e-6):
                     raise BenchmarkError(f"{arm} answered {got}, onnxruntime computes {want}")
+
+
+async def in_process_us(repository: Path, arrays: list[np.ndarray], calls: int) -> float:
+    """CPU µs per ModelInfer through sparseserve's own request path in this process, with
+    no gRPC and warm caches: parse the request, route, decode, validate, run the model,
+    record statistics, encode and serialise the answer (median of 5 batches of `calls`)."""
+    server = SparseServeServer(
+        Settings(repository=repository, metrics_port=None, onnxruntime={"intra_op_threads": 1})
+    )
+    await server.registry.load_startup_models()
+    servicer = V2Servicer(server.dataplane, server.registry, lambda: True)
+    requests = []
+    for array in arrays:
+        request = pb.ModelInferRequest(model_name=MODEL_NAME)
+        request.inputs.add(name="input", datatype="FP32", shape=array.shape)
+        request.raw_input_contents.append(array.tobytes())
+        requests.append(request.SerializeToString())
+
+    async def serve(data: bytes) -> bytes:
+        response, _ = await servicer._infer(pb.ModelInferRequest.FromString(data))
+        return response.SerializeToString()
+
+    for data in requests * 20:  # warm-up
+        await serve(data)
+    batches = []
+    for _ in range(5):
+        started = time.process_time()
+        for i in range(calls):
+            await serve(requests[i % len(requests)])
+        batches.append((time.process_time() - started) / calls * 1e6)
+    await server.registry.close()
+    return statistics.median(batches)
+
+
+def onnxruntime_alone_us(model: Path, arrays: list[np.ndarray], runs: int) -> float:
+    """CPU µs per back-to-back `session.run` in this process (warm caches)."""
+    session = onnxruntime_session(model, 1)
+    for array in arrays * 4:
+        session.run(["output"], {"input": array})
+    started = time.process_time()
+    for i in range(runs):
+        session.run(["output"], {"input": arrays[i % len(arrays)]})
+    return (time.process_time() - started) / runs * 1e6
 
 
 def summarize(runs: Sequence[ArmRun], arms: Sequence[str], levels: Sequence[int]) -> dict:
@@ -223,6 +270,12 @@ def render_markdown(report: dict) -> str:
         f"{best('sync, empty'):.0f} µs doing nothing and {best('sync, onnxruntime'):.0f} µs "
         "running the model.",
         "",
+        "In this process, on the servers' core, with no gRPC and warm caches: sparseserve's "
+        "request path (parse, route, decode, validate, run, record, encode, serialise) "
+        f"costs {report['in_process']['sparseserve_request_path_us']:.1f} µs of CPU per "
+        "request, of which onnxruntime alone, back to back, "
+        f"{report['in_process']['onnxruntime_alone_us']:.1f} µs.",
+        "",
         "## Setup",
         "",
         "- bare servers: `bench/peers/bare_v2.py` (ModelInfer only, no routing, validation, "
@@ -302,6 +355,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     peer.start()
                 for peer in peers.values():
                     peer.wait_ready([MODEL_NAME], timeout=60)
+                pin_thread(args.server_cpu)  # measured alone, on the servers' core
+                arrays = random_inputs(args.distinct_inputs, args.seed)
+                in_process = {
+                    "sparseserve_request_path_us": asyncio.run(
+                        in_process_us(root / "repository", arrays, args.requests)
+                    ),
+                    "onnxruntime_alone_us": onnxruntime_alone_us(model, arrays, args.requests),
+                }
+                progress(f"in-process, warm caches: {in_process}")
                 pin_thread(args.client_cpu)
                 urls = {arm: peer.grpc_url for arm, peer in peers.items()}
                 pids = {arm: peer.pid for arm, peer in peers.items()}
@@ -322,6 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "bare_arms": BARE_ARMS,
             "sparseserve_args": SERVER_ARGS,
         },
+        "in_process": in_process,
         "summary": summarize(runs, arms, args.concurrency),
         "runs": runs,
     }
