@@ -8,6 +8,8 @@ Arms (every server pinned to CPU 0, the tritonclient.grpc.aio load on CPU 1):
 - `aio + interceptor, empty`: the same behind a pass-through `ServerInterceptor`
 - `aio, onnxruntime`: grpc.aio running mlp_small inline in the handler, nothing else
 - `sync, empty` / `sync, onnxruntime`: the same on grpc's thread-pool server (4 threads)
+- `sync, sparseserve's path`: a prototype, sparseserve's request path (V2Servicer,
+  DataPlane, registry) driven synchronously from the thread-pool server's handlers
 - `sparseserve`: the real server, as in server_overhead.py (metrics on, no batching)
 
 so that, per level,
@@ -75,6 +77,7 @@ BARE_ARMS: dict[str, list[str]] = {
     "aio, onnxruntime": ["--transport", "aio", "--model", "{model}"],
     "sync, empty": ["--transport", "sync"],
     "sync, onnxruntime": ["--transport", "sync", "--model", "{model}"],
+    "sync, sparseserve's path": ["--transport", "sync", "--sparseserve", "{repository}"],
 }
 SERVER_ARGS = ["--intra-op-threads", "1", "--inference-threads", "2", "--log-level", "WARNING"]
 TARGET_US = 200.0  # issue 7: server CPU per request on mlp_small
@@ -203,6 +206,8 @@ def _parts(runs: Sequence[ArmRun], concurrency: int) -> dict[str, Spread]:
             "sparseserve's own work": cpu[SPARSESERVE] - cpu["aio, onnxruntime"],
             "a pass-through interceptor": cpu["aio + interceptor, empty"] - cpu["aio, empty"],
             "sync server instead of aio (empty)": cpu["sync, empty"] - cpu["aio, empty"],
+            "sparseserve's path on the sync server instead": cpu["sync, sparseserve's path"]
+            - cpu[SPARSESERVE],
         }
         for name, value in split.items():
             parts.setdefault(name, []).append(value)
@@ -280,6 +285,10 @@ def render_markdown(report: dict) -> str:
         "",
         "- bare servers: `bench/peers/bare_v2.py` (ModelInfer only, no routing, validation, "
         "metrics or statistics; the sync server has 4 handler threads)",
+        "- `sync, sparseserve's path`: `bare_v2.py --sparseserve`, a prototype: "
+        "sparseserve's V2Servicer, DataPlane and registry run synchronously in the "
+        "thread-pool server's 4 handler threads (inline, unbatched models only; not "
+        "thread-safe; no metrics port)",
         f"- sparseserve: `sparseserve serve {' '.join(SERVER_ARGS)}` (Prometheus metrics on)",
         f"- per level and arm: {setup['warmup']} warm-up requests, then up to "
         f"{setup['requests']} requests or {setup['max_seconds']} s; arms rotate between "
@@ -338,7 +347,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 [
                     sys.executable,
                     str(BARE),
-                    *(a.replace("{model}", str(model)) for a in extra),
+                    *(
+                        a.replace("{model}", str(model)).replace(
+                            "{repository}", str(root / "repository")
+                        )
+                        for a in extra
+                    ),
                     "--port",
                     "{grpc}",
                 ],

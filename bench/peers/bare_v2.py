@@ -4,9 +4,14 @@ Serves ModelInfer (and ModelReady, for the benchmark's readiness check) with not
 around it: no routing, validation, metrics or statistics. `--model PATH` runs the ONNX
 model inline in the handler (raw bytes -> np.frombuffer -> session.run -> raw bytes);
 without it, every request is answered with the same all-zero output, so what is left is
-gRPC and protobuf alone. Run with the project's venv (it uses sparseserve's stubs):
+gRPC and protobuf alone. `--sparseserve REPOSITORY` (thread-pool transport only) is a
+prototype instead: sparseserve's own request path (`V2Servicer`, the DataPlane, the
+registry; no metrics port) driven synchronously from grpc's handler threads, which works
+only for models that run inline and unbatched, and is not thread-safe (statistics may
+lose counts). Run with the project's venv (it uses sparseserve's stubs):
 
-    python bare_v2.py --transport aio|sync [--model PATH] [--interceptor] --port P
+    python bare_v2.py --transport aio|sync [--model PATH | --sparseserve REPO] \
+        [--interceptor] [--threads N] --port P
 """
 
 from __future__ import annotations
@@ -53,8 +58,34 @@ class Answerer:
         return response
 
 
+class SparseServePath:
+    """sparseserve's request path without its gRPC server, for the thread-pool server."""
+
+    def __init__(self, repository: str):
+        from sparseserve.server.app import SparseServeServer
+        from sparseserve.server.v2_servicer import V2Servicer
+        from sparseserve.settings import Settings
+
+        settings = Settings(
+            repository=repository, metrics_port=None, onnxruntime={"intra_op_threads": 1}
+        )
+        self.server = SparseServeServer(settings)
+        asyncio.new_event_loop().run_until_complete(self.server.registry.load_startup_models())
+        self.servicer = V2Servicer(self.server.dataplane, self.server.registry, lambda: True)
+
+    def answer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        # An inline, unbatched model never suspends the coroutine: run it to its end here.
+        coroutine = self.servicer._infer(request)
+        try:
+            coroutine.send(None)
+        except StopIteration as done:
+            return done.value[0]
+        coroutine.close()
+        raise RuntimeError("the request had to wait for the event loop: not an inline model")
+
+
 class AioServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, answerer: Answerer):
+    def __init__(self, answerer: Answerer | SparseServePath):
         self.answerer = answerer
 
     async def ModelInfer(self, request, context):
@@ -65,7 +96,7 @@ class AioServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 class SyncServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, answerer: Answerer):
+    def __init__(self, answerer: Answerer | SparseServePath):
         self.answerer = answerer
 
     def ModelInfer(self, request, context):
@@ -102,7 +133,7 @@ class PassThrough(grpc.aio.ServerInterceptor):
         return self._wrapped[method]
 
 
-async def serve_aio(answerer: Answerer, port: int, interceptor: bool) -> None:
+async def serve_aio(answerer: Answerer | SparseServePath, port: int, interceptor: bool) -> None:
     server = grpc.aio.server(interceptors=[PassThrough()] if interceptor else None)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(AioServicer(answerer), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
@@ -110,7 +141,7 @@ async def serve_aio(answerer: Answerer, port: int, interceptor: bool) -> None:
     await server.wait_for_termination()
 
 
-def serve_sync(answerer: Answerer, port: int, threads: int) -> None:
+def serve_sync(answerer: Answerer | SparseServePath, port: int, threads: int) -> None:
     server = grpc.server(ThreadPoolExecutor(threads))
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(SyncServicer(answerer), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
@@ -122,12 +153,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--transport", choices=("aio", "sync"), required=True)
     parser.add_argument("--model", help="ONNX model to run inline (default: answer zeros)")
+    parser.add_argument("--sparseserve", help="repository: sparseserve's request path (sync)")
     parser.add_argument("--output-shape", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--interceptor", action="store_true", help="aio: a pass-through one")
     parser.add_argument("--threads", type=int, default=4, help="sync: handler threads")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    answerer = Answerer(args.model, tuple(args.output_shape))
+    if args.sparseserve and args.transport != "sync":
+        parser.error("--sparseserve needs --transport sync")
+    answerer = (
+        SparseServePath(args.sparseserve)
+        if args.sparseserve
+        else Answerer(args.model, tuple(args.output_shape))
+    )
     if args.transport == "aio":
         asyncio.run(serve_aio(answerer, args.port, args.interceptor))
     else:

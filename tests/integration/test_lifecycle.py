@@ -112,7 +112,9 @@ def test_sigterm_drains_the_request_in_flight_refuses_new_ones_and_exits_0(
 
     with pytest.raises(InferenceServerException) as refused:
         small_mlp_request(client)
-    assert "UNAVAILABLE" in str(refused.value.status())
+    # The whole exception in the message: a rare CANCELLED here (seen once, on a loaded
+    # machine) has not been explained yet.
+    assert "UNAVAILABLE" in str(refused.value.status()), f"refused with {refused.value!r}"
     assert not running.done(), "the in-flight request must still be running during the drain"
 
     result = running.result(timeout=30)
