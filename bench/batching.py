@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shlex
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ from server_overhead import (  # bench/ is not a package: imported from its fold
     pin_thread,
     progress,
     triton_inputs,
+    write_results,
 )
 from sparseserve.server.process import ServerProcess
 from sparseserve.testing import onnx_models
@@ -417,19 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "targets": targets(summary),
         "runs": runs,
     }
-    markdown = render_markdown(report)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "batching.json").write_text(
-        json.dumps(report, indent=2, default=_plain) + "\n"
-    )
-    (args.output_dir / "batching.md").write_text(markdown)
-    print(markdown)
+    write_results(args.output_dir, "batching", report, render_markdown(report))
     return 0
-
-
-def _plain(value: Any) -> Any:
-    """json.dumps' fallback: dataclasses (runs, spreads, latency summaries) as dicts."""
-    return asdict(value)
 
 
 if __name__ == "__main__":

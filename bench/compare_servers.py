@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,7 @@ from server_overhead import (  # bench/ is not a package: imported from its fold
     progress,
     rotated,
     triton_inputs,
+    write_results,
 )
 from sparseserve.server.process import ServerProcess
 from sparseserve.testing import onnx_models
@@ -851,13 +852,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "verdicts": verdicts(summary),
         "runs": runs,
     }
-    markdown = render_markdown(report)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "compare_servers.json").write_text(
-        json.dumps(report, indent=2, default=asdict) + "\n"
-    )
-    (args.output_dir / "compare_servers.md").write_text(markdown)
-    print(markdown)
+    write_results(args.output_dir, "compare_servers", report, render_markdown(report))
     return 0
 
 

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +60,7 @@ from server_overhead import (
     random_inputs,
     rotated,
     triton_inputs,
+    write_results,
 )
 from sparseserve.protocol import grpc_service_pb2 as pb
 from sparseserve.server.app import SparseServeServer
@@ -402,13 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "summary": summarize(runs, arms, args.concurrency),
         "runs": runs,
     }
-    markdown = render_markdown(report)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "grpc_floor.json").write_text(
-        json.dumps(report, indent=2, default=asdict) + "\n"
-    )
-    (args.output_dir / "grpc_floor.md").write_text(markdown)
-    print(markdown)
+    write_results(args.output_dir, "grpc_floor", report, render_markdown(report))
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from server_overhead import (  # bench/ is not a package: imported from its fold
     progress,
     random_inputs,
     triton_inputs,
+    write_results,
 )
 from sparseserve.server.process import ServerProcess
 
@@ -206,11 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "requests_per_s": requests / (args.seconds + 2),
         "result": aggregate(raw),
     }
-    markdown = render_markdown(report)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.output_dir / "profile.md").write_text(markdown)
-    print(markdown)
+    write_results(args.output_dir, "profile", report, render_markdown(report))
     return 0
 
 

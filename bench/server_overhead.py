@@ -972,6 +972,15 @@ def machine_lines(env: dict[str, Any], extra: Sequence[str] = ()) -> list[str]:
     ]
 
 
+def write_results(output_dir: Path, name: str, report: dict, markdown: str) -> None:
+    """Write `<name>.json` (every number; dataclasses as dicts) and `<name>.md` into
+    `output_dir`, and print the Markdown."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"{name}.json").write_text(json.dumps(report, indent=2, default=asdict) + "\n")
+    (output_dir / f"{name}.md").write_text(markdown)
+    print(markdown)
+
+
 def _jsonable(value: Any) -> Any:
     """Dataclasses (Spread, runs) as plain dicts, recursively."""
     if isinstance(value, Spread | LevelRun | OnnxRuntimeRun | LatencySummary):
