@@ -6,8 +6,9 @@ its message (and a logged traceback) instead of gRPC's bare UNKNOWN.
 This is done at registration rather than with a `grpc.aio.ServerInterceptor`, which
 grpc.aio runs as a coroutine chain on every call, while a wrapper made once costs
 nothing per call. The saving measured on a do-nothing ModelInfer is within noise (-3 to
-+15 µs per request over three runs, bench/results/grpc_floor.md), and the wrapper is no
-more code than the interceptor was."""
++15 µs per request over three runs, bench/results/grpc_floor.md); the price is a little
+more code, since generated code registers each method both as a generic and as a
+registered handler, and both must be wrapped."""
 
 from __future__ import annotations
 
