@@ -39,6 +39,7 @@ import tritonclient.grpc.aio as triton_aio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_servers import PeerProcess  # bench/ is not a package: imported from its folder
+from peers.bare_v2 import SparseServePath
 from server_overhead import (
     CLOCK_TICKS,
     MODEL_NAME,
@@ -54,6 +55,7 @@ from server_overhead import (
     environment,
     machine_lines,
     markdown_table,
+    measure_onnxruntime,
     onnxruntime_session,
     pin_thread,
     progress,
@@ -63,10 +65,7 @@ from server_overhead import (
     write_results,
 )
 from sparseserve.protocol import grpc_service_pb2 as pb
-from sparseserve.server.app import SparseServeServer
 from sparseserve.server.process import ServerProcess
-from sparseserve.server.v2_servicer import V2Servicer
-from sparseserve.settings import Settings
 
 BARE = Path(__file__).resolve().parent / "peers" / "bare_v2.py"
 SPARSESERVE = "sparseserve"
@@ -131,15 +130,11 @@ async def check_answers(urls: dict[str, str], model: Path, arrays: list[np.ndarr
                     raise BenchmarkError(f"{arm} answered {got}, onnxruntime computes {want}")
 
 
-async def in_process_us(repository: Path, arrays: list[np.ndarray], calls: int) -> float:
+def in_process_us(repository: Path, arrays: list[np.ndarray], calls: int) -> float:
     """CPU µs per ModelInfer through sparseserve's own request path in this process, with
     no gRPC and warm caches: parse the request, route, decode, validate, run the model,
     record statistics, encode and serialise the answer (median of 5 batches of `calls`)."""
-    server = SparseServeServer(
-        Settings(repository=repository, metrics_port=None, onnxruntime={"intra_op_threads": 1})
-    )
-    await server.registry.load_startup_models()
-    servicer = V2Servicer(server.dataplane, server.registry, lambda: True)
+    path = SparseServePath(str(repository))
     requests = []
     for array in arrays:
         request = pb.ModelInferRequest(model_name=MODEL_NAME)
@@ -147,31 +142,19 @@ async def in_process_us(repository: Path, arrays: list[np.ndarray], calls: int) 
         request.raw_input_contents.append(array.tobytes())
         requests.append(request.SerializeToString())
 
-    async def serve(data: bytes) -> bytes:
-        response, _ = await servicer._infer(pb.ModelInferRequest.FromString(data))
-        return response.SerializeToString()
+    def serve(data: bytes) -> bytes:
+        return path.answer(pb.ModelInferRequest.FromString(data)).SerializeToString()
 
     for data in requests * 20:  # warm-up
-        await serve(data)
+        serve(data)
     batches = []
     for _ in range(5):
         started = time.process_time()
         for i in range(calls):
-            await serve(requests[i % len(requests)])
+            serve(requests[i % len(requests)])
         batches.append((time.process_time() - started) / calls * 1e6)
-    await server.registry.close()
+    path.close()
     return statistics.median(batches)
-
-
-def onnxruntime_alone_us(model: Path, arrays: list[np.ndarray], runs: int) -> float:
-    """CPU µs per back-to-back `session.run` in this process (warm caches)."""
-    session = onnxruntime_session(model, 1)
-    for array in arrays * 4:
-        session.run(["output"], {"input": array})
-    started = time.process_time()
-    for i in range(runs):
-        session.run(["output"], {"input": arrays[i % len(arrays)]})
-    return (time.process_time() - started) / runs * 1e6
 
 
 def summarize(runs: Sequence[ArmRun], arms: Sequence[str], levels: Sequence[int]) -> dict:
@@ -371,11 +354,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     peer.wait_ready([MODEL_NAME], timeout=60)
                 pin_thread(args.server_cpu)  # measured alone, on the servers' core
                 arrays = random_inputs(args.distinct_inputs, args.seed)
+                hot = measure_onnxruntime(
+                    onnxruntime_session(model, 1), arrays, args.requests, args.server_cpu, 0
+                )
                 in_process = {
-                    "sparseserve_request_path_us": asyncio.run(
-                        in_process_us(root / "repository", arrays, args.requests)
+                    "sparseserve_request_path_us": in_process_us(
+                        root / "repository", arrays, args.requests
                     ),
-                    "onnxruntime_alone_us": onnxruntime_alone_us(model, arrays, args.requests),
+                    "onnxruntime_alone_us": hot.cpu_us_per_run,
                 }
                 progress(f"in-process, warm caches: {in_process}")
                 pin_thread(args.client_cpu)

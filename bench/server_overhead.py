@@ -233,7 +233,7 @@ def build_repository(root: Path, batching: str | None = None) -> Path:
 BATCHING_PBTXT = (
     "max_batch_size: 64\n"
     "dynamic_batching { max_queue_delay_microseconds: 500 }\n"
-    "instance_group [{ count: 2 kind: KIND_CPU }]\n"
+    "instance_group [{ count: 1 kind: KIND_CPU }]\n"
 )
 
 
@@ -981,17 +981,6 @@ def write_results(output_dir: Path, name: str, report: dict, markdown: str) -> N
     print(markdown)
 
 
-def _jsonable(value: Any) -> Any:
-    """Dataclasses (Spread, runs) as plain dicts, recursively."""
-    if isinstance(value, Spread | LevelRun | OnnxRuntimeRun | LatencySummary):
-        return asdict(value)
-    if isinstance(value, dict):
-        return {key: _jsonable(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(item) for item in value]
-    return value
-
-
 # -- entry point -----------------------------------------------------------------------
 
 
@@ -1082,13 +1071,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "onnxruntime_runs": ort_runs,
         "level_runs": level_runs,
     }
-    markdown = render_markdown(report)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "server_overhead.json").write_text(
-        json.dumps(_jsonable(report), indent=2) + "\n"
-    )
-    (args.output_dir / "server_overhead.md").write_text(markdown)
-    print(markdown)
+    write_results(args.output_dir, "server_overhead", report, render_markdown(report))
     return 0
 
 

@@ -59,7 +59,8 @@ class Answerer:
 
 
 class SparseServePath:
-    """sparseserve's request path without its gRPC server, for the thread-pool server."""
+    """sparseserve's request path without its gRPC server: for the thread-pool server,
+    and for bench/grpc_floor.py to time in-process."""
 
     def __init__(self, repository: str):
         from sparseserve.server.app import SparseServeServer
@@ -70,8 +71,13 @@ class SparseServePath:
             repository=repository, metrics_port=None, onnxruntime={"intra_op_threads": 1}
         )
         self.server = SparseServeServer(settings)
-        asyncio.new_event_loop().run_until_complete(self.server.registry.load_startup_models())
+        self.loop = asyncio.new_event_loop()
+        self.loop.run_until_complete(self.server.registry.load_startup_models())
         self.servicer = V2Servicer(self.server.dataplane, self.server.registry, lambda: True)
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.server.registry.close())
+        self.loop.close()
 
     def answer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         # An inline, unbatched model never suspends the coroutine: run it to its end here.
