@@ -616,9 +616,11 @@ def verdicts(summary: dict[str, Any]) -> list[str]:
             speed = entry["vs"][base]["requests_per_s"].median
             cpu = entry["vs"][base]["server_cpu_us_per_request"].median
             p99 = entry["vs"][base]["latency_p99_ms"].median
+            faster = _compare(1 / speed, "faster", "slower", "as fast")
+            than = "as" if faster.startswith("about") else "than"
             lines.append(
                 f"- {model} c={concurrency}, server on CPU {cpus}: {SERVER_BY_KEY[base].label} is "
-                f"**{_compare(1 / speed, 'faster', 'slower', 'as fast')}** than {server.label} "
+                f"**{faster}** {than} {server.label} "
                 f"({1 / speed:.2f}x its req/s), uses "
                 f"**{_compare(cpu, 'less', 'more', 'as much')}** server CPU per request "
                 f"({1 / cpu:.2f}x its µs) and has {1 / p99:.2f}x its p99."
@@ -800,7 +802,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--inference-threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-queue-delay-us", type=int, default=2000)
-    parser.add_argument("--instances", type=int, default=2, help="sparseserve batches at once")
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="sparseserve batches at once (config.pbtxt instance_group count); on one core a "
+        "second one only takes turns with the first (bench/batching.py measured 658 vs 935 req/s)",
+    )
     parser.add_argument("--idle-seconds", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "bench" / "results")

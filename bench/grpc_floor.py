@@ -7,9 +7,13 @@ Arms (every server pinned to CPU 0, the tritonclient.grpc.aio load on CPU 1):
 - `aio, empty`: grpc.aio answering every request with the same zeros (bench/peers/bare_v2.py)
 - `aio + interceptor, empty`: the same behind a pass-through `ServerInterceptor`
 - `aio, onnxruntime`: grpc.aio running mlp_small inline in the handler, nothing else
+- `aio, onnxruntime twice`: the same, running the model twice per request
+- `aio, empty, writes the model's weight bytes`: zeros, after writing as many bytes of
+  memory as mlp_small's weights (332 KiB): the model's memory traffic without the model
 - `sync, empty` / `sync, onnxruntime`: the same on grpc's thread-pool server (4 threads)
 - `sync, sparseserve's path`: a prototype, sparseserve's request path (V2Servicer,
   DataPlane, registry) driven synchronously from the thread-pool server's handlers
+- `grpclib, empty`: zeros again, from grpclib (HTTP/2 in pure Python, no grpc core)
 - `sparseserve`: the real server, as in server_overhead.py (metrics on, no batching)
 
 so that, per level,
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import sys
 import tempfile
@@ -68,17 +73,29 @@ from sparseserve.protocol import grpc_service_pb2 as pb
 from sparseserve.server.process import ServerProcess
 
 BARE = Path(__file__).resolve().parent / "peers" / "bare_v2.py"
+# mlp_small's FP32 weights and biases: what one run of it reads.
+WEIGHT_BYTES = 4 * sum(a * b + b for a, b in itertools.pairwise(MODEL_SIZES))
 SPARSESERVE = "sparseserve"
 # label -> bare_v2.py arguments (sparseserve itself is started by ServerProcess).
 BARE_ARMS: dict[str, list[str]] = {
     "aio, empty": ["--transport", "aio"],
     "aio + interceptor, empty": ["--transport", "aio", "--interceptor"],
     "aio, onnxruntime": ["--transport", "aio", "--model", "{model}"],
+    "aio, onnxruntime twice": ["--transport", "aio", "--model", "{model}", "--runs", "2"],
+    "aio, empty, writes the model's weight bytes": [
+        "--transport",
+        "aio",
+        "--sweep-bytes",
+        str(WEIGHT_BYTES),
+    ],
     "sync, empty": ["--transport", "sync"],
     "sync, onnxruntime": ["--transport", "sync", "--model", "{model}"],
     "sync, sparseserve's path": ["--transport", "sync", "--sparseserve", "{repository}"],
+    "grpclib, empty": ["--transport", "grpclib"],
 }
 SERVER_ARGS = ["--intra-op-threads", "1", "--inference-threads", "2", "--log-level", "WARNING"]
+SECOND_RUN = "a second run of the model, right after the first"
+SWEEP = "writing the model's weight bytes, without the model"
 TARGET_US = 200.0  # issue 7: server CPU per request on mlp_small
 
 
@@ -187,6 +204,8 @@ def _parts(runs: Sequence[ArmRun], concurrency: int) -> dict[str, Spread]:
             "gRPC floor (aio, empty)": cpu["aio, empty"],
             "the model inside the server": cpu["aio, onnxruntime"] - cpu["aio, empty"],
             "sparseserve's own work": cpu[SPARSESERVE] - cpu["aio, onnxruntime"],
+            SECOND_RUN: cpu["aio, onnxruntime twice"] - cpu["aio, onnxruntime"],
+            SWEEP: cpu["aio, empty, writes the model's weight bytes"] - cpu["aio, empty"],
             "a pass-through interceptor": cpu["aio + interceptor, empty"] - cpu["aio, empty"],
             "sync server instead of aio (empty)": cpu["sync, empty"] - cpu["aio, empty"],
             "sparseserve's path on the sync server instead": cpu["sync, sparseserve's path"]
@@ -246,6 +265,10 @@ def render_markdown(report: dict) -> str:
         ],
     )
 
+    def span(part: str) -> str:
+        medians = [e["parts_us"][part].median for e in summary.values()]
+        return f"{min(medians):.0f}-{max(medians):.0f}"
+
     def best(arm: str) -> float:
         return min(e[arm]["server_cpu_us_per_request"].median for e in summary.values())
 
@@ -256,7 +279,14 @@ def render_markdown(report: dict) -> str:
         f"{best('aio, empty'):.0f} µs and one that only runs the model "
         f"{best('aio, onnxruntime'):.0f} µs; grpc's thread-pool server costs "
         f"{best('sync, empty'):.0f} µs doing nothing and {best('sync, onnxruntime'):.0f} µs "
-        "running the model.",
+        "running the model; grpclib, a gRPC stack without grpc's C core, costs "
+        f"{best('grpclib, empty'):.0f} µs doing nothing.",
+        "",
+        "The model inside a server costs "
+        f"{span('the model inside the server')} µs per request (across levels), but a "
+        f"second run right after the first only {span(SECOND_RUN)} µs, and writing as many "
+        f"bytes of memory as its weights, without running it, {span(SWEEP)} µs: the first "
+        "run finds the caches cold after gRPC's work, and leaves them cold for gRPC.",
         "",
         "In this process, on the servers' core, with no gRPC and warm caches: sparseserve's "
         "request path (parse, route, decode, validate, run, record, encode, serialise) "
@@ -272,6 +302,12 @@ def render_markdown(report: dict) -> str:
         "sparseserve's V2Servicer, DataPlane and registry run synchronously in the "
         "thread-pool server's 4 handler threads (inline, unbatched models only; not "
         "thread-safe; no metrics port)",
+        "- `aio, onnxruntime twice`: `bare_v2.py --model M --runs 2`, the model run twice "
+        "per request; `aio, empty, writes the model's weight bytes`: `bare_v2.py "
+        f"--sweep-bytes {WEIGHT_BYTES}` (mlp_small's FP32 weights and biases), zeros after "
+        "adding 1 to that many bytes of a numpy array",
+        "- `grpclib, empty`: `bare_v2.py --transport grpclib` (grpclib and its pure-Python "
+        "HTTP/2 library h2, from the `[dev]` extra)",
         f"- sparseserve: `sparseserve serve {' '.join(SERVER_ARGS)}` (Prometheus metrics on)",
         f"- per level and arm: {setup['warmup']} warm-up requests, then up to "
         f"{setup['requests']} requests or {setup['max_seconds']} s; arms rotate between "

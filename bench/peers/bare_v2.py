@@ -2,16 +2,20 @@
 
 Serves ModelInfer (and ModelReady, for the benchmark's readiness check) with nothing
 around it: no routing, validation, metrics or statistics. `--model PATH` runs the ONNX
-model inline in the handler (raw bytes -> np.frombuffer -> session.run -> raw bytes);
+model inline in the handler (raw bytes -> np.frombuffer -> session.run -> raw bytes;
+`--runs 2` runs it twice, to see what a run costs right after another);
 without it, every request is answered with the same all-zero output, so what is left is
-gRPC and protobuf alone. `--sparseserve REPOSITORY` (thread-pool transport only) is a
+gRPC and protobuf alone. `--sweep-bytes N` writes N bytes of memory before each such
+answer: a model's memory traffic without the model. `--transport grpclib` serves with
+grpclib (HTTP/2 in pure Python) instead of grpcio, to see whether another gRPC stack
+has a lower floor. `--sparseserve REPOSITORY` (thread-pool transport only) is a
 prototype instead: sparseserve's own request path (`V2Servicer`, the DataPlane, the
 registry; no metrics port) driven synchronously from grpc's handler threads, which works
 only for models that run inline and unbatched, and is not thread-safe (statistics may
 lose counts). Run with the project's venv (it uses sparseserve's stubs):
 
-    python bare_v2.py --transport aio|sync [--model PATH | --sparseserve REPO] \
-        [--interceptor] [--threads N] --port P
+    python bare_v2.py --transport aio|sync|grpclib [--model PATH | --sparseserve REPO] \
+        [--runs N] [--sweep-bytes N] [--interceptor] [--threads N] --port P
 """
 
 from __future__ import annotations
@@ -29,9 +33,14 @@ from sparseserve.protocol import grpc_service_pb2_grpc as pb_grpc
 
 
 class Answerer:
-    """Builds the ModelInferResponse for a request: the model's output, or zeros."""
+    """Builds the ModelInferResponse for a request: the model's output, or zeros (after
+    writing `sweep_bytes` of memory, to see what a model's memory traffic alone costs)."""
 
-    def __init__(self, model: str | None, output_shape: tuple[int, ...]):
+    def __init__(
+        self, model: str | None, output_shape: tuple[int, ...], sweep_bytes: int = 0, runs: int = 1
+    ):
+        self.runs = runs
+        self.sweep = np.zeros(sweep_bytes, dtype=np.uint8) if sweep_bytes else None
         self.session: ort.InferenceSession | None = None
         if model is not None:
             options = ort.SessionOptions()
@@ -44,12 +53,15 @@ class Answerer:
 
     def answer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         if self.session is None:
+            if self.sweep is not None:
+                self.sweep += 1
             result = self.zeros
         else:
             tensor = request.inputs[0]
             array = np.frombuffer(request.raw_input_contents[0], dtype=np.float32)
             feeds = {self.input: array.reshape(tuple(tensor.shape))}
-            result = self.session.run([self.output], feeds)[0]
+            for _ in range(self.runs):
+                result = self.session.run([self.output], feeds)[0]
         response = pb.ModelInferResponse(
             model_name=request.model_name, model_version="1", id=request.id
         )
@@ -155,13 +167,46 @@ def serve_sync(answerer: Answerer | SparseServePath, port: int, threads: int) ->
     server.wait_for_termination()
 
 
+async def serve_grpclib(answerer: Answerer, port: int) -> None:
+    """grpclib: gRPC over HTTP/2 in pure Python (h2) on one asyncio loop, no grpc core."""
+    from grpclib.const import Cardinality, Handler
+    from grpclib.server import Server
+
+    service = "/inference.GRPCInferenceService/"
+
+    class GrpclibServicer:
+        async def model_infer(self, stream) -> None:
+            await stream.send_message(answerer.answer(await stream.recv_message()))
+
+        async def model_ready(self, stream) -> None:
+            await stream.recv_message()
+            await stream.send_message(pb.ModelReadyResponse(ready=True))
+
+        def __mapping__(self) -> dict[str, Handler]:
+            unary = Cardinality.UNARY_UNARY
+            return {
+                service + "ModelInfer": Handler(
+                    self.model_infer, unary, pb.ModelInferRequest, pb.ModelInferResponse
+                ),
+                service + "ModelReady": Handler(
+                    self.model_ready, unary, pb.ModelReadyRequest, pb.ModelReadyResponse
+                ),
+            }
+
+    server = Server([GrpclibServicer()])
+    await server.start("127.0.0.1", port)
+    await server.wait_closed()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--transport", choices=("aio", "sync"), required=True)
+    parser.add_argument("--transport", choices=("aio", "sync", "grpclib"), required=True)
     parser.add_argument("--model", help="ONNX model to run inline (default: answer zeros)")
     parser.add_argument("--sparseserve", help="repository: sparseserve's request path (sync)")
     parser.add_argument("--output-shape", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--interceptor", action="store_true", help="aio: a pass-through one")
+    parser.add_argument("--sweep-bytes", type=int, default=0, help="no model: bytes written")
+    parser.add_argument("--runs", type=int, default=1, help="--model: runs per request")
     parser.add_argument("--threads", type=int, default=4, help="sync: handler threads")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
@@ -170,10 +215,12 @@ def main() -> None:
     answerer = (
         SparseServePath(args.sparseserve)
         if args.sparseserve
-        else Answerer(args.model, tuple(args.output_shape))
+        else Answerer(args.model, tuple(args.output_shape), args.sweep_bytes, args.runs)
     )
     if args.transport == "aio":
         asyncio.run(serve_aio(answerer, args.port, args.interceptor))
+    elif args.transport == "grpclib":
+        asyncio.run(serve_grpclib(answerer, args.port))
     else:
         serve_sync(answerer, args.port, args.threads)
 
