@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import shlex
 import statistics
 import sys
@@ -221,19 +222,26 @@ def summarize(runs: Sequence[ArmRun], levels: Sequence[tuple[str, int]]) -> dict
         level["on_vs_off"] = {
             "requests_per_s": Spread.of(
                 [
-                    by_round[i, "on"].requests_per_s / by_round[i, "off"].requests_per_s
+                    _ratio(by_round[i, "on"].requests_per_s, by_round[i, "off"].requests_per_s)
                     for i in rounds
                 ]
             ),
             "server_cpu_us_per_request": Spread.of(
                 [
-                    by_round[i, "on"].server_cpu_us_per_request
-                    / by_round[i, "off"].server_cpu_us_per_request
+                    _ratio(
+                        by_round[i, "on"].server_cpu_us_per_request,
+                        by_round[i, "off"].server_cpu_us_per_request,
+                    )
                     for i in rounds
                 ]
             ),
         }
     return summary
+
+
+def _ratio(on: float, off: float) -> float:
+    """on / off; NaN where `off` measured nothing (a level too short for one clock tick)."""
+    return on / off if off else math.nan
 
 
 def targets(summary: dict[str, Any]) -> dict[str, bool | None]:

@@ -1,0 +1,75 @@
+"""The load benchmarks in bench/ run end to end, in miniature: every arm's server
+starts, answers what onnxruntime computes (each script checks that before timing), and
+the script writes its JSON and Markdown. The numbers of such short runs mean nothing;
+what is checked is that the scripts behind bench/results/ still work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def cores() -> list[str]:
+    """A server core and a client core this process may use (the same one if only one)."""
+    usable = sorted(os.sched_getaffinity(0))
+    return ["--server-cpu", str(usable[0]), "--client-cpu", str(usable[-1])]
+
+
+def run_bench(script: str, output: Path, *args: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), *args, *cores(), "--output-dir", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, f"{script} failed:\n{done.stderr[-3000:]}"
+    name = {"grpc_floor.py": "grpc_floor"}.get(script, script.removesuffix(".py"))
+    markdown = (output / f"{name}.md").read_text()
+    assert markdown.startswith("# "), markdown[:200]
+    assert "## Machine" in markdown, markdown[-500:]
+    return json.loads((output / f"{name}.json").read_text())
+
+
+def test_grpc_floor_runs_every_arm(tmp_path: Path) -> None:
+    report = run_bench(
+        "grpc_floor.py", tmp_path, "--rounds", "1", "--concurrency", "2",
+        "--requests", "200", "--warmup", "10",
+    )  # fmt: skip
+    arms = report["setup"]["arms"]
+    assert {"aio, empty", "grpclib, empty", "sync, sparseserve's path", "sparseserve"} <= set(arms)
+    level = report["summary"]["2"]
+    for arm in arms:
+        assert level[arm]["requests_per_s"]["median"] > 0, arm
+    assert "sparseserve's own work" in level["parts_us"]
+    assert report["in_process"]["sparseserve_request_path_us"] > 0
+
+
+def test_server_overhead_runs_both_protocols(tmp_path: Path) -> None:
+    report = run_bench(
+        "server_overhead.py", tmp_path, "--rounds", "1", "--concurrency", "2",
+        "--requests", "200", "--warmup", "10", "--ort-runs", "50", "--ort-cold-runs", "5",
+        "--flush-mib", "1",
+    )  # fmt: skip
+    runs = report["level_runs"]
+    assert {run["protocol"] for run in runs} == {"unary", "stream"}
+    assert all(run["requests"] > 0 and run["errors"] == 0 for run in runs)
+    assert {run["caches"] for run in report["onnxruntime_runs"]} == {"hot", "cold"}
+
+
+def test_batching_runs_on_and_off(tmp_path: Path) -> None:
+    report = run_bench(
+        "batching.py", tmp_path, "--rounds", "1", "--levels", "mlp_small@4",
+        "--requests", "200", "--warmup", "10",
+    )  # fmt: skip
+    assert {run["batching"] for run in report["runs"]} == {"on", "off"}
+    on = [run for run in report["runs"] if run["batching"] == "on"]
+    assert on[0]["average_batch_requests"] >= 1
