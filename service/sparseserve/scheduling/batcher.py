@@ -192,9 +192,22 @@ class DynamicBatcher:
             )
         rows = self._rows(inputs)
         idle = not self._queue and self._wakeup is None and not self._running
-        if idle and self._alone() and not _others_ready():
-            # Nothing could join it: run it now, in this task, as if unbatched.
-            return await self._run_alone(inputs, outputs, rows, time.perf_counter_ns())
+        if idle and max(self._recent) <= 1 and not _others_ready():
+            # Nothing could join it: run it now, in this task, as if unbatched. It counts
+            # as a running batch for requests that arrive meanwhile.
+            self._recent.append(1)
+            task = asyncio.current_task()
+            assert task is not None
+            self._running.add(task)
+            try:
+                started = time.perf_counter_ns()
+                results = await self.backend.infer(inputs, outputs)
+                self._on_execution(time.perf_counter_ns() - started, rows)
+                return results, 0  # it never queued
+            finally:
+                self._running.discard(task)
+                if self._queue:
+                    self._schedule()
         key = (
             tuple((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items()),
             tuple(outputs),
@@ -220,37 +233,16 @@ class DynamicBatcher:
             SERVED_BY.set(request.served_by)
         return result
 
-    async def _run_alone(
-        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], rows: int, enqueued_ns: int
-    ) -> tuple[Outputs, int]:
-        """Run one request in the caller's own task: no batch task, no loop turns. It
-        counts as a running batch for requests that arrive meanwhile."""
-        self._recent.append(1)
-        task = asyncio.current_task()
-        assert task is not None
-        self._running.add(task)
-        try:
-            started = time.perf_counter_ns()
-            results = await self.backend.infer(inputs, outputs)
-            self._on_execution(time.perf_counter_ns() - started, rows)
-            return results, started - enqueued_ns
-        finally:
-            self._running.discard(task)
-            self._schedule()
-
-    def _alone(self) -> bool:
-        """No recent batch held more than one request."""
-        return max(self._recent) <= 1
-
     def _rows(self, inputs: Mapping[str, np.ndarray]) -> int:
         """Rows of a request: the leading dimension, which all its inputs must share."""
-        sizes = {name: array.shape[0] for name, array in inputs.items()}
-        if len(set(sizes.values())) > 1:
+        sizes = [array.shape[0] for array in inputs.values()]
+        if len(set(sizes)) > 1:
+            by_name = {name: array.shape[0] for name, array in inputs.items()}
             raise InvalidInput(
                 f"the inputs of model {self.name!r} (batched) must agree on their leading "
-                f"(batch) dimension; got {sizes}"
+                f"(batch) dimension; got {by_name}"
             )
-        return next(iter(sizes.values()), 0)
+        return sizes[0] if sizes else 0
 
     # -- when to send a batch ---------------------------------------------------------
 
