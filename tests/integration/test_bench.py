@@ -32,7 +32,7 @@ def run_bench(script: str, output: Path, *args: str) -> dict:
         timeout=240,
     )
     assert done.returncode == 0, f"{script} failed:\n{done.stderr[-3000:]}"
-    name = {"grpc_floor.py": "grpc_floor"}.get(script, script.removesuffix(".py"))
+    name = script.removesuffix(".py")
     markdown = (output / f"{name}.md").read_text()
     assert markdown.startswith("# "), markdown[:200]
     assert "## Machine" in markdown, markdown[-500:]
