@@ -50,6 +50,7 @@ from server_overhead import (
     MODEL_NAME,
     MODEL_SIZES,
     REPO_ROOT,
+    SERVER_ARGS,
     BenchmarkError,
     LatencySummary,
     ProcessSample,
@@ -93,7 +94,6 @@ BARE_ARMS: dict[str, list[str]] = {
     "sync, sparseserve's path": ["--transport", "sync", "--sparseserve", "{repository}"],
     "grpclib, empty": ["--transport", "grpclib"],
 }
-SERVER_ARGS = ["--intra-op-threads", "1", "--inference-threads", "2", "--log-level", "WARNING"]
 SECOND_RUN = "a second run of the model, right after the first"
 SWEEP = "writing the model's weight bytes, without the model"
 TARGET_US = 200.0  # issue 7: server CPU per request on mlp_small

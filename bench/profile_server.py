@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from server_overhead import (  # bench/ is not a package: imported from its folder
     BATCHING_PBTXT,
     REPO_ROOT,
+    SERVER_ARGS,
     BenchmarkError,
     build_repository,
     check_errors,
@@ -46,7 +47,6 @@ from server_overhead import (  # bench/ is not a package: imported from its fold
 )
 from sparseserve.server.process import ServerProcess
 
-SERVER_ARGS = ["--intra-op-threads", "1", "--inference-threads", "2", "--log-level", "WARNING"]
 # A sample's part of the server: its innermost frame's, by the file the frame is in.
 # Frames that call into C (Cython) code with no Python frame below are named for what
 # they run: gRPC's coroutines and callbacks on the loop, gRPC's poller thread.

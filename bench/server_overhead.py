@@ -230,6 +230,10 @@ def build_repository(root: Path, batching: str | None = None) -> Path:
     return onnx_models.mlp(root / MODEL_NAME / "1" / "model.onnx", sizes=MODEL_SIZES)
 
 
+# sparseserve as grpc_floor.py and profile_server.py start it: one onnxruntime thread,
+# the inference threads of a 2-core machine, no per-request logging.
+SERVER_ARGS = ["--intra-op-threads", "1", "--inference-threads", "2", "--log-level", "WARNING"]
+
 BATCHING_PBTXT = (
     "max_batch_size: 64\n"
     "dynamic_batching { max_queue_delay_microseconds: 500 }\n"
