@@ -270,7 +270,7 @@ def parse_restriction(text: str) -> dict[str, Any]:
     key, equals, value = setting.partition("=")
     if not colon or not equals or not groups or not key or not value:
         raise ValueError(
-            f"restriction must be {RESTRICTION_SYNTAX} (e.g. model-repository:admin-key=s3cret), "
+            f"restriction must be {RESTRICTION_SYNTAX} (e.g. model-repository:my-key=my-value), "
             f"got {groups!r}{' with no key=value' if not equals or not value else ''}"
         )
     names = [name.strip() for name in groups.split(",")]
