@@ -49,23 +49,37 @@ class TestCA:
         path.write_bytes(self.cert)
         return path
 
-    def server(self, common_name: str = "sparseserve") -> Issued:
-        """A certificate for localhost and 127.0.0.1, for server authentication."""
-        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-        return self._issue(common_name, ExtendedKeyUsageOID.SERVER_AUTH, names)
+    def server(
+        self,
+        common_name: str = "sparseserve",
+        dns_names: tuple[str, ...] = (),
+        client: bool = False,
+    ) -> Issued:
+        """A certificate for localhost, 127.0.0.1 and `dns_names`, for server
+        authentication (and client authentication too with `client`, as a pod that
+        probes itself under mutual TLS needs)."""
+        names: list[x509.GeneralName] = [x509.DNSName(n) for n in ("localhost", *dns_names)]
+        names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH]
+        if client:
+            usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
+        return self._issue(common_name, usages, names)
 
     def client(self, common_name: str = "client") -> Issued:
-        return self._issue(common_name, ExtendedKeyUsageOID.CLIENT_AUTH, [])
+        return self._issue(common_name, [ExtendedKeyUsageOID.CLIENT_AUTH], [])
 
     def _issue(
-        self, common_name: str, usage: x509.ObjectIdentifier, names: list[x509.GeneralName]
+        self,
+        common_name: str,
+        usages: list[x509.ObjectIdentifier],
+        names: list[x509.GeneralName],
     ) -> Issued:
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         builder = (
             self._builder(subject, key.public_key())
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         )
         if names:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
