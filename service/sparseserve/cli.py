@@ -237,23 +237,24 @@ def _health_parser(sub: argparse._SubParsersAction) -> None:
         "'inference.GRPCInferenceService' the inference API",
     )
     p.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
-    p.add_argument(
-        "--ssl",
-        action="store_true",
-        help="connect over TLS (implied when the settings enable TLS on the gRPC port)",
-    )
+    _client_tls_arguments(p, implied="implied when the settings enable TLS on the gRPC port")
+
+
+def _client_tls_arguments(p: argparse.ArgumentParser, implied: str) -> None:
+    """How a client command reaches a TLS port (tritonclient's ssl options)."""
+    p.add_argument("--ssl", action="store_true", help=f"connect over TLS ({implied})")
     p.add_argument(
         "--root-cert",
         type=Path,
         metavar="PEM",
-        help="CA to verify the server with (default: the settings' grpc_tls.root_cert, "
-        "else its server_cert, which fits a self-signed certificate)",
+        help="CA to verify the server with (health's default: the settings' "
+        "grpc_tls.root_cert, else its server_cert, which fits a self-signed certificate)",
     )
     p.add_argument(
         "--client-cert",
         type=Path,
         metavar="PEM",
-        help="certificate for mutual TLS (default: the server's own, when mutual)",
+        help="certificate for mutual TLS (health's default: the server's own, when mutual)",
     )
     p.add_argument("--client-key", type=Path, metavar="PEM", help="its key")
     p.add_argument(
@@ -416,6 +417,15 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=1, help="rows per request (default 1)")
     p.add_argument("--output", type=Path, default=Path("compare-report"), help="report folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _client_tls_arguments(p, implied="with --url; implied by --root-cert or --client-cert")
+    p.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="send this header with every call, e.g. a restricted group's "
+        "triton-grpc-protocol-<key>=<value> (repeatable)",
+    )
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -423,12 +433,18 @@ def _compare(args: argparse.Namespace) -> int:
     from sparseserve.compare.report import text_table
     from sparseserve.compare.run import CompareError, run_and_report
     from sparseserve.compare.server_metrics import MetricsUnavailable
+    from sparseserve.server.health_check import ClientTls
 
+    tls = None
+    if args.ssl or args.root_cert or args.client_cert:
+        tls = ClientTls(args.root_cert, args.client_cert, args.client_key, args.server_name)
     try:
+        headers = dict(_header(text) for text in args.header)
         settings = LoadSettings(args.concurrency, args.duration, args.rounds, args.batch)
         comparison = run_and_report(
             args.family, args.output, settings, url=args.url, metrics_url=args.metrics_url,
             repository=args.repository, baseline=args.baseline, progress=not args.no_progress,
+            tls=tls, headers=headers,
         )  # fmt: skip
     except (CompareError, MetricsUnavailable, ValueError) as exc:
         print(f"sparseserve compare: {exc}", file=sys.stderr)
@@ -436,6 +452,13 @@ def _compare(args: argparse.Namespace) -> int:
     print(text_table(comparison))
     print(f"\nreport: {args.output / 'report.md'} and {args.output / 'report.html'}")
     return 0
+
+
+def _header(text: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not equals or not key or not value:
+        raise ValueError(f"--header expects KEY=VALUE, got {key!r} without a value")
+    return key.lower(), value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

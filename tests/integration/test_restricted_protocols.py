@@ -5,6 +5,7 @@ group answers UNAVAILABLE "This protocol is restricted, expecting header
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import queue
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from sparseserve.compare.loadgen import LoadGenerator, LoadSettings
 from sparseserve.server.health_check import SERVING, HealthCheckError, check_health
 from sparseserve.server.process import ServerProcess
 from sparseserve.testing import onnx_models
@@ -175,6 +177,11 @@ def test_triton_flags_restrict_inference_streams_too(
         result, error = served.get(timeout=10)
         client.stop_stream()
         assert error is None and result.as_numpy("output").shape == (1, 10)
+
+    # `sparseserve compare --header`: its load sends the header with every call.
+    settings = LoadSettings(concurrency=2, duration_seconds=0.3, rounds=1, warmup_requests=1)
+    loads = asyncio.run(LoadGenerator(server.grpc_url, settings, headers=infer_key).run(["mlp"]))
+    assert loads["mlp"].ok > 0 and not loads["mlp"].errors
 
 
 def serve_exit(repository: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -4,6 +4,7 @@ the one-line errors for TLS files the server cannot use."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from sparseserve.compare.loadgen import LoadGenerator, LoadSettings
 from sparseserve.server.health_check import SERVING, ClientTls, HealthCheckError, check_health
 from sparseserve.server.process import ServerProcess
 from sparseserve.testing import onnx_models
@@ -274,3 +276,15 @@ def test_unusable_tls_files_are_a_one_line_start_error(
         assert len(lines) == 1, (what, run.stderr)
         assert lines[0].startswith("sparseserve: invalid configuration:"), (what, lines)
         assert expected in lines[0], (what, lines)
+
+
+def test_compare_load_runs_over_mutual_tls(
+    mtls_server: tuple[ServerProcess, Path], ca: TestCA, tmp_path: Path
+) -> None:
+    """`sparseserve compare --url ... --root-cert --client-cert --client-key`'s load."""
+    server, ca_file = mtls_server
+    cert, key = ca.client().write(tmp_path, "client")
+    tls = ClientTls(root_cert=ca_file, client_cert=cert, client_key=key, server_name="localhost")
+    settings = LoadSettings(concurrency=2, duration_seconds=0.3, rounds=1, warmup_requests=1)
+    loads = asyncio.run(LoadGenerator(server.grpc_url, settings, tls=tls).run(["mlp"]))
+    assert loads["mlp"].ok > 0 and not loads["mlp"].errors
