@@ -149,7 +149,9 @@ def test_triton_flags_restrict_inference_streams_too(
         small_repository,
         "--grpc-restricted-protocol", "inference:Infer-Key=a:b=c",
         "--grpc-restricted-protocol", "model-repository,statistics:admin-key=s3cret",
+        "--grpc-address", "localhost",  # Triton's flag: the gRPC port's own bind address
     )  # fmt: skip
+    assert f"gRPC localhost:{server.grpc_port} (plaintext)" in server.log()
     tensor = triton.InferInput("input", [1, 64], "FP32")
     tensor.set_data_from_numpy(np.ones((1, 64), dtype=np.float32))
     with triton.InferenceServerClient(server.grpc_url) as client:

@@ -23,6 +23,7 @@ from sparseserve.server.security import (
     SecurityConfigError,
     header_allows,
     health_check_access,
+    restrict_handler,
     restricted_message,
     ssl_context,
 )
@@ -179,3 +180,13 @@ def test_health_check_access_follows_the_server_settings() -> None:
     )
     assert tls.channel_options() == [("grpc.ssl_target_name_override", "sparseserve")]
     assert metadata == [("triton-grpc-protocol-probe", "p")]
+
+
+def test_open_groups_keep_their_handlers_unwrapped() -> None:
+    """No per-call cost where nothing is restricted: the very same handler is registered."""
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+    rules = Restrictions.for_grpc([restriction("model-repository:k=v")])
+    infer = "/inference.GRPCInferenceService/ModelInfer"
+    unload = "/inference.GRPCInferenceService/RepositoryModelUnload"
+    assert restrict_handler(handler, infer, rules) is handler
+    assert restrict_handler(handler, unload, rules) is not handler
