@@ -383,6 +383,10 @@ class ReloadingCertificates:
                 self._refused = signature
                 log.warning("TLS files changed but cannot be used yet, keeping the old: %s", exc)
                 return None
+            except Exception:  # never let a surprise here fail every handshake
+                self._refused = signature
+                log.exception("TLS files changed but could not be read, keeping the old")
+                return None
             self._signature = signature
             self._refused = None
             self.reloads += 1
