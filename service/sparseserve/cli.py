@@ -24,8 +24,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", type=Path, help="YAML file with any of the settings below")
     p.add_argument("--repository", type=Path, help="model repository (default: ./models)")
-    p.add_argument("--host", help="bind address (default: 0.0.0.0)")
+    p.add_argument("--host", help="bind address of both ports (default: 0.0.0.0)")
+    p.add_argument("--grpc-address", help="bind address of the gRPC port (default: --host)")
     p.add_argument("--grpc-port", type=int, help="gRPC port, 0 = any free (default: 8001)")
+    _grpc_security_arguments(p)
     p.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = any (default: 8002)")
     p.add_argument("--no-metrics", action="store_true", help="do not serve metrics")
     p.add_argument(
@@ -69,13 +71,77 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _triton_bool(text: str) -> bool:
+    """Triton's boolean option values (`--grpc-use-ssl=true`)."""
+    lowered = text.lower()
+    if lowered in ("true", "1", "on", "yes"):
+        return True
+    if lowered in ("false", "0", "off", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _grpc_security_arguments(p: argparse.ArgumentParser) -> None:
+    """Triton's TLS and restricted-protocol flags, spelled as Triton spells them."""
+    for flag, what in (
+        ("--grpc-use-ssl", "serve gRPC over TLS"),
+        ("--grpc-use-ssl-mutual", "mutual TLS: clients need a certificate from --grpc-root-cert"),
+    ):
+        p.add_argument(flag, nargs="?", const=True, type=_triton_bool, metavar="BOOL", help=what)
+    p.add_argument("--grpc-server-cert", type=Path, metavar="PEM", help="server certificate chain")
+    p.add_argument("--grpc-server-key", type=Path, metavar="PEM", help="server private key")
+    p.add_argument(
+        "--grpc-root-cert", type=Path, metavar="PEM", help="CA bundle of client certificates (mTLS)"
+    )
+    p.add_argument(
+        "--grpc-restricted-protocol",
+        action="append",
+        dest="grpc_restricted_protocols",
+        metavar="GROUPS:KEY=VALUE",
+        help="RPC groups (comma-separated: health, metadata, inference, shared-memory, "
+        "model-config, model-repository, statistics, trace, logging) that answer only calls "
+        "with the header triton-grpc-protocol-KEY: VALUE (repeatable)",
+    )
+
+
+def _grpc_tls_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The TLS flags given, as `grpc_tls` settings (merged with the file and environment)."""
+    given = {
+        "enabled": args.grpc_use_ssl,
+        "mutual": args.grpc_use_ssl_mutual,
+        "server_cert": args.grpc_server_cert,
+        "server_key": args.grpc_server_key,
+        "root_cert": args.grpc_root_cert,
+    }
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def _one_line(exc: Exception) -> str:
+    """A configuration error as one line: pydantic's own text spans several lines and
+    repeats the input, which may be a secret (a restriction's value)."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: "
+        + error["msg"].removeprefix("Value error, ")
+        for error in exc.errors()
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
     from sparseserve.observability.logs import configure_logging
-    from sparseserve.server.app import serve
+    from sparseserve.server.security import (
+        Restrictions,
+        SecurityConfigError,
+        check_certificate_files,
+    )
     from sparseserve.settings import Settings
 
     names = (
-        "repository", "host", "grpc_port", "metrics_port", "model_control", "startup_models",
+        "repository", "host", "grpc_address", "grpc_port", "grpc_restricted_protocols",
+        "metrics_port", "model_control", "startup_models",
         "poll_interval_seconds", "max_message_bytes", "max_inflight_per_model",
         "inference_threads", "shutdown_grace_seconds", "log_level", "log_format",
     )  # fmt: skip
@@ -92,13 +158,26 @@ def _serve(args: argparse.Namespace) -> int:
     if args.intra_op_threads is not None:
         # Merged with the YAML/environment values of the other onnxruntime settings.
         overrides["onnxruntime"] = {"intra_op_threads": args.intra_op_threads}
+    if tls := _grpc_tls_overrides(args):
+        overrides["grpc_tls"] = tls  # merged like the two above
     try:
         settings = Settings.load(args.config, **overrides)
         if args.no_metrics:
             settings = settings.model_copy(update={"metrics_port": None})
     except (ValueError, OSError, yaml.YAMLError) as exc:  # ValidationError is a ValueError
+        print(f"sparseserve: invalid configuration: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    try:
+        # Checked again when the server starts; here, before the server's imports, so
+        # that a wrong file fails at once with one line.
+        Restrictions.for_grpc(settings.grpc_restricted_protocols)
+        if settings.grpc_tls.enabled:
+            check_certificate_files(settings.grpc_tls)
+    except SecurityConfigError as exc:  # a TLS file or restriction value it cannot use
         print(f"sparseserve: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    from sparseserve.server.app import serve
+
     configure_logging(settings.log_level, settings.log_format)
     return asyncio.run(serve(settings, args.ready_file))
 
@@ -158,21 +237,57 @@ def _health_parser(sub: argparse._SubParsersAction) -> None:
         "'inference.GRPCInferenceService' the inference API",
     )
     p.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
+    _client_tls_arguments(p, implied="implied when the settings enable TLS on the gRPC port")
+
+
+def _client_tls_arguments(p: argparse.ArgumentParser, implied: str) -> None:
+    """How a client command reaches a TLS port (tritonclient's ssl options)."""
+    p.add_argument("--ssl", action="store_true", help=f"connect over TLS ({implied})")
+    p.add_argument(
+        "--root-cert",
+        type=Path,
+        metavar="PEM",
+        help="CA to verify the server with (health's default: the settings' "
+        "grpc_tls.root_cert, else its server_cert, which fits a self-signed certificate)",
+    )
+    p.add_argument(
+        "--client-cert",
+        type=Path,
+        metavar="PEM",
+        help="certificate for mutual TLS (health's default: the server's own, when mutual)",
+    )
+    p.add_argument("--client-key", type=Path, metavar="PEM", help="its key")
+    p.add_argument(
+        "--server-name",
+        help="name to expect in the server's certificate (default: the address's host)",
+    )
 
 
 def _health(args: argparse.Namespace) -> int:
     from sparseserve.server.health_check import SERVING, HealthCheckError, check_health
+    from sparseserve.server.security import SecurityConfigError, health_check_access
     from sparseserve.settings import Settings
 
-    address = args.address
-    if address is None:
-        try:
-            address = f"127.0.0.1:{Settings.load(args.config).grpc_port}"
-        except (ValueError, OSError, yaml.YAMLError) as exc:
-            print(f"sparseserve: invalid configuration: {exc}", file=sys.stderr)
-            return 2
     try:
-        status = check_health(address, args.service, args.timeout)
+        settings = Settings.load(args.config)
+    except (ValueError, OSError, yaml.YAMLError) as exc:
+        print(f"sparseserve: invalid configuration: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    address = args.address or f"127.0.0.1:{settings.grpc_port}"
+    try:
+        tls, metadata = health_check_access(
+            settings,
+            ssl=args.ssl,
+            root_cert=args.root_cert,
+            client_cert=args.client_cert,
+            client_key=args.client_key,
+            server_name=args.server_name,
+        )
+    except SecurityConfigError as exc:
+        print(f"sparseserve: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    try:
+        status = check_health(address, args.service, args.timeout, tls, metadata)
     except HealthCheckError as exc:
         print(f"sparseserve health: {exc}", file=sys.stderr)
         return 1
@@ -302,6 +417,15 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=1, help="rows per request (default 1)")
     p.add_argument("--output", type=Path, default=Path("compare-report"), help="report folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _client_tls_arguments(p, implied="with --url; implied by --root-cert or --client-cert")
+    p.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="send this header with every call, e.g. a restricted group's "
+        "triton-grpc-protocol-<key>=<value> (repeatable)",
+    )
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -309,12 +433,18 @@ def _compare(args: argparse.Namespace) -> int:
     from sparseserve.compare.report import text_table
     from sparseserve.compare.run import CompareError, run_and_report
     from sparseserve.compare.server_metrics import MetricsUnavailable
+    from sparseserve.server.health_check import ClientTls
 
+    tls = None
+    if args.ssl or args.root_cert or args.client_cert:
+        tls = ClientTls(args.root_cert, args.client_cert, args.client_key, args.server_name)
     try:
+        headers = dict(_header(text) for text in args.header)
         settings = LoadSettings(args.concurrency, args.duration, args.rounds, args.batch)
         comparison = run_and_report(
             args.family, args.output, settings, url=args.url, metrics_url=args.metrics_url,
             repository=args.repository, baseline=args.baseline, progress=not args.no_progress,
+            tls=tls, headers=headers,
         )  # fmt: skip
     except (CompareError, MetricsUnavailable, ValueError) as exc:
         print(f"sparseserve compare: {exc}", file=sys.stderr)
@@ -322,6 +452,13 @@ def _compare(args: argparse.Namespace) -> int:
     print(text_table(comparison))
     print(f"\nreport: {args.output / 'report.md'} and {args.output / 'report.html'}")
     return 0
+
+
+def _header(text: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not equals or not key or not value:
+        raise ValueError(f"--header expects KEY=VALUE, got {key!r} without a value")
+    return key.lower(), value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -54,6 +54,10 @@ class ShuttingDown(SparseServeError):
     """The server is draining and accepts no new work."""
 
 
+class ProtocolRestricted(SparseServeError):
+    """The RPC's group is restricted and the call lacks its header (Triton's status)."""
+
+
 # Every error class -> gRPC status code name. The most specific class wins (MRO order).
 STATUS: dict[type[SparseServeError], str] = {
     SparseServeError: "INTERNAL",
@@ -67,6 +71,8 @@ STATUS: dict[type[SparseServeError], str] = {
     BackendUnavailable: "UNAVAILABLE",
     InferenceFailed: "INTERNAL",
     ShuttingDown: "UNAVAILABLE",
+    # UNAVAILABLE, not PERMISSION_DENIED: what Triton answers, so clients behave the same.
+    ProtocolRestricted: "UNAVAILABLE",
 }
 
 

@@ -6,13 +6,14 @@ Nested settings use ``__`` in the environment, e.g.
 
 from __future__ import annotations
 
+import re
 from contextvars import ContextVar
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -178,6 +179,156 @@ class TrafficSettings(BaseModel):
     )
 
 
+class RestrictedGroup(StrEnum):
+    """Triton's groups of RPCs for `--grpc-restricted-protocol` (and its HTTP
+    `--http-restricted-api`), spelled as Triton spells them. Which RPC belongs to which
+    is `sparseserve.server.security.RPC_GROUPS` (docs/deploy.md has the table). sparseserve
+    serves no shared-memory, trace or logging RPC; the groups are accepted so that a
+    Triton command line works unchanged."""
+
+    health = "health"
+    metadata = "metadata"
+    inference = "inference"
+    shared_memory = "shared-memory"
+    model_config = "model-config"
+    model_repository = "model-repository"
+    statistics = "statistics"
+    trace = "trace"
+    logging = "logging"
+
+
+RESTRICTION_SYNTAX = "<group>[,<group>...]:<key>=<value>"
+# A header name a gRPC client can send: HTTP/2 sends names in lower case, and gRPC
+# reserves the "-bin" suffix for binary values.
+_HEADER_KEY = re.compile(r"^[a-z0-9_.-]+$")
+# Printable ASCII: what gRPC accepts in a text metadata value.
+_HEADER_VALUE = re.compile(r"^[\x20-\x7e]+$")
+
+
+class ProtocolRestriction(BaseModel):
+    """RPCs of `groups` answer only calls that carry the header `<key>: <value>`
+    (`triton-grpc-protocol-<key>` on gRPC). Given as Triton's string
+    `<group>[,<group>...]:<key>=<value>` or as a mapping; the value comes from `value`
+    or from the file `value_file` (a mounted Secret), read at start."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    groups: list[RestrictedGroup] = Field(min_length=1, description="Restricted groups.")
+    key: str = Field(
+        description="Header name without Triton's prefix (gRPC: triton-grpc-protocol-<key>)."
+    )
+    value: SecretStr | None = Field(None, description="The value the header must carry.")
+    value_file: Path | None = Field(
+        None, description="A file holding the value (e.g. a mounted Secret), instead of value."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_triton_syntax(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return parse_restriction(data)
+        return data
+
+    @field_validator("key")
+    @classmethod
+    def _header_name(cls, key: str) -> str:
+        key = key.lower()
+        if not _HEADER_KEY.match(key) or key.endswith("-bin"):
+            raise ValueError(
+                f"restriction key {key!r} is not a header name gRPC can carry: use lower-case "
+                "letters, digits, '-', '_' and '.', not ending in '-bin'"
+            )
+        return key
+
+    @field_validator("value")
+    @classmethod
+    def _header_value(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _HEADER_VALUE.match(value.get_secret_value()):
+            # The value is a secret: the message does not repeat it.
+            raise ValueError("restriction value must be non-empty printable ASCII")
+        return value
+
+    @model_validator(mode="after")
+    def _one_value(self) -> ProtocolRestriction:
+        if (self.value is None) == (self.value_file is None):
+            raise ValueError(
+                f"restriction of {self.group_names}: give exactly one of value and value_file"
+            )
+        if len(set(self.groups)) != len(self.groups):
+            raise ValueError(f"restriction of {self.group_names}: a group is named twice")
+        return self
+
+    @property
+    def group_names(self) -> str:
+        return ",".join(group.value for group in self.groups)
+
+
+def parse_restriction(text: str) -> dict[str, Any]:
+    """Triton's `<group>[,<group>...]:<key>=<value>` as ProtocolRestriction fields. The
+    value may itself hold ':' and '='; error messages never repeat it."""
+    groups, colon, setting = text.partition(":")
+    key, equals, value = setting.partition("=")
+    if not colon or not equals or not groups or not key or not value:
+        raise ValueError(
+            f"restriction must be {RESTRICTION_SYNTAX} (e.g. model-repository:my-key=my-value), "
+            f"got {groups!r}{' with no key=value' if not equals or not value else ''}"
+        )
+    names = [name.strip() for name in groups.split(",")]
+    known = [group.value for group in RestrictedGroup]
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown restricted group {name!r}; groups: {', '.join(known)}")
+    return {"groups": names, "key": key, "value": value}
+
+
+class GrpcTlsSettings(BaseModel):
+    """TLS on the gRPC port (Triton's --grpc-use-ssl, --grpc-use-ssl-mutual,
+    --grpc-server-cert, --grpc-server-key, --grpc-root-cert). The files are PEM and are
+    re-read when they change, for every new connection (cert-manager rotation)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Serve gRPC over TLS only (--grpc-use-ssl).")
+    mutual: bool = Field(
+        False,
+        description="Mutual TLS: refuse clients without a certificate signed by root_cert "
+        "(--grpc-use-ssl-mutual; implies enabled).",
+    )
+    server_cert: Path | None = Field(
+        None, description="PEM certificate chain of the server (--grpc-server-cert)."
+    )
+    server_key: Path | None = Field(
+        None, description="PEM private key of the server, unencrypted (--grpc-server-key)."
+    )
+    root_cert: Path | None = Field(
+        None,
+        description="PEM CA bundle that client certificates must chain to (--grpc-root-cert); "
+        "required with mutual, unused without.",
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> GrpcTlsSettings:
+        if self.mutual:
+            self.enabled = True
+        if not self.enabled:
+            return self
+        missing = [
+            flag
+            for flag, path in (
+                ("--grpc-server-cert", self.server_cert),
+                ("--grpc-server-key", self.server_key),
+            )
+            if path is None
+        ]
+        if missing:
+            raise ValueError(f"TLS on the gRPC port needs {' and '.join(missing)}")
+        if self.mutual and self.root_cert is None:
+            raise ValueError(
+                "mutual TLS needs --grpc-root-cert: the CA bundle client certificates must chain to"
+            )
+        return self
+
+
 class Settings(BaseSettings):
     """Everything `sparseserve serve` can be told."""
 
@@ -186,7 +337,14 @@ class Settings(BaseSettings):
     )
 
     repository: Path = Field(Path("models"), description="Model repository (Triton layout).")
-    host: str = Field("0.0.0.0", description="Address the gRPC and metrics ports bind to.")
+    host: str = Field(
+        "0.0.0.0",
+        description="Address the gRPC and metrics ports bind to (0.0.0.0: every interface, "
+        "which a pod needs for its probes and Service; 127.0.0.1: this machine only).",
+    )
+    grpc_address: str | None = Field(
+        None, description="Address the gRPC port binds to (Triton's --grpc-address); None: host."
+    )
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     metrics_port: int | None = Field(
         8002, ge=0, le=65535, description="Prometheus metrics port; 0 picks one, null disables."
@@ -196,6 +354,12 @@ class Settings(BaseSettings):
         ge=1024,
         le=2**31 - 1,
         description="Largest gRPC message received or sent (gRPC's own default is 4 MiB).",
+    )
+    grpc_tls: GrpcTlsSettings = Field(default_factory=GrpcTlsSettings)
+    grpc_restricted_protocols: list[ProtocolRestriction] = Field(
+        default_factory=list,
+        description="RPC groups that need a header (Triton's --grpc-restricted-protocol, "
+        "one entry per flag); each group in at most one entry.",
     )
     model_control: ModelControl = ModelControl.explicit
     startup_models: list[str] = Field(
@@ -242,6 +406,19 @@ class Settings(BaseSettings):
         description="TEST/OVERRIDE KNOB: report this many GPUs instead of probing the "
         "machine (NVML, nvidia-smi). For tests and for forcing or disabling the GPU path.",
     )
+
+    @field_validator("grpc_restricted_protocols")
+    @classmethod
+    def _each_group_once(cls, restrictions: list[ProtocolRestriction]) -> list[ProtocolRestriction]:
+        seen: set[RestrictedGroup] = set()
+        for restriction in restrictions:
+            for group in restriction.groups:
+                if group in seen:
+                    raise ValueError(
+                        f"restricted group {group.value!r} is in more than one restriction"
+                    )
+                seen.add(group)
+        return restrictions
 
     @classmethod
     def settings_customise_sources(

@@ -72,6 +72,13 @@ BAD_VALUES = [
     ({"config": {"onnxruntime": {"intra_op_threads": -1}}}, "intra_op_threads", "minimum"),
     ({"config": {"dispatch_overrides": {"m": "gpu"}}}, "/config/dispatch_overrides/m", "'cpu'"),
     ({"config": {"triton": {"retries": 9}}}, "/config/triton/retries", "maximum"),
+    ({"config": {"grpc_tls": {"enabled": True}}}, "/config", "'grpc_tls' not allowed"),
+    ({"tls": {"enabled": True}}, "/tls/secretName", "minLength"),
+    (
+        {"restrictedProtocols": [{"groups": ["models"], "key": "k"}]},
+        "/restrictedProtocols/0/groups/0",
+        "'model-repository'",
+    ),
     (
         {"trafficPolicies": {"families": {"f": {"split": {"dense": 2}}}}},
         "/trafficPolicies/families/f/split/dense",

@@ -4,6 +4,7 @@ service names, its settings, and the Dockerfile's user."""
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from pathlib import Path
@@ -51,7 +52,12 @@ EVERYTHING_ON: dict[str, Any] = {
     "trafficPolicies": {"families": {"digits-mlp": {"default": "dense"}}},
     "service": {"headless": True},
 }
-CASES = {path.name: values_of(path) for path in VALUES_FILES} | {"everything-on": EVERYTHING_ON}
+# TLS from a Secret, with the probes then run as commands in the container.
+TLS_ON: dict[str, Any] = {"tls": {"enabled": True, "secretName": "sparseserve-tls", "mutual": True}}
+CASES = {path.name: values_of(path) for path in VALUES_FILES} | {
+    "everything-on": EVERYTHING_ON,
+    "tls": TLS_ON,
+}
 
 
 @pytest.fixture(params=sorted(CASES), scope="module")
@@ -116,18 +122,30 @@ def test_config_file_is_valid_settings_with_the_charts_ports(case) -> None:
             assert loaded[key] == value, key
 
 
+def probed_service(probe: dict[str, Any], settings: Settings) -> str:
+    """The health service a probe asks for: Kubernetes' gRPC probe on the server's
+    port, or `sparseserve health` with the server's own config file."""
+    if "grpc" in probe:
+        assert probe["grpc"]["port"] == settings.grpc_port
+        return probe["grpc"]["service"]
+    command = probe["exec"]["command"]
+    assert command[:4] == ["sparseserve", "health", "--config", "/etc/sparseserve/config.yaml"]
+    return command[command.index("--service") + 1]
+
+
 def test_probes_ask_the_servers_health_service(case) -> None:
     _, documents = case
     settings = server_config(documents)
     container = server_container(documents)
     probes = {name: container[f"{name}Probe"] for name in ("startup", "liveness", "readiness")}
     for probe in probes.values():
-        assert set(probe) >= {"grpc", "periodSeconds", "failureThreshold"}
-        assert probe["grpc"]["port"] == settings.grpc_port
+        assert set(probe) >= {"periodSeconds", "failureThreshold"}
+        # Kubernetes' own gRPC probe speaks plaintext only: a TLS port needs the command.
+        assert ("exec" in probe) == settings.grpc_tls.enabled
     # "" is the whole server; the readiness probe asks for the inference API itself.
-    assert probes["startup"]["grpc"]["service"] == ""
-    assert probes["liveness"]["grpc"]["service"] == ""
-    assert probes["readiness"]["grpc"]["service"] == V2_SERVICE
+    assert probed_service(probes["startup"], settings) == ""
+    assert probed_service(probes["liveness"], settings) == ""
+    assert probed_service(probes["readiness"], settings) == V2_SERVICE
 
 
 def test_termination_outlasts_the_drain(case) -> None:
@@ -457,3 +475,66 @@ def test_config_map_holds_only_the_server_files(case) -> None:
     keys = set(config_map_data(documents))
     assert keys == ({"config.yaml", "traffic.yaml"} if values.get("trafficPolicies") else {
         "config.yaml"})  # fmt: skip
+
+
+def secret_volume_at(documents: list[dict[str, Any]], path: Path) -> dict[str, Any]:
+    """The Secret volume the server container mounts over `path`'s folder."""
+    pod = component(documents, "Deployment", "server")["spec"]["template"]["spec"]
+    (mount,) = (
+        m for m in server_container(documents)["volumeMounts"] if m["mountPath"] == str(path.parent)
+    )
+    assert mount["readOnly"] and "subPath" not in mount  # the kubelet can swap in new files
+    (volume,) = (v for v in pod["volumes"] if v["name"] == mount["name"])
+    return volume["secret"]
+
+
+def test_model_repository_is_restricted_by_default_with_a_generated_secret() -> None:
+    """Default values: the repository RPCs need triton-grpc-protocol-admin-key, whose
+    value the server reads from a generated Secret (never from the ConfigMap)."""
+    documents = render()
+    settings = server_config(documents)
+    (restriction,) = settings.grpc_restricted_protocols
+    assert [g.value for g in restriction.groups] == ["model-repository"]
+    assert restriction.key == "admin-key" and restriction.value is None
+    assert restriction.value_file is not None
+    secret = secret_volume_at(documents, restriction.value_file)
+    (generated,) = of_kind(documents, "Secret")
+    assert secret["secretName"] == generated["metadata"]["name"]
+    assert secret["items"] == [{"key": "model-repository", "path": restriction.value_file.name}]
+    assert len(base64.b64decode(generated["data"]["model-repository"])) == 32
+    assert "admin-key" not in json.dumps(generated["data"])
+    # The NetworkPolicy is on by default too.
+    assert of_kind(documents, "NetworkPolicy")
+
+
+def test_restrictions_from_a_secret_of_your_own_or_none() -> None:
+    own = render(
+        {"restrictedProtocols": [{"groups": ["model-repository", "statistics"], "key": "k",
+                                  "existingSecret": "mine", "secretKey": "token"}]}
+    )  # fmt: skip
+    (restriction,) = server_config(own).grpc_restricted_protocols
+    assert secret_volume_at(own, restriction.value_file)["secretName"] == "mine"
+    assert of_kind(own, "Secret") == []
+    bare = render({"restrictedProtocols": []})
+    assert server_config(bare).grpc_restricted_protocols == []
+    assert of_kind(bare, "Secret") == []
+
+
+def test_tls_files_come_from_the_secret() -> None:
+    documents = render(TLS_ON)
+    tls = server_config(documents).grpc_tls
+    assert tls.enabled and tls.mutual
+    files = (tls.server_cert, tls.server_key, tls.root_cert)
+    assert [f.name for f in files] == ["tls.crt", "tls.key", "ca.crt"]
+    assert {secret_volume_at(documents, f)["secretName"] for f in files} == {"sparseserve-tls"}
+    readiness = server_container(documents)["readinessProbe"]["exec"]["command"]
+    server_name = readiness[readiness.index("--server-name") + 1]
+    assert server_name == component(documents, "Service", "server")["metadata"]["name"]
+
+
+def test_restricting_health_turns_the_probes_into_commands() -> None:
+    """Kubernetes' gRPC probe sends no headers: a restricted health group needs the
+    command, which finds the header in the server's settings."""
+    values = {"restrictedProtocols": [{"groups": ["health"], "key": "k", "secretKey": "v"}]}
+    container = server_container(render(values))
+    assert all("exec" in container[f"{n}Probe"] for n in ("startup", "liveness", "readiness"))

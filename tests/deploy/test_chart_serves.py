@@ -5,6 +5,7 @@ addresses change: loopback and free ports instead of the pod's."""
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -13,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tritonclient.grpc as triton
 import yaml
+from tritonclient.utils import InferenceServerException
 
 from sparseserve.repository.manifest import VariantManifest
 from sparseserve.server.health_check import SERVING, HealthCheckError, check_health
@@ -22,12 +25,13 @@ from sparseserve.testing import onnx_models
 from tests.deploy.chart import (
     CHART,
     ROOT,
-    mounted_file,
+    component,
     render,
     server_container,
     values_of,
 )
 from tests.scrape import scrape
+from tests.tls_certs import TestCA
 
 pytestmark = pytest.mark.integration
 
@@ -50,23 +54,81 @@ def family_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def start_as_the_pod_would(
-    documents: list[dict[str, Any]], repository: Path, workdir: Path
+    documents: list[dict[str, Any]],
+    repository: Path,
+    workdir: Path,
+    secrets: dict[str, dict[str, bytes]] | None = None,
 ) -> ServerProcess:
-    """`sparseserve serve` with the pod's arguments, config file and environment; the
-    ConfigMap's files written to `workdir` stand in for the mounted ones."""
+    """`sparseserve serve` with the pod's arguments, config file and environment. The
+    files of its ConfigMap and Secret volumes are written under `workdir` at their
+    mount paths, and the paths in the arguments, the config file and the environment
+    point there. `secrets`: the Secrets the chart expects to exist (name -> data)."""
     container = server_container(documents)
-    args = list(container["args"])
+    args = pod_paths(list(container["args"]), documents, workdir, secrets or {})
     assert args[0] == "serve"
-    config_path = args[args.index("--config") + 1]
-    config = workdir / "config.yaml"
-    config.write_text(mounted_file(documents, config_path), encoding="utf-8")
-    args[args.index("--config") + 1] = str(config)
-    env = {}
-    for var in container.get("env", []):
-        local = workdir / Path(var["value"]).name
-        local.write_text(mounted_file(documents, var["value"]), encoding="utf-8")
-        env[var["name"]] = str(local)
+    env = {var["name"]: pod_path(var["value"], workdir) for var in container.get("env", [])}
     return ServerProcess(repository, *args[1:], env=env, startup_timeout=90).start()
+
+
+def pod_path(text: str, workdir: Path) -> str:
+    """`text` with the pod's mounted folders moved under `workdir`."""
+    return text.replace("/etc/sparseserve", f"{workdir}/etc/sparseserve")
+
+
+def pod_paths(
+    command: list[str],
+    documents: list[dict[str, Any]],
+    workdir: Path,
+    secrets: dict[str, dict[str, bytes]],
+) -> list[str]:
+    """Write the pod's mounted files under `workdir`; return `command` pointing there."""
+    for path, content in mounted_files(documents, secrets).items():
+        assert path.startswith("/etc/sparseserve"), path  # what pod_path moves
+        local = Path(pod_path(path, workdir))
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(pod_path(content.decode(), workdir).encode())
+    return [pod_path(arg, workdir) for arg in command]
+
+
+def mounted_files(
+    documents: list[dict[str, Any]], secrets: dict[str, dict[str, bytes]]
+) -> dict[str, bytes]:
+    """Every file the server container sees from its ConfigMap and Secret volumes."""
+    pod = component(documents, "Deployment", "server")["spec"]["template"]["spec"]
+    rendered = {d["metadata"]["name"]: d for d in documents if d["kind"] in ("ConfigMap", "Secret")}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    files = {}
+    for mount in server_container(documents)["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        if "configMap" in volume:
+            data = {k: v.encode() for k, v in rendered[volume["configMap"]["name"]]["data"].items()}
+        elif "secret" in volume:
+            name = volume["secret"]["secretName"]
+            if name in rendered:
+                data = {k: base64.b64decode(v) for k, v in rendered[name]["data"].items()}
+            else:
+                assert name in secrets, f"the chart expects a Secret {name!r}"
+                data = secrets[name]
+            items = volume["secret"].get("items")
+            if items:
+                data = {item["path"]: data[item["key"]] for item in items}
+        else:
+            continue
+        for key, content in data.items():
+            files[f"{mount['mountPath'].rstrip('/')}/{key}"] = content
+    return files
+
+
+def probe_passes(probe: dict[str, Any], server: ServerProcess, workdir: Path) -> bool:
+    """Run the probe as the kubelet would: its gRPC health check, or its command in
+    the container (with the address of this server, which listens on a free port)."""
+    if "grpc" in probe:
+        return check_health(server.grpc_url, probe["grpc"]["service"]) == SERVING
+    command = [pod_path(arg, workdir) for arg in probe["exec"]["command"]]
+    assert command[:2] == ["sparseserve", "health"]
+    run = run_health(*command[2:], "--address", server.grpc_url)
+    assert run.returncode in (0, 1), run.stderr
+    return run.returncode == 0
 
 
 @pytest.fixture(params=SHIPPED, scope="module")
@@ -77,31 +139,31 @@ def served(
 ) -> Iterator[tuple[list[dict[str, Any]], ServerProcess]]:
     values = values_of(CHART / request.param)
     documents = render(values, release="dense")
-    server = start_as_the_pod_would(documents, family_repository, tmp_path_factory.mktemp("pod"))
+    workdir = tmp_path_factory.mktemp("pod")
+    server = start_as_the_pod_would(documents, family_repository, workdir)
     try:
-        yield documents, server
+        yield documents, server, workdir
     finally:
         assert server.stop() == 0, server.log()
         server.close()
 
 
 def test_every_probe_finds_the_server_serving(served) -> None:
-    documents, server = served
+    documents, server, workdir = served
     container = server_container(documents)
     for name in ("startupProbe", "livenessProbe", "readinessProbe"):
-        service = container[name]["grpc"]["service"]
-        assert check_health(server.grpc_url, service) == SERVING, name
+        assert probe_passes(container[name], server, workdir), name
 
 
 def test_health_check_tells_unknown_services_apart(served) -> None:
     """The probe check above can fail: a service the server does not report is refused."""
-    _, server = served
+    _, server, _ = served
     with pytest.raises(HealthCheckError, match="no health status"):
         check_health(server.grpc_url, "inference.NoSuchService")
 
 
 def test_autoscaling_metric_is_exported(served, family_repository: Path) -> None:
-    _, server = served
+    _, server, _ = served
     samples = scrape(server)
     hpa_values = values_of(CHART / "values-gpu.yaml")
     (hpa,) = (d for d in render(hpa_values) if d["kind"] == "HorizontalPodAutoscaler")
@@ -146,7 +208,7 @@ def run_health(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
 def test_health_command_as_the_image_runs_it(served) -> None:
     """The Dockerfile's and compose's HEALTHCHECK: `sparseserve health` finds the port
     in the SPARSESERVE_* environment the container was started with."""
-    documents, server = served
+    documents, server, _ = served
     env = {**os.environ, "SPARSESERVE_GRPC_PORT": str(server.grpc_port)}
     result = run_health(env=env)
     assert result.returncode == 0, result.stderr
@@ -163,3 +225,62 @@ def test_health_command_fails_without_a_server(tmp_path: Path) -> None:
     bad.write_text("grpc_port: eighty\n")
     result = run_health("--config", str(bad))
     assert result.returncode == 2 and "invalid configuration" in result.stderr
+
+
+def test_tls_and_restricted_values_serve_their_probes_and_clients(
+    family_repository: Path, tmp_path: Path
+) -> None:
+    """Mutual TLS from a cert-manager-style Secret, the default model-repository
+    restriction (its value generated by the chart) and a restricted health group: the
+    probes, which run `sparseserve health` in the container, find the server serving,
+    and a tritonclient with a client certificate needs the Secret's value to reach the
+    repository RPCs."""
+    values = {
+        "tls": {"enabled": True, "secretName": "sparseserve-tls", "mutual": True},
+        "restrictedProtocols": [
+            {"groups": ["model-repository"], "key": "admin-key", "secretKey": "model-repository"},
+            {
+                "groups": ["health"],
+                "key": "probe-key",
+                "existingSecret": "probe-key",
+                "secretKey": "value",
+            },
+        ],
+    }
+    documents = render(values, release="secure")
+    ca = TestCA()
+    server_name = component(documents, "Service", "server")["metadata"]["name"]
+    issued = ca.server(dns_names=(server_name,), client=True)
+    secrets = {
+        "sparseserve-tls": {"tls.crt": issued.cert, "tls.key": issued.key, "ca.crt": ca.cert},
+        "probe-key": {"value": b"pr0be\n"},
+    }
+    server = start_as_the_pod_would(documents, family_repository, tmp_path, secrets)
+    try:
+        container = server_container(documents)
+        for name in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert "exec" in container[name], name
+            assert probe_passes(container[name], server, tmp_path), name
+
+        generated = next(d for d in documents if d["kind"] == "Secret")
+        admin_value = base64.b64decode(generated["data"]["model-repository"]).decode()
+        cert, key = ca.client().write(tmp_path / "client", "client")
+        ca_file = ca.write(tmp_path / "client" / "ca.crt")
+        with triton.InferenceServerClient(
+            server.grpc_url,
+            ssl=True,
+            root_certificates=str(ca_file),
+            private_key=str(key),
+            certificate_chain=str(cert),
+        ) as client:
+            with pytest.raises(InferenceServerException, match="triton-grpc-protocol-admin-key"):
+                client.get_model_repository_index()
+            index = client.get_model_repository_index(
+                headers={"triton-grpc-protocol-admin-key": admin_value}, as_json=True
+            )
+            assert {m["name"] for m in index["models"]} == {
+                p.name for p in family_repository.iterdir()
+            }
+    finally:
+        assert server.stop() == 0, server.log()
+        server.close()

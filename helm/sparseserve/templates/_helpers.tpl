@@ -82,7 +82,86 @@ updates the traffic policy file in place and the server's hot reload sees it. */
   "grpc_port" (int .Values.ports.grpc)
   "metrics_port" (int .Values.ports.metrics)
   "shutdown_grace_seconds" .Values.shutdown.graceSeconds }}
+{{- if .Values.tls.enabled }}
+{{- $dir := include "sparseserve.tlsDir" . }}
+{{- $_ := set $owned "grpc_tls" (dict
+  "enabled" true
+  "mutual" .Values.tls.mutual
+  "server_cert" (printf "%s/tls.crt" $dir)
+  "server_key" (printf "%s/tls.key" $dir)
+  "root_cert" (printf "%s/ca.crt" $dir)) }}
+{{- end }}
+{{- $restrictions := list }}
+{{- range $index, $restriction := .Values.restrictedProtocols }}
+{{- $restrictions = append $restrictions (dict
+  "groups" $restriction.groups
+  "key" $restriction.key
+  "value_file" (printf "%s/%d/value" (include "sparseserve.protocolKeysDir" $) $index)) }}
+{{- end }}
+{{- if $restrictions }}
+{{- $_ := set $owned "grpc_restricted_protocols" $restrictions }}
+{{- end }}
 {{- toYaml (mustMergeOverwrite $config $owned) }}
+{{- end }}
+
+{{/* Where the TLS Secret is mounted (tls.crt, tls.key, ca.crt). */}}
+{{- define "sparseserve.tlsDir" -}}
+/etc/sparseserve-tls
+{{- end }}
+
+{{/* Where each restriction's value is mounted: <dir>/<index>/value. */}}
+{{- define "sparseserve.protocolKeysDir" -}}
+/etc/sparseserve-protocol-keys
+{{- end }}
+
+{{/* The Secret the chart generates for restrictions without existingSecret. */}}
+{{- define "sparseserve.protocolKeysSecret" -}}
+{{- printf "%s-protocol-keys" (include "sparseserve.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* "true" when the probes must run `sparseserve health` in the container: the
+kubelet's own gRPC probe speaks only plaintext and sends no headers, so it cannot
+reach a TLS port or a restricted health group. */}}
+{{- define "sparseserve.execProbes" -}}
+{{- $exec := .Values.tls.enabled }}
+{{- range .Values.restrictedProtocols }}
+{{- if has "health" .groups }}
+{{- $exec = true }}
+{{- end }}
+{{- end }}
+{{- if $exec }}true{{ end }}
+{{- end }}
+
+{{/* One probe's check. Call with (dict "ctx" $ "service" "" "timing" .Values.probes.x). */}}
+{{- define "sparseserve.probe" -}}
+{{- $ctx := .ctx }}
+{{- if include "sparseserve.execProbes" $ctx }}
+exec:
+  command:
+    - sparseserve
+    - health
+    - --config
+    - {{ include "sparseserve.configDir" $ctx }}/config.yaml
+    - --service
+    - {{ .service | quote }}
+    {{- if $ctx.Values.tls.enabled }}
+    - --server-name
+    - {{ default (include "sparseserve.fullname" $ctx) $ctx.Values.tls.serverName }}
+    {{- end }}
+    - --timeout
+    - {{ .timing.timeoutSeconds | quote }}
+{{- with .timing }}
+periodSeconds: {{ .periodSeconds }}
+failureThreshold: {{ .failureThreshold }}
+# A process start (about a second of CPU) on top of the call.
+timeoutSeconds: {{ add .timeoutSeconds 3 }}
+{{- end }}
+{{- else }}
+grpc:
+  port: {{ $ctx.Values.ports.grpc }}
+  service: {{ .service | quote }}
+{{- toYaml .timing | nindent 0 }}
+{{- end }}
 {{- end }}
 
 {{/* The model repository volume, shared by sparseserve and Triton. */}}

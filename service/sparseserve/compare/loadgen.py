@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import TextIO
@@ -21,6 +21,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from sparseserve.codec import datatype
+from sparseserve.server.health_check import ClientTls
 
 MAX_CONCURRENCY = 256
 MAX_DURATION_SECONDS = 3600.0
@@ -190,27 +191,53 @@ def _tensors(arrays: dict[str, np.ndarray], specs: Sequence[InputSpec]) -> list:
 class LoadGenerator:
     """Drives the load of one comparison over one client connection."""
 
-    def __init__(self, url: str, settings: LoadSettings, progress: Progress | None = None):
+    def __init__(
+        self,
+        url: str,
+        settings: LoadSettings,
+        progress: Progress | None = None,
+        tls: ClientTls | None = None,
+        headers: Mapping[str, str] | None = None,
+    ):
         self.url = url
         self.settings = settings
         self.progress = progress
+        self.tls = tls
+        # Sent with every call: the header of a restricted group (inference, metadata).
+        self.headers = dict(headers) if headers else None
+
+    def _client(self) -> triton_aio.InferenceServerClient:
+        if self.tls is None:
+            return triton_aio.InferenceServerClient(self.url)
+        options = None
+        if self.tls.server_name is not None:
+            # channel_args replaces tritonclient's own options: keep its message limit.
+            limit = triton_aio.MAX_GRPC_MESSAGE_SIZE
+            options = [
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit),
+                *self.tls.channel_options(),
+            ]
+        return triton_aio.InferenceServerClient(
+            self.url, ssl=True, creds=self.tls.credentials(), channel_args=options
+        )
 
     async def run(
         self, models: Sequence[str], probe: np.ndarray | None = None, probe_rows: int = 256
     ) -> dict[str, VariantLoad]:
         """Warm up, run the shared probe inputs, then the timed load, for every model."""
         s = self.settings
-        async with triton_aio.InferenceServerClient(self.url) as client:
+        async with self._client() as client:
             specs, results = {}, {}
             for model in models:
-                metadata = await client.get_model_metadata(model)
+                metadata = await client.get_model_metadata(model, headers=self.headers)
                 specs[model] = input_specs(metadata, s.batch)
                 results[model] = VariantLoad(model, rows_per_request=s.batch)
             for model in models:
                 await self._probe(client, model, specs[model], results[model], probe, probe_rows)
                 inputs = random_inputs(specs[model], seed=0)
                 for _ in range(s.warmup_requests):
-                    await client.infer(model, _tensors(inputs, specs[model]))
+                    await client.infer(model, _tensors(inputs, specs[model]), headers=self.headers)
                 results[model].warmup_requests = s.warmup_requests
             slice_s = s.duration_seconds / s.rounds
             done = 0.0
@@ -254,7 +281,7 @@ class LoadGenerator:
         for start in range(0, len(probe), chunk):
             part = {spec.name: probe[start : start + chunk]}
             shaped = InputSpec(spec.name, spec.datatype, part[spec.name].shape)
-            answer = await client.infer(model, _tensors(part, [shaped]))
+            answer = await client.infer(model, _tensors(part, [shaped]), headers=self.headers)
             first = answer.get_response().outputs[0].name
             outputs.append(answer.as_numpy(first))
             result.probe_requests += 1
@@ -279,7 +306,7 @@ class LoadGenerator:
                 tensors = _tensors(inputs, specs)
                 now = time.perf_counter()
                 try:
-                    await client.infer(model, tensors)
+                    await client.infer(model, tensors, headers=self.headers)
                 except InferenceServerException as exc:
                     key = exc.status() or "error"
                     result.errors[key] = result.errors.get(key, 0) + 1

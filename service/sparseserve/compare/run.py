@@ -10,7 +10,7 @@ import asyncio
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +28,7 @@ from sparseserve.compare.server_metrics import (
     scrape,
 )
 from sparseserve.repository.manifest import MANIFEST_FILENAME, ManifestError, VariantManifest
+from sparseserve.server.health_check import ClientTls
 
 
 class CompareError(ValueError):
@@ -41,6 +42,8 @@ class Target:
     url: str
     metrics_url: str
     repository: Path | None = None  # for manifests, when known
+    tls: ClientTls | None = None  # how to reach a TLS port
+    headers: Mapping[str, str] | None = None  # a restricted group's header
 
 
 def family_variants(snapshot: Snapshot, family: str) -> list[ServedVariant]:
@@ -130,7 +133,8 @@ def compare(
     base = find_baseline(before, family, variants, baseline)
     started = datetime.now(UTC).isoformat(timespec="seconds")
     bar = Progress(settings.duration_seconds * len(models)) if progress else None
-    loads = asyncio.run(LoadGenerator(target.url, settings, bar).run(models, probe))
+    generator = LoadGenerator(target.url, settings, bar, target.tls, target.headers)
+    loads = asyncio.run(generator.run(models, probe))
     after = settled_scrape(target.metrics_url)
 
     rows = [
@@ -267,15 +271,18 @@ def run_and_report(
     baseline: str | None = None,
     probe: np.ndarray | None = None,
     progress: bool = True,
+    tls: ClientTls | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> f.Comparison:
-    """Compare `family` on the server at `url`, or on one started on `repository`, and
-    write the report into `out`."""
+    """Compare `family` on the server at `url` (over TLS with `tls`, sending `headers`
+    with every call), or on one started on `repository`, and write the report into
+    `out`."""
     from sparseserve.compare import report
 
     if url is not None:
         if metrics_url is None:
             raise CompareError("--url needs --metrics-url (the server's /metrics address)")
-        target = Target(url, metrics_url, repository)
+        target = Target(url, metrics_url, repository, tls, headers)
         comparison = compare(target, family, settings, baseline, probe, progress)
     elif repository is not None:
         from sparseserve.server.process import ServerProcess

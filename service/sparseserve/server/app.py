@@ -19,7 +19,7 @@ from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from sparseserve.backends.dispatch import Dispatcher
 from sparseserve.backends.hardware import probe_hardware
@@ -35,8 +35,9 @@ from sparseserve.routing.traffic import PolicyFile
 from sparseserve.server.errors import add_mapping_errors
 from sparseserve.server.metrics_http import start_metrics_server
 from sparseserve.server.predict_servicer import PredictServicer
+from sparseserve.server.security import RestrictingServer, Restrictions, server_credentials
 from sparseserve.server.v2_servicer import V2Servicer
-from sparseserve.settings import ModelControl, Settings
+from sparseserve.settings import GrpcTlsSettings, ModelControl, Settings
 from sparseserve.v1 import service_pb2, service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,10 @@ class SparseServeServer:
         models, then report ready."""
         settings = self.settings
         limit = settings.max_message_bytes
+        # Read and check the TLS files and restriction values before binding anything.
+        restrictions = Restrictions.for_grpc(settings.grpc_restricted_protocols)
+        tls = settings.grpc_tls
+        credentials = server_credentials(tls) if tls.enabled else None
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", limit),
@@ -101,20 +106,26 @@ class SparseServeServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
+        # Every service registers through the restricting stand-in: handlers of
+        # restricted groups check their header, the others are registered as they are.
+        restricted = RestrictingServer(server, restrictions)
         add_mapping_errors(
             grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
             V2Servicer(self.dataplane, self.registry, lambda: self._ready),
-            server,
+            restricted,
         )
         add_mapping_errors(
             service_pb2_grpc.add_SparseServeServicer_to_server,
             PredictServicer(self.dataplane, self.registry, self.router),
-            server,
+            restricted,
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        _add_reflection(server)
-        address = f"{_bind_host(settings.host)}:{settings.grpc_port}"
-        self.grpc_port = server.add_insecure_port(address)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, restricted)
+        _add_reflection(restricted)
+        address = f"{_bind_host(settings.grpc_address or settings.host)}:{settings.grpc_port}"
+        if credentials is None:
+            self.grpc_port = server.add_insecure_port(address)
+        else:
+            self.grpc_port = server.add_secure_port(address, credentials)
         if self.grpc_port == 0:
             raise OSError(f"cannot bind the gRPC port {address}")
         for service in SERVICES:
@@ -127,10 +138,12 @@ class SparseServeServer:
             )
             self.metrics_port = self._metrics_server.server_port
         log.info(
-            "sparseserve listening: gRPC %s:%d, metrics %s; repository %s, model control %s",
-            settings.host, self.grpc_port, self.metrics_port or "off",
-            self.registry.repository.root, settings.model_control.value,
+            "sparseserve listening: gRPC %s:%d (%s), metrics %s; repository %s, model control %s",
+            settings.grpc_address or settings.host, self.grpc_port, _transport(tls),
+            self.metrics_port or "off", self.registry.repository.root,
+            settings.model_control.value,
         )  # fmt: skip
+        log.info("restricted RPC groups: %s", restrictions.describe())
         log.info("hardware: %s", self.hardware.summary())
         log.info(
             "dispatch %s (overrides: %s), fallback to onnxruntime %s, Triton %s",
@@ -198,14 +211,23 @@ def _bind_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def _add_reflection(server: grpc.aio.Server) -> None:
+def _transport(tls: GrpcTlsSettings) -> str:
+    if not tls.enabled:
+        return "plaintext"
+    return "mutual TLS" if tls.mutual else "TLS"
+
+
+def _add_reflection(server: RestrictingServer) -> None:
     # Our stubs live in a private descriptor pool (see sparseserve.protocol._pool);
     # reflection answers from that pool, so the health and reflection files go there too.
     for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
         with contextlib.suppress(TypeError):  # already added by an earlier server
             POOL.AddSerializedFile(descriptor.serialized_pb)
     names = (V2_SERVICE, V1_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server, pool=POOL)
+    # What enable_server_reflection does for a grpc.aio server, through the stand-in.
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection.aio.ReflectionServicer(names, pool=POOL), server
+    )
 
 
 async def serve(settings: Settings, ready_file: Path | None = None) -> int:

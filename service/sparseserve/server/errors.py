@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -25,12 +25,23 @@ log = logging.getLogger(__name__)
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
+class HandlerRegistry(Protocol):
+    """What generated `add_*Servicer_to_server` code calls: a grpc.aio server, or a
+    stand-in that wraps handlers on their way to it."""
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None: ...
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
+    ) -> None: ...
+
+
 def grpc_status(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode[status_of(error)]
 
 
 def add_mapping_errors(
-    add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server
+    add_to_server: Callable[[Any, Any], None], servicer: Any, server: HandlerRegistry
 ) -> None:
     """Register `servicer` with its generated `add_*Servicer_to_server` function, each
     unary handler wrapped so that domain errors reach the client with their status."""
@@ -52,7 +63,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethod
 class _MappingErrors:
     """Stands in for the server while generated code registers a servicer's handlers."""
 
-    def __init__(self, server: grpc.aio.Server):
+    def __init__(self, server: HandlerRegistry):
         self._server = server
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
