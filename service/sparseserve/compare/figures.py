@@ -55,9 +55,10 @@ class VariantFigures:
     server_errors: float = 0.0
     server_p50_s: float | None = None
     server_p99_s: float | None = None
-    # p50 of each round of the turns: the server's histogram (None: no requests seen)
-    # and the client's
+    # each round of the turns: the server's p50 and mean request duration (None: no
+    # requests seen) and the client's p50
     server_round_p50_s: list[float | None] = field(default_factory=list)
+    server_round_mean_s: list[float | None] = field(default_factory=list)
     client_round_p50_s: list[float] = field(default_factory=list)
     # per-model gauges
     file_bytes: Sourced = field(default_factory=Sourced)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sparseserve.compare.figures import MEMORY_RESOLUTION_BYTES, Comparison, VariantFigures
-from sparseserve.compare.verdict import CLIENT_P50, SAME_WITHIN, SERVER_P50
+from sparseserve.compare.verdict import CLIENT_P50, SAME_WITHIN, SERVER_MEAN
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -49,6 +49,15 @@ def plain(value: float, trim: bool = False) -> str:
     return text.rstrip("0").rstrip(".") if trim and "." in text else text
 
 
+def count(value: float) -> str:
+    """A parameter count: exact below a million, then in millions ("10.8 M")."""
+    if abs(value) >= 1e9:
+        return f"{value / 1e9:,.1f} G"
+    if abs(value) >= 1e6:
+        return f"{value / 1e6:,.1f} M"
+    return f"{value:,.0f}"
+
+
 def with_unit(unit: str) -> Format:
     """A formatter: `plain(value)` and the unit ("0.412 ms", "12 MiB", "97.5%")."""
     separator = "" if unit == "%" else " "
@@ -56,16 +65,20 @@ def with_unit(unit: str) -> Format:
 
 
 def _figure(rows: int, columns: int = 1) -> tuple[Figure, list[Axes]]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)  # files only, never a window; and text extents can be measured
     axes = figure.subplots(1, columns, sharey=True, squeeze=False)[0]
     return figure, list(axes)
 
 
 def _plain_ticks(ax: Axes) -> None:
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+    # Few ticks: "10,000,000" is wide, and the value labels carry the exact numbers.
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: plain(x, trim=True)))
 
 
@@ -100,12 +113,18 @@ def hbars(
     ax.grid(axis="x", alpha=0.3)
 
 
+def _title(figure: Figure, text: str) -> None:
+    """The plot's title, from the figure's left edge (long variant names push the axes
+    right; a title aligned with them would run off the picture)."""
+    figure.suptitle(text, x=0.01, ha="left")
+
+
 def _legend_outside(ax: Axes, columns: int) -> None:
     ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.01), ncols=columns, frameon=False)
 
 
 def latency(c: Comparison) -> Figure:
-    """Server-side p50/p99 and client p50/p95/p99, a panel each."""
+    """Server-side and client p50 and p99, a panel each."""
     names, vs = [v.variant for v in c.variants], c.variants
     figure, (server, client) = _figure(len(vs), 2)
 
@@ -115,15 +134,16 @@ def latency(c: Comparison) -> Figure:
     hbars(server, names, {"p50": [ms(v.server_p50_s) for v in vs],
                           "p99": [ms(v.server_p99_s) for v in vs]},
           with_unit("ms"), "ms at the server (request duration)")  # fmt: skip
+    # Two series a panel: three thin bars of similar length would stack their labels
+    # (p95 is in the table).
     hbars(client, names, {"p50": [ms(v.latency_p50_s) for v in vs],
-                          "p95": [ms(v.latency_p95_s) for v in vs],
                           "p99": [ms(v.latency_p99_s) for v in vs]},
-          with_unit("ms"), "ms at the client (round trip)")  # fmt: skip
-    server.set_title("Server side (what the verdict uses)", loc="left", pad=36)
-    client.set_title("Client round trip (gRPC and Python included)", loc="left", pad=36)
+          with_unit("ms"), "ms at the client (gRPC and Python included)")  # fmt: skip
+    server.set_title("At the server (the verdict's latency)", loc="left", pad=36)
+    client.set_title("Client round trip", loc="left", pad=36)
     _legend_outside(server, 2)
-    _legend_outside(client, 3)
-    figure.suptitle(f"{c.family}: latency, {c.concurrency} in flight, batch {c.batch}")
+    _legend_outside(client, 2)
+    _title(figure, f"{c.family}: latency, {c.concurrency} requests in flight, batch {c.batch}")
     return figure
 
 
@@ -163,10 +183,9 @@ def speedup(c: Comparison) -> Figure:
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{plain(x, trim=True)}x"))
     ax.xaxis.set_minor_formatter(NullFormatter())
-    which = " / ".join(sorted(used)) or SERVER_P50
+    which = " / ".join(sorted(used)) or SERVER_MEAN
     ax.set_xlabel(f"baseline {which} / variant {which}  (> 1: faster than {c.baseline})")
-    ax.set_title(f"{c.family}: speed versus {c.baseline}, {c.rounds} rounds of turns",
-                 loc="left", pad=36)  # fmt: skip
+    _title(figure, f"{c.family}: speed versus {c.baseline}, {c.rounds} rounds of turns")
     _legend_outside(ax, 1)
     ax.grid(axis="x", alpha=0.3)
     if CLIENT_P50 in used:
@@ -180,7 +199,7 @@ def throughput(c: Comparison) -> Figure:
     hbars(ax, [v.variant for v in c.variants],
           {"rows/s": [v.rows_per_second for v in c.variants]}, with_unit("rows/s"),
           f"rows per second, {c.concurrency} requests in flight")  # fmt: skip
-    ax.set_title(f"{c.family}: throughput (load run)", loc="left")
+    _title(figure, f"{c.family}: throughput (load run)")
     return figure
 
 
@@ -215,11 +234,11 @@ def memory(c: Comparison) -> Figure:
     top = max((x for x in values if x is not None), default=1.0)
     hbars(ax, [v.variant for v in c.variants], {"MiB": values}, shown,
           "MiB (resolution 1 MiB)", limit=top * 2.6, texts=texts)  # fmt: skip
-    ax.set_title(
+    _title(
+        figure,
         f"{c.family}: memory per loaded model (server gauge)\nmeasured to about 1 MiB: "
         "a variant within 1 MiB of the baseline is drawn equal to it",
-        loc="left",
-    )  # fmt: skip
+    )
     return figure
 
 
@@ -228,7 +247,7 @@ def size(c: Comparison) -> Figure:
     hbars(ax, [v.variant for v in c.variants],
           {"KiB": [None if v.file_bytes.value is None else v.file_bytes.value / 1024
                    for v in c.variants]}, with_unit("KiB"), "KiB on disk")  # fmt: skip
-    ax.set_title(f"{c.family}: model file size", loc="left")
+    _title(figure, f"{c.family}: model file size")
     return figure
 
 
@@ -254,16 +273,16 @@ def parameters(c: Comparison) -> Figure:
             if sparsity is None and v.nonzero_parameters.value is not None:
                 sparsity = 1 - v.nonzero_parameters.value / max(v.parameters.value, 1)
             share = "" if sparsity is None else f", {sparsity:.1%} of weights zero"
-            text = f"{v.nonzero_parameters.value or 0:,.0f} of {v.parameters.value:,.0f}{share}"
+            text = f"{count(v.nonzero_parameters.value or 0)} of {count(v.parameters.value)}{share}"
         ax.annotate(text, (v.parameters.value or 0, j), xytext=(6, 0), textcoords="offset points",
                     va="center", fontsize=13)  # fmt: skip
     ax.set_yticks(list(ys), names)
     ax.invert_yaxis()
-    ax.set_xlim(0, max((t for t in total if t is not None), default=1.0) * 1.7)
+    ax.set_xlim(0, max((t for t in total if t is not None), default=1.0) * 1.8)
     ax.set_xlabel("parameters")
     _plain_ticks(ax)
     ax.grid(axis="x", alpha=0.3)
-    ax.set_title(f"{c.family}: parameters and sparsity (server gauges)", loc="left", pad=36)
+    _title(figure, f"{c.family}: parameters and sparsity (server gauges)")
     _legend_outside(ax, 2)
     return figure
 
@@ -277,20 +296,21 @@ def quality(c: Comparison) -> Figure:
                                          else v.agreement.value * 100) for v in vs
         ]
     }  # fmt: skip
+    # One accuracy: measured here through the server when the rows have labels, else
+    # the manifest's (two series keep the bars thick enough for their labels).
+    recorded = [v.manifest_quality.get("accuracy") for v in vs]
     if any(v.probe_accuracy is not None for v in vs):
         series["accuracy on these rows (through the server)"] = [
             None if v.probe_accuracy is None else v.probe_accuracy * 100 for v in vs
         ]
-    recorded = [v.manifest_quality.get("accuracy") for v in vs]
-    if any(a is not None for a in recorded):
+    elif any(a is not None for a in recorded):
         series["accuracy recorded in the manifest"] = [
             None if a is None else a * 100 for a in recorded
         ]
     hbars(ax, [v.variant for v in vs], series, with_unit("%"), "%", limit=125.0)
     ax.set_xticks([0, 20, 40, 60, 80, 100])
     what = "on RANDOM inputs: not a quality measure" if c.random_data else "on the evaluation rows"
-    ax.set_title(f"{c.family}: quality versus the baseline, {what}", loc="left",
-                 pad=18 + 22 * len(series))  # fmt: skip
+    _title(figure, f"{c.family}: quality versus the baseline, {what}")
     _legend_outside(ax, 1)
     return figure
 

@@ -86,9 +86,11 @@ def _sources(c: Comparison) -> list[str]:
         "server's own request-duration histogram over the run (bucket-interpolated, as "
         "PromQL's histogram_quantile). File size, parameters, sparsity, memory: the "
         "server's per-model gauges; memory is measured to about 1 MiB.",
-        "Speed verdict: the ratio of the baseline's server-side p50 to the variant's in "
-        "each round (the client p50 if the server exports no histogram; the verdict says "
-        "which), its geometric mean and Student-t 95% confidence interval over the "
+        "Speed verdict: the ratio of the baseline's server-side mean request duration to "
+        "the variant's in each round (exact, from the histogram's sum and count: its "
+        "buckets are too coarse for a p50 ratio; the client p50 if the server exports no "
+        "histogram; the verdict says which), the ratios' geometric mean and Student-t 95% "
+        "confidence interval over the "
         f"rounds. Faster or slower only when the interval excludes 1 and the ratio is "
         f"beyond {SAME_WITHIN - 1:.0%}; as fast when the whole interval is within "
         f"{SAME_WITHIN - 1:.0%}; otherwise not measurable in this run.",
@@ -117,7 +119,7 @@ def _details(v: VariantFigures) -> list[str]:
         f"latency at the client: p50 {_ms(v.latency_p50_s)} ms, p95 {_ms(v.latency_p95_s)} ms, "
         f"p99 {_ms(v.latency_p99_s)} ms; at the server: p50 {_ms(v.server_p50_s)} ms, "
         f"p99 {_ms(v.server_p99_s)} ms",
-        "server p50 per round, ms: " + (", ".join(_ms(x) for x in v.server_round_p50_s) or "—"),
+        "server mean per round, ms: " + (", ".join(_ms(x) for x in v.server_round_mean_s) or "—"),
     ]
     if v.speed is not None and not v.is_baseline:
         s = v.speed
@@ -162,7 +164,7 @@ STYLESHEET = (
     "body{font-family:sans-serif;font-size:16px;max-width:100em;margin:2em auto;padding:0 1em}"
     "table{border-collapse:collapse;font-size:14px;margin:1em 0}"
     "td,th{border:1px solid #ccc;padding:.25em .5em;text-align:right}"
-    "td:first-child,td:last-child,th:first-child,th:last-child{text-align:left}"
+    "td:first-child,th:first-child{text-align:left;white-space:nowrap}"
     "th{background:#f3f3f3}.caveat{background:#fff3cd;border:1px solid #e0c060;"
     "padding:.6em 1em}figure{margin:1.5em 0}img{width:100%;max-width:1600px;"
     "border:1px solid #eee}figcaption{font-weight:bold;margin-bottom:.3em}"
@@ -185,15 +187,16 @@ def html_page(c: Comparison) -> str:
             "<code>--data rows.npz</code> or a repository built by "
             "<code>sparseserve sparsify</code>.</p>"
         )
+    # The verdicts head the page; the table leaves them out to stay one line a variant.
     parts += [
         "<ul>",
         *(f"<li><b>{e(v.model)}</b>: {e(v.verdict)}</li>" for v in c.variants),
         "</ul><table><tr>",
-        *(f"<th>{e(h)}</th>" for h in header),
+        *(f"<th>{e(h)}</th>" for h in header[:-1]),
         "</tr>",
     ]
     for r in rows:
-        parts += ["<tr>", *(f"<td>{e(x)}</td>" for x in r), "</tr>"]
+        parts += ["<tr>", *(f"<td>{e(x)}</td>" for x in r[:-1]), "</tr>"]
     parts.append("</table>")
     parts += [f"<p>{e(line).replace('**', '')}</p>" for line in _sources(c)]
     parts += [

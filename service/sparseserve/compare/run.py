@@ -29,12 +29,13 @@ from sparseserve.compare.loadgen import (
 from sparseserve.compare.server_metrics import (
     MODEL_GAUGES,
     REQUEST_DURATION,
+    Histogram,
     ServedVariant,
     ShadowTotals,
     Snapshot,
     scrape,
 )
-from sparseserve.compare.verdict import CLIENT_P50, SERVER_P50, speed_estimate, verdict
+from sparseserve.compare.verdict import CLIENT_P50, SERVER_MEAN, speed_estimate, verdict
 from sparseserve.repository.eval_data import (
     EVAL_DATA_FILENAME,
     EvalData,
@@ -192,7 +193,9 @@ def compare(
         for v in variants
     ]
     for index, row in enumerate(rows):
-        row.server_round_p50_s = _server_round_p50(slices, index, len(rows), row.model)
+        rounds = _server_rounds(slices, index, len(rows), row.model)
+        row.server_round_p50_s = [r.quantile(0.5) for r in rounds]
+        row.server_round_mean_s = [r.sum / r.count if r.count > 0 else None for r in rounds]
         row.client_round_p50_s = loads[row.model].round_quantiles(0.5)
     baseline_row = next(r for r in rows if r.is_baseline)
     baseline_load = loads[baseline_row.model]
@@ -225,21 +228,18 @@ def compare(
     )
 
 
-def _server_round_p50(
+def _server_rounds(
     slices: Sequence[Snapshot], index: int, models: int, model: str
-) -> list[float | None]:
-    """The server's p50 for `model` in each of its slices. The models take turns, so
-    the slice of model `index` in round r lies between scrapes r*models+index and the
-    next one."""
-    found = []
-    for start in range(index, len(slices) - 1, models):
-        delta = (
-            slices[start + 1]
-            .histogram(REQUEST_DURATION, model)
-            .minus(slices[start].histogram(REQUEST_DURATION, model))
-        )
-        found.append(delta.quantile(0.5))
-    return found
+) -> list[Histogram]:
+    """The server's request durations for `model` in each of its slices. The models
+    take turns, so the slice of model `index` in round r lies between scrapes
+    r*models+index and the next one."""
+    return [
+        slices[start + 1]
+        .histogram(REQUEST_DURATION, model)
+        .minus(slices[start].histogram(REQUEST_DURATION, model))
+        for start in range(index, len(slices) - 1, models)
+    ]
 
 
 def _figures(
@@ -298,9 +298,9 @@ def _versus_baseline(
     probe outputs; accuracy on the probe rows when their labels are known."""
     if row.latency_p50_s and base.latency_p50_s:
         row.speedup_p50 = base.latency_p50_s / row.latency_p50_s
-    server_known = all(p is not None for p in [*row.server_round_p50_s, *base.server_round_p50_s])
-    if server_known and row.server_round_p50_s:
-        row.speed = speed_estimate(base.server_round_p50_s, row.server_round_p50_s, SERVER_P50)
+    server = [*row.server_round_mean_s, *base.server_round_mean_s]
+    if server and all(m is not None for m in server):
+        row.speed = speed_estimate(base.server_round_mean_s, row.server_round_mean_s, SERVER_MEAN)
     else:  # a server without the histogram: the client's round trip is all there is
         row.speed = speed_estimate(base.client_round_p50_s, row.client_round_p50_s, CLIENT_P50)
     if row.file_bytes.value and base.file_bytes.value:

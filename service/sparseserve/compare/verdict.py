@@ -1,17 +1,20 @@
 """The verdict of one variant against the baseline, by a stated rule.
 
 Speed: the variants take turns in rounds, so each round gives one ratio of the
-baseline's p50 to the variant's, measured over the same stretch of the machine's load.
+baseline's latency to the variant's, measured over the same stretch of the machine's load.
 The estimate is the geometric mean of those ratios and its 95% confidence interval is
 Student's t on their logarithms. A difference is claimed only when the interval
 excludes "as fast" and the estimate is at least 10% away from it; "as fast" only when
 the whole interval lies within 10%; anything else is "not measurable" in this run,
 with the interval shown, rather than a word that flips between runs.
 
-The latency is the server's own (its request-duration histogram, per round): the
-client's round trip adds the same gRPC and Python cost to every variant and hides the
-model's share. The client's p50 is used only when the server exports no histogram, and
-the verdict says which one it used.
+The latency is the server's own: the mean request duration of each round, from its
+histogram's `_sum` and `_count` (exact), not the histogram's p50. The buckets are 2 to
+2.5x apart (100 us, 250 us, 500 us, ...), so a bucket-interpolated p50 cannot resolve
+a 1.3x difference, and below the first bucket it only counts requests under 100 us.
+The client's round trip adds the same gRPC and Python cost to every variant and hides
+the model's share; its p50 is used only when the server exports no histogram. The
+verdict says which latency it used.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # figures holds a SpeedEstimate: import it only for the types
     from sparseserve.compare.figures import VariantFigures
 
-SERVER_P50 = "server-side p50"
+SERVER_MEAN = "server-side mean"
 CLIENT_P50 = "client p50"
 # Below this relative difference two latencies are called the same.
 SAME_WITHIN = 1.1
@@ -44,10 +47,10 @@ class SpeedEstimate:
     low: float  # 95% confidence interval of the ratio
     high: float
     rounds: int
-    latency: str  # which latency: SERVER_P50 or CLIENT_P50
+    latency: str  # which latency: SERVER_MEAN or CLIENT_P50
 
     def words(self, baseline: str) -> str:
-        """ "2.3x faster (server-side p50)", "as fast as dense (...)", or "speed not
+        """ "2.3x faster (server-side mean)", "as fast as dense (...)", or "speed not
         measurable (...)" by the rule in this module's docstring."""
         if self.low > 1 and self.ratio >= SAME_WITHIN:
             return f"{self.ratio:.1f}x faster ({self.latency})"
@@ -78,7 +81,7 @@ def speed_estimate(
     variant_rounds: Sequence[float | None],
     latency: str,
 ) -> SpeedEstimate | None:
-    """The ratio baseline/variant from the p50 of each round (paired by round; a round
+    """The ratio baseline/variant from the latency of each round (paired by round; a round
     missing either is left out). None when no round has both; one round gives an
     interval of 0..inf (one ratio says nothing of the noise)."""
     ratios = [
@@ -115,7 +118,7 @@ RANDOM_CAVEAT = "on random inputs: not a quality measure"
 
 
 def verdict(figures: VariantFigures, baseline: str, random_data: bool) -> str:
-    """One plain sentence: "2.3x faster (server-side p50), 4.0x smaller, 99.4%
+    """One plain sentence: "2.3x faster (server-side mean), 4.0x smaller, 99.4%
     agreement"; agreement on random rows says that it is not a quality measure."""
     if figures.is_baseline:
         return "baseline"
