@@ -125,6 +125,16 @@ def test_server_latency_lies_in_the_scraped_median_bucket(run: dict) -> None:
         upper = next(b for b in bounds if counts[b] >= half)
         lower = max([0.0, *(b for b in bounds if b < upper)])
         assert lower <= figures["server_p50_s"] <= upper, (model, lower, upper)
+        durations = {
+            name: sum(values(run["after"], name, model=model))
+            - sum(values(run["before"], name, model=model))
+            for name in ("sparseserve_request_duration_seconds_sum",
+                         "sparseserve_request_duration_seconds_count")
+        }  # fmt: skip
+        assert figures["server_mean_s"] == pytest.approx(
+            durations["sparseserve_request_duration_seconds_sum"]
+            / durations["sparseserve_request_duration_seconds_count"]
+        )
         client = [figures[f"latency_{p}_s"] for p in ("p50", "p95", "p99")]
         assert 0 < client[0] <= client[1] <= client[2]
 

@@ -37,6 +37,7 @@ def comparison(random_data: bool = False) -> Comparison:
         row.requests_per_second = row.rows_per_second = 12_345.0 / (i + 1)
         row.latency_p50_s, row.latency_p95_s, row.latency_p99_s = 1.2e-3, 2.5e-3, 4.1e-3
         row.server_p50_s, row.server_p99_s = 3.4e-5 * (i + 1), 2.2e-4
+        row.server_mean_s = 4.1e-5 * (i + 1)
         row.file_bytes = Sourced(40_000.0 + 1_000_000 * i, FROM_METRICS)
         row.parameters = Sourced(12_000_000.0, FROM_METRICS)
         row.nonzero_parameters = Sourced(12_000_000.0 * (1 - i / 10), FROM_METRICS)

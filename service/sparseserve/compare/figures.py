@@ -55,6 +55,7 @@ class VariantFigures:
     server_errors: float = 0.0
     server_p50_s: float | None = None
     server_p99_s: float | None = None
+    server_mean_s: float | None = None  # exact: the histogram's sum over its count
     # each round of the turns: the server's p50 and mean request duration (None: no
     # requests seen) and the client's p50
     server_round_p50_s: list[float | None] = field(default_factory=list)

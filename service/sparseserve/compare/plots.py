@@ -124,14 +124,14 @@ def _legend_outside(ax: Axes, columns: int) -> None:
 
 
 def latency(c: Comparison) -> Figure:
-    """Server-side and client p50 and p99, a panel each."""
+    """Server-side mean and p99, client p50 and p99, a panel each."""
     names, vs = [v.variant for v in c.variants], c.variants
     figure, (server, client) = _figure(len(vs), 2)
 
     def ms(x: float | None) -> Value:
         return None if x is None else x * 1000
 
-    hbars(server, names, {"p50": [ms(v.server_p50_s) for v in vs],
+    hbars(server, names, {"mean": [ms(v.server_mean_s) for v in vs],
                           "p99": [ms(v.server_p99_s) for v in vs]},
           with_unit("ms"), "ms at the server (request duration)")  # fmt: skip
     # Two series a panel: three thin bars of similar length would stack their labels
@@ -139,7 +139,7 @@ def latency(c: Comparison) -> Figure:
     hbars(client, names, {"p50": [ms(v.latency_p50_s) for v in vs],
                           "p99": [ms(v.latency_p99_s) for v in vs]},
           with_unit("ms"), "ms at the client (gRPC and Python included)")  # fmt: skip
-    server.set_title("At the server (the verdict's latency)", loc="left", pad=36)
+    server.set_title("At the server (the mean is the verdict's)", loc="left", pad=36)
     client.set_title("Client round trip", loc="left", pad=36)
     _legend_outside(server, 2)
     _legend_outside(client, 2)

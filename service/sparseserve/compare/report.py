@@ -39,7 +39,8 @@ def _agreement(v: VariantFigures, random_data: bool) -> str:
 def table_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
     """The summary table: a header and one row per variant."""
     header = [
-        "variant", "req/s", "p50 ms", "p95 ms", "p99 ms", "server p50 ms", "file KiB",
+        "variant", "req/s", "p50 ms", "p95 ms", "p99 ms", "server p50 ms", "server mean ms",
+        "file KiB",
         "parameters", "non-zero", "sparsity", "memory MiB", "agreement", "accuracy",
         "verdict",
     ]  # fmt: skip
@@ -47,7 +48,7 @@ def table_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
     for v in c.variants:
         rows.append([
             v.model, f"{v.requests_per_second:.0f}", _ms(v.latency_p50_s), _ms(v.latency_p95_s),
-            _ms(v.latency_p99_s), _ms(v.server_p50_s),
+            _ms(v.latency_p99_s), _ms(v.server_p50_s), _ms(v.server_mean_s),
             _number(v.file_bytes, lambda x: f"{x / 1024:.1f}"),
             _number(v.parameters, lambda x: f"{x:,.0f}"),
             _number(v.nonzero_parameters, lambda x: f"{x:,.0f}"),
@@ -84,7 +85,8 @@ def _sources(c: Comparison) -> list[str]:
         f"{c.duration_seconds:g} s per variant in {c.rounds} rounds, the variants taking turns.",
         "Latency and req/s: measured at the client during the load run. Server p50: the "
         "server's own request-duration histogram over the run (bucket-interpolated, as "
-        "PromQL's histogram_quantile). File size, parameters, sparsity, memory: the "
+        "PromQL's histogram_quantile); server mean: its sum over its count. File size, "
+        "parameters, sparsity, memory: the "
         "server's per-model gauges; memory is measured to about 1 MiB.",
         "Speed verdict: the ratio of the baseline's server-side mean request duration to "
         "the variant's in each round (exact, from the histogram's sum and count: its "
@@ -118,7 +120,7 @@ def _details(v: VariantFigures) -> list[str]:
         f"throughput: {v.requests_per_second:.1f} req/s, {v.rows_per_second:.1f} rows/s",
         f"latency at the client: p50 {_ms(v.latency_p50_s)} ms, p95 {_ms(v.latency_p95_s)} ms, "
         f"p99 {_ms(v.latency_p99_s)} ms; at the server: p50 {_ms(v.server_p50_s)} ms, "
-        f"p99 {_ms(v.server_p99_s)} ms",
+        f"p99 {_ms(v.server_p99_s)} ms, mean {_ms(v.server_mean_s)} ms",
         "server mean per round, ms: " + (", ".join(_ms(x) for x in v.server_round_mean_s) or "—"),
     ]
     if v.speed is not None and not v.is_baseline:

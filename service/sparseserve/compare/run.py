@@ -275,6 +275,8 @@ def _figures(
     )
     row.server_p50_s = histogram.quantile(0.50)
     row.server_p99_s = histogram.quantile(0.99)
+    if histogram.count > 0:
+        row.server_mean_s = histogram.sum / histogram.count
 
     for name, metric in MODEL_GAUGES.items():
         value = after.gauge(metric, served.model, served.version)
