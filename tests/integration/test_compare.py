@@ -239,20 +239,36 @@ def run_onnx(repository: Path, model: str, rows: np.ndarray) -> np.ndarray:
     return session.run(None, {"input": rows})[0]
 
 
-def compare_report(repository: Path, out: Path, *extra: str) -> tuple[dict, str]:
-    result = sparseserve(
-        "compare", "--family", FAMILY, "--repository", str(repository), "--output", str(out),
+@pytest.fixture(scope="module")
+def plain_server(family_repository: Path) -> Iterator[ServerProcess]:
+    """A server without a traffic policy, for the comparisons that only change the rows."""
+    with ServerProcess(family_repository) as server:
+        yield server
+
+
+def against(server: ServerProcess, repository: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "compare", "--family", FAMILY, "--url", server.grpc_url, "--metrics-url",
+        server.metrics_url, "--repository", str(repository), "--output", str(out),
         "--duration", "0.5", "--rounds", "2", "--no-progress", *extra,
-    )  # fmt: skip
+    ]  # fmt: skip
+
+
+def compare_report(
+    server: ServerProcess, repository: Path, out: Path, *extra: str
+) -> tuple[dict, str]:
+    result = sparseserve(*against(server, repository, out, *extra))
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads((out / "report.json").read_text()), result.stdout
 
 
-def test_data_file_rows_drive_agreement(family_repository: Path, tmp_path: Path) -> None:
+def test_data_file_rows_drive_agreement(
+    plain_server: ServerProcess, family_repository: Path, tmp_path: Path
+) -> None:
     """--data: agreement is on the file's rows, exactly what the two models say on them."""
     rows = np.random.default_rng(7).normal(0.5, 2.0, (300, 64)).astype(np.float32)
     np.save(tmp_path / "rows.npy", rows)
-    report, stdout = compare_report(family_repository, tmp_path / "out",
+    report, stdout = compare_report(plain_server, family_repository, tmp_path / "out",
                                     "--data", str(tmp_path / "rows.npy"))  # fmt: skip
     dense = run_onnx(family_repository, DENSE, rows).argmax(axis=1)
     pruned_classes = run_onnx(family_repository, PRUNED, rows).argmax(axis=1)
@@ -264,16 +280,19 @@ def test_data_file_rows_drive_agreement(family_repository: Path, tmp_path: Path)
     assert RANDOM_CAVEAT not in pruned["verdict"] and "random" not in stdout
 
 
-def test_the_familys_evaluation_sample_is_used(family_repository: Path, tmp_path: Path) -> None:
+def test_the_familys_evaluation_sample_is_used(
+    plain_server: ServerProcess, family_repository: Path, tmp_path: Path
+) -> None:
     """An eval.npz beside the baseline (as `sparseserve sparsify` writes it) drives the
-    comparison without --data, and its labels give accuracy through the server."""
+    comparison without --data, and its labels give accuracy through the server (which
+    serves the same models from the original repository)."""
     repository = tmp_path / "repository"
     shutil.copytree(family_repository, repository)
     rows = np.random.default_rng(3).random((200, 64), dtype=np.float32)
     labels = np.arange(200) % 10
     write_eval_data(repository / DENSE / EVAL_DATA_FILENAME, {"input": rows},
                     "two hundred test rows", labels)  # fmt: skip
-    report, _ = compare_report(repository, tmp_path / "out")
+    report, _ = compare_report(plain_server, repository, tmp_path / "out")
     assert report["random_data"] is False
     assert report["data"].startswith(
         "200 rows of two hundred test rows, from the family's evaluation sample"
@@ -284,8 +303,9 @@ def test_the_familys_evaluation_sample_is_used(family_repository: Path, tmp_path
     assert report["variants"][1]["agreement_rows"] == 200
 
 
+@pytest.mark.slow
 def test_data_that_does_not_fit_the_model_is_refused(
-    family_repository: Path, tmp_path: Path
+    plain_server: ServerProcess, family_repository: Path, tmp_path: Path
 ) -> None:
     np.save(tmp_path / "narrow.npy", np.zeros((10, 63), dtype=np.float32))
     np.savez(tmp_path / "named.npz", pixels=np.zeros((10, 64)), mask=np.ones((10, 64)))
@@ -294,13 +314,11 @@ def test_data_that_does_not_fit_the_model_is_refused(
         ("named.npz", "no array for input(s) ['input']; the model's inputs are ['input']"),
         ("missing.npz", "missing.npz: no such file"),
     ):
-        result = sparseserve(
-            "compare", "--family", FAMILY, "--repository", str(family_repository),
-            "--output", str(tmp_path / "out"), "--duration", "0.2", "--rounds", "1",
-            "--no-progress", "--data", str(tmp_path / name),
-        )  # fmt: skip
+        result = sparseserve(*against(plain_server, family_repository, tmp_path / "out",
+                                      "--data", str(tmp_path / name)))  # fmt: skip
         assert result.returncode == 2, result.stdout + result.stderr
         assert message in result.stderr, result.stderr
+    assert plain_server.process is not None and plain_server.process.poll() is None
 
 
 @pytest.mark.skipif(find_browser() is None, reason="no Chromium on PATH")
