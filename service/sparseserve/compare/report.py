@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -211,12 +212,25 @@ def html_page(c: Comparison) -> str:
     return "\n".join(parts)
 
 
+def _finite(value: object) -> object:
+    """`value` with every infinite or NaN float as None: strict JSON has no Infinity
+    (one round's speed interval is 0..inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write(c: Comparison, out: Path) -> list[Path]:
     """Write report.md, report.html, report.json and the plots into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     plots.save(c, out)
     (out / "report.md").write_text(markdown(c), encoding="utf-8")
     (out / "report.html").write_text(html_page(c), encoding="utf-8")
-    (out / "report.json").write_text(json.dumps(dataclasses.asdict(c), indent=2) + "\n")
+    figures = _finite(dataclasses.asdict(c))
+    (out / "report.json").write_text(json.dumps(figures, indent=2, allow_nan=False) + "\n")
     return [out / "report.md", out / "report.html", out / "report.json",
             *(out / name for name in PLOTS)]  # fmt: skip
