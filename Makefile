@@ -6,10 +6,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_REPOSITORY ?= demo-models
 
-.PHONY: help venv prometheus demo minilm bench-minilm test test-fast protos check-protos helm-schema lint bench clean
+.PHONY: help venv prometheus demo report-screenshot minilm bench-minilm test test-fast protos check-protos helm-schema lint bench clean
 
 help:
 	@echo "make demo    build demo models + sparse variants, serve them, query them, compare"
+	@echo "make report-screenshot  compare digits-mlp on the demo models, screenshot report.html (headless Chromium)"
 	@echo "make minilm  build the minilm family (real all-MiniLM-L6-v2; slow: ~10-40 min on CPU)"
 	@echo "make bench-minilm  latency, size and fidelity of the minilm variants (after make minilm)"
 	@echo "make test    the whole test suite"
@@ -30,6 +31,18 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m sparseserve.demo --repository $(DEMO_REPOSITORY)
+
+# A person's view of a compare report: a comparison of one demo family (the demo models
+# are built first if missing), then report.html in headless Chromium ->
+# $(REPORT)/report-screenshot.png. Needs a Chromium on PATH (Debian: apt-get install chromium).
+REPORT_FAMILY ?= digits-mlp
+REPORT ?= compare-report
+report-screenshot: $(STAMP)
+	@test -n "$$(ls $(DEMO_REPOSITORY)/*/sparseserve.yaml 2>/dev/null)" || \
+		$(BIN)/python -m sparseserve.sparsify.demo_models --repository $(DEMO_REPOSITORY)
+	$(BIN)/sparseserve compare --family $(REPORT_FAMILY) --repository $(DEMO_REPOSITORY) \
+		--output $(REPORT) --duration 10 --rounds 5 --no-progress
+	$(BIN)/python -m sparseserve.compare.screenshot $(REPORT)
 
 # Slow and optional: distils a pruned MiniLM on the CPU. See docs/minilm.md.
 MINILM_REPOSITORY ?= minilm-models
@@ -87,4 +100,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/server_overhead.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_REPOSITORY) $(DEMO_REPOSITORY)-report compare-report $(MINILM_REPOSITORY) .pytest_cache
+	rm -rf $(VENV) $(DEMO_REPOSITORY) $(DEMO_REPOSITORY)-report $(REPORT) compare-report $(MINILM_REPOSITORY) .pytest_cache

@@ -409,6 +409,11 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
         "read the accuracy its manifests record)"
     )  # fmt: skip
     p.add_argument("--baseline", help="the baseline variant (default: as the server says)")
+    p.add_argument(
+        "--data", type=Path, help="rows to send, for load and agreement: an .npz with one "
+        "array per input name, or an .npy for a one-input model (default: the eval.npz "
+        "sparsify wrote beside the baseline in --repository, else random rows)"
+    )  # fmt: skip
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
     p.add_argument(
         "--duration", type=float, default=10.0, help="seconds of load per variant (default 10)"
@@ -434,6 +439,7 @@ def _compare(args: argparse.Namespace) -> int:
     from sparseserve.compare.run import CompareError, run_and_report
     from sparseserve.compare.server_metrics import MetricsUnavailable
     from sparseserve.server.health_check import ClientTls
+    from sparseserve.repository.eval_data import read_eval_data
 
     tls = None
     if args.ssl or args.root_cert or args.client_cert:
@@ -441,10 +447,11 @@ def _compare(args: argparse.Namespace) -> int:
     try:
         headers = dict(_header(text) for text in args.header)
         settings = LoadSettings(args.concurrency, args.duration, args.rounds, args.batch)
+        data = None if args.data is None else read_eval_data(args.data)
         comparison = run_and_report(
             args.family, args.output, settings, url=args.url, metrics_url=args.metrics_url,
-            repository=args.repository, baseline=args.baseline, progress=not args.no_progress,
-            tls=tls, headers=headers,
+            repository=args.repository, baseline=args.baseline, data=data,
+            progress=not args.no_progress, tls=tls, headers=headers,
         )  # fmt: skip
     except (CompareError, MetricsUnavailable, ValueError) as exc:
         print(f"sparseserve compare: {exc}", file=sys.stderr)

@@ -14,12 +14,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tritonclient.grpc as triton
 
 from sparseserve.repository.manifest import MANIFEST_FILENAME, VariantManifest
 from sparseserve.server.process import ServerProcess
+
+if TYPE_CHECKING:  # the [sparsify] extra, imported only where the models are built
+    from sparseserve.sparsify.digits import DigitsSplit
 
 LATENCY_REQUESTS = 300
 BATCH = 64
@@ -163,25 +167,27 @@ def run(repository: Path, rebuild: bool = False) -> int:
             "do not change latency (sparse initializers only shrink the file); structured "
             "pruning and int8 shrink the work. `sparseserve inspect DIR` shows a manifest."
         )
-        _compare_families(server, repository, split.x_test)
+        _compare_families(server, repository, split)
     print(f"\nserver stopped cleanly (exit code {server.returncode})")
     return 0 if server.returncode == 0 else 1
 
 
-def _compare_families(server: ServerProcess, repository: Path, digits: np.ndarray) -> None:
+def _compare_families(server: ServerProcess, repository: Path, split: DigitsSplit) -> None:
     """End with `sparseserve compare` of each digits family, the test digits as the
-    inputs every variant answers (for agreement with the baseline)."""
+    rows every variant answers (for agreement with the baseline, and as the load)."""
     from sparseserve.compare.loadgen import LoadSettings
     from sparseserve.compare.run import print_comparisons
+    from sparseserve.repository.eval_data import EvalData
 
     families = sorted(
         {VariantManifest.read(p).family for p in repository.glob(f"*/{MANIFEST_FILENAME}")}
     )
+    digits = EvalData({"pixels": split.x_test}, split.test_dataset, split.y_test)
     print("\nsparseserve compare (load through the server, figures from its metrics):")
     print_comparisons(
         server.grpc_url, server.metrics_url, repository, families,
         repository.with_name(f"{repository.name}-report"),
-        LoadSettings(concurrency=2, duration_seconds=1.5, rounds=3), probe=digits,
+        LoadSettings(concurrency=2, duration_seconds=1.5, rounds=3), data=digits,
     )  # fmt: skip
 
 

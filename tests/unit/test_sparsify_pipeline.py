@@ -59,3 +59,20 @@ def test_a_variant_comes_out_the_same_whatever_is_built_before_it() -> None:
     alone = build(recipe(PRUNED)).variants["pruned"]
     after_another = build(recipe(INT8, PRUNED)).variants["pruned"]
     np.testing.assert_array_equal(alone.outputs, after_another.outputs)
+
+
+def test_the_baseline_gets_an_evaluation_sample_for_compare(tmp_path) -> None:
+    """`sparseserve compare` finds real rows beside the baseline: the test split the
+    manifests' accuracy was measured on, with its labels."""
+    from sparseserve.repository.eval_data import EVAL_DATA_FILENAME, read_eval_data
+
+    builder = build(recipe(PRUNED))
+    builder.write(tmp_path)
+    data = read_eval_data(tmp_path / "t.dense" / EVAL_DATA_FILENAME)
+    assert not (tmp_path / "t.pruned" / EVAL_DATA_FILENAME).exists()
+    assert list(data.inputs) == [builder.architecture.input_name]
+    rows = len(builder.labelled.x_test)
+    np.testing.assert_array_equal(data.inputs[builder.architecture.input_name],
+                                  builder.labelled.x_test.reshape(rows, -1))  # fmt: skip
+    np.testing.assert_array_equal(data.labels, builder.labelled.y_test)
+    assert data.description == builder.labelled.test_description

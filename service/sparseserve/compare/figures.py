@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sparseserve.compare.verdict import SpeedEstimate
+
 # Sources of a figure, as the report names them.
 FROM_LOAD = "load run"
 FROM_METRICS = "server metrics"
 FROM_SHADOW = "shadow traffic"
-FROM_PROBE = "probe inputs"
+FROM_PROBE = "probe inputs"  # the rows compare sent every variant (see Comparison.data)
 
 
 @dataclass
@@ -53,6 +55,12 @@ class VariantFigures:
     server_errors: float = 0.0
     server_p50_s: float | None = None
     server_p99_s: float | None = None
+    server_mean_s: float | None = None  # exact: the histogram's sum over its count
+    # each round of the turns: the server's p50 and mean request duration (None: no
+    # requests seen) and the client's p50
+    server_round_p50_s: list[float | None] = field(default_factory=list)
+    server_round_mean_s: list[float | None] = field(default_factory=list)
+    client_round_p50_s: list[float] = field(default_factory=list)
     # per-model gauges
     file_bytes: Sourced = field(default_factory=Sourced)
     parameters: Sourced = field(default_factory=Sourced)
@@ -63,10 +71,12 @@ class VariantFigures:
     agreement: Sourced = field(default_factory=Sourced)
     agreement_rows: int = 0  # rows compared (shadow or probe)
     cosine: Sourced = field(default_factory=Sourced)  # mean cosine similarity per row
+    # top-1 accuracy of the answers to the probe rows, when their labels are known
+    probe_accuracy: float | None = None
     manifest_quality: dict[str, float] = field(default_factory=dict)
     # versus the baseline
-    speedup_p50: float | None = None
-    round_speedups: list[float] = field(default_factory=list)  # baseline/variant p50 per round
+    speedup_p50: float | None = None  # baseline / variant client p50 over the whole run
+    speed: SpeedEstimate | None = None  # what the verdict says, from the rounds
     size_ratio: float | None = None  # baseline / variant: 4 = four times smaller
     memory_ratio: float | None = None  # baseline / variant
     memory_resolved: bool = False  # the two differ by more than MEMORY_RESOLUTION_BYTES
@@ -86,47 +96,11 @@ class Comparison:
     started: str
     machine: str
     variants: list[VariantFigures]
+    data: str = ""  # what the probe and load rows were
+    random_data: bool = True  # made up here: agreement on them is not a quality measure
     notes: list[str] = field(default_factory=list)
 
 
 # Differences of resident memory below this are page-granular noise of the measurement
 # (a small model's load grows the process by a few hundred KiB, whatever its weights).
 MEMORY_RESOLUTION_BYTES = 1 << 20
-
-
-def ratio_word(
-    ratio: float | None, better: str, worse: str, same: str, consistent: bool = True
-) -> str | None:
-    """ "2.3x better" / "1.5x worse" / `same` (within 10%, or not `consistent`: the
-    difference did not hold in every round), or None when unknown."""
-    if ratio is None:
-        return None
-    if ratio >= 1.1 and consistent:
-        return f"{ratio:.1f}x {better}"
-    if ratio <= 1 / 1.1 and consistent:
-        return f"{1 / ratio:.1f}x {worse}"
-    return same
-
-
-def speed_is_consistent(figures: VariantFigures) -> bool:
-    """Every round agrees on the side of the overall ratio (a single round cannot say)."""
-    rounds, ratio = figures.round_speedups, figures.speedup_p50
-    if ratio is None or len(rounds) < 2:
-        return False
-    return all(r > 1 for r in rounds) if ratio > 1 else all(r < 1 for r in rounds)
-
-
-def verdict(figures: VariantFigures, baseline: str) -> str:
-    """A plain sentence: "2.3x faster, 4.0x smaller, 99.4% agreement"."""
-    if figures.is_baseline:
-        return "baseline"
-    parts = [
-        ratio_word(figures.speedup_p50, "faster", f"slower than {baseline}",
-                   f"no faster than {baseline}", speed_is_consistent(figures)),
-        ratio_word(figures.size_ratio, "smaller", "larger", "no smaller"),
-        ratio_word(figures.memory_ratio, "less memory", "more memory", "no less memory",
-                   figures.memory_resolved),
-    ]  # fmt: skip
-    if figures.agreement.known:
-        parts.append(f"{figures.agreement.value:.1%} agreement")
-    return ", ".join(p for p in parts if p) or "no measurements"

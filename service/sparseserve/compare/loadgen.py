@@ -1,9 +1,10 @@
 """Load through a running server: concurrent batch requests to each variant, taking turns.
 
-Each variant gets the same inputs. The variants take turns in short slices (round 1:
-a, b, c; round 2: a, b, c; ...), so whatever else the machine does slows all of them
-alike, as the demo's latency measurement does. Latency is measured at the client, per
-request, from send to answer.
+Each variant gets the same inputs: the rows of the evaluation data when there are some
+(cycled through, `batch` rows a request), else seeded random rows. The variants take
+turns in short slices (round 1: a, b, c; round 2: a, b, c; ...), so whatever else the
+machine does slows all of them alike, as the demo's latency measurement does. Latency
+is measured at the client, per request, from send to answer.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import TextIO
@@ -22,9 +23,13 @@ from tritonclient.utils import InferenceServerException
 
 from sparseserve.codec import datatype
 from sparseserve.server.health_check import ClientTls
+from sparseserve.repository.eval_data import EvalData
 
 MAX_CONCURRENCY = 256
 MAX_DURATION_SECONDS = 3600.0
+RANDOM_PROBE_ROWS = 256
+# Agreement on more rows than this adds digits nobody reads and minutes of probing.
+MAX_PROBE_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -166,16 +171,52 @@ def random_inputs(specs: Sequence[InputSpec], seed: int) -> dict[str, np.ndarray
     return arrays
 
 
-def shape_probe(probe: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """Reshape probe rows (N, ...) to the model's one input (N, *spec.shape[1:])."""
-    row = tuple(spec.shape[1:])
-    per_row = int(np.prod(row)) if row else 1
-    if probe[0].size != per_row:
-        raise ValueError(
-            f"probe rows have {probe[0].size} values, input {spec.name!r} wants {per_row} "
-            f"per row (shape {list(spec.shape)})"
-        )
-    return probe.reshape(len(probe), *row).astype(datatype(spec.datatype).numpy)
+def fit_to_inputs(data: EvalData, specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
+    """The data's arrays as the model's inputs: matched by name (one array and one input
+    match whatever their names), each row reshaped to the input's shape and cast to its
+    datatype. Raise ValueError naming what the model expects."""
+    wanted = [spec.name for spec in specs]
+    if len(specs) == 1 and len(data.inputs) == 1:
+        by_name = {specs[0].name: next(iter(data.inputs.values()))}
+    else:
+        missing = [name for name in wanted if name not in data.inputs]
+        if missing:
+            raise ValueError(
+                f"{data.description}: no array for input(s) {missing}; the model's inputs "
+                f"are {wanted}, the data's arrays {sorted(data.inputs)}"
+            )
+        by_name = {name: data.inputs[name] for name in wanted}
+    fitted = {}
+    for spec in specs:
+        rows = by_name[spec.name]
+        row_shape = tuple(spec.shape[1:])
+        per_row = int(np.prod(row_shape)) if row_shape else 1
+        if rows[0].size != per_row:
+            raise ValueError(
+                f"{data.description}: rows of {spec.name!r} have {rows[0].size} values, the "
+                f"model wants {per_row} per row (shape {[-1, *row_shape]})"
+            )
+        try:
+            fitted[spec.name] = rows.reshape(len(rows), *row_shape).astype(
+                datatype(spec.datatype).numpy, casting="same_kind"
+            )
+        except TypeError as exc:
+            raise ValueError(
+                f"{data.description}: {spec.name!r} is {rows.dtype}, the model wants "
+                f"{spec.datatype} ({exc})"
+            ) from exc
+    return fitted
+
+
+def request_batches(arrays: dict[str, np.ndarray], batch: int) -> Iterator[dict[str, np.ndarray]]:
+    """`batch` rows at a time from `arrays`, cycling through them for ever (wrapping
+    round the end, so every request has `batch` rows)."""
+    rows = len(next(iter(arrays.values())))
+    start = 0
+    while True:
+        index = np.arange(start, start + batch) % rows
+        yield {name: np.ascontiguousarray(array[index]) for name, array in arrays.items()}
+        start = (start + batch) % rows
 
 
 def _tensors(arrays: dict[str, np.ndarray], specs: Sequence[InputSpec]) -> list:
@@ -223,35 +264,58 @@ class LoadGenerator:
         )
 
     async def run(
-        self, models: Sequence[str], probe: np.ndarray | None = None, probe_rows: int = 256
+        self,
+        models: Sequence[str],
+        data: EvalData | None = None,
+        between_slices: Callable[[], None] | None = None,
     ) -> dict[str, VariantLoad]:
-        """Warm up, run the shared probe inputs, then the timed load, for every model."""
+        """Warm up, run the shared probe rows, then the timed load, for every model.
+        `data`: the rows to send (else random ones); `between_slices` is called before
+        the first slice of load and after each (the server's metrics are read there)."""
         s = self.settings
         async with self._client() as client:
-            specs, results = {}, {}
+            specs, results, rows = {}, {}, {}
             for model in models:
                 metadata = await client.get_model_metadata(model, headers=self.headers)
                 specs[model] = input_specs(metadata, s.batch)
                 results[model] = VariantLoad(model, rows_per_request=s.batch)
+                rows[model] = self._rows(specs[model], data)
             for model in models:
-                await self._probe(client, model, specs[model], results[model], probe, probe_rows)
-                inputs = random_inputs(specs[model], seed=0)
+                await self._probe(client, model, specs[model], results[model], rows[model])
+                batches = request_batches(rows[model], s.batch)
                 for _ in range(s.warmup_requests):
-                    await client.infer(model, _tensors(inputs, specs[model]), headers=self.headers)
+                    await client.infer(
+                        model, _tensors(next(batches), specs[model]), headers=self.headers
+                    )
                 results[model].warmup_requests = s.warmup_requests
+            if between_slices is not None:
+                between_slices()
             slice_s = s.duration_seconds / s.rounds
             done = 0.0
             for round_ in range(s.rounds):
                 for model in models:
                     what = f"{model} (round {round_ + 1}/{s.rounds})"
                     results[model].round_starts.append(len(results[model].latencies_s))
-                    await self._slice(client, model, specs[model], results[model], slice_s,
-                                      lambda t, w=what, d=done: self._tick(d + t, w))  # fmt: skip
+                    tick = lambda t, w=what, d=done: self._tick(d + t, w)  # noqa: E731
+                    await self._slice(
+                        client, model, specs[model], results[model], rows[model], slice_s, tick
+                    )
+                    if between_slices is not None:
+                        between_slices()
                     done += slice_s
                     self._tick(done, what, force=True)
         if self.progress is not None:
             self.progress.close()
         return results
+
+    @staticmethod
+    def _rows(specs: list[InputSpec], data: EvalData | None) -> dict[str, np.ndarray]:
+        """The rows this run sends the model: the data's, else seeded random ones (the
+        same for every model with the same inputs)."""
+        if data is not None:
+            return fit_to_inputs(data, specs)
+        shaped = [InputSpec(x.name, x.datatype, (RANDOM_PROBE_ROWS, *x.shape[1:])) for x in specs]
+        return random_inputs(shaped, seed=1)
 
     def _tick(self, done: float, what: str, force: bool = False) -> None:
         if self.progress is not None:
@@ -263,25 +327,17 @@ class LoadGenerator:
         model: str,
         specs: list[InputSpec],
         result: VariantLoad,
-        probe: np.ndarray | None,
-        rows: int,
+        rows: dict[str, np.ndarray],
     ) -> None:
-        """Send the same probe inputs to every model and keep the first output, for the
+        """Send the same probe rows to every model and keep the first output, for the
         agreement of each variant with the baseline on identical inputs."""
-        if len(specs) != 1:
-            return  # agreement is defined for one-input models
-        (spec,) = specs
-        if probe is None:
-            probe = random_inputs([InputSpec(spec.name, spec.datatype, (rows, *spec.shape[1:]))],
-                                  seed=1)[spec.name]  # fmt: skip
-        else:
-            probe = shape_probe(probe, spec)
+        count = min(len(next(iter(rows.values()))), MAX_PROBE_ROWS)
         outputs = []
         chunk = 64
-        for start in range(0, len(probe), chunk):
-            part = {spec.name: probe[start : start + chunk]}
-            shaped = InputSpec(spec.name, spec.datatype, part[spec.name].shape)
-            answer = await client.infer(model, _tensors(part, [shaped]), headers=self.headers)
+        for start in range(0, count, chunk):
+            part = {name: array[start : min(start + chunk, count)] for name, array in rows.items()}
+            shaped = [InputSpec(x.name, x.datatype, part[x.name].shape) for x in specs]
+            answer = await client.infer(model, _tensors(part, shaped), headers=self.headers)
             first = answer.get_response().outputs[0].name
             outputs.append(answer.as_numpy(first))
             result.probe_requests += 1
@@ -293,17 +349,19 @@ class LoadGenerator:
         model: str,
         specs: list[InputSpec],
         result: VariantLoad,
+        rows: dict[str, np.ndarray],
         seconds: float,
         tick: Callable[[float], None],
     ) -> None:
-        """`concurrency` workers send requests back to back for `seconds`."""
-        inputs = random_inputs(specs, seed=2)
+        """`concurrency` workers send requests back to back for `seconds`, each the next
+        `batch` rows."""
+        batches = request_batches(rows, self.settings.batch)
         started = time.perf_counter()
         deadline = started + seconds
 
         async def worker() -> None:
             while time.perf_counter() < deadline:
-                tensors = _tensors(inputs, specs)
+                tensors = _tensors(next(batches), specs)
                 now = time.perf_counter()
                 try:
                     await client.infer(model, tensors, headers=self.headers)

@@ -18,14 +18,29 @@ from pathlib import Path
 import numpy as np
 
 from sparseserve.compare import figures as f
-from sparseserve.compare.loadgen import LoadGenerator, LoadSettings, Progress, VariantLoad
+from sparseserve.compare.loadgen import (
+    MAX_PROBE_ROWS,
+    RANDOM_PROBE_ROWS,
+    LoadGenerator,
+    LoadSettings,
+    Progress,
+    VariantLoad,
+)
 from sparseserve.compare.server_metrics import (
     MODEL_GAUGES,
     REQUEST_DURATION,
+    Histogram,
     ServedVariant,
     ShadowTotals,
     Snapshot,
     scrape,
+)
+from sparseserve.compare.verdict import CLIENT_P50, SERVER_MEAN, speed_estimate, verdict
+from sparseserve.repository.eval_data import (
+    EVAL_DATA_FILENAME,
+    EvalData,
+    EvalDataError,
+    read_eval_data,
 )
 from sparseserve.repository.manifest import MANIFEST_FILENAME, ManifestError, VariantManifest
 from sparseserve.server.health_check import ClientTls
@@ -117,37 +132,82 @@ def settled_scrape(metrics_url: str, timeout: float = 5.0, pause: float = 0.2) -
     return snapshot
 
 
+def family_eval_data(
+    repository: Path | None, baseline_model: str, models: Sequence[str]
+) -> EvalData | None:
+    """The evaluation sample `sparseserve sparsify` wrote for the family: `eval.npz`
+    beside the baseline's manifest (else beside any variant's), or None."""
+    if repository is None:
+        return None
+    for model in [baseline_model, *(m for m in models if m != baseline_model)]:
+        path = repository / model / EVAL_DATA_FILENAME
+        if path.is_file():
+            try:
+                return read_eval_data(path)
+            except EvalDataError as exc:
+                raise CompareError(f"the family's evaluation data is unreadable: {exc}") from exc
+    return None
+
+
+def describe_data(data: EvalData | None, given: bool) -> str:
+    """What the probe and load rows are, for the report."""
+    if data is None:
+        return (
+            f"random inputs ({RANDOM_PROBE_ROWS} seeded rows, uniform in [0, 1) for floats): "
+            "no evaluation data was given (--data) or found beside the family's manifests "
+            f"({EVAL_DATA_FILENAME}), so agreement on them is not a quality measure"
+        )
+    where = "--data" if given else "the family's evaluation sample"
+    probed = min(data.rows, MAX_PROBE_ROWS)
+    path = f" ({data.path})" if data.path is not None else ""
+    return f"{data.rows} rows of {data.description}, from {where}{path}; {probed} probe rows"
+
+
 def compare(
     target: Target,
     family: str,
     settings: LoadSettings,
     baseline: str | None = None,
-    probe: np.ndarray | None = None,
+    data: EvalData | None = None,
     progress: bool = True,
 ) -> f.Comparison:
-    """Run the comparison against a running server and return its numbers."""
+    """Run the comparison against a running server and return its numbers. `data`: the
+    rows to send (else the family's evaluation sample, else random rows)."""
     before = scrape(target.metrics_url)
     variants = family_variants(before, family)
     models = [v.model for v in variants]
     manifests = _manifests(target.repository, models)
     base = find_baseline(before, family, variants, baseline)
+    base_model = next(v.model for v in variants if v.variant == base)
+    given = data is not None
+    if data is None:
+        data = family_eval_data(target.repository, base_model, models)
     started = datetime.now(UTC).isoformat(timespec="seconds")
     bar = Progress(settings.duration_seconds * len(models)) if progress else None
+    slices: list[Snapshot] = []  # before the first slice of load and after each
     generator = LoadGenerator(target.url, settings, bar, target.tls, target.headers)
-    loads = asyncio.run(generator.run(models, probe))
+    loads = asyncio.run(
+        generator.run(models, data, lambda: slices.append(scrape(target.metrics_url)))
+    )
     after = settled_scrape(target.metrics_url)
 
     rows = [
         _figures(v, loads[v.model], before, after, manifests.get(v.model), v.variant == base)
         for v in variants
     ]
+    for index, row in enumerate(rows):
+        rounds = _server_rounds(slices, index, len(rows), row.model)
+        row.server_round_p50_s = [r.quantile(0.5) for r in rounds]
+        row.server_round_mean_s = [r.sum / r.count if r.count > 0 else None for r in rounds]
+        row.client_round_p50_s = loads[row.model].round_quantiles(0.5)
     baseline_row = next(r for r in rows if r.is_baseline)
     baseline_load = loads[baseline_row.model]
+    labels = None if data is None else data.labels
     notes = []
     for row, v in zip(rows, variants, strict=True):
         shadow = after.shadow(family, v.variant, base).minus(before.shadow(family, v.variant, base))
-        _versus_baseline(row, baseline_row, loads[v.model], baseline_load, shadow)
-        row.verdict = f.verdict(row, base)
+        _versus_baseline(row, baseline_row, loads[v.model], baseline_load, shadow, labels)
+        row.verdict = verdict(row, base, random_data=data is None)
     for name, metric in MODEL_GAUGES.items():
         if not after.exports(metric):
             notes.append(
@@ -165,8 +225,24 @@ def compare(
         started=started,
         machine=f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         variants=rows,
+        data=describe_data(data, given),
+        random_data=data is None,
         notes=notes,
     )
+
+
+def _server_rounds(
+    slices: Sequence[Snapshot], index: int, models: int, model: str
+) -> list[Histogram]:
+    """The server's request durations for `model` in each of its slices. The models
+    take turns, so the slice of model `index` in round r lies between scrapes
+    r*models+index and the next one."""
+    return [
+        slices[start + 1]
+        .histogram(REQUEST_DURATION, model)
+        .minus(slices[start].histogram(REQUEST_DURATION, model))
+        for start in range(index, len(slices) - 1, models)
+    ]
 
 
 def _figures(
@@ -202,6 +278,8 @@ def _figures(
     )
     row.server_p50_s = histogram.quantile(0.50)
     row.server_p99_s = histogram.quantile(0.99)
+    if histogram.count > 0:
+        row.server_mean_s = histogram.sum / histogram.count
 
     for name, metric in MODEL_GAUGES.items():
         value = after.gauge(metric, served.model, served.version)
@@ -218,25 +296,27 @@ def _versus_baseline(
     load: VariantLoad,
     base_load: VariantLoad,
     shadow: ShadowTotals,
+    labels: np.ndarray | None,
 ) -> None:
     """Speedup, size and memory ratios; agreement and cosine from the shadow rows the
     server compared during the run (variant against this baseline), else from the
-    probe outputs."""
+    probe outputs; accuracy on the probe rows when their labels are known."""
     if row.latency_p50_s and base.latency_p50_s:
         row.speedup_p50 = base.latency_p50_s / row.latency_p50_s
-        # The variants took turns: the ratio of each round says whether the difference
-        # held while the machine's load changed, or was one noisy slice.
-        row.round_speedups = [
-            b / v
-            for b, v in zip(base_load.round_quantiles(0.5), load.round_quantiles(0.5), strict=False)
-            if v > 0
-        ]
+    server = [*row.server_round_mean_s, *base.server_round_mean_s]
+    if server and all(m is not None for m in server):
+        row.speed = speed_estimate(base.server_round_mean_s, row.server_round_mean_s, SERVER_MEAN)
+    else:  # a server without the histogram: the client's round trip is all there is
+        row.speed = speed_estimate(base.client_round_p50_s, row.client_round_p50_s, CLIENT_P50)
     if row.file_bytes.value and base.file_bytes.value:
         row.size_ratio = base.file_bytes.value / row.file_bytes.value
     if row.memory_bytes.value and base.memory_bytes.value:
         row.memory_ratio = base.memory_bytes.value / row.memory_bytes.value
         difference = abs(base.memory_bytes.value - row.memory_bytes.value)
         row.memory_resolved = difference >= f.MEMORY_RESOLUTION_BYTES
+    ours, theirs = load.probe_output, base_load.probe_output
+    if ours is not None and labels is not None and ours.ndim == 2 and ours.shape[1] > 1:
+        row.probe_accuracy = float((ours.argmax(axis=1) == labels[: len(ours)]).mean())
     if row.is_baseline:
         return
     if shadow.rows > 0:
@@ -246,7 +326,6 @@ def _versus_baseline(
         if shadow.cosine_count > 0:
             row.cosine = f.Sourced(shadow.cosine_sum / shadow.cosine_count, f.FROM_SHADOW)
         return
-    ours, theirs = load.probe_output, base_load.probe_output
     if ours is None or theirs is None or ours.shape != theirs.shape:
         return
     ours2, theirs2 = ours.reshape(len(ours), -1), theirs.reshape(len(theirs), -1)
@@ -269,27 +348,27 @@ def run_and_report(
     metrics_url: str | None = None,
     repository: Path | None = None,
     baseline: str | None = None,
-    probe: np.ndarray | None = None,
+    data: EvalData | None = None,
     progress: bool = True,
     tls: ClientTls | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> f.Comparison:
     """Compare `family` on the server at `url` (over TLS with `tls`, sending `headers`
     with every call), or on one started on `repository`, and write the report into
-    `out`."""
+    `out`. `data`: the rows to send (see `compare`)."""
     from sparseserve.compare import report
 
     if url is not None:
         if metrics_url is None:
             raise CompareError("--url needs --metrics-url (the server's /metrics address)")
         target = Target(url, metrics_url, repository, tls, headers)
-        comparison = compare(target, family, settings, baseline, probe, progress)
+        comparison = compare(target, family, settings, baseline, data, progress)
     elif repository is not None:
         from sparseserve.server.process import ServerProcess
 
         with ServerProcess(repository.resolve(), "--log-level", "WARNING") as server:
             target = Target(server.grpc_url, server.metrics_url, repository)
-            comparison = compare(target, family, settings, baseline, probe, progress)
+            comparison = compare(target, family, settings, baseline, data, progress)
     else:
         raise CompareError("say which server: --url and --metrics-url, or --repository")
     report.write(comparison, out)
@@ -303,7 +382,7 @@ def print_comparisons(
     families: Sequence[str],
     out_root: Path,
     settings: LoadSettings,
-    probe: np.ndarray | None = None,
+    data: EvalData | None = None,
 ) -> None:
     """Compare each family on a running server and print its table (for `make demo`)."""
     from sparseserve.compare.report import text_table
@@ -312,7 +391,7 @@ def print_comparisons(
         out = out_root / family
         comparison = run_and_report(
             family, out, settings, url=url, metrics_url=metrics_url, repository=repository,
-            probe=probe, progress=False,
+            data=data, progress=False,
         )  # fmt: skip
         print(f"\n{family}: {settings.concurrency} concurrent requests, "
               f"{settings.duration_seconds:g} s per variant ({out / 'report.html'})")  # fmt: skip

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sparseserve.repository.eval_data import EVAL_DATA_FILENAME, write_eval_data
 from sparseserve.repository.manifest import ActivationSparsity, Quality, Task, VariantManifest
 from sparseserve.sparsify.activations import activation_sparsity
 from sparseserve.sparsify.catalog import Architecture, LabelledData, architecture, load_data
@@ -359,7 +360,23 @@ class FamilyBuilder:
             name = f"{manifest.family}.{manifest.variant}"
             directory = write_variant(repository, name, variant.onnx_model, manifest)
             built.append(BuiltVariant(name, manifest, directory))
+            if variant.spec.name == self.recipe.baseline:
+                self._write_eval_data(directory / EVAL_DATA_FILENAME)
         return built
+
+    def _write_eval_data(self, path: Path) -> None:
+        """A sample of the test rows beside the baseline's manifest, for `sparseserve
+        compare`. Only for one-input models fed from one array: text comes as batches
+        of differing sequence lengths, which one array per input cannot hold."""
+        rows = self._shaped(self.labelled.x_test)
+        if not isinstance(rows, np.ndarray):
+            return
+        write_eval_data(
+            path,
+            {self.architecture.input_name: rows},
+            self.labelled.test_description,
+            self.labelled.y_test,
+        )
 
 
 def build_family(
