@@ -438,8 +438,8 @@ def _compare(args: argparse.Namespace) -> int:
     from sparseserve.compare.report import text_table
     from sparseserve.compare.run import CompareError, run_and_report
     from sparseserve.compare.server_metrics import MetricsUnavailable
-    from sparseserve.server.health_check import ClientTls
     from sparseserve.repository.eval_data import read_eval_data
+    from sparseserve.server.health_check import ClientTls
 
     tls = None
     if args.ssl or args.root_cert or args.client_cert:
