@@ -80,21 +80,37 @@ class OnnxRuntimeBackend(Backend):
         if session is None:
             raise InferenceFailed(f"model {self._files.name!r} is not loaded")
         feeds = dict(inputs)
-        for name in self._string_inputs:
-            feeds[name] = _as_text(name, feeds[name])
         names = list(outputs)
         try:
             if self._us_per_element * _elements(feeds) <= self._settings.inline_max_us:
-                results = session.run(names, feeds)
+                results = session.run(names, self._with_text(feeds))
             else:
+                # Strings are converted on the inference thread too: one Python object per
+                # element, too slow for the event loop when there are many.
                 run_options = ort.RunOptions()
-                job = self._executor.submit(session.run, names, feeds, run_options)
+                job = self._executor.submit(self._run_session, session, names, feeds, run_options)
                 results = await _run(job, run_options)
+        except InvalidInput:
+            raise
         except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
             raise InvalidInput(f"model {self._files.name!r} rejected the inputs: {exc}") from exc
         except Exception as exc:
             raise InferenceFailed(f"model {self._files.name!r} failed: {exc}") from exc
         return dict(zip(names, results, strict=True))
+
+    def _with_text(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name in self._string_inputs:
+            feeds[name] = _as_text(name, feeds[name])
+        return feeds
+
+    def _run_session(
+        self,
+        session: ort.InferenceSession,
+        names: list[str],
+        feeds: dict[str, np.ndarray],
+        run_options: ort.RunOptions,
+    ) -> list[np.ndarray]:
+        return session.run(names, self._with_text(feeds), run_options)
 
     async def unload(self) -> None:
         # Dropping the last reference frees the session; in-flight runs hold their own.
@@ -161,14 +177,23 @@ def _warmup_inputs(signature: ModelSignature) -> dict[str, np.ndarray]:
 
 def _as_text(name: str, array: np.ndarray) -> np.ndarray:
     """onnxruntime string tensors take `str`; it would turn `bytes` into "b'...'"."""
-    flat = array.reshape(-1)
-    text = np.empty(flat.shape, dtype=object)
+    flat = array.reshape(-1).tolist()
+    text = np.empty(len(flat), dtype=object)
     try:
-        for i, item in enumerate(flat):
-            text[i] = item.decode("utf-8") if isinstance(item, bytes) else str(item)
+        text[:] = [item.decode("utf-8") if isinstance(item, bytes) else str(item) for item in flat]
     except UnicodeDecodeError as exc:
+        index = next(i for i, item in enumerate(flat) if not _is_utf8(item))
         raise InvalidInput(
-            f"input {name!r}: onnxruntime string tensors hold UTF-8 text; element {i} is "
-            f"not valid UTF-8 ({exc.reason})"
+            f"input {name!r}: onnxruntime string tensors hold UTF-8 text; element {index} "
+            f"is not valid UTF-8 ({exc.reason})"
         ) from None
     return text.reshape(array.shape)
+
+
+def _is_utf8(item: object) -> bool:
+    try:
+        if isinstance(item, bytes):
+            item.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
