@@ -11,9 +11,10 @@ request whose estimated run time is under `inline_max_us` runs on the event loop
 from __future__ import annotations
 
 import asyncio
+import re
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
 
 import numpy as np
@@ -32,6 +33,20 @@ _OPTIMIZATION = {
 }
 # onnxruntime's Python binding cannot hand bfloat16 results back as numpy arrays.
 _UNSUPPORTED = {"tensor(bfloat16)"}
+# Run-time errors that only the inputs' dimensions cause (the signature checks ranks and
+# static dimensions, but not how dynamic ones must agree): the client's fault.
+_CLIENT_FAULTS = (
+    "Attempting to broadcast",
+    "Incompatible dimensions",
+    "cannot be reshaped to the requested shape",
+    "Invalid rank for input",
+    "Got invalid dimensions for input",
+    "dimension mismatch",
+    "Shape mismatch",
+)
+# What onnxruntime puts before the reason: its source path and line, the C++ function,
+# and the failed check ("/onnxruntime_src/...h:563 void f(...) axis == 1 was false.").
+_ENGINE_SOURCE = re.compile(r"\S*/onnxruntime\S*:\d+ .*? was false\. |\S*/onnxruntime\S*:\d+ ")
 
 
 class OnnxRuntimeBackend(Backend):
@@ -51,8 +66,12 @@ class OnnxRuntimeBackend(Backend):
         loop = asyncio.get_running_loop()
         session = await loop.run_in_executor(self._executor, self._create_session)
         signature = session_signature(session, self._files)
-        self._session = session
         self._string_inputs = frozenset(s.name for s in signature.inputs if s.datatype is BYTES)
+        if any(spec.shape == () for spec in signature.inputs):
+            signature = await loop.run_in_executor(
+                self._executor, self._find_unknown_ranks, session, signature
+            )
+        self._session = session
         feeds = _warmup_inputs(signature)
         names = list(signature.output_names)
         await self.infer(feeds, names)
@@ -93,10 +112,36 @@ class OnnxRuntimeBackend(Backend):
         except InvalidInput:
             raise
         except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
-            raise InvalidInput(f"model {self._files.name!r} rejected the inputs: {exc}") from exc
+            raise InvalidInput(
+                f"model {self._files.name!r} rejected the inputs: {_engine_message(exc)}"
+            ) from exc
         except Exception as exc:
-            raise InferenceFailed(f"model {self._files.name!r} failed: {exc}") from exc
+            message = _engine_message(exc)
+            if any(fault in message for fault in _CLIENT_FAULTS):
+                raise InvalidInput(
+                    f"model {self._files.name!r} cannot run on these input shapes: {message}"
+                ) from exc
+            raise InferenceFailed(f"model {self._files.name!r} failed: {message}") from exc
         return dict(zip(names, results, strict=True))
+
+    def _find_unknown_ranks(
+        self, session: ort.InferenceSession, signature: ModelSignature
+    ) -> ModelSignature:
+        """onnxruntime reports the shape of a scalar input and of an input with no
+        declared rank alike, as [] (and does not check a scalar's rank at run time). The
+        model file tells them apart: an input of unknown rank has a type with no shape.
+        Such an input accepts any shape."""
+        try:
+            unranked = inputs_without_rank(self._files.path.read_bytes())
+        except (OSError, IndexError, ValueError, ModelLoadError):
+            unranked = set()  # onnxruntime read the file; ranks as it reports them
+        inputs = tuple(
+            TensorSpec(spec.name, spec.datatype, (-1,), rank_known=False)
+            if spec.shape == () and spec.name in unranked
+            else spec
+            for spec in signature.inputs
+        )
+        return ModelSignature(inputs, signature.outputs)
 
     def _with_text(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for name in self._string_inputs:
@@ -129,6 +174,72 @@ async def _run(job: Future[list[np.ndarray]], run_options: ort.RunOptions) -> li
             run_options.terminate = True
             await asyncio.wait([asyncio.wrap_future(job)])
         raise
+
+
+# Field numbers of onnx.proto: ModelProto.graph, GraphProto.input, ValueInfoProto.name
+# and .type, TypeProto.tensor_type, TypeProto.Tensor.shape.
+_MODEL_GRAPH, _GRAPH_INPUT, _VALUE_NAME, _VALUE_TYPE, _TYPE_TENSOR, _TENSOR_SHAPE = (
+    7, 11, 1, 2, 1, 2,
+)  # fmt: skip
+
+
+def inputs_without_rank(model: bytes) -> set[str]:
+    """Names of the graph inputs of an ONNX model whose tensor type declares no shape.
+    Reads the protobuf fields it needs and skips the rest (weights included) without
+    copying, so that the serving path needs no `onnx` package."""
+    view = memoryview(model)
+    names = set()
+    for graph in _messages(view, _MODEL_GRAPH):
+        for value in _messages(graph, _GRAPH_INPUT):
+            name = b"".join(bytes(n) for n in _messages(value, _VALUE_NAME)).decode()
+            for type_ in _messages(value, _VALUE_TYPE):
+                for tensor in _messages(type_, _TYPE_TENSOR):
+                    if not any(True for _ in _messages(tensor, _TENSOR_SHAPE)):
+                        names.add(name)
+    return names
+
+
+def _messages(data: memoryview, wanted: int) -> Iterator[memoryview]:
+    """The length-delimited fields numbered `wanted` of one protobuf message."""
+    position, end = 0, len(data)
+    while position < end:
+        key, position = _varint(data, position)
+        wire_type = key & 7
+        if wire_type == 0:
+            _, position = _varint(data, position)
+        elif wire_type == 1:
+            position += 8
+        elif wire_type == 5:
+            position += 4
+        elif wire_type == 2:
+            length, position = _varint(data, position)
+            if key >> 3 == wanted:
+                yield data[position : position + length]
+            position += length
+        else:
+            raise ModelLoadError(f"unsupported protobuf wire type {wire_type} in the model")
+
+
+def _varint(data: memoryview, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+
+
+def _engine_message(error: Exception) -> str:
+    """onnxruntime's message without its source paths and C++ signatures: the node and
+    the reason are for the client; where in onnxruntime it failed is not."""
+    message = str(error)
+    if "Status Message: " in message:
+        head, _, reason = message.partition("Status Message: ")
+        node = head.partition("while running ")[2].strip()
+        message = f"{node}: {reason}" if node else reason
+    return _ENGINE_SOURCE.sub("", message).strip()
 
 
 def _elements(feeds: Mapping[str, np.ndarray]) -> int:
