@@ -398,9 +398,11 @@ def test_scalar_input_still_takes_only_scalars(any_rank_server: ServerProcess) -
     inputs = via_triton_inputs(
         {"x": np.zeros(1, np.float32), "s": np.array([2.0], dtype=np.float32)}
     )
-    with triton.InferenceServerClient(any_rank_server.grpc_url) as client:
-        with pytest.raises(InferenceServerException) as info:
-            client.infer("any_rank", inputs)
+    with (
+        triton.InferenceServerClient(any_rank_server.grpc_url) as client,
+        pytest.raises(InferenceServerException) as info,
+    ):
+        client.infer("any_rank", inputs)
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "'s'" in info.value.message() and "expects shape []" in info.value.message()
 
