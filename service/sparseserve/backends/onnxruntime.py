@@ -33,6 +33,9 @@ _OPTIMIZATION = {
 }
 # onnxruntime's Python binding cannot hand bfloat16 results back as numpy arrays.
 _UNSUPPORTED = {"tensor(bfloat16)"}
+# Strings are converted to `str` one by one (~0.2 µs each) before a run, which the
+# warm-up estimate of a run's cost does not see: more than this many never run inline.
+INLINE_MAX_STRINGS = 256
 # Run-time errors that only the inputs' dimensions cause (the signature checks ranks and
 # static dimensions, but not how dynamic ones must agree): the client's fault.
 _CLIENT_FAULTS = (
@@ -101,7 +104,10 @@ class OnnxRuntimeBackend(Backend):
         feeds = dict(inputs)
         names = list(outputs)
         try:
-            if self._us_per_element * _elements(feeds) <= self._settings.inline_max_us:
+            if (
+                self._us_per_element * _elements(feeds) <= self._settings.inline_max_us
+                and sum(feeds[name].size for name in self._string_inputs) <= INLINE_MAX_STRINGS
+            ):
                 results = session.run(names, self._with_text(feeds))
             else:
                 # Strings are converted on the inference thread too: one Python object per

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import logging
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 # Below this size a message is parsed by protobuf whole: copying a few KiB costs less
 # than splitting the message in Python (about 1 µs against 5).
 ZERO_COPY_MIN_BYTES = 64 * 1024
+# How long after the last large request ends its memory is handed back (see
+# RequestBytesBudget).
+TRIM_DELAY_SECONDS = 0.2
 _RAW_INPUT_CONTENTS = 7  # ModelInferRequest.raw_input_contents
 _LEN = 2  # protobuf wire type of length-delimited fields
 
@@ -173,7 +177,6 @@ class RequestBytesBudget:
         self._lock = threading.Lock()  # released from the loop, admitted from gRPC
         self.inflight_bytes = 0
         self._large_inflight = 0
-        self._trim_pending = False
 
     def admit(self, data: bytes) -> InferRequestMessage | RefusedMessage:
         """Parse `data` as a ModelInferRequest and count it, or refuse it."""
@@ -206,16 +209,22 @@ class RequestBytesBudget:
         return request
 
     def _give_back(self, size: int) -> None:
-        trim = False
         with self._lock:
             self.inflight_bytes -= size
-            if size >= self.trim_after_bytes:
-                self._large_inflight -= 1
-                self._trim_pending = True
-            if self._trim_pending and self._large_inflight == 0:
-                self._trim_pending = False
-                trim = True
-        if trim:
+            if size < self.trim_after_bytes:
+                return
+            self._large_inflight -= 1
+            if self._large_inflight:
+                return
+        # The answer is still being written, and gRPC frees the message's buffers only
+        # after that: trim a moment later, if no large request has come meanwhile.
+        try:
+            asyncio.get_running_loop().call_later(TRIM_DELAY_SECONDS, self._trim_if_idle)
+        except RuntimeError:  # no event loop (a test): now
+            self._trim_if_idle()
+
+    def _trim_if_idle(self) -> None:
+        if not self._large_inflight:
             return_free_memory()
 
 
