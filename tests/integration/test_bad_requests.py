@@ -14,6 +14,8 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
@@ -414,3 +416,63 @@ def via_triton_inputs(arrays: Mapping[str, np.ndarray]) -> list[triton.InferInpu
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
+
+
+# -- fuzz: mutated bytes on the wire --------------------------------------------------
+
+
+def mlp_request_bytes(rows: int) -> bytes:
+    request = service_pb2.ModelInferRequest(model_name="mlp", id="fuzz")
+    request.inputs.add(name="input", datatype="FP32", shape=[rows, 64])
+    request.raw_input_contents.append(np.ones((rows, 64), np.float32).tobytes())
+    request.outputs.add(name="output")
+    return request.SerializeToString()
+
+
+# A small request, and one large enough (77 kB) for the server's zero-copy parse.
+VALID_REQUESTS = [mlp_request_bytes(1), mlp_request_bytes(300)]
+
+
+@st.composite
+def mutated_requests(draw: st.DrawFn) -> bytes:
+    """A valid ModelInferRequest with a few bytes changed, cut short or added to; most
+    mutations land in the header fields (names, datatype, shape), where they matter."""
+    wire = bytearray(draw(st.sampled_from(VALID_REQUESTS)))
+    header = len(wire) - 64 * 4 * (1 if len(wire) < 1024 else 300) - 10
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, max(header, 1)) | st.integers(0, len(wire) - 1))
+        wire[at] = draw(st.integers(0, 255))
+    if draw(st.booleans()):
+        wire = wire[: draw(st.integers(0, len(wire)))]
+    if draw(st.booleans()):
+        wire += draw(st.binary(min_size=1, max_size=16))
+    return bytes(wire)
+
+
+@pytest.fixture(scope="module")
+def raw_infer(server: ServerProcess) -> Iterator[Callable[[bytes], grpc.StatusCode]]:
+    """ModelInfer with the request given as bytes: the status the server answers."""
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+
+        def infer(wire: bytes) -> grpc.StatusCode:
+            try:
+                call(wire, timeout=10)
+            except grpc.RpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+        yield infer
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(wire=mutated_requests())
+def test_mutated_requests_are_never_unknown_or_internal(
+    raw_infer: Callable[[bytes], grpc.StatusCode], wire: bytes
+) -> None:
+    """Whatever the bytes, the answer is a deliberate status (OK, INVALID_ARGUMENT,
+    NOT_FOUND, ...), never UNKNOWN or INTERNAL, and the server answers the next
+    valid request."""
+    status = raw_infer(wire)
+    assert status not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), status
+    assert raw_infer(VALID_REQUESTS[0]) is grpc.StatusCode.OK
