@@ -174,7 +174,9 @@ class RequestBytesBudget:
     def __init__(self, limit_bytes: int, trim_after_bytes: int = 8 * 1024 * 1024):
         self.limit_bytes = limit_bytes
         self.trim_after_bytes = trim_after_bytes
-        self._lock = threading.Lock()  # released from the loop, admitted from gRPC
+        # admit() runs in gRPC's deserialization, release on the event loop: the lock keeps
+        # the count right whichever threads those are.
+        self._lock = threading.Lock()
         self.inflight_bytes = 0
         self._large_inflight = 0
 
@@ -205,8 +207,9 @@ class RequestBytesBudget:
             return RefusedMessage(
                 InvalidInput(f"the message is not a valid ModelInferRequest ({size} bytes): {exc}")
             )
-        request._release = self._give_back
-        return request
+        return InferRequestMessage(
+            request.message, request.raw_input_contents, size, self._give_back
+        )
 
     def _give_back(self, size: int) -> None:
         with self._lock:
