@@ -203,9 +203,9 @@ class Settings(BaseSettings):
     max_inflight_request_bytes: int = Field(
         512 * MiB,
         ge=1024,
-        description="Bytes of inference requests (ModelInfer and ModelStreamInfer messages) "
-        "the server holds at once; a request that would pass it is refused with "
-        "RESOURCE_EXHAUSTED (one request is always admitted when none is in flight).",
+        description="Bytes of inference requests (ModelInfer and ModelStreamInfer messages "
+        "of 64 KiB and more) the server holds at once; a request that would pass it is "
+        "refused with RESOURCE_EXHAUSTED (one is always admitted when none is in flight).",
     )
     max_bytes_elements: int = Field(
         1_000_000,

@@ -92,11 +92,23 @@ def test_budget_refuses_beyond_its_limit_until_bytes_are_released() -> None:
 def test_budget_admits_a_lone_request_larger_than_itself() -> None:
     """Within the message limit, a request is never refused for the budget alone."""
     budget = RequestBytesBudget(limit_bytes=1024)
-    data = tritonclient_request(16)
+    data = tritonclient_request(1024)
     request = budget.admit(data)
     assert isinstance(request, InferRequestMessage)
     wire.release(request)
     assert budget.inflight_bytes == 0
+
+
+def test_small_messages_are_plain_protobuf_and_not_counted() -> None:
+    """Under the zero-copy size, admit is protobuf's own parse: the hot path of small
+    requests pays nothing for the budget."""
+    budget = RequestBytesBudget(limit_bytes=1024)
+    request = budget.admit(tritonclient_request(1))
+    assert isinstance(request, pb.ModelInferRequest)
+    assert budget.inflight_bytes == 0
+    wire.release(request)  # nothing to give back
+    refused = budget.admit(b"\x0a\xff")
+    assert isinstance(refused, RefusedMessage) and isinstance(refused.error, InvalidInput)
 
 
 def test_return_free_memory_runs() -> None:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
+
+import numpy as np
 
 from sparseserve import __version__, codec
 from sparseserve.backends.base import TensorSpec
@@ -24,7 +26,7 @@ from sparseserve.models import LoadedModel, ModelRegistry
 from sparseserve.protocol import grpc_service_pb2 as pb
 from sparseserve.protocol import grpc_service_pb2_grpc as pb_grpc
 from sparseserve.protocol import model_config_pb2 as mc
-from sparseserve.server.wire import RefusedMessage, release
+from sparseserve.server.wire import InferRequestMessage, RefusedMessage, release
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ CODEC_THREAD_MIN_BYTES = 64 * 1024
 CODEC_THREAD_MIN_ELEMENTS = 16 * 1024
 # A stream's answer, and what to hand to the data plane once it is written.
 StreamAnswer = tuple[pb.ModelStreamInferResponse, Answer | None]
+# A request read from a stream (its bytes count until answered) and its answer to come.
+StreamPending = tuple[object, "asyncio.Future[StreamAnswer]"]
 
 
 class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -118,8 +122,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         the others) and the answers go back in the order of the requests. A failed
         request, or a message that is not a valid request, is answered with its
         `error_message` in its place; the stream goes on."""
-        Pending = tuple[object, asyncio.Future[StreamAnswer]]
-        pending: asyncio.Queue[Pending | None] = asyncio.Queue(STREAM_WINDOW)
+        pending: asyncio.Queue[StreamPending | None] = asyncio.Queue(STREAM_WINDOW)
 
         async def read() -> None:
             try:
@@ -167,15 +170,17 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             request.model_version,
             partial(codec.decode_inputs, request, self._max_bytes_elements),
             requested,
-            decode_in_thread=codec.bytes_payload(request) >= CODEC_THREAD_MIN_BYTES,
+            # A message smaller than the threshold cannot carry that much BYTES data.
+            decode_in_thread=isinstance(request, InferRequestMessage)
+            and request.size >= CODEC_THREAD_MIN_BYTES
+            and codec.bytes_payload(request) >= CODEC_THREAD_MIN_BYTES,
         )
         model = answer.model
         # The variant that answered, also when the request named its family.
         response = pb.ModelInferResponse(
             model_name=model.name, model_version=model.version_label, id=request.id
         )
-        bytes_elements = sum(a.size for a in answer.outputs.values() if a.dtype.kind in "OSU")
-        if bytes_elements >= CODEC_THREAD_MIN_ELEMENTS:
+        if _many_strings(answer.outputs.values()):
             await self._dataplane.in_codec_thread(codec.encode_outputs, response, answer.outputs)
         else:
             codec.encode_outputs(response, answer.outputs)
@@ -207,6 +212,15 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         self._registry.check_explicit_control()
         await self._registry.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+
+def _many_strings(arrays: Iterable[np.ndarray]) -> bool:
+    """Whether encoding `arrays` costs enough Python work for the codec thread."""
+    strings = 0
+    for array in arrays:
+        if array.dtype.kind in "OSU":
+            strings += array.size
+    return strings >= CODEC_THREAD_MIN_ELEMENTS
 
 
 def _no_repository_parameters(request: pb.RepositoryModelLoadRequest) -> None:

@@ -180,9 +180,17 @@ class RequestBytesBudget:
         self.inflight_bytes = 0
         self._large_inflight = 0
 
-    def admit(self, data: bytes) -> InferRequestMessage | RefusedMessage:
-        """Parse `data` as a ModelInferRequest and count it, or refuse it."""
+    def admit(self, data: bytes) -> pb.ModelInferRequest | InferRequestMessage | RefusedMessage:
+        """Parse `data` as a ModelInferRequest and count it, or refuse it. A message under
+        `ZERO_COPY_MIN_BYTES` is parsed by protobuf and not counted: the per-request
+        limits (`max_inflight_per_model`, the stream window) bound how many there are,
+        and the hot path of small requests stays as cheap as plain protobuf."""
         size = len(data)
+        if size < ZERO_COPY_MIN_BYTES:
+            try:
+                return pb.ModelInferRequest.FromString(data)
+            except Exception as exc:
+                return _not_a_request(size, exc)
         with self._lock:
             if self.inflight_bytes and self.inflight_bytes + size > self.limit_bytes:
                 held = self.inflight_bytes
@@ -204,9 +212,7 @@ class RequestBytesBudget:
             request = parse_infer_request(data)
         except Exception as exc:
             self._give_back(size)
-            return RefusedMessage(
-                InvalidInput(f"the message is not a valid ModelInferRequest ({size} bytes): {exc}")
-            )
+            return _not_a_request(size, exc)
         return InferRequestMessage(
             request.message, request.raw_input_contents, size, self._give_back
         )
@@ -229,6 +235,12 @@ class RequestBytesBudget:
     def _trim_if_idle(self) -> None:
         if not self._large_inflight:
             return_free_memory()
+
+
+def _not_a_request(size: int, error: Exception) -> RefusedMessage:
+    return RefusedMessage(
+        InvalidInput(f"the message is not a valid ModelInferRequest ({size} bytes): {error}")
+    )
 
 
 _libc: Any = None
