@@ -41,7 +41,15 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="in explicit mode, load only these models at start (repeatable; default: all)",
     )
     p.add_argument("--poll-interval", type=float, dest="poll_interval_seconds")
-    p.add_argument("--max-message-bytes", type=int, help="default: 268435456 (256 MiB)")
+    p.add_argument("--max-message-bytes", type=int, help="default: 67108864 (64 MiB)")
+    p.add_argument(
+        "--max-inflight-request-bytes",
+        type=int,
+        help="bytes of inference requests held at once (default: 536870912, 512 MiB)",
+    )
+    p.add_argument(
+        "--max-bytes-elements", type=int, help="BYTES elements per request (default: 1000000)"
+    )
     p.add_argument("--max-inflight-per-model", type=int)
     p.add_argument("--inference-threads", type=int, help="default: one per core")
     p.add_argument("--intra-op-threads", type=int, help="onnxruntime threads per inference")
@@ -143,6 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
         "repository", "host", "grpc_address", "grpc_port", "grpc_restricted_protocols",
         "metrics_port", "model_control", "startup_models",
         "poll_interval_seconds", "max_message_bytes", "max_inflight_per_model",
+        "max_inflight_request_bytes", "max_bytes_elements",
         "inference_threads", "shutdown_grace_seconds", "log_level", "log_format",
     )  # fmt: skip
     overrides: dict[str, object] = {name: getattr(args, name) for name in names}

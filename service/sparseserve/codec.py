@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from sparseserve.errors import InvalidInput
+from sparseserve.errors import InvalidInput, RequestTooLarge
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,41 +92,113 @@ def element_count(shape: Sequence[int]) -> int:
     return math.prod(shape)
 
 
+# The most BYTES elements one request may carry, over all its inputs. Each element
+# becomes a Python object (about 40-90 bytes with its text copy), so 10M empty strings, a
+# 40 MB message, would cost gigabytes and seconds of CPU. A server setting overrides it.
+DEFAULT_MAX_BYTES_ELEMENTS = 1_000_000
+# numpy (and so onnxruntime) cannot describe an array of more than 2**63-1 bytes, even
+# one with no elements: a shape whose non-zero dimensions multiply beyond it is refused.
+_MAX_ARRAY_BYTES = 2**63 - 1
 _LENGTH = struct.Struct("<I")
 
 
 def serialize_bytes(array: np.ndarray) -> bytes:
-    """BYTES tensor -> wire form: each element as 4-byte LE length + bytes, row-major."""
-    parts: list[bytes] = []
-    for item in array.reshape(-1):
-        data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
-        parts.append(_LENGTH.pack(len(data)))
-        parts.append(data)
-    return b"".join(parts)
+    """BYTES tensor -> wire form: each element as 4-byte LE length + bytes, row-major.
+
+    The elements are Python objects, so turning each into `bytes` is one pass of Python;
+    the length prefixes are computed and interleaved by numpy, not element by element."""
+    items = [
+        item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        for item in array.reshape(-1).tolist()
+    ]
+    if not items:
+        return b""
+    lengths = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
+    if lengths.max() >= 2**32:
+        raise InvalidInput(f"a BYTES element of {int(lengths.max())} bytes exceeds 4 GiB")
+    data = np.frombuffer(b"".join(items), dtype=np.uint8)
+    ends = np.cumsum(lengths + 4)
+    wire = np.empty(int(ends[-1]), dtype=np.uint8)
+    # Byte k of element i's prefix lies at starts[i] + k; its data follows at + 4.
+    prefix_at = (ends - lengths - 4)[:, None] + np.arange(4)
+    wire[prefix_at] = lengths.astype("<u4").view(np.uint8).reshape(-1, 4)
+    is_data = np.ones(wire.size, dtype=bool)
+    is_data[prefix_at] = False
+    wire[is_data] = data
+    return wire.tobytes()
 
 
-def deserialize_bytes(buffer: bytes, shape: Sequence[int], name: str) -> np.ndarray:
+def deserialize_bytes(
+    buffer: bytes | memoryview,
+    shape: Sequence[int],
+    name: str,
+    max_elements: int = DEFAULT_MAX_BYTES_ELEMENTS,
+) -> np.ndarray:
     """Wire form -> object array of `bytes`, checking that the buffer holds exactly
-    `prod(shape)` length-prefixed elements."""
+    `prod(shape)` length-prefixed elements. Raises `RequestTooLarge` for more than
+    `max_elements` elements, before any work.
+
+    Where every element has the same length (fixed-size keys, padded tokens, empty
+    strings), numpy checks all the prefixes at once and cuts the elements without a
+    Python loop. Otherwise the offsets are found by one scan, since each element's
+    position depends on the lengths before it."""
     count = element_count(shape)
+    if count > max_elements:
+        raise RequestTooLarge(
+            f"input {name!r}: {count} BYTES elements (shape {list(shape)}) exceed the "
+            f"server's limit on BYTES elements per request (max_bytes_elements; "
+            f"{max_elements} left for this input)"
+        )
+    size = len(buffer)
+    if count == 0:
+        if size:
+            raise InvalidInput(
+                f"input {name!r}: {size} bytes left over after 0 BYTES elements of shape "
+                f"{list(shape)}"
+            )
+        return np.empty(shape, dtype=object)
+    wire = np.frombuffer(buffer, dtype=np.uint8)
+    if size >= 4:
+        first = int(wire[:4].view("<u4")[0])
+        if size == count * (4 + first):
+            rows = wire.reshape(count, 4 + first)
+            if (rows[:, :4].copy().view("<u4") == first).all():
+                return _uniform_bytes(rows[:, 4:], count, first).reshape(shape)
+    return _scan_bytes(buffer, count, name, shape).reshape(shape)
+
+
+def _uniform_bytes(data: np.ndarray, count: int, length: int) -> np.ndarray:
+    """`count` elements of `length` bytes each (the rows of `data`) as an object array."""
+    if length == 0:
+        return np.full(count, b"", dtype=object)
+    # A void dtype keeps every byte (an "S" dtype would drop trailing NULs).
+    return np.ascontiguousarray(data).view(f"V{length}").reshape(count).astype(object)
+
+
+def _scan_bytes(
+    buffer: bytes | memoryview, count: int, name: str, shape: Sequence[int]
+) -> np.ndarray:
+    data = buffer if isinstance(buffer, bytes) else bytes(buffer)
+    end = len(data)
+    unpack = _LENGTH.unpack_from
     items: list[bytes] = []
-    offset, end = 0, len(buffer)
-    view = memoryview(buffer)
+    append = items.append
+    offset = 0
     for index in range(count):
         if offset + 4 > end:
             raise InvalidInput(
                 f"input {name!r}: BYTES data holds {index} elements, shape {list(shape)} "
                 f"needs {count}"
             )
-        (length,) = _LENGTH.unpack_from(view, offset)
-        offset += 4
-        if offset + length > end:
+        (length,) = unpack(data, offset)
+        start = offset + 4
+        offset = start + length
+        if offset > end:
             raise InvalidInput(
                 f"input {name!r}: BYTES element {index} claims {length} bytes, "
-                f"only {end - offset} remain"
+                f"only {end - start} remain"
             )
-        items.append(bytes(view[offset : offset + length]))
-        offset += length
+        append(data[start:offset])
     if offset != end:
         raise InvalidInput(
             f"input {name!r}: {end - offset} bytes left over after {count} BYTES elements "
@@ -134,13 +206,19 @@ def deserialize_bytes(buffer: bytes, shape: Sequence[int], name: str) -> np.ndar
         )
     array = np.empty(count, dtype=object)
     array[:] = items
-    return array.reshape(shape)
+    return array
 
 
-def decode_raw(name: str, dtype: Datatype, shape: Sequence[int], raw: bytes) -> np.ndarray:
+def decode_raw(
+    name: str,
+    dtype: Datatype,
+    shape: Sequence[int],
+    raw: bytes | memoryview,
+    max_bytes_elements: int = DEFAULT_MAX_BYTES_ELEMENTS,
+) -> np.ndarray:
     """Raw tensor bytes -> array; zero-copy (a read-only view on `raw`) for fixed-size types."""
     if dtype is BYTES:
-        return deserialize_bytes(raw, shape, name)
+        return deserialize_bytes(raw, shape, name, max_bytes_elements)
     expected = element_count(shape) * dtype.itemsize
     if len(raw) != expected:
         raise InvalidInput(
@@ -151,7 +229,11 @@ def decode_raw(name: str, dtype: Datatype, shape: Sequence[int], raw: bytes) -> 
 
 
 def decode_contents(
-    name: str, dtype: Datatype, shape: Sequence[int], contents: object
+    name: str,
+    dtype: Datatype,
+    shape: Sequence[int],
+    contents: object,
+    max_bytes_elements: int = DEFAULT_MAX_BYTES_ELEMENTS,
 ) -> np.ndarray:
     """Typed `InferTensorContents` -> array, checking the element count against the shape."""
     if dtype.contents_field is None:
@@ -166,6 +248,12 @@ def decode_contents(
             f"shape {list(shape)} needs {count}"
         )
     if dtype is BYTES:
+        if count > max_bytes_elements:
+            raise RequestTooLarge(
+                f"input {name!r}: {count} BYTES elements (shape {list(shape)}) exceed the "
+                f"server's limit on BYTES elements per request (max_bytes_elements; "
+                f"{max_bytes_elements} left for this input)"
+            )
         array = np.empty(count, dtype=object)
         array[:] = list(values)
         return array.reshape(shape)
@@ -185,16 +273,44 @@ def encode_raw(array: np.ndarray) -> tuple[Datatype, bytes]:
     return dtype, array.tobytes()
 
 
-def validate_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
+def validate_shape(name: str, shape: Sequence[int], itemsize: int = 1) -> tuple[int, ...]:
+    """`shape` as a tuple, or `InvalidInput` if a dimension is negative or the array could
+    not exist (its non-zero dimensions times `itemsize` pass 2**63-1 bytes, which numpy
+    refuses even when another dimension is 0 and the array is empty)."""
     dims = tuple(shape)
     if any(d < 0 for d in dims):
         raise InvalidInput(f"input {name!r}: shape {list(dims)} has a negative dimension")
+    if math.prod(d for d in dims if d) * max(itemsize, 1) > _MAX_ARRAY_BYTES:
+        raise InvalidInput(
+            f"input {name!r}: shape {list(dims)} is too large for any tensor: its non-zero "
+            f"dimensions multiply beyond 2**63-1 bytes"
+        )
     return dims
 
 
-def decode_inputs(request: object) -> dict[str, np.ndarray]:
+def bytes_payload(request: object) -> int:
+    """How many bytes of BYTES tensor data `request` carries (raw or typed): the part of
+    a request whose decoding costs Python work per element rather than one copy."""
+    tensors = request.inputs  # type: ignore[attr-defined]
+    raws = request.raw_input_contents  # type: ignore[attr-defined]
+    total = 0
+    for index, tensor in enumerate(tensors):
+        if tensor.datatype != "BYTES":
+            continue
+        if raws:
+            if index < len(raws):
+                total += len(raws[index])
+        else:
+            total += 4 * len(tensor.contents.bytes_contents)
+    return total
+
+
+def decode_inputs(
+    request: object, max_bytes_elements: int = DEFAULT_MAX_BYTES_ELEMENTS
+) -> dict[str, np.ndarray]:
     """A v2 `ModelInferRequest` -> {input name: array}, checking the wire format only
-    (the model's own expectations are checked by the DataPlane)."""
+    (the model's own expectations are checked by the DataPlane). At most
+    `max_bytes_elements` BYTES elements over all inputs, or `RequestTooLarge`."""
     tensors = request.inputs  # type: ignore[attr-defined]
     raws = request.raw_input_contents  # type: ignore[attr-defined]
     if raws and len(raws) != len(tensors):
@@ -203,21 +319,25 @@ def decode_inputs(request: object) -> dict[str, np.ndarray]:
             "raw data must be given for every input, in input order"
         )
     arrays: dict[str, np.ndarray] = {}
+    bytes_left = max_bytes_elements  # shared by all BYTES inputs of the request
     for index, tensor in enumerate(tensors):
         name = tensor.name
         if name in arrays:
             raise InvalidInput(f"input {name!r} appears more than once in the request")
         dtype = datatype(tensor.datatype)
-        shape = validate_shape(name, tensor.shape)
+        shape = validate_shape(name, tensor.shape, dtype.itemsize)
         if raws:
             if tensor.HasField("contents"):
                 raise InvalidInput(
                     f"input {name!r} has typed contents, but the request also uses "
                     "raw_input_contents; use one or the other for all inputs"
                 )
-            arrays[name] = decode_raw(name, dtype, shape, raws[index])
+            array = decode_raw(name, dtype, shape, raws[index], bytes_left)
         else:
-            arrays[name] = decode_contents(name, dtype, shape, tensor.contents)
+            array = decode_contents(name, dtype, shape, tensor.contents, bytes_left)
+        if dtype is BYTES:
+            bytes_left -= array.size
+        arrays[name] = array
     return arrays
 
 

@@ -3,10 +3,13 @@ validation, metrics, statistics, shadow sampling and errors live in one place.""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -16,6 +19,8 @@ from sparseserve.observability.metrics import Metrics
 from sparseserve.routing.router import Router
 from sparseserve.routing.shadow import ShadowJob, ShadowRunner
 from sparseserve.routing.traffic import PolicyFile
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -36,6 +41,7 @@ class DataPlane:
         max_inflight_per_model: int,
         router: Router | None = None,
         shadows: ShadowRunner | None = None,
+        codec_executor: Executor | None = None,
     ):
         self.registry = registry
         self.metrics = metrics
@@ -43,6 +49,16 @@ class DataPlane:
         self.shadows = shadows
         self._max_inflight = max_inflight_per_model
         self._random = random.random
+        self._codec_executor = codec_executor
+
+    async def in_codec_thread(self, work: Callable[..., T], *args: Any) -> T:
+        """Run `work(*args)` (decoding or encoding a large tensor) on the codec thread,
+        so that the event loop serves other requests meanwhile (inline if there is none).
+        One thread: large payloads are decoded one at a time, which also bounds the
+        memory their Python objects take at once."""
+        if self._codec_executor is None:
+            return work(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._codec_executor, work, *args)
 
     def model(self, name: str, version: str = "") -> LoadedModel:
         """The loaded model a metadata/config call about `name` describes: the model, or
@@ -60,12 +76,14 @@ class DataPlane:
         version: str,
         decode: Callable[[], Mapping[str, np.ndarray]],
         requested_outputs: Sequence[str] = (),
+        decode_in_thread: bool = False,
     ) -> Answer:
         """Route to the model (by model or family name), decode the inputs with `decode`
         (so that malformed requests are counted against the model they were sent to),
         validate them against the model and run it (through the model's batcher if it
         has one). The outputs come back in the order requested (or the model's order
-        when none were requested); the answer says which model version gave them."""
+        when none were requested); the answer says which model version gave them.
+        `decode_in_thread`: the payload is costly to decode; do it on the codec thread."""
         try:
             route = self.router.route(name, version)
         except SparseServeError as exc:
@@ -76,7 +94,7 @@ class DataPlane:
         started = time.perf_counter_ns()
         stats = model.stats
         try:
-            inputs = decode()
+            inputs = await self.in_codec_thread(decode) if decode_in_thread else decode()
             signature = model.signature
             signature.validate(name, inputs)
             outputs = signature.select_outputs(name, requested_outputs)

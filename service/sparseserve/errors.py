@@ -34,6 +34,11 @@ class Overloaded(SparseServeError):
     """Too many requests in flight for this model; retry later."""
 
 
+class RequestTooLarge(SparseServeError):
+    """The request exceeds a size limit of this server (BYTES elements, bytes in flight);
+    the message names the limit and the setting that raises it."""
+
+
 class ModelLoadError(SparseServeError):
     """A model could not be loaded (corrupt file, bad manifest, backend refused it)."""
 
@@ -66,6 +71,7 @@ STATUS: dict[type[SparseServeError], str] = {
     ModelNotReady: "UNAVAILABLE",
     InvalidInput: "INVALID_ARGUMENT",
     Overloaded: "RESOURCE_EXHAUSTED",
+    RequestTooLarge: "RESOURCE_EXHAUSTED",
     ModelLoadError: "FAILED_PRECONDITION",
     OperationNotAllowed: "FAILED_PRECONDITION",
     BackendUnavailable: "UNAVAILABLE",

@@ -583,7 +583,10 @@ class ModelRegistry:
 
 
 def _parse_version(version: str) -> int:
-    try:
-        return int(version)
-    except ValueError:
-        return -1  # no such version; reported as NOT_FOUND with the versions served
+    """A requested version as a number, or -1 (no such version: NOT_FOUND, with the
+    versions served). Only plain ASCII decimal counts, each version spelled one way, as
+    ModelMetadata lists it: Python's `int` would also take " 1", "+1", "1_0", "01" and
+    other scripts' digits (Arabic-Indic one, U+0661)."""
+    if not (version.isascii() and version.isdigit()) or (version[0] == "0" and version != "0"):
+        return -1
+    return int(version)

@@ -350,10 +350,27 @@ class Settings(BaseSettings):
         8002, ge=0, le=65535, description="Prometheus metrics port; 0 picks one, null disables."
     )
     max_message_bytes: int = Field(
-        256 * MiB,
+        64 * MiB,
         ge=1024,
         le=2**31 - 1,
-        description="Largest gRPC message received or sent (gRPC's own default is 4 MiB).",
+        description="Largest gRPC message received or sent. gRPC's own default is 4 MiB, "
+        "too small for tensors; Triton's is 2 GiB, which lets a few requests take "
+        "gigabytes. 64 MiB holds a batch of 64 FP32 images of 3x224x224 (38.5 MB); raise "
+        "it for larger tensors, with max_inflight_request_bytes.",
+    )
+    max_inflight_request_bytes: int = Field(
+        512 * MiB,
+        ge=1024,
+        description="Bytes of inference requests (ModelInfer and ModelStreamInfer messages "
+        "of 64 KiB and more) the server holds at once; a request that would pass it is "
+        "refused with RESOURCE_EXHAUSTED (one is always admitted when none is in flight).",
+    )
+    max_bytes_elements: int = Field(
+        1_000_000,
+        ge=1,
+        description="BYTES (string) elements one inference request may carry over all its "
+        "inputs; more are refused with RESOURCE_EXHAUSTED. Each element becomes Python "
+        "objects of 40-90 bytes, so this bounds the memory and CPU time of one request.",
     )
     grpc_tls: GrpcTlsSettings = Field(default_factory=GrpcTlsSettings)
     grpc_restricted_protocols: list[ProtocolRestriction] = Field(

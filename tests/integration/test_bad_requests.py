@@ -14,6 +14,8 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
@@ -293,3 +295,184 @@ def test_model_name_that_escapes_the_repository_is_never_served(
         client.get_model_metadata(name)
     assert str(info.value.status()) in {"StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND"}
     assert_mlp_still_serves(client)
+
+
+# -- item by item: hostile input that used to escape as INTERNAL or UNKNOWN -----------
+
+
+def test_shape_with_zero_and_overflowing_dimensions_is_invalid_argument(
+    client: triton.InferenceServerClient, stub: Stub
+) -> None:
+    """[0, 2**62, 2**62] holds no elements, but no array of that shape can exist."""
+    send = via_stub(tensor(shape=[0, 2**62, 2**62]), raw=[b""])
+    code, message = refusal(send, client, stub)
+    assert code == "INVALID_ARGUMENT", message
+    assert "'input'" in message and "too large" in message
+    assert_mlp_still_serves(client)
+
+
+@pytest.mark.parametrize(
+    "method", ["ModelInfer", "ModelReady", "ModelMetadata", "RepositoryIndex", "ServerLive"]
+)
+@pytest.mark.parametrize(
+    "payload",
+    [b"\x0a\xff\xff\xff\xff\x0f", b"\x2a\x05abc", b"\xff" * 16],
+    ids=["length-past-end", "truncated-input", "bad-tag"],
+)
+def test_undecodable_message_is_invalid_argument(
+    server: ServerProcess, client: triton.InferenceServerClient, method: str, payload: bytes
+) -> None:
+    """Bytes that are no protobuf message: INVALID_ARGUMENT naming the message type, not
+    grpc.aio's UNKNOWN, on every unary RPC."""
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+        with pytest.raises(grpc.RpcError) as info:
+            call(payload, timeout=10)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert f"not a valid {method}" in (info.value.details() or "")
+    assert_mlp_still_serves(client)
+
+
+@pytest.mark.parametrize("version", [" 1", "1 ", "\u0661", "+1", "01", "1_0", "1.0"])
+def test_version_is_plain_ascii_decimal(
+    client: triton.InferenceServerClient, stub: Stub, version: str
+) -> None:
+    """Versions are spelled as ModelMetadata lists them ("1"); Python's int() would
+    have taken these as 1 (or 10)."""
+    code, message = refusal(via_triton("mlp", {"input": ROW}, version=version), client, stub)
+    assert code == "NOT_FOUND", message
+    assert "serving: 1" in message
+    assert client.is_model_ready("mlp", version) is False
+    assert client.infer("mlp", [_mlp_input()], model_version="1").as_numpy("output").shape == (
+        1,
+        10,
+    )
+
+
+def _mlp_input() -> triton.InferInput:
+    tensor = triton.InferInput("input", [1, 64], "FP32")
+    tensor.set_data_from_numpy(ROW)
+    return tensor
+
+
+def test_dynamic_dimensions_that_do_not_broadcast_are_invalid_argument(
+    client: triton.InferenceServerClient, stub: Stub
+) -> None:
+    """multi_io adds a [2, 4] and b [3, 4]: each fits the signature [-1, 4], together
+    they do not broadcast. The client's fault, with a message free of onnxruntime's
+    source paths."""
+    send = via_triton(
+        "multi_io", {"a": np.ones((2, 4), np.float32), "b": np.ones((3, 4), np.int64)}
+    )
+    code, message = refusal(send, client, stub)
+    assert code == "INVALID_ARGUMENT", message
+    assert "'multi_io'" in message and "broadcast" in message and "2 by 3" in message
+    assert "onnxruntime_src" not in message and "::" not in message and ".h:" not in message
+    assert_mlp_still_serves(client)
+
+
+@pytest.fixture(scope="module")
+def any_rank_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("any-rank")
+    onnx_models.any_rank(root / "any_rank" / "1" / "model.onnx")
+    with ServerProcess(root) as process:
+        yield process
+    assert process.returncode == 0, process.log()
+
+
+@pytest.mark.parametrize("shape", [(), (3,), (2, 3), (1, 2, 1, 2)])
+def test_input_of_unknown_rank_accepts_any_rank(
+    any_rank_server: ServerProcess, shape: tuple[int, ...]
+) -> None:
+    x = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    inputs = via_triton_inputs({"x": x, "s": np.array(2.0, dtype=np.float32)})
+    with triton.InferenceServerClient(any_rank_server.grpc_url) as client:
+        result = client.infer("any_rank", inputs)
+        metadata = client.get_model_metadata("any_rank")
+    np.testing.assert_array_equal(result.as_numpy("y"), x)
+    assert result.as_numpy("t") == -2.0
+    shapes = {t.name: list(t.shape) for t in metadata.inputs}
+    assert shapes == {"x": [-1], "s": []}
+
+
+def test_scalar_input_still_takes_only_scalars(any_rank_server: ServerProcess) -> None:
+    """The same [] from onnxruntime, but a declared rank 0: a vector is refused."""
+    inputs = via_triton_inputs(
+        {"x": np.zeros(1, np.float32), "s": np.array([2.0], dtype=np.float32)}
+    )
+    with (
+        triton.InferenceServerClient(any_rank_server.grpc_url) as client,
+        pytest.raises(InferenceServerException) as info,
+    ):
+        client.infer("any_rank", inputs)
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "'s'" in info.value.message() and "expects shape []" in info.value.message()
+
+
+def via_triton_inputs(arrays: Mapping[str, np.ndarray]) -> list[triton.InferInput]:
+    inputs = []
+    for name, array in arrays.items():
+        tensor = triton.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+# -- fuzz: mutated bytes on the wire --------------------------------------------------
+
+
+def mlp_request_bytes(rows: int) -> bytes:
+    request = service_pb2.ModelInferRequest(model_name="mlp", id="fuzz")
+    request.inputs.add(name="input", datatype="FP32", shape=[rows, 64])
+    request.raw_input_contents.append(np.ones((rows, 64), np.float32).tobytes())
+    request.outputs.add(name="output")
+    return request.SerializeToString()
+
+
+# A small request, and one large enough (77 kB) for the server's zero-copy parse.
+VALID_REQUESTS = [mlp_request_bytes(1), mlp_request_bytes(300)]
+
+
+@st.composite
+def mutated_requests(draw: st.DrawFn) -> bytes:
+    """A valid ModelInferRequest with a few bytes changed, cut short or added to; most
+    mutations land in the header fields (names, datatype, shape), where they matter."""
+    wire = bytearray(draw(st.sampled_from(VALID_REQUESTS)))
+    header = len(wire) - 64 * 4 * (1 if len(wire) < 1024 else 300) - 10
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, max(header, 1)) | st.integers(0, len(wire) - 1))
+        wire[at] = draw(st.integers(0, 255))
+    if draw(st.booleans()):
+        wire = wire[: draw(st.integers(0, len(wire)))]
+    if draw(st.booleans()):
+        wire += draw(st.binary(min_size=1, max_size=16))
+    return bytes(wire)
+
+
+@pytest.fixture(scope="module")
+def raw_infer(server: ServerProcess) -> Iterator[Callable[[bytes], grpc.StatusCode]]:
+    """ModelInfer with the request given as bytes: the status the server answers."""
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+
+        def infer(wire: bytes) -> grpc.StatusCode:
+            try:
+                call(wire, timeout=10)
+            except grpc.RpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+        yield infer
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(wire=mutated_requests())
+def test_mutated_requests_are_never_unknown_or_internal(
+    raw_infer: Callable[[bytes], grpc.StatusCode], wire: bytes
+) -> None:
+    """Whatever the bytes, the answer is a deliberate status (OK, INVALID_ARGUMENT,
+    NOT_FOUND, ...), never UNKNOWN or INTERNAL, and the server answers the next
+    valid request."""
+    status = raw_infer(wire)
+    assert status not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), status
+    assert raw_infer(VALID_REQUESTS[0]) is grpc.StatusCode.OK

@@ -73,3 +73,23 @@ def test_batching_runs_on_and_off(tmp_path: Path) -> None:
     assert {run["batching"] for run in report["runs"]} == {"on", "off"}
     on = [run for run in report["runs"] if run["batching"] == "on"]
     assert on[0]["average_batch_requests"] >= 1
+
+
+@pytest.mark.slow
+def test_request_memory_runs_both_scenarios(tmp_path: Path) -> None:
+    """bench/request_memory.py end to end with small requests (two servers, ~15 s)."""
+    done = subprocess.run(
+        [
+            sys.executable, str(BENCH / "request_memory.py"), "--request-mib", "2",
+            "--concurrency", "2", "--idle-seconds", "0.2", "--invalid-mib", "1",
+            "--invalid-count", "2", "--output-dir", str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "## Machine" in (tmp_path / "request_memory.md").read_text()
+    report = json.loads((tmp_path / "request_memory.json").read_text())
+    assert report["concurrent"]["statuses"] == {"OK": 2}
+    assert report["invalid"]["statuses"] == {"INVALID_ARGUMENT": 2}

@@ -5,6 +5,8 @@ expect, and the server goes on serving."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,9 +14,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from sparseserve.server.process import ServerProcess
+from sparseserve.testing import onnx_models
+from tests.scrape import inflight
 
 pytestmark = pytest.mark.integration
 
@@ -125,3 +129,145 @@ def test_client_deadline_is_deadline_exceeded_and_the_server_serves_on(
         client.infer("slow", slow_rows(2 * SLOW_ROWS), client_timeout=0.05)
     assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED"
     assert_serves(client)
+
+
+# -- hostile sizes: bytes in flight, BYTES elements, memory --------------------------
+
+
+def test_requests_beyond_the_inflight_bytes_budget_are_refused_then_served(
+    repository: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """With a 1 MiB budget: a 4 MiB request runs alone (nothing else was in flight), a
+    300 kB request that arrives meanwhile is refused with RESOURCE_EXHAUSTED naming the
+    budget, and once the large one is answered the small one passes."""
+    server = start_server(
+        repository, "--max-inflight-request-bytes", str(MiB), "--inference-threads", "2"
+    )
+    large = slow_rows(2 * SLOW_ROWS)  # 4 MiB, ~260 ms of work here
+    small = mlp_rows(1200)  # 300 kB
+    outcome: dict[str, object] = {}
+
+    def send_large() -> None:
+        with triton.InferenceServerClient(server.grpc_url) as client:
+            outcome["large"] = client.infer("slow", large).as_numpy("y").shape
+
+    sender = threading.Thread(target=send_large)
+    sender.start()
+    try:
+        deadline = time.monotonic() + 30
+        while inflight(server, "slow") < 1:
+            assert time.monotonic() < deadline, "the large request never ran"
+            time.sleep(0.005)
+        with (
+            triton.InferenceServerClient(server.grpc_url) as client,
+            pytest.raises(InferenceServerException) as info,
+        ):
+            client.infer("mlp", small)
+    finally:
+        sender.join(timeout=60)
+    assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED", info.value.message()
+    assert "max_inflight_request_bytes" in info.value.message()
+    assert str(MiB) in info.value.message()
+    assert outcome["large"] == (2 * SLOW_ROWS, SLOW_WIDTH)
+    with triton.InferenceServerClient(server.grpc_url) as client:
+        assert client.infer("mlp", small).as_numpy("output").shape == (1200, 10)
+        assert_serves(client)
+
+
+def identity_inputs(words: np.ndarray) -> list[triton.InferInput]:
+    """Every input of `identity`: one element each, and `words` as its BYTES input."""
+    inputs = []
+    for datatype in onnx_models.ELEMENT_TYPES:
+        if datatype == "BYTES":
+            array = words
+        else:
+            array = np.zeros((1, 1), dtype=triton_to_np_dtype(datatype))
+        tensor = triton.InferInput(f"in_{datatype}", list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def test_too_many_bytes_elements_are_refused_at_once(
+    repository: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    server = start_server(repository, "--max-bytes-elements", "1000")
+    with triton.InferenceServerClient(server.grpc_url) as client:
+        words = np.full((1, 1001), b"w", dtype=object)
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("identity", identity_inputs(words))
+        assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert "1001 BYTES elements" in info.value.message()
+        assert "max_bytes_elements" in info.value.message()
+        words = np.full((1, 1000), b"w", dtype=object)
+        assert client.infer("identity", identity_inputs(words)).as_numpy("out_BYTES").size == 1000
+        assert_serves(client)
+
+
+@pytest.mark.slow
+def test_a_large_bytes_request_leaves_other_clients_their_latency(server: ServerProcess) -> None:
+    """A request of a million BYTES elements of varied lengths (the default limit) is
+    decoded, converted and encoded off the event loop: it is answered, and meanwhile
+    another client's small requests are never held up for long (before, each step ran
+    on the event loop and stalled every client for its whole length)."""
+    count = 1_000_000
+    words = np.array([b"w" * (i % 7) for i in range(count)], dtype=object).reshape(1, count)
+    inputs = identity_inputs(words)  # serialized here, before the clock starts
+    latencies: list[float] = []
+    done = threading.Event()
+
+    def small_requests() -> None:
+        with triton.InferenceServerClient(server.grpc_url) as client:
+            while not done.is_set():
+                started = time.perf_counter()
+                client.infer("mlp", mlp_rows(1))
+                latencies.append(time.perf_counter() - started)
+                time.sleep(0.005)
+
+    other = threading.Thread(target=small_requests)
+    other.start()
+    try:
+        with triton.InferenceServerClient(server.grpc_url) as client:
+            time.sleep(0.2)
+            started = time.perf_counter()
+            result = client.infer("identity", inputs, client_timeout=60)
+            seconds = time.perf_counter() - started
+    finally:
+        done.set()
+        other.join()
+    out = result.as_numpy("out_BYTES")
+    assert out.shape == (1, count) and out[0, 6] == b"w" * 6
+    assert seconds < 30
+    assert len(latencies) > 10
+    assert max(latencies) < 0.5, f"small requests waited up to {max(latencies):.2f} s"
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_refused_large_requests_do_not_ratchet_memory(
+    repository: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """Eight 20 MB requests refused one after the other (FP64 where the model takes FP32,
+    so each is received and decoded first): the server's RSS after the last is within
+    40 MB of after the second. Before, every refused request's message stayed in memory
+    (about 2x its size each)."""
+    server = start_server(repository)
+    rows = 20 * MiB // (64 * 8)
+    tensor = triton.InferInput("input", [rows, 64], "FP64")
+    tensor.set_data_from_numpy(np.ones((rows, 64), dtype=np.float64))
+    after: list[int] = []
+    with triton.InferenceServerClient(server.grpc_url) as client:
+        for _ in range(8):
+            with pytest.raises(InferenceServerException) as info:
+                client.infer("mlp", [tensor])
+            assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+            time.sleep(0.3)  # the delayed malloc_trim after a large request
+            after.append(rss_bytes(server.pid))
+        assert_serves(client)
+    growth = after[-1] - after[1]
+    assert growth < 40 * MiB, f"RSS grew {growth / MiB:.0f} MiB over 6 refused requests"

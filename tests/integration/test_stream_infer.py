@@ -10,10 +10,12 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import service_pb2
 
 from sparseserve.server.process import ServerProcess
 from tests.scrape import inflight
@@ -102,3 +104,33 @@ def test_requests_on_one_stream_run_concurrently(server: ServerProcess) -> None:
         done.set()
         poller.join()
     assert max(seen) == 2, f"at most {max(seen):.0f} of the 2 requests were in the server"
+
+
+def test_an_undecodable_message_is_answered_in_its_place_and_the_stream_goes_on(
+    server: ServerProcess,
+) -> None:
+    """Bytes that are no ModelInferRequest, between good requests on one stream: the
+    stream answers it with an error_message in its place and answers the requests after
+    it (grpc.aio alone would end the stream with OK and drop them)."""
+    good = service_pb2.ModelInferRequest(model_name="mlp", id="good")
+    good.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+    good.raw_input_contents.append(np.ones((1, 64), np.float32).tobytes())
+    messages = [
+        good.SerializeToString(),
+        b"\x0a\xff\xff\xff\xff\x0f",  # model_name whose length runs past the end
+        good.SerializeToString(),
+        b"\xff" * 8,
+        good.SerializeToString(),
+    ]
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        call = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+        )
+        answers = list(call(iter(messages), timeout=30))
+    assert len(answers) == len(messages)
+    for index in (0, 2, 4):
+        assert answers[index].error_message == ""
+        assert answers[index].infer_response.id == "good"
+    for index in (1, 3):
+        assert "not a valid ModelInferRequest" in answers[index].error_message

@@ -31,8 +31,13 @@ class TensorSpec:
     name: str
     datatype: Datatype
     shape: tuple[int, ...]
+    # False: the model declares no rank for this tensor (ONNX allows it), so any shape
+    # is accepted; `shape` is then (-1,), which is how metadata describes it.
+    rank_known: bool = True
 
     def accepts_shape(self, shape: Sequence[int]) -> bool:
+        if not self.rank_known:
+            return True
         return len(shape) == len(self.shape) and all(
             want in (-1, got) for want, got in zip(self.shape, shape, strict=True)
         )
@@ -79,7 +84,7 @@ class ModelSignature:
         is): batching needs a dynamic (-1) leading dimension on every input and output."""
         for kind, specs in (("input", self.inputs), ("output", self.outputs)):
             for spec in specs:
-                if not spec.shape or spec.shape[0] != -1:
+                if not spec.rank_known or not spec.shape or spec.shape[0] != -1:
                     return (
                         f"{kind} {spec.name!r} has shape {list(spec.shape)}; every input and "
                         "output needs a dynamic (-1) leading dimension to batch on"

@@ -11,9 +11,10 @@ request whose estimated run time is under `inline_max_us` runs on the event loop
 from __future__ import annotations
 
 import asyncio
+import re
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
 
 import numpy as np
@@ -32,6 +33,23 @@ _OPTIMIZATION = {
 }
 # onnxruntime's Python binding cannot hand bfloat16 results back as numpy arrays.
 _UNSUPPORTED = {"tensor(bfloat16)"}
+# Strings are converted to `str` one by one (~0.2 µs each) before a run, which the
+# warm-up estimate of a run's cost does not see: more than this many never run inline.
+INLINE_MAX_STRINGS = 256
+# Run-time errors that only the inputs' dimensions cause (the signature checks ranks and
+# static dimensions, but not how dynamic ones must agree): the client's fault.
+_CLIENT_FAULTS = (
+    "Attempting to broadcast",
+    "Incompatible dimensions",
+    "cannot be reshaped to the requested shape",
+    "Invalid rank for input",
+    "Got invalid dimensions for input",
+    "dimension mismatch",
+    "Shape mismatch",
+)
+# What onnxruntime puts before the reason: its source path and line, the C++ function,
+# and the failed check ("/onnxruntime_src/...h:563 void f(...) axis == 1 was false.").
+_ENGINE_SOURCE = re.compile(r"\S*/onnxruntime\S*:\d+ .*? was false\. |\S*/onnxruntime\S*:\d+ ")
 
 
 class OnnxRuntimeBackend(Backend):
@@ -51,8 +69,12 @@ class OnnxRuntimeBackend(Backend):
         loop = asyncio.get_running_loop()
         session = await loop.run_in_executor(self._executor, self._create_session)
         signature = session_signature(session, self._files)
-        self._session = session
         self._string_inputs = frozenset(s.name for s in signature.inputs if s.datatype is BYTES)
+        if any(spec.shape == () for spec in signature.inputs):
+            signature = await loop.run_in_executor(
+                self._executor, self._find_unknown_ranks, session, signature
+            )
+        self._session = session
         feeds = _warmup_inputs(signature)
         names = list(signature.output_names)
         await self.infer(feeds, names)
@@ -80,21 +102,66 @@ class OnnxRuntimeBackend(Backend):
         if session is None:
             raise InferenceFailed(f"model {self._files.name!r} is not loaded")
         feeds = dict(inputs)
-        for name in self._string_inputs:
-            feeds[name] = _as_text(name, feeds[name])
         names = list(outputs)
         try:
-            if self._us_per_element * _elements(feeds) <= self._settings.inline_max_us:
-                results = session.run(names, feeds)
+            if (
+                self._us_per_element * _elements(feeds) <= self._settings.inline_max_us
+                and sum(feeds[name].size for name in self._string_inputs) <= INLINE_MAX_STRINGS
+            ):
+                results = session.run(names, self._with_text(feeds))
             else:
+                # Strings are converted on the inference thread too: one Python object per
+                # element, too slow for the event loop when there are many.
                 run_options = ort.RunOptions()
-                job = self._executor.submit(session.run, names, feeds, run_options)
+                job = self._executor.submit(self._run_session, session, names, feeds, run_options)
                 results = await _run(job, run_options)
+        except InvalidInput:
+            raise
         except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
-            raise InvalidInput(f"model {self._files.name!r} rejected the inputs: {exc}") from exc
+            raise InvalidInput(
+                f"model {self._files.name!r} rejected the inputs: {_engine_message(exc)}"
+            ) from exc
         except Exception as exc:
-            raise InferenceFailed(f"model {self._files.name!r} failed: {exc}") from exc
+            message = _engine_message(exc)
+            if any(fault in message for fault in _CLIENT_FAULTS):
+                raise InvalidInput(
+                    f"model {self._files.name!r} cannot run on these input shapes: {message}"
+                ) from exc
+            raise InferenceFailed(f"model {self._files.name!r} failed: {message}") from exc
         return dict(zip(names, results, strict=True))
+
+    def _find_unknown_ranks(
+        self, session: ort.InferenceSession, signature: ModelSignature
+    ) -> ModelSignature:
+        """onnxruntime reports the shape of a scalar input and of an input with no
+        declared rank alike, as [] (and does not check a scalar's rank at run time). The
+        model file tells them apart: an input of unknown rank has a type with no shape.
+        Such an input accepts any shape."""
+        try:
+            unranked = inputs_without_rank(self._files.path.read_bytes())
+        except (OSError, IndexError, ValueError, ModelLoadError):
+            unranked = set()  # onnxruntime read the file; ranks as it reports them
+        inputs = tuple(
+            TensorSpec(spec.name, spec.datatype, (-1,), rank_known=False)
+            if spec.shape == () and spec.name in unranked
+            else spec
+            for spec in signature.inputs
+        )
+        return ModelSignature(inputs, signature.outputs)
+
+    def _with_text(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name in self._string_inputs:
+            feeds[name] = _as_text(name, feeds[name])
+        return feeds
+
+    def _run_session(
+        self,
+        session: ort.InferenceSession,
+        names: list[str],
+        feeds: dict[str, np.ndarray],
+        run_options: ort.RunOptions,
+    ) -> list[np.ndarray]:
+        return session.run(names, self._with_text(feeds), run_options)
 
     async def unload(self) -> None:
         # Dropping the last reference frees the session; in-flight runs hold their own.
@@ -113,6 +180,72 @@ async def _run(job: Future[list[np.ndarray]], run_options: ort.RunOptions) -> li
             run_options.terminate = True
             await asyncio.wait([asyncio.wrap_future(job)])
         raise
+
+
+# Field numbers of onnx.proto: ModelProto.graph, GraphProto.input, ValueInfoProto.name
+# and .type, TypeProto.tensor_type, TypeProto.Tensor.shape.
+_MODEL_GRAPH, _GRAPH_INPUT, _VALUE_NAME, _VALUE_TYPE, _TYPE_TENSOR, _TENSOR_SHAPE = (
+    7, 11, 1, 2, 1, 2,
+)  # fmt: skip
+
+
+def inputs_without_rank(model: bytes) -> set[str]:
+    """Names of the graph inputs of an ONNX model whose tensor type declares no shape.
+    Reads the protobuf fields it needs and skips the rest (weights included) without
+    copying, so that the serving path needs no `onnx` package."""
+    view = memoryview(model)
+    names = set()
+    for graph in _messages(view, _MODEL_GRAPH):
+        for value in _messages(graph, _GRAPH_INPUT):
+            name = b"".join(bytes(n) for n in _messages(value, _VALUE_NAME)).decode()
+            for type_ in _messages(value, _VALUE_TYPE):
+                for tensor in _messages(type_, _TYPE_TENSOR):
+                    if not any(True for _ in _messages(tensor, _TENSOR_SHAPE)):
+                        names.add(name)
+    return names
+
+
+def _messages(data: memoryview, wanted: int) -> Iterator[memoryview]:
+    """The length-delimited fields numbered `wanted` of one protobuf message."""
+    position, end = 0, len(data)
+    while position < end:
+        key, position = _varint(data, position)
+        wire_type = key & 7
+        if wire_type == 0:
+            _, position = _varint(data, position)
+        elif wire_type == 1:
+            position += 8
+        elif wire_type == 5:
+            position += 4
+        elif wire_type == 2:
+            length, position = _varint(data, position)
+            if key >> 3 == wanted:
+                yield data[position : position + length]
+            position += length
+        else:
+            raise ModelLoadError(f"unsupported protobuf wire type {wire_type} in the model")
+
+
+def _varint(data: memoryview, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+
+
+def _engine_message(error: Exception) -> str:
+    """onnxruntime's message without its source paths and C++ signatures: the node and
+    the reason are for the client; where in onnxruntime it failed is not."""
+    message = str(error)
+    if "Status Message: " in message:
+        head, _, reason = message.partition("Status Message: ")
+        node = head.partition("while running ")[2].strip()
+        message = f"{node}: {reason}" if node else reason
+    return _ENGINE_SOURCE.sub("", message).strip()
 
 
 def _elements(feeds: Mapping[str, np.ndarray]) -> int:
@@ -161,14 +294,23 @@ def _warmup_inputs(signature: ModelSignature) -> dict[str, np.ndarray]:
 
 def _as_text(name: str, array: np.ndarray) -> np.ndarray:
     """onnxruntime string tensors take `str`; it would turn `bytes` into "b'...'"."""
-    flat = array.reshape(-1)
-    text = np.empty(flat.shape, dtype=object)
+    flat = array.reshape(-1).tolist()
+    text = np.empty(len(flat), dtype=object)
     try:
-        for i, item in enumerate(flat):
-            text[i] = item.decode("utf-8") if isinstance(item, bytes) else str(item)
+        text[:] = [item.decode("utf-8") if isinstance(item, bytes) else str(item) for item in flat]
     except UnicodeDecodeError as exc:
+        index = next(i for i, item in enumerate(flat) if not _is_utf8(item))
         raise InvalidInput(
-            f"input {name!r}: onnxruntime string tensors hold UTF-8 text; element {i} is "
-            f"not valid UTF-8 ({exc.reason})"
+            f"input {name!r}: onnxruntime string tensors hold UTF-8 text; element {index} "
+            f"is not valid UTF-8 ({exc.reason})"
         ) from None
     return text.reshape(array.shape)
+
+
+def _is_utf8(item: object) -> bool:
+    try:
+        if isinstance(item, bytes):
+            item.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -37,6 +37,7 @@ from sparseserve.server.metrics_http import start_metrics_server
 from sparseserve.server.predict_servicer import PredictServicer
 from sparseserve.server.security import RestrictingServer, Restrictions, server_credentials
 from sparseserve.server.v2_servicer import V2Servicer
+from sparseserve.server.wire import RequestBytesBudget
 from sparseserve.settings import GrpcTlsSettings, ModelControl, Settings
 from sparseserve.v1 import service_pb2, service_pb2_grpc
 
@@ -70,13 +71,17 @@ class SparseServeServer:
         self.metrics = Metrics(
             self.registry, hardware=self.hardware, shadow=lambda: self.shadows.stats
         )
+        # Large BYTES tensors are decoded and encoded here, off the event loop.
+        self._codec_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codec")
         self.dataplane = DataPlane(
             self.registry,
             self.metrics,
             settings.max_inflight_per_model,
             router=self.router,
             shadows=self.shadows,
+            codec_executor=self._codec_executor,
         )
+        self.request_budget = RequestBytesBudget(settings.max_inflight_request_bytes)
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._metrics_server: WSGIServer | None = None
@@ -109,10 +114,14 @@ class SparseServeServer:
         # Every service registers through the restricting stand-in: handlers of
         # restricted groups check their header, the others are registered as they are.
         restricted = RestrictingServer(server, restrictions)
+        admit = self.request_budget.admit
         add_mapping_errors(
             grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
-            V2Servicer(self.dataplane, self.registry, lambda: self._ready),
+            V2Servicer(
+                self.dataplane, self.registry, lambda: self._ready, settings.max_bytes_elements
+            ),
             restricted,
+            deserializers={"ModelInfer": admit, "ModelStreamInfer": admit},
         )
         add_mapping_errors(
             service_pb2_grpc.add_SparseServeServicer_to_server,
@@ -204,6 +213,7 @@ class SparseServeServer:
             self._metrics_server.server_close()
             self._metrics_server = None
         self._executor.shutdown(wait=True)
+        self._codec_executor.shutdown(wait=True)
         log.info("sparseserve stopped")
 
 

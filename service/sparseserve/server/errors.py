@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import grpc
 
 from sparseserve.errors import SparseServeError, status_of
+from sparseserve.server.wire import RefusedMessage, release, safe_deserializer
 
 log = logging.getLogger(__name__)
 
@@ -40,68 +41,110 @@ def grpc_status(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode[status_of(error)]
 
 
+Deserializer = Callable[[bytes], Any]
+
+
 def add_mapping_errors(
-    add_to_server: Callable[[Any, Any], None], servicer: Any, server: HandlerRegistry
+    add_to_server: Callable[[Any, Any], None],
+    servicer: Any,
+    server: HandlerRegistry,
+    deserializers: Mapping[str, Deserializer] | None = None,
 ) -> None:
     """Register `servicer` with its generated `add_*Servicer_to_server` function, each
-    unary handler wrapped so that domain errors reach the client with their status."""
-    add_to_server(servicer, _MappingErrors(server))
+    unary handler wrapped so that domain errors reach the client with their status.
+
+    Every handler's deserializer is wrapped too (`wire.safe_deserializer`): a message
+    that does not parse reaches the handler as a `RefusedMessage`, which unary handlers
+    answer with INVALID_ARGUMENT (grpc.aio's own answer would be UNKNOWN), and streaming
+    handlers answer in the stream. `deserializers` replaces the deserializer of the
+    methods it names (e.g. `{"ModelInfer": budget.admit}`); such a method's request is
+    `wire.release`d once its unary handler returns."""
+    add_to_server(servicer, _MappingErrors(server, deserializers or {}))
 
 
-def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    """`handler` with its errors mapped to statuses; streaming handlers (which answer
-    errors in their messages, or are gRPC's own health and reflection) are unchanged."""
-    if handler.unary_unary is None:
-        return handler
-    return grpc.unary_unary_rpc_method_handler(
-        _mapping_errors(handler.unary_unary, method),
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+def _wrap_handler(
+    handler: grpc.RpcMethodHandler, method: str, deserializer: Deserializer | None
+) -> grpc.RpcMethodHandler:
+    """`handler` with a safe deserializer and, if unary, its errors mapped to statuses;
+    streaming handlers answer errors in their messages (or are gRPC's own health and
+    reflection) and keep their behaviour."""
+    name = method.rsplit("/", 1)[-1]
+    parse = deserializer or safe_deserializer(handler.request_deserializer, f"{name} request")
+    serialize = handler.response_serializer
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            _mapping_errors(handler.unary_unary, method), parse, serialize
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(handler.unary_stream, parse, serialize)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(handler.stream_unary, parse, serialize)
+    return grpc.stream_stream_rpc_method_handler(handler.stream_stream, parse, serialize)
 
 
 class _MappingErrors:
     """Stands in for the server while generated code registers a servicer's handlers."""
 
-    def __init__(self, server: HandlerRegistry):
+    def __init__(self, server: HandlerRegistry, deserializers: Mapping[str, Deserializer]):
         self._server = server
+        self._deserializers = deserializers
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self._server.add_generic_rpc_handlers(tuple(_GenericMappingErrors(h) for h in handlers))
+        self._server.add_generic_rpc_handlers(
+            tuple(_GenericMappingErrors(h, self._deserializers) for h in handlers)
+        )
 
     def add_registered_method_handlers(
         self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
     ) -> None:
         self._server.add_registered_method_handlers(
-            service, {m: _wrap_handler(h, f"/{service}/{m}") for m, h in handlers.items()}
+            service,
+            {
+                m: _wrap_handler(h, f"/{service}/{m}", self._deserializers.get(m))
+                for m, h in handlers.items()
+            },
         )
 
 
 class _GenericMappingErrors(grpc.GenericRpcHandler):
     """A generic handler whose handlers map errors (wrapped once per method)."""
 
-    def __init__(self, inner: grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler, deserializers: Mapping[str, Deserializer]):
         self._inner = inner
+        self._deserializers = deserializers
         self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
         if method not in self._wrapped:
             handler = self._inner.service(handler_call_details)
-            self._wrapped[method] = None if handler is None else _wrap_handler(handler, method)
+            deserializer = self._deserializers.get(method.rsplit("/", 1)[-1])
+            self._wrapped[method] = (
+                None if handler is None else _wrap_handler(handler, method, deserializer)
+            )
         return self._wrapped[method]
 
 
 def _mapping_errors(behavior: Behavior, method: str) -> Behavior:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, RefusedMessage):
+                raise request.error
             return await behavior(request, context)
         except SparseServeError as exc:
-            await context.abort(grpc_status(exc), str(exc))
+            code, details = grpc_status(exc), str(exc)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
             log.exception("unexpected error in %s", method)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+            code, details = grpc.StatusCode.INTERNAL, f"internal error: {exc}"
+        finally:
+            release(request)
+        # Abort outside the except block and without the request: grpc.aio keeps the
+        # AbortError alive after the call, and with it its traceback, the error it would
+        # chain and their frames. Aborting inside the block kept every refused request's
+        # message in memory, even through gc.collect() (bench/request_memory.py).
+        del request
+        await context.abort(code, details)
 
     return call

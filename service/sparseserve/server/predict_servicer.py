@@ -123,8 +123,9 @@ def decode_tensors(tensors: Mapping[str, pb.Tensor]) -> dict[str, np.ndarray]:
     expectations are checked by the DataPlane)."""
     arrays = {}
     for name, tensor in tensors.items():
-        shape = codec.validate_shape(name, tensor.shape)
-        arrays[name] = codec.decode_raw(name, codec.datatype(tensor.datatype), shape, tensor.data)
+        dtype = codec.datatype(tensor.datatype)
+        shape = codec.validate_shape(name, tensor.shape, dtype.itemsize)
+        arrays[name] = codec.decode_raw(name, dtype, shape, tensor.data)
     return arrays
 
 

@@ -36,6 +36,7 @@ import grpc
 from sparseserve.errors import ProtocolRestricted
 from sparseserve.server.errors import grpc_status
 from sparseserve.server.health_check import ClientTls
+from sparseserve.server.wire import release
 from sparseserve.settings import GrpcTlsSettings, ProtocolRestriction, RestrictedGroup, Settings
 
 log = logging.getLogger(__name__)
@@ -240,9 +241,13 @@ def restrict_handler(
             return stream
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if not header_allows(context.invocation_metadata(), requirement):
-                await refuse(context)
-            return await behavior(request, context)
+            if header_allows(context.invocation_metadata(), requirement):
+                return await behavior(request, context)
+            # Refused unanswered: its bytes leave the request budget, and the abort's
+            # traceback (kept by grpc.aio) must not hold the message.
+            release(request)
+            del request
+            await refuse(context)
 
         return call
 

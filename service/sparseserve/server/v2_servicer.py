@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
+
+import numpy as np
 
 from sparseserve import __version__, codec
 from sparseserve.backends.base import TensorSpec
@@ -24,6 +26,7 @@ from sparseserve.models import LoadedModel, ModelRegistry
 from sparseserve.protocol import grpc_service_pb2 as pb
 from sparseserve.protocol import grpc_service_pb2_grpc as pb_grpc
 from sparseserve.protocol import model_config_pb2 as mc
+from sparseserve.server.wire import InferRequestMessage, RefusedMessage, release
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +34,30 @@ SERVER_NAME = "sparseserve"
 # Requests of one ModelStreamInfer stream running or answered-but-unsent at once.
 STREAM_WINDOW = 256
 EXTENSIONS = ("model_repository", "model_configuration", "statistics")
+# BYTES data from this size on is decoded, and BYTES outputs from this many elements on
+# are encoded, on the codec thread: each element costs Python work (~0.3 µs), so a
+# large tensor would stall every other request on the event loop, while handing over
+# costs ~30 µs.
+CODEC_THREAD_MIN_BYTES = 64 * 1024
+CODEC_THREAD_MIN_ELEMENTS = 16 * 1024
 # A stream's answer, and what to hand to the data plane once it is written.
 StreamAnswer = tuple[pb.ModelStreamInferResponse, Answer | None]
+# A request read from a stream (its bytes count until answered) and its answer to come.
+StreamPending = tuple[object, "asyncio.Future[StreamAnswer]"]
 
 
 class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane, registry: ModelRegistry, is_ready: Callable[[], bool]):
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        registry: ModelRegistry,
+        is_ready: Callable[[], bool],
+        max_bytes_elements: int = codec.DEFAULT_MAX_BYTES_ELEMENTS,
+    ):
         self._dataplane = dataplane
         self._registry = registry
         self._is_ready = is_ready
+        self._max_bytes_elements = max_bytes_elements
 
     # -- health and metadata ----------------------------------------------------------
 
@@ -102,32 +120,41 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(self, request_iterator, context):
         """Many requests on one stream: each runs as soon as it arrives (concurrently with
         the others) and the answers go back in the order of the requests. A failed
-        request is answered with its `error_message`; the stream goes on."""
-        pending: asyncio.Queue[asyncio.Future[StreamAnswer] | None] = asyncio.Queue(STREAM_WINDOW)
+        request, or a message that is not a valid request, is answered with its
+        `error_message` in its place; the stream goes on."""
+        pending: asyncio.Queue[StreamPending | None] = asyncio.Queue(STREAM_WINDOW)
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
                     # A full window blocks reading, so gRPC flow control slows the client.
-                    await pending.put(asyncio.ensure_future(self._stream_answer(request)))
+                    answer = asyncio.ensure_future(self._stream_answer(request))
+                    await pending.put((request, answer))
             finally:
                 await pending.put(None)
 
         reader = asyncio.create_task(read())
         try:
-            while (answer := await pending.get()) is not None:
-                response, sent = await answer
-                yield response
+            while (item := await pending.get()) is not None:
+                request, answer = item
+                try:
+                    response, sent = await answer
+                    yield response
+                finally:
+                    release(request)  # its bytes leave the in-flight budget
                 if sent is not None:  # written to the stream: its shadow runs may start
                     self._dataplane.after_sent(sent)
         finally:
             reader.cancel()
             while not pending.empty():
-                if (answer := pending.get_nowait()) is not None:
-                    answer.cancel()
+                if (item := pending.get_nowait()) is not None:
+                    item[1].cancel()
+                    release(item[0])
 
     async def _stream_answer(self, request) -> StreamAnswer:
         try:
+            if isinstance(request, RefusedMessage):
+                raise request.error
             response, answer = await self._infer(request)
             return pb.ModelStreamInferResponse(infer_response=response), answer
         except SparseServeError as exc:
@@ -141,15 +168,22 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         answer = await self._dataplane.infer(
             request.model_name,
             request.model_version,
-            partial(codec.decode_inputs, request),
+            partial(codec.decode_inputs, request, self._max_bytes_elements),
             requested,
+            # A message smaller than the threshold cannot carry that much BYTES data.
+            decode_in_thread=isinstance(request, InferRequestMessage)
+            and request.size >= CODEC_THREAD_MIN_BYTES
+            and codec.bytes_payload(request) >= CODEC_THREAD_MIN_BYTES,
         )
         model = answer.model
         # The variant that answered, also when the request named its family.
         response = pb.ModelInferResponse(
             model_name=model.name, model_version=model.version_label, id=request.id
         )
-        codec.encode_outputs(response, answer.outputs)
+        if _many_strings(answer.outputs.values()):
+            await self._dataplane.in_codec_thread(codec.encode_outputs, response, answer.outputs)
+        else:
+            codec.encode_outputs(response, answer.outputs)
         return response, answer
 
     # -- repository -------------------------------------------------------------------
@@ -178,6 +212,15 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         self._registry.check_explicit_control()
         await self._registry.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+
+def _many_strings(arrays: Iterable[np.ndarray]) -> bool:
+    """Whether encoding `arrays` costs enough Python work for the codec thread."""
+    strings = 0
+    for array in arrays:
+        if array.dtype.kind in "OSU":
+            strings += array.size
+    return strings >= CODEC_THREAD_MIN_ELEMENTS
 
 
 def _no_repository_parameters(request: pb.RepositoryModelLoadRequest) -> None:

@@ -1,0 +1,260 @@
+"""Request messages as they come off the wire, before a handler sees them.
+
+- **Safe deserialisation.** grpc.aio answers a message its deserializer cannot parse
+  with UNKNOWN (unary) or ends a stream with OK, dropping what follows. Every handler's
+  deserializer is wrapped so that a bad message becomes a `RefusedMessage` carrying the
+  domain error; the unary wrapper raises it (INVALID_ARGUMENT) and ModelStreamInfer
+  answers it in the stream, in its place, and reads on.
+- **No copies of tensor data.** protobuf copies every `raw_input_contents` entry out of
+  the message, and again into a new `bytes` at each access. A large ModelInferRequest is
+  therefore split on its top-level fields: the small part (names, shapes, parameters)
+  is parsed by protobuf, and each raw tensor stays a `memoryview` of the message gRPC
+  handed over, which numpy then views without copying.
+- **A budget of request bytes in flight.** Each inference message is counted from when
+  gRPC hands it over until its answer is written; one that would take the total past
+  the budget is refused at once with RESOURCE_EXHAUSTED, before it is parsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sparseserve.errors import InvalidInput, Overloaded, SparseServeError
+from sparseserve.protocol import grpc_service_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+# Below this size a message is parsed by protobuf whole: copying a few KiB costs less
+# than splitting the message in Python (about 1 µs against 5).
+ZERO_COPY_MIN_BYTES = 64 * 1024
+# How long after the last large request ends its memory is handed back (see
+# RequestBytesBudget).
+TRIM_DELAY_SECONDS = 0.2
+_RAW_INPUT_CONTENTS = 7  # ModelInferRequest.raw_input_contents
+_LEN = 2  # protobuf wire type of length-delimited fields
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedMessage:
+    """A message that did not become a request: the error its handler answers with."""
+
+    error: SparseServeError
+
+
+class InferRequestMessage:
+    """A ModelInferRequest whose raw tensors may be views of the received message.
+
+    Offers the fields the servicer and the codec read, with `raw_input_contents` as
+    `bytes` or `memoryview`s. `release()` gives its bytes back to the budget (once)."""
+
+    __slots__ = ("_release", "message", "raw_input_contents", "size")
+
+    def __init__(
+        self,
+        message: pb.ModelInferRequest,
+        raw_input_contents: Sequence[bytes | memoryview],
+        size: int = 0,
+        release: Callable[[int], None] | None = None,
+    ):
+        self.message = message
+        self.raw_input_contents = raw_input_contents
+        self.size = size
+        self._release = release
+
+    model_name = property(lambda self: self.message.model_name)
+    model_version = property(lambda self: self.message.model_version)
+    id = property(lambda self: self.message.id)
+    parameters = property(lambda self: self.message.parameters)
+    inputs = property(lambda self: self.message.inputs)
+    outputs = property(lambda self: self.message.outputs)
+
+    def release(self) -> None:
+        """The answer is written: this message's bytes leave the budget."""
+        release, self._release = self._release, None
+        if release is not None:
+            release(self.size)
+
+
+def release(request: object) -> None:
+    """Give `request`'s bytes back to the budget, if it holds any (any other object: no-op)."""
+    if isinstance(request, InferRequestMessage):
+        request.release()
+
+
+def parse_infer_request(data: bytes) -> InferRequestMessage:
+    """A serialized ModelInferRequest -> InferRequestMessage, its raw tensors views of
+    `data` when `data` is large. Raises on malformed input (the caller refuses it)."""
+    if len(data) < ZERO_COPY_MIN_BYTES:
+        message = pb.ModelInferRequest.FromString(data)
+        return InferRequestMessage(message, message.raw_input_contents, len(data))
+    view = memoryview(data)
+    rest: list[memoryview] = []
+    raws: list[memoryview] = []
+    position, end = 0, len(data)
+    while position < end:
+        field_start = position
+        key, position = _varint(data, position)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, position = _varint(data, position)
+        elif wire_type == 1:
+            position += 8
+        elif wire_type == 5:
+            position += 4
+        elif wire_type == _LEN:
+            length, position = _varint(data, position)
+            payload_start, position = position, position + length
+            if position <= end and field == _RAW_INPUT_CONTENTS:
+                raws.append(view[payload_start:position])
+                continue
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire_type} at byte {field_start}")
+        if position > end:
+            raise ValueError(f"field {field} runs past the end of the message")
+        rest.append(view[field_start:position])
+    message = pb.ModelInferRequest.FromString(b"".join(rest))
+    return InferRequestMessage(message, raws, len(data))
+
+
+def _varint(data: bytes, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if position >= len(data) or shift > 63:
+            raise ValueError(f"malformed varint at byte {position}")
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+
+
+def safe_deserializer(
+    deserialize: Callable[[bytes], Any] | None, message_type: str
+) -> Callable[[bytes], Any]:
+    """`deserialize`, turning a parse failure into a `RefusedMessage(InvalidInput)`."""
+
+    def parse(data: bytes) -> Any:
+        if deserialize is None:
+            return data
+        try:
+            return deserialize(data)
+        except Exception as exc:
+            return RefusedMessage(
+                InvalidInput(
+                    f"the message is not a valid {message_type} ({len(data)} bytes): "
+                    f"{exc or type(exc).__name__}"
+                )
+            )
+
+    return parse
+
+
+class RequestBytesBudget:
+    """The bytes of inference messages the server holds at once, and a bound on them.
+
+    gRPC has already received a message when its deserializer runs, but refusing it
+    then still saves its parse and every copy and array made from it, and the memory it
+    held goes back at once. A message is admitted whenever nothing else is in flight, so
+    one request larger than the budget (but within the message limit) is still served.
+
+    After a large request (at least `trim_after_bytes`), once the large requests have all
+    finished, glibc is asked to return its free memory to the system (`malloc_trim`):
+    gRPC receives a message in many small buffers spread over per-thread malloc arenas,
+    and without a trim the freed pages stay in the process (measured by
+    bench/request_memory.py)."""
+
+    def __init__(self, limit_bytes: int, trim_after_bytes: int = 8 * 1024 * 1024):
+        self.limit_bytes = limit_bytes
+        self.trim_after_bytes = trim_after_bytes
+        # admit() runs in gRPC's deserialization, release on the event loop: the lock keeps
+        # the count right whichever threads those are.
+        self._lock = threading.Lock()
+        self.inflight_bytes = 0
+        self._large_inflight = 0
+
+    def admit(self, data: bytes) -> pb.ModelInferRequest | InferRequestMessage | RefusedMessage:
+        """Parse `data` as a ModelInferRequest and count it, or refuse it. A message under
+        `ZERO_COPY_MIN_BYTES` is parsed by protobuf and not counted: the per-request
+        limits (`max_inflight_per_model`, the stream window) bound how many there are,
+        and the hot path of small requests stays as cheap as plain protobuf."""
+        size = len(data)
+        if size < ZERO_COPY_MIN_BYTES:
+            try:
+                return pb.ModelInferRequest.FromString(data)
+            except Exception as exc:
+                return _not_a_request(size, exc)
+        with self._lock:
+            if self.inflight_bytes and self.inflight_bytes + size > self.limit_bytes:
+                held = self.inflight_bytes
+                refused = True
+            else:
+                self.inflight_bytes += size
+                if size >= self.trim_after_bytes:
+                    self._large_inflight += 1
+                refused = False
+        if refused:
+            return RefusedMessage(
+                Overloaded(
+                    f"request of {size} bytes refused: the server already holds {held} "
+                    f"bytes of requests, and its budget (max_inflight_request_bytes) is "
+                    f"{self.limit_bytes}; retry later"
+                )
+            )
+        try:
+            request = parse_infer_request(data)
+        except Exception as exc:
+            self._give_back(size)
+            return _not_a_request(size, exc)
+        return InferRequestMessage(
+            request.message, request.raw_input_contents, size, self._give_back
+        )
+
+    def _give_back(self, size: int) -> None:
+        with self._lock:
+            self.inflight_bytes -= size
+            if size < self.trim_after_bytes:
+                return
+            self._large_inflight -= 1
+            if self._large_inflight:
+                return
+        # The answer is still being written, and gRPC frees the message's buffers only
+        # after that: trim a moment later, if no large request has come meanwhile.
+        try:
+            asyncio.get_running_loop().call_later(TRIM_DELAY_SECONDS, self._trim_if_idle)
+        except RuntimeError:  # no event loop (a test): now
+            self._trim_if_idle()
+
+    def _trim_if_idle(self) -> None:
+        if not self._large_inflight:
+            return_free_memory()
+
+
+def _not_a_request(size: int, error: Exception) -> RefusedMessage:
+    return RefusedMessage(
+        InvalidInput(f"the message is not a valid ModelInferRequest ({size} bytes): {error}")
+    )
+
+
+_libc: Any = None
+
+
+def return_free_memory() -> None:
+    """Ask glibc to hand the free memory of all its arenas back to the system. Does
+    nothing where the C library has no `malloc_trim` (musl, macOS)."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
