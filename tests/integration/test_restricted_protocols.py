@@ -186,6 +186,29 @@ def test_triton_flags_restrict_inference_streams_too(
     assert loads["mlp"].ok > 0 and not loads["mlp"].errors
 
 
+def test_refused_large_requests_give_their_bytes_back_to_the_budget(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """A large request refused for its missing header holds no part of the request
+    budget afterwards: had the three refused ones kept theirs, the fourth (sent with the
+    header) would exceed the budget and be refused RESOURCE_EXHAUSTED."""
+    onnx_models.mlp(tmp_path / "wide" / "1" / "model.onnx", sizes=(65536, 4))
+    server = start_server(
+        tmp_path,
+        "--grpc-restricted-protocol", "inference:infer-key=k",
+        "--max-inflight-request-bytes", str(600_000),
+    )  # fmt: skip
+    rows = np.ones((2, 65536), dtype=np.float32)  # 512 KiB: counted by the budget
+    tensor = triton.InferInput("input", list(rows.shape), "FP32")
+    tensor.set_data_from_numpy(rows)
+    with triton.InferenceServerClient(server.grpc_url) as client:
+        for _ in range(3):
+            error = refusal(lambda: client.infer("wide", [tensor]))
+            assert error.message() == expecting("triton-grpc-protocol-infer-key")
+        result = client.infer("wide", [tensor], headers={"triton-grpc-protocol-infer-key": "k"})
+        assert result.as_numpy("output").shape == (2, 4)
+
+
 def serve_exit(repository: Path, *args: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "sparseserve", "serve", "--repository", str(repository)]
     command += ["--host", "127.0.0.1", "--grpc-port", "0", "--no-metrics", *args]
