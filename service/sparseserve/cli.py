@@ -17,15 +17,23 @@ from sparseserve import __version__
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
-        help="serve a model repository over the Open Inference Protocol (gRPC)",
+        help="serve a model repository over the Open Inference Protocol (gRPC and REST)",
         description="Serve a model repository over the Open Inference Protocol (KServe v2 / "
-        "Triton gRPC). Flags override SPARSESERVE_* environment variables, which override "
-        "the --config YAML file.",
+        "Triton, gRPC and HTTP/REST). Flags override SPARSESERVE_* environment variables, "
+        "which override the --config YAML file.",
     )
     p.add_argument("--config", type=Path, help="YAML file with any of the settings below")
     p.add_argument("--repository", type=Path, help="model repository (default: ./models)")
     p.add_argument("--host", help="bind address (default: 0.0.0.0)")
     p.add_argument("--grpc-port", type=int, help="gRPC port, 0 = any free (default: 8001)")
+    p.add_argument("--http-port", type=int, help="v2 REST port, 0 = any free (default: 8000)")
+    p.add_argument(
+        "--allow-http",
+        type=_boolean,
+        metavar="true|false",
+        help="serve v2 REST on --http-port (default: true)",
+    )
+    p.add_argument("--max-http-body-bytes", type=int, help="default: 67108864 (64 MiB)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = any (default: 8002)")
     p.add_argument("--no-metrics", action="store_true", help="do not serve metrics")
     p.add_argument(
@@ -65,7 +73,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--ready-file",
         type=Path,
-        help="once ready, write {pid, grpc_port, metrics_port} as JSON to this file",
+        help="once ready, write {pid, grpc_port, http_port, metrics_port} as JSON to this "
+        "file (http_port/metrics_port null when off)",
     )
 
 
@@ -75,7 +84,8 @@ def _serve(args: argparse.Namespace) -> int:
     from sparseserve.settings import Settings
 
     names = (
-        "repository", "host", "grpc_port", "metrics_port", "model_control", "startup_models",
+        "repository", "host", "grpc_port", "allow_http", "http_port", "max_http_body_bytes",
+        "metrics_port", "model_control", "startup_models",
         "poll_interval_seconds", "max_message_bytes", "max_inflight_per_model",
         "inference_threads", "shutdown_grace_seconds", "log_level", "log_format",
     )  # fmt: skip
@@ -101,6 +111,16 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     return asyncio.run(serve(settings, args.ready_file))
+
+
+def _boolean(text: str) -> bool:
+    """A true/false flag value, spelled as Triton's flags take them."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _assume_gpus_argument(parser: argparse.ArgumentParser) -> None:

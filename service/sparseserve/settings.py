@@ -186,8 +186,23 @@ class Settings(BaseSettings):
     )
 
     repository: Path = Field(Path("models"), description="Model repository (Triton layout).")
-    host: str = Field("0.0.0.0", description="Address the gRPC and metrics ports bind to.")
+    host: str = Field("0.0.0.0", description="Address the gRPC, HTTP and metrics ports bind to.")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    allow_http: bool = Field(
+        True,
+        description="Serve the v2 REST protocol (HTTP/JSON) on http_port (Triton's --allow-http).",
+    )
+    http_port: int = Field(
+        8000, ge=0, le=65535, description="v2 REST (HTTP) port; 0 picks a free one."
+    )
+    max_http_body_bytes: int = Field(
+        64 * MiB,
+        ge=1024,
+        le=2**31 - 1,
+        description="Largest HTTP request body accepted (larger ones are refused with 413). "
+        "JSON tensors cost far more memory than their bytes once parsed; send large "
+        "tensors as binary data.",
+    )
     metrics_port: int | None = Field(
         8002, ge=0, le=65535, description="Prometheus metrics port; 0 picks one, null disables."
     )

@@ -1,8 +1,9 @@
-"""The server process: build the parts, serve gRPC and metrics, and shut down cleanly.
+"""The server process: build the parts, serve gRPC, REST and metrics, and shut down cleanly.
 
 Shutdown (SIGTERM on every Kubernetes rollout, or SIGINT): health turns NOT_SERVING
-first, the gRPC server stops taking new calls and lets in-flight ones finish within the
-grace period, models are unloaded, and the process exits 0.
+(and REST readiness false) first, the gRPC and REST servers stop taking new calls and let
+in-flight ones finish within the grace period, models are unloaded, and the process
+exits 0.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from sparseserve.routing.router import Router
 from sparseserve.routing.shadow import ShadowRunner
 from sparseserve.routing.traffic import PolicyFile
 from sparseserve.server.errors import add_mapping_errors
+from sparseserve.server.http import HttpServer
 from sparseserve.server.metrics_http import start_metrics_server
 from sparseserve.server.predict_servicer import PredictServicer
 from sparseserve.server.v2_servicer import V2Servicer
@@ -77,12 +79,15 @@ class SparseServeServer:
             shadows=self.shadows,
         )
         self._health = health.aio.HealthServicer()
+        self._v2 = V2Servicer(self.dataplane, self.registry, lambda: self._ready)
         self._server: grpc.aio.Server | None = None
+        self._http_server: HttpServer | None = None
         self._metrics_server: WSGIServer | None = None
         self._poller: asyncio.Task[None] | None = None
         self._policy_watcher: asyncio.Task[None] | None = None
         self._ready = False
         self.grpc_port = 0
+        self.http_port: int | None = None
         self.metrics_port: int | None = None
 
     @property
@@ -103,7 +108,7 @@ class SparseServeServer:
         )
         add_mapping_errors(
             grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
-            V2Servicer(self.dataplane, self.registry, lambda: self._ready),
+            self._v2,
             server,
         )
         add_mapping_errors(
@@ -121,14 +126,22 @@ class SparseServeServer:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
+        if settings.allow_http:
+            self._http_server = HttpServer(
+                self.dataplane, self._v2, lambda: self._ready, settings.max_http_body_bytes
+            )
+            self.http_port = await self._http_server.start(
+                settings.host, settings.http_port, settings.shutdown_grace_seconds
+            )
         if settings.metrics_port is not None:
             self._metrics_server = start_metrics_server(
                 self.metrics.registry, settings.host, settings.metrics_port
             )
             self.metrics_port = self._metrics_server.server_port
         log.info(
-            "sparseserve listening: gRPC %s:%d, metrics %s; repository %s, model control %s",
-            settings.host, self.grpc_port, self.metrics_port or "off",
+            "sparseserve listening: gRPC %s:%d, HTTP %s, metrics %s; repository %s, "
+            "model control %s",
+            settings.host, self.grpc_port, self.http_port or "off", self.metrics_port or "off",
             self.registry.repository.root, settings.model_control.value,
         )  # fmt: skip
         log.info("hardware: %s", self.hardware.summary())
@@ -182,7 +195,8 @@ class SparseServeServer:
                     await task
         grace = self.settings.shutdown_grace_seconds
         log.info("sparseserve stopping: up to %.1fs for in-flight requests", grace)
-        await self._server.stop(grace)
+        # Both protocols drain at once, each within the grace period.
+        await asyncio.gather(self._server.stop(grace), self._stop_http())
         self._server = None
         await self.shadows.stop()
         await self.registry.close()
@@ -192,6 +206,11 @@ class SparseServeServer:
             self._metrics_server = None
         self._executor.shutdown(wait=True)
         log.info("sparseserve stopped")
+
+    async def _stop_http(self) -> None:
+        if self._http_server is not None:
+            await self._http_server.stop()
+            self._http_server = None
 
 
 def _bind_host(host: str) -> str:
@@ -228,6 +247,11 @@ async def serve(settings: Settings, ready_file: Path | None = None) -> int:
 def _write_ready_file(path: Path, server: SparseServeServer) -> None:
     """Tell a supervisor (or a test) the bound ports once the server is ready."""
     tmp = path.with_name(path.name + ".tmp")
-    info = {"pid": os.getpid(), "grpc_port": server.grpc_port, "metrics_port": server.metrics_port}
+    info = {
+        "pid": os.getpid(),
+        "grpc_port": server.grpc_port,
+        "http_port": server.http_port,
+        "metrics_port": server.metrics_port,
+    }
     tmp.write_text(json.dumps(info), encoding="utf-8")
     tmp.replace(path)
