@@ -270,6 +270,20 @@ def decode_json_data(name: str, dtype: Datatype, shape: Sequence[int], data: obj
         )
     # bfloat16 (ml_dtypes) is numpy kind "V"; its JSON values are numbers like FP16's.
     accepted = _JSON_KINDS.get(dtype.numpy.kind, "iuf")
+    # Integers beyond int64 (UINT64's upper half, or out of any range): numpy infers
+    # float64 (losing digits) or keeps Python ints; converting to the datatype itself is
+    # exact and checks the range.
+    if (
+        values.dtype.kind in "fO"
+        and dtype.numpy.kind in "iu"
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in _flatten(data))
+    ):
+        try:
+            return np.array(data, dtype=dtype.numpy).reshape(shape)
+        except OverflowError:
+            raise InvalidInput(
+                f"input {name!r}: a value is out of range for {dtype.name}"
+            ) from None
     if count and values.dtype.kind not in accepted:
         raise InvalidInput(
             f"input {name!r}: {dtype.name} data must be JSON {_JSON_KIND_NAMES[accepted]}, "
