@@ -11,6 +11,8 @@ import json
 import re
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -29,7 +31,8 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype, tri
 from sparseserve.repository.manifest import VariantManifest
 from sparseserve.server.process import ServerProcess
 from sparseserve.testing import onnx_models
-from tests.scrape import scrape, value
+from tests.integration.test_lifecycle import WIDTH, rows_lasting, wait_for
+from tests.scrape import inflight, scrape, value
 
 pytestmark = pytest.mark.integration
 
@@ -508,3 +511,46 @@ def test_readme_curl_examples_work_as_pasted(
             check=False,
         )
         assert done.returncode == 0, f"{command}\n{done.stdout!r}\n{done.stderr!r}"
+
+
+# -- shutdown ----------------------------------------------------------------------------
+
+
+def rest_ready(server: ServerProcess) -> bool:
+    """/v2/health/ready says yes (a refused or reset connection: no)."""
+    try:
+        return request(server, "GET", "/v2/health/ready")[0] == 200
+    except OSError:
+        return False
+
+
+def http_accepts_connections(server: ServerProcess) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", server.http_port or 0), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def test_sigterm_drains_a_rest_request_in_flight(
+    repository: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """On SIGTERM REST readiness turns false, the port closes, and the request in flight
+    is still answered before the process exits 0."""
+    server = start_server(repository, "--shutdown-grace", "10", "--load-model", "slow")
+    rows = rows_lasting(server, 1.5)
+    x = np.ones((rows, WIDTH), np.float32)
+
+    def run() -> np.ndarray:
+        with triton_http.InferenceServerClient(server.http_url, network_timeout=60) as client:
+            return client.infer("slow", [http_input("x", x, True)]).as_numpy("y")
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(run)
+        wait_for(lambda: inflight(server, "slow") >= 1, "the slow request starts running")
+        server.signal(signal.SIGTERM)
+        wait_for(lambda: not rest_ready(server), "REST readiness turns false")
+        wait_for(lambda: not http_accepts_connections(server), "the HTTP port closes")
+        assert not running.done(), "the in-flight request must still be running"
+        assert running.result(timeout=30).shape == (rows, WIDTH)
+    assert server.process is not None and server.process.wait(timeout=15) == 0
