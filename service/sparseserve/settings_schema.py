@@ -24,7 +24,14 @@ from sparseserve.settings import Settings
 
 # Settings the chart derives from its own values (ports, mounts, drain time); a user
 # who sets them in `config` is told where they belong by the schema's refusal.
-CHART_OWNED = ("repository", "host", "grpc_port", "metrics_port", "shutdown_grace_seconds")
+CHART_OWNED = (
+    "repository",
+    "host",
+    "grpc_port",
+    "http_port",
+    "metrics_port",
+    "shutdown_grace_seconds",
+)
 ROOT = "ServerSettings"
 GENERATED = (
     "generated from sparseserve.settings.Settings by `python -m sparseserve.settings_schema`"

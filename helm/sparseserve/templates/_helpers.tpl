@@ -80,6 +80,7 @@ updates the traffic policy file in place and the server's hot reload sees it. */
   "repository" .Values.models.mountPath
   "host" "0.0.0.0"
   "grpc_port" (int .Values.ports.grpc)
+  "http_port" (int .Values.ports.http)
   "metrics_port" (int .Values.ports.metrics)
   "shutdown_grace_seconds" .Values.shutdown.graceSeconds }}
 {{- toYaml (mustMergeOverwrite $config $owned) }}
@@ -129,4 +130,10 @@ updates the traffic policy file in place and the server's hot reload sees it. */
     - name: models
       mountPath: /repository
 {{- end }}
+{{- end }}
+
+{{/* "true" when the server serves v2 REST (config.allow_http, default true; sprig's
+`default` would turn an explicit false into true, hence hasKey). */}}
+{{- define "sparseserve.httpEnabled" -}}
+{{- if or (not (hasKey .Values.config "allow_http")) .Values.config.allow_http }}true{{ end }}
 {{- end }}
