@@ -383,14 +383,6 @@ def render_markdown(report: dict[str, Any]) -> str:
         "Triton's binary tensor data extension in and out. Median [min, max] over rounds; "
         "ratios to sparseserve with the same encoding, taken within each round.",
         "",
-        *machine_lines(
-            env,
-            [
-                f"- {LABELS[name]}: " + ", ".join(f"{k} {v}" for k, v in versions.items())
-                for name, versions in report["peer_versions"].items()
-            ],
-        ),
-        "",
     ]
     header = [
         "concurrency", "server / tensors", "req/s", "p50 ms", "p99 ms",
@@ -418,6 +410,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report["not_measured"]:
         lines += ["", "Not measured (the answer check failed, so the arm is not comparable):", ""]
         lines += [f"- {key}: `{why}`" for key, why in report["not_measured"].items()]
+    peers = [
+        f"- {LABELS[name]}: " + ", ".join(f"{k} {v}" for k, v in versions.items())
+        for name, versions in report["peer_versions"].items()
+    ]
+    lines += ["", "## Machine and versions", "", *machine_lines(env, peers)]
     return "\n".join(lines) + "\n"
 
 

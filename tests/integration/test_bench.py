@@ -73,3 +73,16 @@ def test_batching_runs_on_and_off(tmp_path: Path) -> None:
     assert {run["batching"] for run in report["runs"]} == {"on", "off"}
     on = [run for run in report["runs"] if run["batching"] == "on"]
     assert on[0]["average_batch_requests"] >= 1
+
+
+def test_rest_runs_sparseserve_with_json_and_binary_tensors(tmp_path: Path) -> None:
+    """sparseserve's arms only: the peers' venvs are built from PyPI on first use."""
+    report = run_bench(
+        "rest.py", tmp_path, "--servers", "sparseserve", "--rounds", "1",
+        "--concurrency", "2", "--requests", "100", "--warmup", "10",
+    )  # fmt: skip
+    level = report["summary"]["c=2"]
+    assert set(level) == {"sparseserve/json", "sparseserve/binary"}
+    for entry in level.values():
+        assert entry["requests_per_s"]["median"] > 0
+    assert report["not_measured"] == {}
