@@ -31,6 +31,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype, tri
 from sparseserve.repository.manifest import VariantManifest
 from sparseserve.server.process import ServerProcess
 from sparseserve.testing import onnx_models
+from tests import routing_repository
 from tests.integration.test_lifecycle import WIDTH, rows_lasting, wait_for
 from tests.scrape import inflight, scrape, value
 
@@ -438,6 +439,31 @@ def test_http_can_be_turned_off(
     server = start_server(repository, "--allow-http", "false", "--load-model", "identity")
     assert server.http_port is None
     assert "HTTP off" in server.log()
+
+
+def test_a_family_call_is_routed_and_shadowed_as_over_grpc(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """A REST request may name a family: the policy's variant answers (and says so), and
+    the request is shadowed once its answer has been sent."""
+    repository = routing_repository.build(tmp_path / "repository")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "families: {fam: {default: dense, shadow: {variants: [pruned50], fraction: 1}}}"
+    )
+    server = start_server(repository, "--traffic-policy", str(policy))
+    x = routing_repository.pixels(2)
+    with triton_http.InferenceServerClient(server.http_url) as client:
+        result = client.infer("fam", [http_input("input", x, True)])
+    assert result.get_response()["model_name"] == "fam.dense"
+
+    def compared() -> float:
+        return value(
+            scrape(server), "sparseserve_shadow_runs_total", family="fam",
+            variant="pruned50", baseline="dense", outcome="compared",
+        )  # fmt: skip
+
+    wait_for(lambda: compared() == 1, "the shadow run to be compared")
 
 
 # -- the metrics port ------------------------------------------------------------------
