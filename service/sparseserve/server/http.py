@@ -164,6 +164,8 @@ class HttpServer:
             if exc.status == 404:
                 return error_response(404, f"no v2 REST route {request.method} {request.path}")
             return error_response(exc.status, f"{exc.reason}: {request.method} {request.path}")
+        except ConnectionResetError:  # the client went away: nobody to answer
+            raise
         except Exception as exc:
             log.exception("unexpected error in %s %s", request.method, request.path)
             return error_response(500, f"internal error: {exc}")
