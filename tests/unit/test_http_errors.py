@@ -71,5 +71,6 @@ def test_a_route_check_applies_to_its_group_only() -> None:
 
     checks = {RouteGroup.inference: refuse}
     assert asyncio.run(_call(checks, "GET", "/v2/health/live")) == (200, None)
+    assert asyncio.run(_call({RouteGroup.health: refuse}, "HEAD", "/v2/health/live"))[0] == 400
     status, body = asyncio.run(_call(checks, "POST", "/v2/models/m/infer"))
     assert (status, body) == (400, {"error": "inference is restricted"})

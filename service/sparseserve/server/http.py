@@ -119,6 +119,8 @@ class HttpServer:
             ]
         for method, path, handler, group in routes:
             self._groups[app.router.add_route(method, path, handler)] = group
+            if method == "GET":  # HEAD too (curl -I, some probes), checked as its GET
+                self._groups[app.router.add_route("HEAD", path, handler)] = group
         return app
 
     def route_group(self, request: web.Request) -> RouteGroup | None:
