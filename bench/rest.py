@@ -120,19 +120,29 @@ class RestServer:
 # -- requests --------------------------------------------------------------------------
 
 
-def rest_request(
-    array: np.ndarray, encoding: str
-) -> tuple[list[triton_http.InferInput], list[triton_http.InferRequestedOutput]]:
-    """One ready-to-send request (inputs, requested outputs), reused across calls."""
+# What tritonclient.http.aio leaves to aiohttp's defaults, said outright: aiohttp labels
+# a bytes body application/octet-stream (KServe then reads a JSON request as binary and
+# refuses it) and asks for gzip (MLServer then compresses, and tritonclient, which reads
+# the body raw, cannot parse it). Every server gets the same headers.
+HEADERS = {
+    "json": {"Content-Type": "application/json", "Accept-Encoding": "identity"},
+    "binary": {"Content-Type": "application/octet-stream", "Accept-Encoding": "identity"},
+}
+Request = tuple[list[triton_http.InferInput], list[triton_http.InferRequestedOutput], str]
+
+
+def rest_request(array: np.ndarray, encoding: str) -> Request:
+    """One ready-to-send request (inputs, requested outputs, encoding), reused."""
     binary = encoding == "binary"
     tensor = triton_http.InferInput(INPUT_NAME, list(array.shape), "FP32")
     tensor.set_data_from_numpy(array, binary_data=binary)
-    return [tensor], [triton_http.InferRequestedOutput(OUTPUT_NAME, binary_data=binary)]
+    output = triton_http.InferRequestedOutput(OUTPUT_NAME, binary_data=binary)
+    return [tensor], [output], encoding
 
 
 async def drive(
     client: triton_http_aio.InferenceServerClient,
-    requests: Sequence[tuple[list[Any], list[Any]]],
+    requests: Sequence[Request],
     concurrency: int,
     max_requests: int,
     max_seconds: float,
@@ -150,10 +160,14 @@ async def drive(
         while sent < max_requests and time.perf_counter() < deadline:
             index = sent
             sent += 1
-            inputs, outputs = requests[index % len(requests)]
+            inputs, outputs, encoding = requests[index % len(requests)]
             started = time.perf_counter_ns()
             try:
-                result = await client.infer(MODEL_NAME, inputs, outputs=outputs)
+                # An id: KServe's REST answer fails its own validation without one.
+                result = await client.infer(
+                    MODEL_NAME, inputs, outputs=outputs, request_id=str(index),
+                    headers=dict(HEADERS[encoding]),
+                )  # fmt: skip
             except InferenceServerException as exc:
                 errors.append(str(exc))
                 continue
@@ -268,7 +282,7 @@ async def measure(
     client: triton_http_aio.InferenceServerClient,
     server: RestServer,
     arm: Arm,
-    requests: Sequence[tuple[list[Any], list[Any]]],
+    requests: Sequence[Request],
     concurrency: int,
     args: argparse.Namespace,
     round_index: int,
