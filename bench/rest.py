@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 import tempfile
 import time
@@ -397,6 +398,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         "Triton's binary tensor data extension in and out. Median [min, max] over rounds; "
         "ratios to sparseserve with the same encoding, taken within each round.",
         "",
+        f"Load average (1 min) on the machine: {report['load_average_1m']['before']:.1f} "
+        f"before, {report['load_average_1m']['after']:.1f} after, on {env['cpu_count']} "
+        "cores. Above the core count, absolute figures are inflated for every server alike; "
+        "the ratios, taken within each round, are what carries over.",
+        "",
     ]
     header = [
         "concurrency", "server / tensors", "req/s", "p50 ms", "p99 ms",
@@ -469,6 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name in args.servers
     }
     pin_thread(args.client_cpu)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="rest-bench-") as tmp_name:
         tmp = Path(tmp_name)
         model = onnx_models.mlp(tmp / "mlp_small.onnx", sizes=MODEL_SIZES)
@@ -485,6 +492,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "summary": as_dict(summarize(runs, arms, args.concurrency)),
         "not_measured": refused,
+        # The machine is shared: a load average above its core count inflates every
+        # server's CPU per request (cache misses, migrations); compare the ratios.
+        "load_average_1m": {"before": load_before[0], "after": os.getloadavg()[0]},
         "runs": runs,
     }
     write_results(args.output_dir, args.name, report, render_markdown(report))
