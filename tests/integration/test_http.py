@@ -580,3 +580,26 @@ def test_sigterm_drains_a_rest_request_in_flight(
         assert not running.done(), "the in-flight request must still be running"
         assert running.result(timeout=30).shape == (rows, WIDTH)
     assert server.process is not None and server.process.wait(timeout=15) == 0
+
+
+def test_zero_grace_cuts_a_rest_request_in_flight(
+    repository: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """--shutdown-grace 0 means no wait, as for gRPC (aiohttp reads a zero shutdown
+    timeout as "no timeout": the drain must not wait for the request instead)."""
+    server = start_server(repository, "--shutdown-grace", "0", "--load-model", "slow")
+    rows = rows_lasting(server, 1.5)
+    x = np.ones((rows, WIDTH), np.float32)
+
+    def run() -> np.ndarray:
+        with triton_http.InferenceServerClient(server.http_url, network_timeout=60) as client:
+            return client.infer("slow", [http_input("x", x, True)]).as_numpy("y")
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(run)
+        wait_for(lambda: inflight(server, "slow") >= 1, "the slow request starts running")
+        server.signal(signal.SIGTERM)
+        with pytest.raises(Exception) as cut:  # a reset, whatever its class
+            running.result(timeout=30)
+    assert not isinstance(cut.value, AssertionError)
+    assert server.process is not None and server.process.wait(timeout=15) == 0

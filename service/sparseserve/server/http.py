@@ -129,7 +129,11 @@ class HttpServer:
 
     async def start(self, host: str, port: int, shutdown_timeout: float) -> int:
         """Listen on `host:port` (0: any free port) and return the bound port."""
-        runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=shutdown_timeout)
+        # aiohttp reads a timeout of 0 as "no timeout" (wait for every handler), the
+        # opposite of a grace period of 0; the smallest positive one cuts at once.
+        runner = web.AppRunner(
+            self.app, access_log=None, shutdown_timeout=max(shutdown_timeout, 1e-3)
+        )
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=self._ssl_context)
         await site.start()
