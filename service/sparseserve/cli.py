@@ -17,16 +17,24 @@ from sparseserve import __version__
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
-        help="serve a model repository over the Open Inference Protocol (gRPC)",
+        help="serve a model repository over the Open Inference Protocol (gRPC and REST)",
         description="Serve a model repository over the Open Inference Protocol (KServe v2 / "
-        "Triton gRPC). Flags override SPARSESERVE_* environment variables, which override "
-        "the --config YAML file.",
+        "Triton, gRPC and HTTP/REST). Flags override SPARSESERVE_* environment variables, "
+        "which override the --config YAML file.",
     )
     p.add_argument("--config", type=Path, help="YAML file with any of the settings below")
     p.add_argument("--repository", type=Path, help="model repository (default: ./models)")
     p.add_argument("--host", help="bind address of both ports (default: 0.0.0.0)")
     p.add_argument("--grpc-address", help="bind address of the gRPC port (default: --host)")
     p.add_argument("--grpc-port", type=int, help="gRPC port, 0 = any free (default: 8001)")
+    p.add_argument("--http-port", type=int, help="v2 REST port, 0 = any free (default: 8000)")
+    p.add_argument(
+        "--allow-http",
+        type=_boolean,
+        metavar="true|false",
+        help="serve v2 REST on --http-port (default: true)",
+    )
+    p.add_argument("--max-http-body-bytes", type=int, help="default: 67108864 (64 MiB)")
     _grpc_security_arguments(p)
     p.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = any (default: 8002)")
     p.add_argument("--no-metrics", action="store_true", help="do not serve metrics")
@@ -75,7 +83,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--ready-file",
         type=Path,
-        help="once ready, write {pid, grpc_port, metrics_port} as JSON to this file",
+        help="once ready, write {pid, grpc_port, http_port, metrics_port} as JSON to this "
+        "file (http_port/metrics_port null when off)",
     )
 
 
@@ -109,6 +118,14 @@ def _grpc_security_arguments(p: argparse.ArgumentParser) -> None:
         help="RPC groups (comma-separated: health, metadata, inference, shared-memory, "
         "model-config, model-repository, statistics, trace, logging) that answer only calls "
         "with the header triton-grpc-protocol-KEY: VALUE (repeatable)",
+    )
+    p.add_argument(
+        "--http-restricted-api",
+        action="append",
+        dest="http_restricted_apis",
+        metavar="GROUPS:KEY=VALUE",
+        help="REST route groups (as --grpc-restricted-protocol) that answer only requests "
+        "with the header KEY: VALUE, else 403 (repeatable)",
     )
 
 
@@ -149,6 +166,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     names = (
         "repository", "host", "grpc_address", "grpc_port", "grpc_restricted_protocols",
+        "http_restricted_apis", "allow_http", "http_port", "max_http_body_bytes",
         "metrics_port", "model_control", "startup_models",
         "poll_interval_seconds", "max_message_bytes", "max_inflight_per_model",
         "max_inflight_request_bytes", "max_bytes_elements",
@@ -189,6 +207,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     configure_logging(settings.log_level, settings.log_format)
     return asyncio.run(serve(settings, args.ready_file))
+
+
+def _boolean(text: str) -> bool:
+    """A true/false flag value, spelled as Triton's flags take them."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _assume_gpus_argument(parser: argparse.ArgumentParser) -> None:

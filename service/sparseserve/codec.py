@@ -349,3 +349,99 @@ def encode_outputs(response: object, outputs: Mapping[str, np.ndarray]) -> None:
         dtype, raw = encode_raw(array)
         tensors.add(name=name, datatype=dtype.name, shape=array.shape)
         raws.append(raw)
+
+
+# -- JSON tensors (the v2 REST protocol's `data`) ------------------------------------
+
+# JSON value kinds (numpy's, as `np.array` infers them from JSON) each datatype accepts:
+# integers never take floats (1.5 would silently become 1), BOOL only takes true/false.
+_JSON_KINDS: Mapping[str, str] = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+_JSON_KIND_NAMES: Mapping[str, str] = {"b": "true/false", "iu": "integers", "iuf": "numbers"}
+
+
+def decode_json_data(name: str, dtype: Datatype, shape: Sequence[int], data: object) -> np.ndarray:
+    """A REST tensor's JSON `data` (row-major, flat or nested) -> array, checking the
+    element count against `shape` and that the values fit `dtype` (BYTES: strings)."""
+    if not isinstance(data, list):
+        raise InvalidInput(
+            f"input {name!r}: 'data' must be a JSON array, got {type(data).__name__}"
+        )
+    count = element_count(shape)
+    if dtype is BYTES:
+        flat = _flatten(data)
+        if len(flat) != count:
+            raise InvalidInput(
+                f"input {name!r}: data has {len(flat)} elements, shape {list(shape)} needs {count}"
+            )
+        if not all(isinstance(item, str) for item in flat):
+            raise InvalidInput(
+                f"input {name!r}: BYTES data must be JSON strings (send other bytes as binary data)"
+            )
+        array = np.empty(count, dtype=object)
+        array[:] = [item.encode("utf-8") for item in flat]
+        return array.reshape(shape)
+    try:
+        values = np.array(data)
+    except (ValueError, OverflowError):  # ragged nesting
+        raise InvalidInput(f"input {name!r}: data is not a regular (non-ragged) array") from None
+    if values.size != count:
+        raise InvalidInput(
+            f"input {name!r}: data has {values.size} elements, shape {list(shape)} needs {count}"
+        )
+    # bfloat16 (ml_dtypes) is numpy kind "V"; its JSON values are numbers like FP16's.
+    accepted = _JSON_KINDS.get(dtype.numpy.kind, "iuf")
+    # Integers beyond int64 (UINT64's upper half, or out of any range): numpy infers
+    # float64 (losing digits) or keeps Python ints; converting to the datatype itself is
+    # exact and checks the range.
+    if (
+        values.dtype.kind in "fO"
+        and dtype.numpy.kind in "iu"
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in _flatten(data))
+    ):
+        try:
+            return np.array(data, dtype=dtype.numpy).reshape(shape)
+        except OverflowError:
+            raise InvalidInput(
+                f"input {name!r}: a value is out of range for {dtype.name}"
+            ) from None
+    if count and values.dtype.kind not in accepted:
+        raise InvalidInput(
+            f"input {name!r}: {dtype.name} data must be JSON {_JSON_KIND_NAMES[accepted]}, "
+            f"got {_flatten(data)[0]!r}"
+        )
+    if count and dtype.numpy.kind in "iu":
+        limits = np.iinfo(dtype.numpy)
+        low, high = int(values.min()), int(values.max())
+        if low < limits.min or high > limits.max:
+            raise InvalidInput(
+                f"input {name!r}: value {low if low < limits.min else high} is out of range "
+                f"for {dtype.name} [{limits.min}, {limits.max}]"
+            )
+    return values.astype(dtype.numpy, copy=False).reshape(shape)
+
+
+def encode_json_data(name: str, array: np.ndarray) -> list[object]:
+    """Array -> the flat row-major list of a REST tensor's JSON `data` (BYTES as text)."""
+    flat = array.reshape(-1)
+    dtype = datatype_of(array)
+    if dtype is BYTES:
+        try:
+            return [item.decode("utf-8") if isinstance(item, bytes) else str(item) for item in flat]
+        except UnicodeDecodeError:
+            raise InvalidInput(
+                f"output {name!r} holds bytes that are not UTF-8 text, which JSON cannot "
+                "carry; request it with binary_data"
+            ) from None
+    if dtype.name == "BF16":  # ml_dtypes scalars are not JSON numbers
+        flat = flat.astype(np.float32)
+    return flat.tolist()
+
+
+def _flatten(data: list[object]) -> list[object]:
+    """Nested JSON arrays -> their elements in row-major order."""
+    if not any(isinstance(item, list) for item in data):
+        return data
+    flat: list[object] = []
+    for item in data:
+        flat.extend(_flatten(item) if isinstance(item, list) else [item])
+    return flat

@@ -63,6 +63,11 @@ class ProtocolRestricted(SparseServeError):
     """The RPC's group is restricted and the call lacks its header (Triton's status)."""
 
 
+class ApiRestricted(SparseServeError):
+    """The REST route's group is restricted and the request lacks its header (Triton's
+    HTTP endpoint answers 403)."""
+
+
 # Every error class -> gRPC status code name. The most specific class wins (MRO order).
 STATUS: dict[type[SparseServeError], str] = {
     SparseServeError: "INTERNAL",
@@ -79,6 +84,7 @@ STATUS: dict[type[SparseServeError], str] = {
     ShuttingDown: "UNAVAILABLE",
     # UNAVAILABLE, not PERMISSION_DENIED: what Triton answers, so clients behave the same.
     ProtocolRestricted: "UNAVAILABLE",
+    ApiRestricted: "PERMISSION_DENIED",
 }
 
 

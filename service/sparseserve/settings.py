@@ -339,13 +339,28 @@ class Settings(BaseSettings):
     repository: Path = Field(Path("models"), description="Model repository (Triton layout).")
     host: str = Field(
         "0.0.0.0",
-        description="Address the gRPC and metrics ports bind to (0.0.0.0: every interface, "
+        description="Address the gRPC, HTTP and metrics ports bind to (0.0.0.0: every interface, "
         "which a pod needs for its probes and Service; 127.0.0.1: this machine only).",
     )
     grpc_address: str | None = Field(
         None, description="Address the gRPC port binds to (Triton's --grpc-address); None: host."
     )
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    allow_http: bool = Field(
+        True,
+        description="Serve the v2 REST protocol (HTTP/JSON) on http_port (Triton's --allow-http).",
+    )
+    http_port: int = Field(
+        8000, ge=0, le=65535, description="v2 REST (HTTP) port; 0 picks a free one."
+    )
+    max_http_body_bytes: int = Field(
+        64 * MiB,
+        ge=1024,
+        le=2**31 - 1,
+        description="Largest HTTP request body accepted (larger ones are refused with 413). "
+        "JSON tensors cost far more memory than their bytes once parsed; send large "
+        "tensors as binary data.",
+    )
     metrics_port: int | None = Field(
         8002, ge=0, le=65535, description="Prometheus metrics port; 0 picks one, null disables."
     )
@@ -377,6 +392,12 @@ class Settings(BaseSettings):
         default_factory=list,
         description="RPC groups that need a header (Triton's --grpc-restricted-protocol, "
         "one entry per flag); each group in at most one entry.",
+    )
+    http_restricted_apis: list[ProtocolRestriction] = Field(
+        default_factory=list,
+        description="REST route groups that need a header (Triton's --http-restricted-api, "
+        "one entry per flag): a request without the header '<key>: <value>' is answered 403; "
+        "each group in at most one entry.",
     )
     model_control: ModelControl = ModelControl.explicit
     startup_models: list[str] = Field(
@@ -424,7 +445,7 @@ class Settings(BaseSettings):
         "machine (NVML, nvidia-smi). For tests and for forcing or disabling the GPU path.",
     )
 
-    @field_validator("grpc_restricted_protocols")
+    @field_validator("grpc_restricted_protocols", "http_restricted_apis")
     @classmethod
     def _each_group_once(cls, restrictions: list[ProtocolRestriction]) -> list[ProtocolRestriction]:
         seen: set[RestrictedGroup] = set()

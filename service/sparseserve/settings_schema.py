@@ -25,10 +25,10 @@ from sparseserve.settings import Settings
 # Settings the chart derives from its own values (ports, mounts, drain time); a user
 # who sets them in `config` is told where they belong by the schema's refusal.
 CHART_OWNED = (
-    "repository", "host", "grpc_address", "grpc_port", "metrics_port",
+    "repository", "host", "grpc_address", "grpc_port", "http_port", "metrics_port",
     "shutdown_grace_seconds",
     # From the values `tls` and `restrictedProtocols`, whose files come from Secrets.
-    "grpc_tls", "grpc_restricted_protocols",
+    "grpc_tls", "grpc_restricted_protocols", "http_restricted_apis",
 )  # fmt: skip
 ROOT = "ServerSettings"
 GENERATED = (

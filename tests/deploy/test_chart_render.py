@@ -102,7 +102,11 @@ def test_validation_catches_a_misspelt_field() -> None:
 
 def test_default_ports_are_the_servers_defaults() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
-    assert values["ports"] == {"grpc": DEFAULTS.grpc_port, "metrics": DEFAULTS.metrics_port}
+    assert values["ports"] == {
+        "http": DEFAULTS.http_port,
+        "grpc": DEFAULTS.grpc_port,
+        "metrics": DEFAULTS.metrics_port,
+    }
     assert values["shutdown"]["graceSeconds"] == DEFAULTS.shutdown_grace_seconds
 
 
@@ -111,7 +115,12 @@ def test_config_file_is_valid_settings_with_the_charts_ports(case) -> None:
     settings = server_config(documents)
     container = server_container(documents)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": settings.grpc_port, "metrics": settings.metrics_port}
+    assert ports == {
+        "grpc": settings.grpc_port,
+        "http": settings.http_port,
+        "metrics": settings.metrics_port,
+    }
+    assert settings.allow_http
     assert settings.host == "0.0.0.0"  # the kubelet probes the pod IP
     # Every setting of the values file reaches the server as written.
     loaded = settings.model_dump(mode="json")
@@ -189,14 +198,15 @@ def test_headless_service_lists_the_server_pods() -> None:
     assert len(of_kind(render(), "Service")) == 1  # off by default
 
 
-def test_service_exposes_named_grpc_and_metrics_ports(case) -> None:
+def test_service_exposes_named_grpc_http_and_metrics_ports(case) -> None:
     _, documents = case
     settings = server_config(documents)
     service = component(documents, "Service", "server")
     ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert ports["grpc"]["port"] == settings.grpc_port
+    assert ports["http"]["port"] == settings.http_port
     assert ports["metrics"]["port"] == settings.metrics_port
-    assert {p["targetPort"] for p in ports.values()} == {"grpc", "metrics"}
+    assert {p["targetPort"] for p in ports.values()} == {"grpc", "http", "metrics"}
     pod = component(documents, "Deployment", "server")["spec"]["template"]["metadata"]
     assert service["spec"]["selector"].items() <= pod["labels"].items()
 
@@ -371,7 +381,7 @@ def test_network_policy_opens_the_servers_ports() -> None:
     settings = server_config(documents)
     policy = component(documents, "NetworkPolicy", "server")
     ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
-    assert ports == {settings.grpc_port, settings.metrics_port}
+    assert ports == {settings.grpc_port, settings.http_port, settings.metrics_port}
     triton = component(documents, "NetworkPolicy", "triton")
     (grpc_rule,) = (r for r in triton["spec"]["ingress"] if r["ports"][0]["port"] == 8001)
     server_labels = component(documents, "Deployment", "server")["spec"]["template"]["metadata"][
@@ -494,6 +504,7 @@ def test_model_repository_is_restricted_by_default_with_a_generated_secret() -> 
     documents = render()
     settings = server_config(documents)
     (restriction,) = settings.grpc_restricted_protocols
+    assert settings.http_restricted_apis == [restriction]  # REST is no way around it
     assert [g.value for g in restriction.groups] == ["model-repository"]
     assert restriction.key == "admin-key" and restriction.value is None
     assert restriction.value_file is not None
@@ -538,3 +549,21 @@ def test_restricting_health_turns_the_probes_into_commands() -> None:
     values = {"restrictedProtocols": [{"groups": ["health"], "key": "k", "secretKey": "v"}]}
     container = server_container(render(values))
     assert all("exec" in container[f"{n}Probe"] for n in ("startup", "liveness", "readiness"))
+
+
+def test_rest_turned_off_leaves_its_port_out_and_probes_stay_on_grpc() -> None:
+    documents = render({**EVERYTHING_ON, "config": {"allow_http": False}})
+    settings = server_config(documents)
+    assert not settings.allow_http
+    container = server_container(documents)
+    assert {p["name"] for p in container["ports"]} == {"grpc", "metrics"}
+    service = component(documents, "Service", "server")
+    assert {p["name"] for p in service["spec"]["ports"]} == {"grpc", "metrics"}
+    policy = component(documents, "NetworkPolicy", "server")
+    ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert settings.http_port not in ports
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["grpc"]["port"] == settings.grpc_port
+    default = server_container(render())
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert default[probe]["grpc"]["port"] == settings.grpc_port

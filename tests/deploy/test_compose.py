@@ -81,7 +81,7 @@ def test_ports_healthcheck_and_drain(stack, monkeypatch: pytest.MonkeyPatch) -> 
     service = stack["services"]["sparseserve"]
     settings = server_settings(service, monkeypatch)
     published = {int(p["target"]) for p in service["ports"]}
-    assert published == {settings.grpc_port, settings.metrics_port}
+    assert published == {settings.grpc_port, settings.http_port, settings.metrics_port}
     assert settings.repository == Path("/models")
     assert {v["target"] for v in service["volumes"]} == {str(settings.repository)}
     assert all(v["read_only"] for v in service["volumes"])

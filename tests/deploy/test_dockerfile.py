@@ -91,6 +91,7 @@ def test_images_expose_the_servers_ports_and_check_health(image: str) -> None:
         **{k.removeprefix(prefix).lower(): v for k, v in env.items() if k.startswith(prefix)}
     )
     assert {int(p) for p in last(image, "EXPOSE").value} == {
+        settings.http_port,
         settings.grpc_port,
         settings.metrics_port,
     }

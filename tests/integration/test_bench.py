@@ -93,3 +93,16 @@ def test_request_memory_runs_both_scenarios(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "request_memory.json").read_text())
     assert report["concurrent"]["statuses"] == {"OK": 2}
     assert report["invalid"]["statuses"] == {"INVALID_ARGUMENT": 2}
+
+
+def test_rest_runs_sparseserve_with_json_and_binary_tensors(tmp_path: Path) -> None:
+    """sparseserve's arms only: the peers' venvs are built from PyPI on first use."""
+    report = run_bench(
+        "rest.py", tmp_path, "--servers", "sparseserve", "--rounds", "1",
+        "--concurrency", "2", "--requests", "100", "--warmup", "10",
+    )  # fmt: skip
+    level = report["summary"]["c=2"]
+    assert set(level) == {"sparseserve/json", "sparseserve/binary"}
+    for entry in level.values():
+        assert entry["requests_per_s"]["median"] > 0
+    assert report["not_measured"] == {}

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import queue
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -207,6 +210,39 @@ def test_refused_large_requests_give_their_bytes_back_to_the_budget(
             assert error.message() == expecting("triton-grpc-protocol-infer-key")
         result = client.infer("wide", [tensor], headers={"triton-grpc-protocol-infer-key": "k"})
         assert result.as_numpy("output").shape == (2, 4)
+
+
+def test_rest_routes_are_restricted_by_their_own_flag(
+    small_repository: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """Triton's --http-restricted-api: a restricted group answers 403 with Triton's message
+    unless the request carries the header `<key>: <value>`; other groups stay open."""
+    server = start_server(
+        small_repository, "--http-restricted-api", "model-repository,statistics:admin-key=s3cret"
+    )
+    base = f"http://{server.http_url}"
+
+    def call(method: str, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+        body = b"{}" if method == "POST" else None
+        sent = urllib.request.Request(base + path, data=body, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(sent, timeout=10) as answer:
+                return answer.status, answer.read()
+        except urllib.error.HTTPError as error:
+            with error:
+                return error.code, error.read()
+
+    for method, path in (("POST", "/v2/repository/index"), ("GET", "/v2/models/stats")):
+        status, body = call(method, path, {})
+        assert status == 403, body
+        assert json.loads(body) == {"error": "This API is restricted, expecting header 'admin-key'"}
+        assert call(method, path, {"admin-key": "wrong"})[0] == 403
+        assert call(method, path, {"Admin-Key": "s3cret"})[0] == 200
+    assert call("GET", "/v2/health/ready", {})[0] == 200
+    assert call("GET", "/v2/models/mlp", {})[0] == 200
+    # The gRPC port has its own flag: not restricted here.
+    with triton.InferenceServerClient(server.grpc_url) as client:
+        assert client.get_model_repository_index() is not None
 
 
 def serve_exit(repository: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -1,14 +1,18 @@
 """TLS and mutual TLS on the gRPC port, with Triton's flags, against a real server and
 tritonclient: what works, what is refused, certificate rotation without a restart, and
-the one-line errors for TLS files the server cannot use."""
+the one-line errors for TLS files the server cannot use. The REST port serves TLS from
+the same files, and follows their rotation too."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -192,6 +196,40 @@ def trusts(url: str, ca_file: Path) -> bool:
             return False
 
 
+def rest_get(url: str, path: str, ca_file: Path, client: tuple[Path, Path] | None = None) -> int:
+    """The status of a GET over HTTPS that trusts only `ca_file` (presenting `client`)."""
+    context = ssl.create_default_context(cafile=str(ca_file))
+    if client is not None:
+        context.load_cert_chain(*client)
+    with urllib.request.urlopen(f"https://{url}{path}", context=context, timeout=5) as answer:
+        return int(answer.status)
+
+
+def rest_trusts(url: str, ca_file: Path) -> bool:
+    try:
+        return rest_get(url, "/v2/health/live", ca_file) == 200
+    except (urllib.error.URLError, ssl.SSLError, ConnectionError):
+        return False
+
+
+def test_rest_serves_tls_from_the_same_files(tls_server: tuple[ServerProcess, Path]) -> None:
+    """With --grpc-use-ssl the REST port is HTTPS too: a plaintext request is refused."""
+    server, ca_file = tls_server
+    assert rest_get(server.http_url, "/v2/health/ready", ca_file) == 200
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready", timeout=5)
+
+
+def test_rest_under_mutual_tls_needs_a_client_certificate(
+    mtls_server: tuple[ServerProcess, Path], ca: TestCA, tmp_path: Path
+) -> None:
+    server, ca_file = mtls_server
+    client = ca.client().write(tmp_path, "client")
+    assert rest_get(server.http_url, "/v2/models/mlp", ca_file, client) == 200
+    with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+        rest_get(server.http_url, "/v2/models/mlp", ca_file)
+
+
 def eventually(condition: Callable[[], bool], seconds: float = 15.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -227,6 +265,8 @@ def test_rotated_certificate_files_serve_new_connections(
         cert.write_bytes(rotated.cert)
         assert eventually(lambda: trusts(server.grpc_url, new_ca_file))
         assert not trusts(server.grpc_url, old_ca_file)
+        assert eventually(lambda: rest_trusts(server.http_url, new_ca_file))
+        assert not rest_trusts(server.http_url, old_ca_file)
         # A connection made before the rotation carries on.
         assert open_before.is_server_live(client_timeout=5)
     log = server.log()

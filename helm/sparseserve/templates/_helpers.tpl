@@ -80,6 +80,7 @@ updates the traffic policy file in place and the server's hot reload sees it. */
   "repository" .Values.models.mountPath
   "host" "0.0.0.0"
   "grpc_port" (int .Values.ports.grpc)
+  "http_port" (int .Values.ports.http)
   "metrics_port" (int .Values.ports.metrics)
   "shutdown_grace_seconds" .Values.shutdown.graceSeconds }}
 {{- if .Values.tls.enabled }}
@@ -100,6 +101,9 @@ updates the traffic policy file in place and the server's hot reload sees it. */
 {{- end }}
 {{- if $restrictions }}
 {{- $_ := set $owned "grpc_restricted_protocols" $restrictions }}
+{{- /* The REST port is restricted alike (header <key>, not triton-grpc-protocol-<key>):
+a restriction that REST did not share would be bypassed through it. */}}
+{{- $_ := set $owned "http_restricted_apis" $restrictions }}
 {{- end }}
 {{- toYaml (mustMergeOverwrite $config $owned) }}
 {{- end }}
@@ -208,4 +212,10 @@ grpc:
     - name: models
       mountPath: /repository
 {{- end }}
+{{- end }}
+
+{{/* "true" when the server serves v2 REST (config.allow_http, default true; sprig's
+`default` would turn an explicit false into true, hence hasKey). */}}
+{{- define "sparseserve.httpEnabled" -}}
+{{- if or (not (hasKey .Values.config "allow_http")) .Values.config.allow_http }}true{{ end }}
 {{- end }}

@@ -1,8 +1,9 @@
-"""The server process: build the parts, serve gRPC and metrics, and shut down cleanly.
+"""The server process: build the parts, serve gRPC, REST and metrics, and shut down cleanly.
 
 Shutdown (SIGTERM on every Kubernetes rollout, or SIGINT): health turns NOT_SERVING
-first, the gRPC server stops taking new calls and lets in-flight ones finish within the
-grace period, models are unloaded, and the process exits 0.
+(and REST readiness false) first, the gRPC and REST servers stop taking new calls and let
+in-flight ones finish within the grace period, models are unloaded, and the process
+exits 0.
 """
 
 from __future__ import annotations
@@ -33,9 +34,15 @@ from sparseserve.routing.router import Router
 from sparseserve.routing.shadow import ShadowRunner
 from sparseserve.routing.traffic import PolicyFile
 from sparseserve.server.errors import add_mapping_errors
+from sparseserve.server.http import HttpServer, restriction_checks
 from sparseserve.server.metrics_http import start_metrics_server
 from sparseserve.server.predict_servicer import PredictServicer
-from sparseserve.server.security import RestrictingServer, Restrictions, server_credentials
+from sparseserve.server.security import (
+    ReloadingSSLContext,
+    RestrictingServer,
+    Restrictions,
+    server_credentials,
+)
 from sparseserve.server.v2_servicer import V2Servicer
 from sparseserve.server.wire import RequestBytesBudget
 from sparseserve.settings import GrpcTlsSettings, ModelControl, Settings
@@ -45,6 +52,8 @@ log = logging.getLogger(__name__)
 
 V2_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 V1_SERVICE = service_pb2.DESCRIPTOR.services_by_name["SparseServe"].full_name
+# How often the REST port's certificate files are checked for a rotation.
+HTTP_TLS_CHECK_SECONDS = 2.0
 SERVICES = ("", V2_SERVICE, V1_SERVICE)  # what the health service reports on
 
 
@@ -83,12 +92,19 @@ class SparseServeServer:
         )
         self.request_budget = RequestBytesBudget(settings.max_inflight_request_bytes)
         self._health = health.aio.HealthServicer()
+        self._v2 = V2Servicer(
+            self.dataplane, self.registry, lambda: self._ready, settings.max_bytes_elements
+        )
         self._server: grpc.aio.Server | None = None
+        self._http_server: HttpServer | None = None
         self._metrics_server: WSGIServer | None = None
         self._poller: asyncio.Task[None] | None = None
         self._policy_watcher: asyncio.Task[None] | None = None
+        self._http_tls: ReloadingSSLContext | None = None
+        self._http_tls_watcher: asyncio.Task[None] | None = None
         self._ready = False
         self.grpc_port = 0
+        self.http_port: int | None = None
         self.metrics_port: int | None = None
 
     @property
@@ -117,9 +133,7 @@ class SparseServeServer:
         admit = self.request_budget.admit
         add_mapping_errors(
             grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
-            V2Servicer(
-                self.dataplane, self.registry, lambda: self._ready, settings.max_bytes_elements
-            ),
+            self._v2,
             restricted,
             deserializers={"ModelInfer": admit, "ModelStreamInfer": admit},
         )
@@ -141,15 +155,35 @@ class SparseServeServer:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
+        if settings.allow_http:
+            # REST shares the gRPC port's certificate files (and follows their rotation)
+            # and is restricted by its own flag, as in Triton.
+            if tls.enabled:
+                self._http_tls = ReloadingSSLContext(tls)
+                self._http_tls_watcher = asyncio.create_task(self._watch_http_tls())
+            self._http_server = HttpServer(
+                self.dataplane,
+                self._v2,
+                lambda: self._ready,
+                settings.max_http_body_bytes,
+                route_checks=restriction_checks(
+                    Restrictions.for_http(settings.http_restricted_apis)
+                ),
+                ssl_context=None if self._http_tls is None else self._http_tls.context,
+            )
+            self.http_port = await self._http_server.start(
+                settings.host, settings.http_port, settings.shutdown_grace_seconds
+            )
         if settings.metrics_port is not None:
             self._metrics_server = start_metrics_server(
                 self.metrics.registry, settings.host, settings.metrics_port
             )
             self.metrics_port = self._metrics_server.server_port
         log.info(
-            "sparseserve listening: gRPC %s:%d (%s), metrics %s; repository %s, model control %s",
+            "sparseserve listening: gRPC %s:%d (%s), HTTP %s, metrics %s; repository %s, "
+            "model control %s",
             settings.grpc_address or settings.host, self.grpc_port, _transport(tls),
-            self.metrics_port or "off", self.registry.repository.root,
+            self.http_port or "off", self.metrics_port or "off", self.registry.repository.root,
             settings.model_control.value,
         )  # fmt: skip
         log.info("restricted RPC groups: %s", restrictions.describe())
@@ -180,6 +214,18 @@ class SparseServeServer:
             except Exception:  # a bad pass must not end polling
                 log.exception("repository poll failed")
 
+    async def _watch_http_tls(self) -> None:
+        """gRPC's core checks the certificate files at every handshake; the REST port's
+        SSLContext is checked here, every few seconds, and reloaded in place."""
+        assert self._http_tls is not None
+        while True:
+            await asyncio.sleep(HTTP_TLS_CHECK_SECONDS)
+            try:
+                if self._http_tls.refresh():
+                    log.info("REST TLS: new connections use the new certificate files")
+            except Exception:  # a bad pass must not end watching
+                log.exception("REST TLS certificate check failed")
+
     async def _watch_policy(self) -> None:
         """Hot reload: apply the policy file whenever it changes (a bad file is logged
         and leaves the policy in force as it was)."""
@@ -197,14 +243,15 @@ class SparseServeServer:
         self._ready = False
         # NOT_SERVING first, so load balancers stop sending before the port closes.
         await self._health.enter_graceful_shutdown()
-        for task in (self._poller, self._policy_watcher):
+        for task in (self._poller, self._policy_watcher, self._http_tls_watcher):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         grace = self.settings.shutdown_grace_seconds
         log.info("sparseserve stopping: up to %.1fs for in-flight requests", grace)
-        await self._server.stop(grace)
+        # Both protocols drain at once, each within the grace period.
+        await asyncio.gather(self._server.stop(grace), self._stop_http())
         self._server = None
         await self.shadows.stop()
         await self.registry.close()
@@ -215,6 +262,11 @@ class SparseServeServer:
         self._executor.shutdown(wait=True)
         self._codec_executor.shutdown(wait=True)
         log.info("sparseserve stopped")
+
+    async def _stop_http(self) -> None:
+        if self._http_server is not None:
+            await self._http_server.stop()
+            self._http_server = None
 
 
 def _bind_host(host: str) -> str:
@@ -260,6 +312,11 @@ async def serve(settings: Settings, ready_file: Path | None = None) -> int:
 def _write_ready_file(path: Path, server: SparseServeServer) -> None:
     """Tell a supervisor (or a test) the bound ports once the server is ready."""
     tmp = path.with_name(path.name + ".tmp")
-    info = {"pid": os.getpid(), "grpc_port": server.grpc_port, "metrics_port": server.metrics_port}
+    info = {
+        "pid": os.getpid(),
+        "grpc_port": server.grpc_port,
+        "http_port": server.http_port,
+        "metrics_port": server.metrics_port,
+    }
     tmp.write_text(json.dumps(info), encoding="utf-8")
     tmp.replace(path)

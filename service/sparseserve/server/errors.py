@@ -1,4 +1,5 @@
-"""The one place where errors become gRPC statuses: every unary handler of sparseserve's
+"""The one place where errors become gRPC statuses (and, for the REST adapter, HTTP
+statuses, derived from the gRPC status by one more table): every unary handler of sparseserve's
 services is wrapped, once, when it is registered, so that `SparseServeError`s become the
 status of `sparseserve.errors.STATUS`, and an unexpected exception becomes INTERNAL with
 its message (and a logged traceback) instead of gRPC's bare UNKNOWN.
@@ -37,8 +38,30 @@ class HandlerRegistry(Protocol):
     ) -> None: ...
 
 
+# gRPC status code name -> HTTP status, the pairs google.rpc.Code documents; Triton's HTTP
+# endpoint agrees wherever it has the code (400 invalid, 404 not found, 503 unavailable,
+# 500 internal). Overload is 429 (Triton says 503 "exceeds maximum queue size"): a client
+# or proxy can tell "slow down" from "this replica is down". Every code in
+# `sparseserve.errors.STATUS` has a row (tested).
+HTTP_STATUS: dict[str, int] = {
+    "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 429,
+    "INTERNAL": 500,
+    "UNIMPLEMENTED": 501,
+    "UNAVAILABLE": 503,
+}
+
+
 def grpc_status(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode[status_of(error)]
+
+
+def http_status(error: BaseException) -> int:
+    """The HTTP status the REST adapter answers `error` with (500 if unmapped)."""
+    return HTTP_STATUS.get(status_of(error), 500)
 
 
 Deserializer = Callable[[bytes], Any]

@@ -17,9 +17,10 @@ from types import TracebackType
 class ServerProcess:
     """``with ServerProcess(repo) as server: server.grpc_url ...``
 
-    Starts the server on port 0 (the kernel picks free ports), waits for the ready file
-    the server writes once its startup models are loaded, and on exit sends SIGTERM and
-    waits for a clean stop. `extra_args` are passed to `sparseserve serve`.
+    Starts the server with gRPC, HTTP and metrics on port 0 (the kernel picks free
+    ports), waits for the ready file the server writes once its startup models are
+    loaded, and on exit sends SIGTERM and waits for a clean stop. `extra_args` are
+    passed to `sparseserve serve`.
     """
 
     def __init__(
@@ -41,12 +42,18 @@ class ServerProcess:
         self.ready_file = Path(self._tmp.name) / "ready.json"
         self.process: subprocess.Popen[bytes] | None = None
         self.grpc_port = 0
+        self.http_port: int | None = None
         self.metrics_port: int | None = None
         self.returncode: int | None = None
 
     @property
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """host:port of the v2 REST endpoint, as tritonclient.http takes it."""
+        return f"127.0.0.1:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:
@@ -66,7 +73,7 @@ class ServerProcess:
         command = [
             sys.executable, "-m", "sparseserve", "serve",
             "--repository", str(self.repository),
-            "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+            "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
             "--ready-file", str(self.ready_file),
             *self.extra_args,
         ]  # fmt: skip
@@ -92,6 +99,7 @@ class ServerProcess:
             time.sleep(0.02)
         info = json.loads(self.ready_file.read_text())
         self.grpc_port = info["grpc_port"]
+        self.http_port = info.get("http_port")
         self.metrics_port = info["metrics_port"]
         return self
 

@@ -429,6 +429,37 @@ def ssl_context(tls: GrpcTlsSettings) -> ssl.SSLContext:
     return context
 
 
+def api_restricted_message(header: str) -> str:
+    """Triton's HTTP answer (403) to a request of a restricted group without the header."""
+    return f"This API is restricted, expecting header '{header}'"
+
+
+class ReloadingSSLContext:
+    """The REST port's TLS: an SSLContext from the gRPC port's files, whose certificate
+    is replaced in place when the files change and check out (`refresh`), so new
+    handshakes get the new one; a half-written rotation keeps the old, as on gRPC."""
+
+    def __init__(self, tls: GrpcTlsSettings):
+        self._tls = tls
+        self._changes = ReloadingCertificates(tls)
+        self.context = ssl_context(tls)
+
+    def refresh(self) -> bool:
+        """Load the files into the live context if they changed and check out."""
+        if self._changes() is None:
+            return False
+        tls = self._tls
+        assert tls.server_cert is not None
+        try:
+            self.context.load_cert_chain(tls.server_cert, tls.server_key, password=_no_password)
+            if tls.mutual and tls.root_cert is not None:
+                self.context.load_verify_locations(cafile=tls.root_cert)
+        except (ssl.SSLError, OSError, ValueError) as exc:  # changed again since the check
+            log.warning("REST TLS files changed but could not be loaded: %s", _ssl_reason(exc))
+            return False
+        return True
+
+
 def health_check_access(
     settings: Settings,
     *,

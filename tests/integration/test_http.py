@@ -1,0 +1,605 @@
+"""The v2 REST endpoint, as its users see it: `tritonclient.http` (sync and asyncio, JSON
+and binary tensors) and raw HTTP requests (the README's curl examples, and the bad input
+tritonclient cannot send) against the real server process. Also the metrics port, which
+serves `/metrics` and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+import tritonclient.http.aio as triton_http_aio
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
+
+from sparseserve.repository.manifest import VariantManifest
+from sparseserve.server.process import ServerProcess
+from sparseserve.testing import onnx_models
+from tests import routing_repository
+from tests.integration.test_lifecycle import WIDTH, rows_lasting, wait_for
+from tests.scrape import inflight, scrape, value
+
+pytestmark = pytest.mark.integration
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+# Every datatype a JSON tensor can carry (FP16 and BF16 travel as binary data in practice,
+# and tritonclient cannot put BF16 in numpy at all).
+JSON_DATATYPES = tuple(dt for dt in onnx_models.ELEMENT_TYPES if dt not in ("FP16", "BF16"))
+BINARY_DATATYPES = tuple(dt for dt in onnx_models.ELEMENT_TYPES if dt != "BF16")
+
+
+# -- helpers --------------------------------------------------------------------------
+
+
+def request(
+    server: ServerProcess,
+    method: str,
+    path: str,
+    body: bytes | str | dict[str, object] | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One raw HTTP request to the server's REST port: (status, headers, body)."""
+    if isinstance(body, dict):
+        body = json.dumps(body)
+    if isinstance(body, str):
+        body = body.encode()
+    call = urllib.request.Request(
+        f"http://{server.http_url}{path}", data=body, method=method, headers=headers or {}
+    )
+    try:
+        with urllib.request.urlopen(call, timeout=30) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, dict(error.headers), error.read()
+
+
+def error_of(server: ServerProcess, method: str, path: str, body: object = None) -> tuple[int, str]:
+    """(status, the `error` of the JSON body) of a request that fails."""
+    status, headers, raw = request(server, method, path, body)  # type: ignore[arg-type]
+    assert status >= 400, raw
+    assert headers["Content-Type"].startswith("application/json")
+    return status, json.loads(raw)["error"]
+
+
+def mlp_rows(rows: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, 64)).astype(np.float32)
+
+
+def http_input(name: str, array: np.ndarray, binary: bool) -> triton_http.InferInput:
+    tensor = triton_http.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+    tensor.set_data_from_numpy(array, binary_data=binary)
+    return tensor
+
+
+def grpc_answer(server: ServerProcess, model: str, name: str, array: np.ndarray) -> np.ndarray:
+    """What the gRPC endpoint answers: the reference the REST answers must equal."""
+    with triton_grpc.InferenceServerClient(server.grpc_url) as client:
+        tensor = triton_grpc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        return client.infer(model, [tensor]).as_numpy("output")
+
+
+def assert_serves(server: ServerProcess) -> None:
+    """The server still answers a good request."""
+    with triton_http.InferenceServerClient(server.http_url) as client:
+        x = mlp_rows(1)
+        result = client.infer("mlp", [http_input("input", x, binary=True)])
+        assert result.as_numpy("output").shape == (1, 10)
+
+
+def edge_values(datatype: str) -> np.ndarray:
+    """A [2, 3] tensor of `datatype` holding values most likely to be mangled."""
+    if datatype == "BOOL":
+        return np.array([[True, False, True], [False, False, True]])
+    if datatype == "BYTES":
+        return np.array([["", "héllo wörld", "日本語 ✓"], ["a\x00b", "plain", "🎉"]], dtype=object)
+    dtype = np.dtype(triton_to_np_dtype(datatype))
+    if dtype.kind == "f":
+        info = np.finfo(dtype)
+        return np.array([[info.min, info.max, -0.0], [np.inf, info.smallest_subnormal, 1.5]], dtype)
+    info = np.iinfo(dtype)
+    return np.array([[info.min, info.max, 0], [1, info.max - 1, info.min + 1]], dtype=dtype)
+
+
+@pytest.fixture
+def http_client(server: ServerProcess) -> Iterator[triton_http.InferenceServerClient]:
+    with triton_http.InferenceServerClient(server.http_url) as client:
+        yield client
+
+
+# -- health, metadata, config, statistics ---------------------------------------------
+
+
+def test_health_and_server_metadata(
+    server: ServerProcess, http_client: triton_http.InferenceServerClient
+) -> None:
+    assert http_client.is_server_live()
+    assert http_client.is_server_ready()
+    assert http_client.is_model_ready("mlp")
+    assert http_client.is_model_ready("versioned", "2")
+    assert not http_client.is_model_ready("versioned", "9")
+    assert not http_client.is_model_ready("no_such_model")
+    assert not http_client.is_model_ready("corrupt")
+    metadata = http_client.get_server_metadata()
+    assert metadata["name"] == "sparseserve"
+    assert set(metadata["extensions"]) >= {"model_repository", "statistics"}
+    # A false answer says why, for a human reading it with curl.
+    status, reason = error_of(server, "GET", "/v2/models/corrupt/ready")
+    assert status == 400 and "corrupt" in reason
+
+
+def test_model_metadata_and_config(http_client: triton_http.InferenceServerClient) -> None:
+    assert http_client.get_model_metadata("mlp") == {
+        "name": "mlp",
+        "versions": ["1"],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}],
+        "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 10]}],
+    }
+    assert http_client.get_model_metadata("versioned", "2")["versions"] == ["1", "2", "3"]
+    config = http_client.get_model_config("mlp")
+    assert config["name"] == "mlp"
+    assert config["input"][0]["dims"] == [-1, 64]  # numbers, as Triton writes them
+    assert config["input"][0]["data_type"] == "TYPE_FP32"
+    with pytest.raises(InferenceServerException) as info:
+        http_client.get_model_metadata("no_such_model")
+    assert info.value.status() == "404" and "no_such_model" in info.value.message()
+
+
+def test_statistics_count_rest_requests(http_client: triton_http.InferenceServerClient) -> None:
+    def successes() -> int:
+        (stats,) = http_client.get_inference_statistics("multi_io")["model_stats"]
+        return stats["inference_stats"]["success"]["count"]
+
+    before = successes()
+    inputs = [http_input("a", np.ones((1, 4), np.float32), True)]
+    inputs.append(http_input("b", np.ones((1, 4), np.int64), True))
+    http_client.infer("multi_io", inputs)
+    assert successes() == before + 1
+    every = http_client.get_inference_statistics()["model_stats"]
+    assert {"mlp", "multi_io", "identity"} <= {s["name"] for s in every}
+    assert isinstance(every[0]["inference_count"], int)
+    with pytest.raises(InferenceServerException) as info:
+        http_client.get_inference_statistics("no_such_model")
+    assert info.value.status() == "404"
+
+
+# -- inference ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("binary_in", [True, False], ids=["binary-in", "json-in"])
+@pytest.mark.parametrize("binary_out", [True, False, None], ids=["binary", "json", "default"])
+def test_infer_matches_grpc(
+    server: ServerProcess,
+    http_client: triton_http.InferenceServerClient,
+    binary_in: bool,
+    binary_out: bool | None,
+) -> None:
+    """JSON or binary inputs and outputs: the same numbers as the gRPC endpoint."""
+    x = mlp_rows(3, seed=1)
+    outputs = None
+    if binary_out is not None:
+        outputs = [triton_http.InferRequestedOutput("output", binary_data=binary_out)]
+    result = http_client.infer(
+        "mlp", [http_input("input", x, binary_in)], outputs=outputs, request_id="r-1"
+    )
+    answer = result.get_response()
+    assert answer["model_name"] == "mlp" and answer["model_version"] == "1"
+    assert answer["id"] == "r-1"
+    (output,) = answer["outputs"]
+    # No outputs named: tritonclient asks for binary ones (binary_data_output).
+    assert ("binary_data_size" in output.get("parameters", {})) == (binary_out is not False)
+    # JSON carries float32 values exactly (as their shortest float64 repr).
+    np.testing.assert_array_equal(result.as_numpy("output"), grpc_answer(server, "mlp", "input", x))
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_every_datatype_round_trips(
+    http_client: triton_http.InferenceServerClient, binary: bool
+) -> None:
+    datatypes = BINARY_DATATYPES if binary else JSON_DATATYPES
+    arrays = {dt: edge_values(dt) for dt in datatypes}
+    inputs, outputs = [], []
+    for dt in onnx_models.ELEMENT_TYPES:
+        array = arrays.get(dt)
+        if array is None:  # BF16 (and FP16 in JSON): one binary element nobody looks at
+            tensor = triton_http.InferInput(f"in_{dt}", [1, 1], dt)
+            tensor.set_data_from_numpy(np.zeros((1, 1), np.float32 if dt == "BF16" else "f2"))
+            inputs.append(tensor)
+            continue
+        inputs.append(http_input(f"in_{dt}", array, binary))
+        outputs.append(triton_http.InferRequestedOutput(f"out_{dt}", binary_data=binary))
+    result = http_client.infer("identity", inputs, outputs=outputs)
+    for dt, sent in arrays.items():
+        got = result.as_numpy(f"out_{dt}")
+        if dt == "BYTES":
+            # Binary BYTES come back as bytes, JSON ones as text.
+            expected = [s.encode() if binary else s for s in sent.reshape(-1)]
+            assert list(got.reshape(-1)) == expected
+        else:
+            assert got.dtype == sent.dtype, dt
+            np.testing.assert_array_equal(got, sent, err_msg=dt)
+        assert got.shape == sent.shape
+
+
+def test_asyncio_client(server: ServerProcess) -> None:
+    x = mlp_rows(2, seed=3)
+
+    async def run() -> tuple[bool, dict[str, object], list[np.ndarray]]:
+        async with triton_http_aio.InferenceServerClient(server.http_url) as client:
+            ready = await client.is_server_ready()
+            metadata = await client.get_model_metadata("mlp")
+            results = await asyncio.gather(
+                *(client.infer("mlp", [http_input("input", x, True)]) for _ in range(4))
+            )
+            return ready, metadata, [r.as_numpy("output") for r in results]
+
+    ready, metadata, answers = asyncio.run(run())
+    assert ready and metadata["name"] == "mlp"
+    expected = grpc_answer(server, "mlp", "input", x)
+    for answer in answers:
+        np.testing.assert_array_equal(answer, expected)
+
+
+def test_version_in_the_path(http_client: triton_http.InferenceServerClient) -> None:
+    x = np.zeros((1, 4), np.float32)
+    for version in ("1", "3"):
+        result = http_client.infer("versioned", [http_input("x", x, True)], model_version=version)
+        assert result.get_response()["model_version"] == version
+        np.testing.assert_array_equal(result.as_numpy("y"), x + int(version))
+
+
+def test_rest_requests_count_in_the_same_metrics_as_grpc(server: ServerProcess) -> None:
+    labels = {"model": "multi_io", "version": "1"}
+    before = value(scrape(server), "sparseserve_requests_total", code="OK", **labels)
+    body = {
+        "inputs": [
+            {"name": "a", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]},
+            {"name": "b", "datatype": "INT64", "shape": [1, 4], "data": [1, 2, 3, 4]},
+        ]
+    }
+    assert request(server, "POST", "/v2/models/multi_io/infer", body)[0] == 200
+    after = value(scrape(server), "sparseserve_requests_total", code="OK", **labels)
+    assert after == before + 1
+
+
+# -- bad input ------------------------------------------------------------------------
+
+MLP_INFER = "/v2/models/mlp/infer"
+
+
+def mlp_body(**tensor: object) -> dict[str, object]:
+    base: dict[str, object] = {"name": "input", "datatype": "FP32", "shape": [1, 64]}
+    base["data"] = [0.0] * 64
+    base.update(tensor)
+    return {"inputs": [base]}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "expected"),
+    [
+        (MLP_INFER, b"{not json", 400, "not valid JSON"),
+        (MLP_INFER, {"inputs": "x"}, 400, "'inputs'"),
+        (MLP_INFER, mlp_body(shape=[1, 63], data=[0.0] * 63), 400, "expects shape [-1, 64]"),
+        (MLP_INFER, mlp_body(datatype="INT32", data=[0] * 64), 400, "expects datatype FP32"),
+        (MLP_INFER, mlp_body(name="pixels"), 400, "has no input 'pixels'"),
+        (MLP_INFER, mlp_body(datatype="FP33"), 400, "unknown datatype 'FP33'"),
+        (MLP_INFER, mlp_body(data=[0.0] * 63), 400, "data has 63 elements"),
+        (MLP_INFER, mlp_body(data=["a"] * 64), 400, "FP32 data must be JSON numbers"),
+        (MLP_INFER, mlp_body(data=None), 400, "'data' must be a JSON array"),
+        (MLP_INFER, {**mlp_body(), "outputs": [{"name": "nope"}]}, 400, "has no output 'nope'"),
+        ("/v2/models/no_such_model/infer", mlp_body(), 404, "no_such_model"),
+        ("/v2/models/mlp/versions/7/infer", mlp_body(), 404, "no version '7'"),
+        ("/v2/models/corrupt/infer", mlp_body(), 503, "corrupt"),
+        ("/v2/models/no_such_model", None, 404, "no_such_model"),
+        ("/v2/no/such/route", None, 404, "no v2 REST route GET /v2/no/such/route"),
+    ],
+    ids=lambda v: v if isinstance(v, int) else None,
+)
+def test_bad_requests_get_their_status_and_the_server_serves_on(
+    server: ServerProcess, path: str, body: object, status: int, expected: str
+) -> None:
+    method = "GET" if body is None else "POST"
+    got, message = error_of(server, method, path, body)
+    assert (got, expected in message) == (status, True), message
+    assert_serves(server)
+
+
+def test_binary_framing_errors(server: ServerProcess) -> None:
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": [1, 64],
+                    "parameters": {"binary_data_size": 256},
+                }
+            ]
+        }
+    ).encode()
+    raw = np.zeros((1, 64), np.float32).tobytes()
+    cases = [
+        (header + raw, str(len(header)), None),  # the good one
+        (header + raw[:-4], str(len(header)), "only 252 bytes of binary data remain"),
+        (header + raw + b"xx", str(len(header)), "2 bytes of binary data follow"),
+        (header + raw, str(len(header) + len(raw) + 1), "Inference-Header-Content-Length"),
+        (header + raw, "ten", "Inference-Header-Content-Length"),
+    ]
+    for body, length, expected in cases:
+        status, _, answer = request(
+            server,
+            "POST",
+            MLP_INFER,
+            body,
+            {"Inference-Header-Content-Length": length, "Content-Type": "application/octet-stream"},
+        )
+        if expected is None:
+            assert status == 200, answer
+        else:
+            assert status == 400 and expected in json.loads(answer)["error"], answer
+
+
+def test_wrong_method_is_405_with_a_json_error(server: ServerProcess) -> None:
+    status, message = error_of(server, "GET", MLP_INFER)
+    assert status == 405 and "GET" in message
+
+
+def test_load_of_a_corrupt_model_is_400(server: ServerProcess) -> None:
+    """FAILED_PRECONDITION (a load that fails) is 400, with the reason."""
+    status, message = error_of(server, "POST", "/v2/repository/models/corrupt/load", {})
+    assert status == 400 and "corrupt" in message
+
+
+# -- repository, limits, settings: dedicated servers -----------------------------------
+
+
+def test_repository_index_load_and_unload(
+    repository: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    server = start_server(repository, "--load-model", "mlp")
+    with triton_http.InferenceServerClient(server.http_url) as client:
+        index = {row["name"]: row for row in client.get_model_repository_index()}
+        assert index["mlp"]["state"] == "READY" and index["mlp"]["version"] == "1"
+        assert "multi_io" in index and index["multi_io"]["state"] != "READY"
+        ready_only = request(server, "POST", "/v2/repository/index", {"ready": True})
+        assert [row["name"] for row in json.loads(ready_only[2])] == ["mlp"]
+
+        assert not client.is_model_ready("multi_io")
+        client.load_model("multi_io")
+        assert client.is_model_ready("multi_io")
+        client.unload_model("mlp")
+        assert not client.is_model_ready("mlp")
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("mlp", [http_input("input", mlp_rows(1), True)])
+        assert info.value.status() == "503"
+        with pytest.raises(InferenceServerException) as info:
+            client.load_model("no_such_model")
+        assert info.value.status() == "404"
+    status, message = error_of(
+        server, "POST", "/v2/repository/models/mlp/load", {"parameters": {"config": "{}"}}
+    )
+    assert status == 400 and "not supported" in message
+
+
+def test_limits_body_size_and_inflight(
+    repository: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """A body over max_http_body_bytes is refused with 413; requests over the in-flight
+    limit with 429 (Overloaded); the server serves on after both."""
+    server = start_server(
+        repository,
+        "--max-http-body-bytes", "150000",
+        "--max-inflight-per-model", "1",
+        "--inference-threads", "2",
+    )  # fmt: skip
+    status, message = error_of(server, "POST", MLP_INFER, mlp_body(data=[0.0] * 40000))
+    assert status == 413 and "150000" in message
+    assert_serves(server)
+
+    slow = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [64, 512]}]}
+    slow["inputs"][0]["parameters"] = {"binary_data_size": 64 * 512 * 4}
+    header = json.dumps(slow).encode()
+    body = header + np.ones((64, 512), np.float32).tobytes()
+    headers = {"Inference-Header-Content-Length": str(len(header))}
+
+    def post_slow(_: int) -> tuple[int, dict[str, str], bytes]:
+        return request(server, "POST", "/v2/models/slow/infer", body, headers)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(post_slow, range(8)))
+    statuses = sorted(status for status, _, _ in answers)
+    assert 200 in statuses and 429 in statuses, statuses
+    for status, _, raw in answers:
+        if status == 429:
+            assert "limit 1" in json.loads(raw)["error"]
+    assert_serves(server)
+
+
+def test_http_can_be_turned_off(
+    repository: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    server = start_server(repository, "--allow-http", "false", "--load-model", "identity")
+    assert server.http_port is None
+    assert "HTTP off" in server.log()
+
+
+def test_a_family_call_is_routed_and_shadowed_as_over_grpc(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """A REST request may name a family: the policy's variant answers (and says so), and
+    the request is shadowed once its answer has been sent."""
+    repository = routing_repository.build(tmp_path / "repository")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "families: {fam: {default: dense, shadow: {variants: [pruned50], fraction: 1}}}"
+    )
+    server = start_server(repository, "--traffic-policy", str(policy))
+    x = routing_repository.pixels(2)
+    with triton_http.InferenceServerClient(server.http_url) as client:
+        result = client.infer("fam", [http_input("input", x, True)])
+    assert result.get_response()["model_name"] == "fam.dense"
+
+    def compared() -> float:
+        return value(
+            scrape(server), "sparseserve_shadow_runs_total", family="fam",
+            variant="pruned50", baseline="dense", outcome="compared",
+        )  # fmt: skip
+
+    wait_for(lambda: compared() == 1, "the shadow run to be compared")
+
+
+# -- the metrics port ------------------------------------------------------------------
+
+
+def test_metrics_port_serves_metrics_and_404_elsewhere(server: ServerProcess) -> None:
+    """An HTTP readiness probe or tritonclient.http pointed at the metrics port by
+    mistake must fail, not read the metrics text as a yes."""
+    base = f"http://127.0.0.1:{server.metrics_port}"
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
+        assert response.status == 200
+        assert b"sparseserve_requests_total" in response.read()
+    for path in ("/v2/health/ready", "/v2/health/live", "/", "/v2", "/metricsx"):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"{base}{path}", timeout=5)
+        with info.value:
+            assert info.value.code == 404, path
+    with triton_http.InferenceServerClient(f"127.0.0.1:{server.metrics_port}") as client:
+        assert not client.is_server_ready()
+        assert not client.is_server_live()
+
+
+# -- the README's curl examples ---------------------------------------------------------
+
+
+def readme_curl_commands() -> list[str]:
+    """The curl commands of the README's REST section, as a user would paste them."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("\n### REST", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```(?:sh|bash|console)?\n(.*?)```", section, flags=re.S):
+        joined = block.replace("\\\n", " ")
+        commands += [line.strip() for line in joined.splitlines() if line.startswith("curl ")]
+    return commands
+
+
+@pytest.fixture(scope="module")
+def digits_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with the README's model: `digits-mlp.dense`, "pixels" [-1, 64] FP32
+    -> "logits" [-1, 10] (an untrained MLP; the examples read shapes, not answers)."""
+    root = tmp_path_factory.mktemp("digits")
+    path = root / "digits-mlp.dense" / "1" / "model.onnx"
+    onnx_models.mlp(path)
+    model = onnx.load(path)
+    for node in model.graph.node:
+        node.input[:] = ["pixels" if n == "input" else n for n in node.input]
+        node.output[:] = ["logits" if n == "output" else n for n in node.output]
+    model.graph.input[0].name = "pixels"
+    model.graph.output[0].name = "logits"
+    onnx.save(model, path)
+    VariantManifest(family="digits-mlp", variant="dense").write(
+        root / "digits-mlp.dense" / "sparseserve.yaml"
+    )
+    return root
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_readme_curl_examples_work_as_pasted(
+    digits_repository: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    commands = readme_curl_commands()
+    assert len(commands) >= 5, commands
+    server = start_server(digits_repository)
+    for command in commands:
+        argv = shlex.split(command.replace("localhost:8000", server.http_url))
+        # --fail-with-body: a 4xx/5xx answer fails the command and shows the error.
+        done = subprocess.run(
+            [argv[0], "--silent", "--show-error", "--fail-with-body", *argv[1:]],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 0, f"{command}\n{done.stdout!r}\n{done.stderr!r}"
+
+
+# -- shutdown ----------------------------------------------------------------------------
+
+
+def rest_ready(server: ServerProcess) -> bool:
+    """/v2/health/ready says yes (a refused or reset connection: no)."""
+    try:
+        return request(server, "GET", "/v2/health/ready")[0] == 200
+    except OSError:
+        return False
+
+
+def http_accepts_connections(server: ServerProcess) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", server.http_port or 0), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def test_sigterm_drains_a_rest_request_in_flight(
+    repository: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """On SIGTERM REST readiness turns false, the port closes, and the request in flight
+    is still answered before the process exits 0."""
+    server = start_server(repository, "--shutdown-grace", "10", "--load-model", "slow")
+    rows = rows_lasting(server, 1.5)
+    x = np.ones((rows, WIDTH), np.float32)
+
+    def run() -> np.ndarray:
+        with triton_http.InferenceServerClient(server.http_url, network_timeout=60) as client:
+            return client.infer("slow", [http_input("x", x, True)]).as_numpy("y")
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(run)
+        wait_for(lambda: inflight(server, "slow") >= 1, "the slow request starts running")
+        server.signal(signal.SIGTERM)
+        wait_for(lambda: not rest_ready(server), "REST readiness turns false")
+        wait_for(lambda: not http_accepts_connections(server), "the HTTP port closes")
+        assert not running.done(), "the in-flight request must still be running"
+        assert running.result(timeout=30).shape == (rows, WIDTH)
+    assert server.process is not None and server.process.wait(timeout=15) == 0
+
+
+def test_zero_grace_cuts_a_rest_request_in_flight(
+    repository: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """--shutdown-grace 0 means no wait, as for gRPC (aiohttp reads a zero shutdown
+    timeout as "no timeout": the drain must not wait for the request instead)."""
+    server = start_server(repository, "--shutdown-grace", "0", "--load-model", "slow")
+    rows = rows_lasting(server, 1.5)
+    x = np.ones((rows, WIDTH), np.float32)
+
+    def run() -> np.ndarray:
+        with triton_http.InferenceServerClient(server.http_url, network_timeout=60) as client:
+            return client.infer("slow", [http_input("x", x, True)]).as_numpy("y")
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(run)
+        wait_for(lambda: inflight(server, "slow") >= 1, "the slow request starts running")
+        server.signal(signal.SIGTERM)
+        with pytest.raises(Exception) as cut:  # a reset, whatever its class
+            running.result(timeout=30)
+    assert not isinstance(cut.value, AssertionError)
+    assert server.process is not None and server.process.wait(timeout=15) == 0
