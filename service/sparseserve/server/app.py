@@ -1,8 +1,10 @@
 """The server process: build the parts, serve gRPC and metrics, and shut down cleanly.
 
-Shutdown (SIGTERM on every Kubernetes rollout, or SIGINT): health turns NOT_SERVING
-first, the gRPC server stops taking new calls and lets in-flight ones finish within the
-grace period, models are unloaded, and the process exits 0.
+Shutdown (SIGTERM on every Kubernetes rollout, or SIGINT), see `SparseServeServer.stop`:
+the drain begins (new calls are answered UNAVAILABLE "server is shutting down", health
+turns NOT_SERVING, streams end once their requests are answered) while the port stays
+open; calls in flight finish within the grace period; only then does the gRPC server
+stop, models are unloaded, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from sparseserve.repository.store import ModelRepository
 from sparseserve.routing.router import Router
 from sparseserve.routing.shadow import ShadowRunner
 from sparseserve.routing.traffic import PolicyFile
+from sparseserve.server.drain import Drain
 from sparseserve.server.errors import add_mapping_errors
 from sparseserve.server.metrics_http import start_metrics_server
 from sparseserve.server.predict_servicer import PredictServicer
@@ -44,6 +47,12 @@ log = logging.getLogger(__name__)
 V2_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 V1_SERVICE = service_pb2.DESCRIPTOR.services_by_name["SparseServe"].full_name
 SERVICES = ("", V2_SERVICE, V1_SERVICE)  # what the health service reports on
+# Answered truthfully during the drain (live, not ready), like the health service, so
+# that probes see the drain instead of an error.
+ANSWERED_WHILE_DRAINING = frozenset({f"/{V2_SERVICE}/ServerLive", f"/{V2_SERVICE}/ServerReady"})
+# After the drain, calls still open are ones it does not count (health Watch and
+# reflection streams, refusals being sent): the gRPC server's own grace for them.
+TRANSPORT_GRACE_SECONDS = 0.5
 
 
 class SparseServeServer:
@@ -77,6 +86,7 @@ class SparseServeServer:
             shadows=self.shadows,
         )
         self._health = health.aio.HealthServicer()
+        self._drain = Drain()
         self._server: grpc.aio.Server | None = None
         self._metrics_server: WSGIServer | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -105,11 +115,14 @@ class SparseServeServer:
             grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
             V2Servicer(self.dataplane, self.registry, lambda: self._ready),
             server,
+            self._drain,
+            ANSWERED_WHILE_DRAINING,
         )
         add_mapping_errors(
             service_pb2_grpc.add_SparseServeServicer_to_server,
             PredictServicer(self.dataplane, self.registry, self.router),
             server,
+            self._drain,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         _add_reflection(server)
@@ -169,11 +182,22 @@ class SparseServeServer:
                 log.exception("traffic policy check failed")
 
     async def stop(self) -> None:
-        """Drain and stop; safe to call more than once."""
+        """Drain and stop; safe to call more than once.
+
+        The drain comes before grpc.aio's `server.stop(grace)`, which would refuse new
+        calls at the transport (connection refused, or an UNAVAILABLE no handler sees)
+        and cancel what still runs when its grace ends (CANCELLED, which clients do not
+        retry). Instead the port stays open while the calls in flight finish: new ones
+        get UNAVAILABLE "server is shutting down" from `Drain`, health NOT_SERVING (so
+        load balancers move away), streams end once their requests are answered. Then
+        the transport stops, with nothing of ours left running unless the grace period
+        ran out first."""
         if self._server is None:
             return
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         self._ready = False
-        # NOT_SERVING first, so load balancers stop sending before the port closes.
+        self._drain.start()
         await self._health.enter_graceful_shutdown()
         for task in (self._poller, self._policy_watcher):
             if task is not None:
@@ -181,8 +205,19 @@ class SparseServeServer:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         grace = self.settings.shutdown_grace_seconds
-        log.info("sparseserve stopping: up to %.1fs for in-flight requests", grace)
-        await self._server.stop(grace)
+        log.info(
+            "sparseserve stopping: draining %d calls in flight, up to %.1fs",
+            self._drain.active, grace,
+        )  # fmt: skip
+        if await self._drain.wait(max(0.0, grace - (loop.time() - began))):
+            log.info("drained in %.2fs", loop.time() - began)
+        else:
+            log.warning(
+                "%d calls still running after the %.1fs grace period; cancelling them",
+                self._drain.active, grace,
+            )  # fmt: skip
+        left = max(0.0, grace - (loop.time() - began))
+        await self._server.stop(min(left, TRANSPORT_GRACE_SECONDS))
         self._server = None
         await self.shadows.stop()
         await self.registry.close()
