@@ -443,9 +443,10 @@ class ModelRegistry:
         serving = {v: m for v, m in entry.ready.items() if v in wanted and v not in fresh}
         serving.update(fresh)
         # A slot whose new version failed (or was not retried) keeps the version that
-        # served before, highest first, until a replacement loads: never fewer versions
-        # than before the reload, never nothing where something served.
-        unfilled = len(wanted) - len(serving)
+        # served before, highest first, until a replacement loads: never nothing where
+        # something served. Under "all" each version on disk is its own slot, so a new
+        # one that fails takes no one's place, and a removed one is retired.
+        unfilled = 0 if source.policy.serves_all else len(wanted) - len(serving)
         if unfilled > 0:
             holders = sorted((v for v in entry.ready if v not in serving), reverse=True)
             for version in holders[:unfilled]:
