@@ -608,8 +608,14 @@ def test_poll_keeps_the_serving_version_when_a_corrupt_new_one_is_moved_in(
 # -- load and unload in quick succession ------------------------------------------------
 
 
+# gRPC does not order separate calls: sent 5 ms apart on a busy 2-core machine, a load
+# and an unload reached their handlers in the opposite order (seen in the server log).
+# 50 ms apart they arrive in order, and still queue behind the reload (0.3 s or more).
+CALL_GAP = 0.05
+
+
 def repository_calls_in_a_row(
-    server: ServerProcess, model: str, methods: list[str], gap: float = 0.005
+    server: ServerProcess, model: str, methods: list[str], gap: float = CALL_GAP
 ) -> list[str]:
     """Send RepositoryModel{Load,Unload} calls `gap` seconds apart without waiting for
     their answers; return the status code name each ended with, in order."""
@@ -645,8 +651,8 @@ def test_load_unload_load_in_quick_succession_ends_loaded(
     big_model: Path,
     connect: Callable[..., triton.InferenceServerClient],
 ) -> None:
-    """load (a real reload: the file changed) -> unload -> load, 5 ms apart: whatever
-    order they finish in, the model serves afterwards, as the last call asked."""
+    """load (a real reload: the file changed) -> unload -> load, sent while the reload
+    runs: the model serves afterwards, as the last call asked."""
     server = start_server(repo, "--model-control", "explicit", "--load-model", "big")
     client = connect(server)
     for round_ in range(5):
