@@ -277,6 +277,7 @@ def test_sigterm_with_many_requests_in_flight_answers_them_all_and_refuses_new_o
     assert "sparseserve stopped" in server.log()
 
 
+@pytest.mark.slow
 def test_sigterm_answers_a_streams_requests_then_ends_it_unavailable(
     start_server: StartServer, heavy_repository: Path
 ) -> None:
