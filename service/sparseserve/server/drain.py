@@ -32,8 +32,7 @@ class Drain:
 
     def __init__(self) -> None:
         self._active = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._idle: asyncio.Event | None = None  # made by `wait`, so calls cost no Event
         self._started = False
         self._on_start: set[Callable[[], None]] = set()
 
@@ -51,12 +50,11 @@ class Drain:
         if self._started:
             raise ShuttingDown(SHUTTING_DOWN)
         self._active += 1
-        self._idle.clear()
 
     def release(self) -> None:
         """A call counted in by `admit` has ended."""
         self._active -= 1
-        if self._active == 0:
+        if self._active == 0 and self._idle is not None:
             self._idle.set()
 
     def start(self) -> None:
@@ -68,7 +66,12 @@ class Drain:
             callback()
 
     async def wait(self, timeout: float) -> bool:
-        """Wait until no call runs; False if `timeout` seconds ran out first."""
+        """Wait until no call runs; False if `timeout` seconds ran out first. Meant for
+        after `start`, when the count can only fall."""
+        if self._active == 0:
+            return True
+        if self._idle is None:
+            self._idle = asyncio.Event()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:

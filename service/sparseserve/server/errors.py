@@ -118,6 +118,11 @@ class _GenericMappingErrors(grpc.GenericRpcHandler):
 
 def _mapping_errors(behavior: Behavior, method: str, drain: Drain | None) -> Behavior:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if drain is not None:  # one closure for both: an extra await layer costs ~1 µs
+            try:
+                drain.admit()
+            except ShuttingDown as exc:
+                await context.abort(grpc_status(exc), str(exc))
         try:
             return await behavior(request, context)
         except SparseServeError as exc:
@@ -127,21 +132,11 @@ def _mapping_errors(behavior: Behavior, method: str, drain: Drain | None) -> Beh
         except Exception as exc:
             log.exception("unexpected error in %s", method)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
-
-    if drain is None:
-        return call
-
-    async def counted_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            drain.admit()
-        except ShuttingDown as exc:
-            await context.abort(grpc_status(exc), str(exc))
-        try:
-            return await call(request, context)
         finally:
-            drain.release()
+            if drain is not None:
+                drain.release()
 
-    return counted_call
+    return call
 
 
 def _mapping_stream_errors(
