@@ -312,3 +312,31 @@ def test_sigterm_answers_a_streams_requests_then_ends_it_unavailable(
     assert str(errors[0].status()) == "StatusCode.UNAVAILABLE", errors[0]
     assert "server is shutting down" in errors[0].message()
     assert took < 30, f"the server waited {took:.0f}s for an idle stream"
+
+
+@pytest.mark.slow
+def test_sigterm_while_requests_still_arrive_cancels_none(
+    start_server: StartServer, heavy_repository: Path
+) -> None:
+    """SIGTERM while 100 requests are still arriving (30 at the model, the rest on the
+    wire or queued in gRPC): each one is either answered OK or refused UNAVAILABLE
+    "server is shutting down", which clients retry. None is CANCELLED, as the ones not
+    yet handed to a handler were when gRPC's own shutdown began the drain."""
+    server = start_server(heavy_repository, "--shutdown-grace", "60")
+    count = 100
+    with triton.InferenceServerClient(server.grpc_url) as client:
+        futures = infer_heavy_async(client, 32, count)
+        wait_for(lambda: inflight(server, "heavy") >= 30, "30 requests at the model", 30)
+        server.signal(signal.SIGTERM)
+        errors = [f.exception(timeout=120) for f in futures]
+    refusals = [e for e in errors if e is not None]
+    assert all(isinstance(e, InferenceServerException) for e in refusals), refusals[:3]
+    wrong = [
+        f"{e.status()} {e.message()}"  # type: ignore[union-attr]
+        for e in refusals
+        if "server is shutting down" not in e.message()  # type: ignore[union-attr]
+    ]
+    assert wrong == [], f"{len(wrong)} of {count} not answered nor refused: {wrong[:3]}"
+    assert count - len(refusals) >= 30, "a request already at the model was refused"
+    assert server.process is not None
+    assert server.process.wait(timeout=30) == 0
