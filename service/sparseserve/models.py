@@ -3,10 +3,14 @@
 Loading a model (again) reconciles it with the repository: versions the policy wants
 and that are new or changed on disk are loaded and warmed up *before* the table is
 switched; only then are replaced or retired versions drained (in-flight requests finish)
-and unloaded. A version that fails to load never replaces one that serves.
+and unloaded. A version that fails to load never replaces one that serves: each slot of
+the version policy (each of the latest N, each specific version, each version of "all")
+keeps the version that served it until a replacement has loaded.
 
 The request path reads the table with plain dict lookups on the event loop; every change
-to it happens on the event loop too, one model at a time under that model's lock.
+to it happens on the event loop too, one model name at a time under that name's lock,
+which also covers finding (or creating) the model's entry: load, unload and load again
+in quick succession end in the state the last call asked for.
 """
 
 from __future__ import annotations
@@ -247,7 +251,6 @@ class ModelEntry:
     loading: set[int] = field(default_factory=set)
     failed: dict[int, FailedLoad] = field(default_factory=dict)
     error: str | None = None  # model-level problem (manifest, config, no versions)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def publish(self, ready: dict[int, LoadedModel]) -> None:
         self.ready = ready
@@ -288,6 +291,10 @@ class ModelRegistry:
             settings, probe_hardware(settings.assume_gpus), executor
         )
         self._entries: dict[str, ModelEntry] = {}
+        # One lock per model name, kept when the model is unloaded: a call that waited on
+        # it must find the entry the call before it left, not a detached one. (Names are
+        # of directories that were in the repository, so this stays small.)
+        self._name_locks: dict[str, asyncio.Lock] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self._draining: set[LoadedModel] = set()
         # One load at a time, so that each version's measured memory growth is its own.
@@ -376,18 +383,25 @@ class ModelRegistry:
         only once its files change."""
         if not self.repository.exists(name):  # also refuses names like "../x"
             raise ModelNotFound(f"model {name!r} is not in the repository")
-        entry = self._entries.get(name)
-        if entry is None:
-            entry = self._entries[name] = ModelEntry(name)
-        async with entry.lock:
+        async with self._name_lock(name):
+            entry = self._entries.get(name)
+            if entry is None:
+                entry = self._entries[name] = ModelEntry(name)
             try:
                 await self._reconcile(entry, retry_failed)
             except ModelNotFound:
-                if self._entries.get(name) is entry:
-                    del self._entries[name]
+                self._entries.pop(name, None)
                 raise
-        if entry.error or entry.failed:
-            raise ModelLoadError(f"model {name!r}: {entry.why_not_ready()}")
+            if entry.error or entry.failed:
+                serving = ", ".join(str(v) for v in sorted(entry.ready))
+                still = f"; still serving version {serving}" if serving else ""
+                raise ModelLoadError(f"model {name!r}: {entry.why_not_ready()}{still}")
+
+    def _name_lock(self, name: str) -> asyncio.Lock:
+        lock = self._name_locks.get(name)
+        if lock is None:
+            lock = self._name_locks[name] = asyncio.Lock()
+        return lock
 
     async def _reconcile(self, entry: ModelEntry, retry_failed: bool) -> None:
         try:
@@ -424,9 +438,25 @@ class ModelRegistry:
                 log.error("model %s version %d failed to load: %s", entry.name, version, exc)
             finally:
                 entry.loading.discard(version)
-        keep = {v: m for v, m in entry.ready.items() if v in wanted and v not in fresh}
-        retired = [m for v, m in entry.ready.items() if v not in keep]
-        self._publish(entry, {**keep, **fresh})
+        # Wanted versions that serve now: new files that loaded, and unchanged ones (or
+        # ones whose new files failed to load: their old files keep serving).
+        serving = {v: m for v, m in entry.ready.items() if v in wanted and v not in fresh}
+        serving.update(fresh)
+        # A slot whose new version failed (or was not retried) keeps the version that
+        # served before, highest first, until a replacement loads: never nothing where
+        # something served. Under "all" each version on disk is its own slot, so a new
+        # one that fails takes no one's place, and a removed one is retired.
+        unfilled = 0 if source.policy.serves_all else len(wanted) - len(serving)
+        if unfilled > 0:
+            holders = sorted((v for v in entry.ready if v not in serving), reverse=True)
+            for version in holders[:unfilled]:
+                serving[version] = entry.ready[version]
+                log.warning(
+                    "model %s: version %d keeps serving until a version the policy %s "
+                    "wants loads", entry.name, version, source.policy.describe(),
+                )  # fmt: skip
+        retired = [m for v, m in entry.ready.items() if v not in serving]
+        self._publish(entry, serving)
         await self._retire(entry, retired)
 
     async def _load_version(self, source: ModelSource, version: int) -> LoadedModel:
@@ -517,13 +547,14 @@ class ModelRegistry:
     async def unload(self, name: str) -> None:
         """Stop serving `name`: new requests are refused at once, in-flight ones finish."""
         self.repository.path(name)
-        entry = self._entries.get(name)
-        if entry is None:
+        if name not in self._entries and name not in self._name_locks:
             raise ModelNotFound(f"model {name!r} is not loaded")
-        async with entry.lock:
+        async with self._name_lock(name):  # after the loads sent before this call
+            entry = self._entries.pop(name, None)
+            if entry is None:
+                raise ModelNotFound(f"model {name!r} is not loaded")
             retired = list(entry.ready.values())
             self._publish(entry, {})
-            self._entries.pop(name, None)
             await self._retire(entry, retired)
 
     async def poll(self) -> None:

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from sparseserve.server.process import ServerProcess
+from sparseserve.testing import onnx_models
 from tests.scrape import inflight
 
 pytestmark = pytest.mark.integration
@@ -107,27 +108,27 @@ def small_mlp_request(client: triton.InferenceServerClient) -> triton.InferResul
 def test_sigterm_drains_the_request_in_flight_refuses_new_ones_and_exits_0(
     start_server: StartServer, repository: Path, pool: ThreadPoolExecutor
 ) -> None:
+    """During the drain the port stays open: health answers NOT_SERVING, a new call is
+    refused with UNAVAILABLE "server is shutting down" (retryable, and it says why),
+    ServerReady answers false and ServerLive true, while the request in flight runs to
+    its answer. Then the port closes and the process exits 0 within the grace period."""
     server = start_server(repository, "--shutdown-grace", "10")
     client = triton.InferenceServerClient(server.grpc_url)
     assert health(server) == "SERVING"
     small_mlp_request(client)  # this connection is open when SIGTERM arrives
-    rows = rows_lasting(server, 1.5)
+    rows = rows_lasting(server, 2.0)
     running = start_slow_request(pool, server, rows)
 
     signalled = time.monotonic()
     server.signal(signal.SIGTERM)
-    wait_for(lambda: health(server) != "SERVING", "health stops answering SERVING")
-    assert health(server) in ("NOT_SERVING", "UNAVAILABLE")
-    wait_for(lambda: "sparseserve stopping" in server.log(), "the server logs that it stops")
-    # The log line comes just before the gRPC server's shutdown starts. A call sent in
-    # between is accepted, or (if it lands as the shutdown begins) cancelled: seen once
-    # as CANCELLED on a loaded machine. Once the port is closed the shutdown has begun,
-    # and a new call on the open connection is refused.
-    wait_for(lambda: not accepts_connections(server), "the server closes its port")
-
+    wait_for(lambda: health(server) == "NOT_SERVING", "health answers NOT_SERVING")
+    assert accepts_connections(server), "the port closed while a request was in flight"
     with pytest.raises(InferenceServerException) as refused:
         small_mlp_request(client)
     assert "UNAVAILABLE" in str(refused.value.status()), f"refused with {refused.value!r}"
+    assert "server is shutting down" in refused.value.message()
+    assert not client.is_server_ready()
+    assert client.is_server_live()
     assert not running.done(), "the in-flight request must still be running during the drain"
 
     result = running.result(timeout=30)
@@ -136,6 +137,7 @@ def test_sigterm_drains_the_request_in_flight_refuses_new_ones_and_exits_0(
     assert server.process is not None
     assert server.process.wait(timeout=15) == 0
     assert time.monotonic() - signalled < 10, "exit took longer than the grace period"
+    assert not accepts_connections(server)
     assert "sparseserve stopped" in server.log()
     client.close()
 
@@ -192,3 +194,149 @@ def test_json_logs_are_one_object_per_line_and_not_per_request(
     messages = [json.loads(line)["message"] for line in lines]
     assert any(m.startswith("sparseserve ready") for m in messages)
     assert "sparseserve stopped" in messages
+
+
+HEAVY_WIDTH = 1024  # the `heavy` model: much compute for few bytes sent
+
+
+@pytest.fixture
+def heavy_repository(tmp_path: Path) -> Path:
+    """`heavy` (64 MatMul+Tanh layers of 1024 x 1024: ~0.13 GFLOP per row, 4 KiB sent),
+    so that many requests in flight take seconds of work without seconds of sending,
+    and `mlp` for calls sent during the drain."""
+    root = tmp_path / "heavy-repo"
+    onnx_models.slow(root / "heavy" / "1" / "model.onnx", width=HEAVY_WIDTH, depth=64)
+    onnx_models.mlp(root / "mlp" / "1" / "model.onnx")
+    return root
+
+
+def heavy_input(rows: int) -> list[triton.InferInput]:
+    tensor = triton.InferInput("x", [rows, HEAVY_WIDTH], "FP32")
+    tensor.set_data_from_numpy(np.ones((rows, HEAVY_WIDTH), np.float32))
+    return [tensor]
+
+
+def infer_heavy_async(
+    client: triton.InferenceServerClient, rows: int, count: int
+) -> list[Future[triton.InferResult]]:
+    """`count` `heavy` requests of `rows` rows each, all sent at once on one connection."""
+    futures: list[Future[triton.InferResult]] = []
+    for _ in range(count):
+        future: Future[triton.InferResult] = Future()
+
+        def done(result: triton.InferResult, error: Exception | None, f=future) -> None:
+            f.set_exception(error) if error is not None else f.set_result(result)
+
+        client.async_infer("heavy", heavy_input(rows), done, client_timeout=120)
+        futures.append(future)
+    return futures
+
+
+def outcome_of(future: Future[triton.InferResult]) -> str:
+    error = future.exception(timeout=120)
+    if error is None:
+        return "OK"
+    assert isinstance(error, InferenceServerException), repr(error)
+    return str(error.status()).removeprefix("StatusCode.")
+
+
+@pytest.mark.slow
+def test_sigterm_with_many_requests_in_flight_answers_them_all_and_refuses_new_ones(
+    start_server: StartServer, heavy_repository: Path
+) -> None:
+    """50 requests in flight (seconds of work queued on the model) and a grace that
+    covers them: on SIGTERM every one is answered OK, none CANCELLED; health turns
+    NOT_SERVING at once, and a call sent during the drain is refused with UNAVAILABLE
+    "server is shutting down" (the port still accepts it) instead of being cut off."""
+    server = start_server(heavy_repository, "--shutdown-grace", "60")
+    count = 50
+    with triton.InferenceServerClient(server.grpc_url) as client:
+        futures = infer_heavy_async(client, 32, count)
+
+        def all_arrived() -> bool:
+            # Answered ones first: one answered between the two reads counts in neither.
+            answered = sum(f.done() for f in futures)
+            return answered + inflight(server, "heavy") >= count
+
+        wait_for(all_arrived, f"all {count} requests reached the server", 30)
+        signalled = time.monotonic()
+        server.signal(signal.SIGTERM)
+        wait_for(lambda: health(server) == "NOT_SERVING", "health answers NOT_SERVING")
+        assert sum(f.done() for f in futures) < count, "the drain ended before the test looked"
+        late = triton.InferenceServerClient(server.grpc_url)  # a new connection
+        with pytest.raises(InferenceServerException) as refused:
+            small_mlp_request(late)
+        late.close()
+        outcomes = [outcome_of(f) for f in futures]
+    assert outcomes.count("OK") == count, {o: outcomes.count(o) for o in set(outcomes)}
+    assert str(refused.value.status()) == "StatusCode.UNAVAILABLE", refused.value
+    assert "server is shutting down" in refused.value.message()
+    assert server.process is not None
+    assert server.process.wait(timeout=30) == 0
+    assert time.monotonic() - signalled < 60
+    assert "sparseserve stopped" in server.log()
+
+
+@pytest.mark.slow
+def test_sigterm_answers_a_streams_requests_then_ends_it_unavailable(
+    start_server: StartServer, heavy_repository: Path
+) -> None:
+    """A ModelStreamInfer stream with requests in flight: each is answered, then the
+    stream ends with UNAVAILABLE "server is shutting down" (not CANCELLED), so the
+    client knows to reconnect elsewhere; the server does not wait out the grace
+    period for a stream the client keeps open."""
+    server = start_server(heavy_repository, "--shutdown-grace", "60")
+    count = 8
+    answers: list[object] = []
+    with triton.InferenceServerClient(server.grpc_url) as client:
+        client.start_stream(lambda result, error: answers.append(error or result))
+        for _ in range(count):
+            client.async_stream_infer("heavy", heavy_input(32))
+        wait_for(
+            lambda: len(answers) + inflight(server, "heavy") >= count,
+            "the stream's requests reached the model",
+            30,
+        )
+        assert len(answers) < count, "the stream answered everything before the test looked"
+        signalled = time.monotonic()
+        server.signal(signal.SIGTERM)
+        wait_for(lambda: len(answers) > count, "the stream answered and ended", 60)
+        assert server.process is not None
+        assert server.process.wait(timeout=30) == 0
+        client.stop_stream()
+    took = time.monotonic() - signalled
+    results, errors = answers[:count], answers[count:]
+    assert all(isinstance(r, triton.InferResult) for r in results), results
+    assert all(r.as_numpy("y").shape == (32, HEAVY_WIDTH) for r in results)  # type: ignore[union-attr]
+    assert len(errors) == 1 and isinstance(errors[0], InferenceServerException), errors
+    assert str(errors[0].status()) == "StatusCode.UNAVAILABLE", errors[0]
+    assert "server is shutting down" in errors[0].message()
+    assert took < 30, f"the server waited {took:.0f}s for an idle stream"
+
+
+@pytest.mark.slow
+def test_sigterm_while_requests_still_arrive_cancels_none(
+    start_server: StartServer, heavy_repository: Path
+) -> None:
+    """SIGTERM while 100 requests are still arriving (30 at the model, the rest on the
+    wire or queued in gRPC): each one is either answered OK or refused UNAVAILABLE
+    "server is shutting down", which clients retry. None is CANCELLED, as the ones not
+    yet handed to a handler were when gRPC's own shutdown began the drain."""
+    server = start_server(heavy_repository, "--shutdown-grace", "60")
+    count = 100
+    with triton.InferenceServerClient(server.grpc_url) as client:
+        futures = infer_heavy_async(client, 32, count)
+        wait_for(lambda: inflight(server, "heavy") >= 30, "30 requests at the model", 30)
+        server.signal(signal.SIGTERM)
+        errors = [f.exception(timeout=120) for f in futures]
+    refusals = [e for e in errors if e is not None]
+    assert all(isinstance(e, InferenceServerException) for e in refusals), refusals[:3]
+    wrong = [
+        f"{e.status()} {e.message()}"  # type: ignore[union-attr]
+        for e in refusals
+        if "server is shutting down" not in e.message()  # type: ignore[union-attr]
+    ]
+    assert wrong == [], f"{len(wrong)} of {count} not answered nor refused: {wrong[:3]}"
+    assert count - len(refusals) >= 30, "a request already at the model was refused"
+    assert server.process is not None
+    assert server.process.wait(timeout=30) == 0

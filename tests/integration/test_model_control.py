@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from sparseserve.repository.manifest import Task, VariantManifest
 from sparseserve.server.process import ServerProcess
 from sparseserve.testing import onnx_models
 from tests.scrape import inflight
@@ -474,3 +476,206 @@ def _timed(call: Callable[[], object]) -> float:
     started = time.perf_counter()
     call()
     return time.perf_counter() - started
+
+
+# -- a bad new version never takes down the one that serves -----------------------------
+
+
+class Traffic:
+    """Requests sent without pause from a background thread to each of `targets`
+    ((model or family name, version) of an add_constant model) until stopped; counts
+    what each call ended with."""
+
+    def __init__(self, server: ServerProcess, targets: list[tuple[str, str]]):
+        self._server = server
+        self._targets = targets
+        self._stop = threading.Event()
+        self.outcomes: dict[str, int] = {}
+        self.failures: list[str] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with triton.InferenceServerClient(self._server.grpc_url) as client:
+            while not self._stop.is_set():
+                for name, version in self._targets:
+                    try:
+                        added(client, name, version)
+                        code = "OK"
+                    except InferenceServerException as exc:
+                        code = status(exc)
+                        self.failures.append(f"{name}:{version!r} {code} {exc.message()}")
+                    self.outcomes[code] = self.outcomes.get(code, 0) + 1
+
+    def sent(self) -> int:
+        return sum(self.outcomes.values())
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+def test_explicit_load_of_a_corrupt_new_version_keeps_the_serving_one(
+    start_server: StartServer,
+    repo: Path,
+    staging: Path,
+    connect: Callable[..., triton.InferenceServerClient],
+) -> None:
+    """Version 1 serves (also through its family name); a corrupt `2/model.onnx` is
+    written and loaded: the load fails naming version 2 and why, and not one request
+    fails, before, during or after it. A good version 2 then replaces version 1."""
+    add_constant_version(staging, repo / "adder", 1, 1.0)
+    VariantManifest(family="adders", variant="dense", task=Task.regression).write(
+        repo / "adder" / "sparseserve.yaml"
+    )
+    server = start_server(repo, "--model-control", "explicit", "--load-model", "adder")
+    client = connect(server)
+    targets = [("adder", ""), ("adder", "1"), ("adders", "")]
+    with Traffic(server, targets) as traffic:
+        wait_until(lambda: traffic.outcomes.get("OK", 0) > 10, "requests are answered")
+        (repo / "adder" / "2").mkdir()
+        (repo / "adder" / "2" / "model.onnx").write_bytes(b"not an onnx model" * 20)
+        error = rpc_error(lambda: client.load_model("adder"))
+        sent = traffic.sent()
+        wait_until(lambda: traffic.sent() > sent + 30, "requests go on")
+    assert traffic.failures == [], traffic.failures[:5]
+    assert status(error) == "FAILED_PRECONDITION"
+    assert "version 2" in error.message() and "onnxruntime cannot load" in error.message()
+    assert "still serving version 1" in error.message()
+    assert added(client, "adder") == (1.0, "1")
+    assert added(client, "adder", "1") == (1.0, "1")
+    assert added(client, "adders") == (1.0, "1")
+    rows = index(client)
+    assert rows[("adder", "1")] == ("READY", "")
+    state, reason = rows[("adder", "2")]
+    assert state == "UNAVAILABLE" and "onnxruntime cannot load" in reason
+    assert "unloaded model adder version 1" not in server.log()
+
+    shutil.rmtree(repo / "adder" / "2")
+    add_constant_version(staging, repo / "adder", 2, 2.0)
+    client.load_model("adder")
+    assert added(client, "adder") == (2.0, "2")
+    assert added(client, "adders") == (2.0, "2")
+    wait_until(
+        lambda: [k for k in index(client) if k[0] == "adder"] == [("adder", "2")],
+        "version 1 unloaded once version 2 serves",
+    )
+
+
+def test_poll_keeps_the_serving_version_when_a_corrupt_new_one_is_moved_in(
+    polling: ServerProcess,
+    repo: Path,
+    staging: Path,
+    connect: Callable[..., triton.InferenceServerClient],
+) -> None:
+    """The rollout of docs/deploy.md (write the version aside, `mv` it in) with a
+    corrupt file: version 3 of `latest` keeps serving every request; the failure is
+    logged once and retried when the files change, and a good version 4 then serves."""
+    client = connect(polling)
+    with Traffic(polling, [("latest", ""), ("latest", "3")]) as traffic:
+        wait_until(lambda: traffic.outcomes.get("OK", 0) > 10, "requests are answered")
+        staged = staging / "latest-4"
+        staged.mkdir()
+        (staged / "model.onnx").write_bytes(b"not an onnx model" * 20)
+        publish(staged, repo / "latest" / "4")
+        wait_until(
+            lambda: "model latest version 4 failed to load" in polling.log(),
+            "the server tried the corrupt version",
+        )
+        time.sleep(1.0)  # five poll passes more
+        sent = traffic.sent()
+        wait_until(lambda: traffic.sent() > sent + 30, "requests go on")
+    assert traffic.failures == [], traffic.failures[:5]
+    assert polling.log().count("model latest version 4 failed to load") == 1
+    assert added(client, "latest") == (3.0, "3")
+    assert added(client, "latest", "3") == (3.0, "3")
+    rows = index(client)
+    assert rows[("latest", "3")] == ("READY", "")
+    assert rows[("latest", "4")][0] == "UNAVAILABLE"
+
+    shutil.rmtree(repo / "latest" / "4")
+    add_constant_version(staging, repo / "latest", 4, 4.0)
+    wait_until(lambda: added(client, "latest") == (4.0, "4"), "the fixed version 4 served")
+    wait_until(
+        lambda: [k for k in index(client) if k[0] == "latest"] == [("latest", "4")],
+        "version 3 unloaded once version 4 serves",
+    )
+
+
+# -- load and unload in quick succession ------------------------------------------------
+
+
+# gRPC does not order separate calls: sent 5 ms apart on a busy 2-core machine, a load
+# and an unload reached their handlers in the opposite order (seen in the server log).
+# 50 ms apart they arrive in order, and still queue behind the reload (0.3 s or more).
+CALL_GAP = 0.05
+
+
+def repository_calls_in_a_row(
+    server: ServerProcess, model: str, methods: list[str], gap: float = CALL_GAP
+) -> list[str]:
+    """Send RepositoryModel{Load,Unload} calls `gap` seconds apart without waiting for
+    their answers; return the status code name each ended with, in order."""
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        grpc.channel_ready_future(channel).result(timeout=10)
+        calls = []
+        for method in methods:
+            request = getattr(service_pb2, f"RepositoryModel{method}Request")(model_name=model)
+            calls.append(getattr(stub, f"RepositoryModel{method}").future(request, timeout=30))
+            time.sleep(gap)
+        codes = []
+        for call in calls:
+            try:
+                call.result()
+                codes.append("OK")
+            except grpc.RpcError as exc:
+                codes.append(exc.code().name)
+    return codes
+
+
+@pytest.fixture
+def big_model(repo: Path) -> Path:
+    """A 16 MiB model, so that a reload takes long enough for calls to queue behind it."""
+    path = repo / "big" / "1" / "model.onnx"
+    onnx_models.slow(path, width=2048, depth=1)
+    return path
+
+
+def test_load_unload_load_in_quick_succession_ends_loaded(
+    start_server: StartServer,
+    repo: Path,
+    big_model: Path,
+    connect: Callable[..., triton.InferenceServerClient],
+) -> None:
+    """load (a real reload: the file changed) -> unload -> load, sent while the reload
+    runs: the model serves afterwards, as the last call asked."""
+    server = start_server(repo, "--model-control", "explicit", "--load-model", "big")
+    client = connect(server)
+    for round_ in range(5):
+        os.utime(big_model, ns=(time.time_ns(), time.time_ns()))  # the reload is real
+        codes = repository_calls_in_a_row(server, "big", ["Load", "Unload", "Load"])
+        assert codes == ["OK", "OK", "OK"], f"round {round_}"
+        assert client.is_model_ready("big"), f"round {round_}: not served after the last load"
+        y, version = infer(client, "big", np.zeros((1, 2048), np.float32))
+        assert version == "1" and y.shape == (1, 2048)
+
+
+def test_load_load_unload_in_quick_succession_ends_unloaded(
+    start_server: StartServer,
+    repo: Path,
+    big_model: Path,
+    connect: Callable[..., triton.InferenceServerClient],
+) -> None:
+    server = start_server(repo, "--model-control", "explicit", "--load-model", "big")
+    client = connect(server)
+    for round_ in range(3):
+        os.utime(big_model, ns=(time.time_ns(), time.time_ns()))
+        codes = repository_calls_in_a_row(server, "big", ["Load", "Load", "Unload"])
+        assert codes == ["OK", "OK", "OK"], f"round {round_}"
+        assert not client.is_model_ready("big"), f"round {round_}: served after the unload"
+        assert index(client)[("big", "")] == ("UNAVAILABLE", "not loaded")
+        client.load_model("big")

@@ -57,6 +57,11 @@ class VersionPolicy:
             return cls(latest=None, specific=tuple(sorted(policy.specific.versions)))
         return cls(latest=max(1, policy.latest.num_versions))
 
+    @property
+    def serves_all(self) -> bool:
+        """Every version on disk is served (each its own slot, none in another's place)."""
+        return self.latest is None and not self.specific
+
     def select(self, available: list[int]) -> list[int]:
         ordered = sorted(available)
         if self.specific:

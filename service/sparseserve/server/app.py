@@ -1,9 +1,12 @@
 """The server process: build the parts, serve gRPC, REST and metrics, and shut down cleanly.
 
-Shutdown (SIGTERM on every Kubernetes rollout, or SIGINT): health turns NOT_SERVING
-(and REST readiness false) first, the gRPC and REST servers stop taking new calls and let
-in-flight ones finish within the grace period, models are unloaded, and the process
-exits 0.
+Shutdown (SIGTERM on every Kubernetes rollout, or SIGINT), see `SparseServeServer.stop`:
+the drain begins (new gRPC calls are answered UNAVAILABLE "server is shutting down",
+health turns NOT_SERVING and REST readiness false, streams end once their requests are
+answered) while the gRPC port stays open; calls in flight finish within the grace
+period; only then does the gRPC server stop. The REST port stops taking connections at
+once and lets its requests in flight finish within the same grace period. Then models
+are unloaded, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from sparseserve.repository.store import ModelRepository
 from sparseserve.routing.router import Router
 from sparseserve.routing.shadow import ShadowRunner
 from sparseserve.routing.traffic import PolicyFile
+from sparseserve.server.drain import Drain
 from sparseserve.server.errors import add_mapping_errors
 from sparseserve.server.http import HttpServer, restriction_checks
 from sparseserve.server.metrics_http import start_metrics_server
@@ -55,6 +59,12 @@ V1_SERVICE = service_pb2.DESCRIPTOR.services_by_name["SparseServe"].full_name
 # How often the REST port's certificate files are checked for a rotation.
 HTTP_TLS_CHECK_SECONDS = 2.0
 SERVICES = ("", V2_SERVICE, V1_SERVICE)  # what the health service reports on
+# Answered truthfully during the drain (live, not ready), like the health service, so
+# that probes see the drain instead of an error.
+ANSWERED_WHILE_DRAINING = frozenset({f"/{V2_SERVICE}/ServerLive", f"/{V2_SERVICE}/ServerReady"})
+# After the drain, calls still open are ones it does not count (health Watch and
+# reflection streams, refusals being sent): the gRPC server's own grace for them.
+TRANSPORT_GRACE_SECONDS = 0.5
 
 
 class SparseServeServer:
@@ -95,6 +105,7 @@ class SparseServeServer:
         self._v2 = V2Servicer(
             self.dataplane, self.registry, lambda: self._ready, settings.max_bytes_elements
         )
+        self._drain = Drain()
         self._server: grpc.aio.Server | None = None
         self._http_server: HttpServer | None = None
         self._metrics_server: WSGIServer | None = None
@@ -135,12 +146,15 @@ class SparseServeServer:
             grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
             self._v2,
             restricted,
+            self._drain,
+            ANSWERED_WHILE_DRAINING,
             deserializers={"ModelInfer": admit, "ModelStreamInfer": admit},
         )
         add_mapping_errors(
             service_pb2_grpc.add_SparseServeServicer_to_server,
             PredictServicer(self.dataplane, self.registry, self.router),
             restricted,
+            self._drain,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, restricted)
         _add_reflection(restricted)
@@ -237,11 +251,22 @@ class SparseServeServer:
                 log.exception("traffic policy check failed")
 
     async def stop(self) -> None:
-        """Drain and stop; safe to call more than once."""
+        """Drain and stop; safe to call more than once.
+
+        The drain comes before grpc.aio's `server.stop(grace)`, which would refuse new
+        calls at the transport (connection refused, or an UNAVAILABLE no handler sees)
+        and cancel what still runs when its grace ends (CANCELLED, which clients do not
+        retry). Instead the port stays open while the calls in flight finish: new ones
+        get UNAVAILABLE "server is shutting down" from `Drain`, health NOT_SERVING (so
+        load balancers move away), streams end once their requests are answered. Then
+        the transport stops, with nothing of ours left running unless the grace period
+        ran out first."""
         if self._server is None:
             return
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         self._ready = False
-        # NOT_SERVING first, so load balancers stop sending before the port closes.
+        self._drain.start()
         await self._health.enter_graceful_shutdown()
         for task in (self._poller, self._policy_watcher, self._http_tls_watcher):
             if task is not None:
@@ -249,9 +274,25 @@ class SparseServeServer:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         grace = self.settings.shutdown_grace_seconds
-        log.info("sparseserve stopping: up to %.1fs for in-flight requests", grace)
+        log.info(
+            "sparseserve stopping: draining %d calls in flight, up to %.1fs",
+            self._drain.active, grace,
+        )  # fmt: skip
+
+        async def drain_grpc() -> None:
+            assert self._server is not None
+            if await self._drain.wait(max(0.0, grace - (loop.time() - began))):
+                log.info("drained in %.2fs", loop.time() - began)
+            else:
+                log.warning(
+                    "%d calls still running after the %.1fs grace period; cancelling them",
+                    self._drain.active, grace,
+                )  # fmt: skip
+            left = max(0.0, grace - (loop.time() - began))
+            await self._server.stop(min(left, TRANSPORT_GRACE_SECONDS))
+
         # Both protocols drain at once, each within the grace period.
-        await asyncio.gather(self._server.stop(grace), self._stop_http())
+        await asyncio.gather(drain_grpc(), self._stop_http())
         self._server = None
         await self.shadows.stop()
         await self.registry.close()

@@ -1,5 +1,5 @@
 """The one place where errors become gRPC statuses (and, for the REST adapter, HTTP
-statuses, derived from the gRPC status by one more table): every unary handler of sparseserve's
+statuses, derived from the gRPC status by one more table): every handler of sparseserve's
 services is wrapped, once, when it is registered, so that `SparseServeError`s become the
 status of `sparseserve.errors.STATUS`, and an unexpected exception becomes INTERNAL with
 its message (and a logged traceback) instead of gRPC's bare UNKNOWN.
@@ -9,22 +9,31 @@ grpc.aio runs as a coroutine chain on every call, while a wrapper made once cost
 nothing per call. The saving measured on a do-nothing ModelInfer is within noise (-3 to
 +15 µs per request over three runs, bench/results/grpc_floor.md); the price is a little
 more code, since generated code registers each method both as a generic and as a
-registered handler, and both must be wrapped."""
+registered handler, and both must be wrapped.
+
+The same wrapper counts each call in and out of the server's `Drain` (when given one),
+so that shutdown knows what still runs and refuses what arrives once it has begun
+(see `sparseserve.server.drain`), and gives a large request's bytes back to the request
+budget (`sparseserve.server.wire`) once it is answered."""
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import grpc
 
-from sparseserve.errors import SparseServeError, status_of
+from sparseserve.errors import ShuttingDown, SparseServeError, status_of
+from sparseserve.server.drain import SHUTTING_DOWN, Drain
 from sparseserve.server.wire import RefusedMessage, release, safe_deserializer
 
 log = logging.getLogger(__name__)
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+StreamBehavior = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+Deserializer = Callable[[bytes], Any]
 
 
 class HandlerRegistry(Protocol):
@@ -39,9 +48,9 @@ class HandlerRegistry(Protocol):
 
 
 # gRPC status code name -> HTTP status, the pairs google.rpc.Code documents; Triton's HTTP
-# endpoint agrees wherever it has the code (400 invalid, 404 not found, 503 unavailable,
-# 500 internal). Overload is 429 (Triton says 503 "exceeds maximum queue size"): a client
-# or proxy can tell "slow down" from "this replica is down". Every code in
+# endpoint agrees wherever it has the code (400 invalid, 403 restricted API, 404 not found,
+# 503 unavailable, 500 internal). Overload is 429 (Triton says 503 "exceeds maximum queue
+# size"): a client or proxy can tell "slow down" from "this replica is down". Every code in
 # `sparseserve.errors.STATUS` has a row (tested).
 HTTP_STATUS: dict[str, int] = {
     "INVALID_ARGUMENT": 400,
@@ -64,17 +73,18 @@ def http_status(error: BaseException) -> int:
     return HTTP_STATUS.get(status_of(error), 500)
 
 
-Deserializer = Callable[[bytes], Any]
-
-
 def add_mapping_errors(
     add_to_server: Callable[[Any, Any], None],
     servicer: Any,
     server: HandlerRegistry,
+    drain: Drain | None = None,
+    answered_while_draining: frozenset[str] = frozenset(),
     deserializers: Mapping[str, Deserializer] | None = None,
 ) -> None:
     """Register `servicer` with its generated `add_*Servicer_to_server` function, each
-    unary handler wrapped so that domain errors reach the client with their status.
+    handler wrapped so that domain errors reach the client with their status, and each
+    call counted by `drain`: refused once it has begun, except the methods (full names,
+    `/package.Service/Method`) in `answered_while_draining`.
 
     Every handler's deserializer is wrapped too (`wire.safe_deserializer`): a message
     that does not parse reaches the handler as a `RefusedMessage`, which unary handlers
@@ -82,21 +92,30 @@ def add_mapping_errors(
     handlers answer in the stream. `deserializers` replaces the deserializer of the
     methods it names (e.g. `{"ModelInfer": budget.admit}`); such a method's request is
     `wire.release`d once its unary handler returns."""
-    add_to_server(servicer, _MappingErrors(server, deserializers or {}))
+    add_to_server(
+        servicer, _MappingErrors(server, drain, answered_while_draining, deserializers or {})
+    )
 
 
 def _wrap_handler(
-    handler: grpc.RpcMethodHandler, method: str, deserializer: Deserializer | None
+    handler: grpc.RpcMethodHandler,
+    method: str,
+    drain: Drain | None,
+    deserializer: Deserializer | None,
 ) -> grpc.RpcMethodHandler:
-    """`handler` with a safe deserializer and, if unary, its errors mapped to statuses;
-    streaming handlers answer errors in their messages (or are gRPC's own health and
-    reflection) and keep their behaviour."""
+    """`handler` with a safe deserializer, its errors mapped to statuses and its calls
+    counted by `drain` (unary, and stream-stream async generators); other streaming
+    handlers answer errors in their messages and keep their behaviour."""
     name = method.rsplit("/", 1)[-1]
     parse = deserializer or safe_deserializer(handler.request_deserializer, f"{name} request")
     serialize = handler.response_serializer
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
-            _mapping_errors(handler.unary_unary, method), parse, serialize
+            _mapping_errors(handler.unary_unary, method, drain), parse, serialize
+        )
+    if handler.stream_stream is not None and inspect.isasyncgenfunction(handler.stream_stream):
+        return grpc.stream_stream_rpc_method_handler(
+            _mapping_stream_errors(handler.stream_stream, method, drain), parse, serialize
         )
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(handler.unary_stream, parse, serialize)
@@ -108,49 +127,65 @@ def _wrap_handler(
 class _MappingErrors:
     """Stands in for the server while generated code registers a servicer's handlers."""
 
-    def __init__(self, server: HandlerRegistry, deserializers: Mapping[str, Deserializer]):
+    def __init__(
+        self,
+        server: HandlerRegistry,
+        drain: Drain | None,
+        answered_while_draining: frozenset[str],
+        deserializers: Mapping[str, Deserializer],
+    ):
         self._server = server
+        self._drain = drain
+        self._exempt = answered_while_draining
         self._deserializers = deserializers
+
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        drain = None if method in self._exempt else self._drain
+        deserializer = self._deserializers.get(method.rsplit("/", 1)[-1])
+        return _wrap_handler(handler, method, drain, deserializer)
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
         self._server.add_generic_rpc_handlers(
-            tuple(_GenericMappingErrors(h, self._deserializers) for h in handlers)
+            tuple(_GenericMappingErrors(h, self.wrap) for h in handlers)
         )
 
     def add_registered_method_handlers(
         self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
     ) -> None:
         self._server.add_registered_method_handlers(
-            service,
-            {
-                m: _wrap_handler(h, f"/{service}/{m}", self._deserializers.get(m))
-                for m, h in handlers.items()
-            },
+            service, {m: self.wrap(h, f"/{service}/{m}") for m, h in handlers.items()}
         )
 
 
 class _GenericMappingErrors(grpc.GenericRpcHandler):
     """A generic handler whose handlers map errors (wrapped once per method)."""
 
-    def __init__(self, inner: grpc.GenericRpcHandler, deserializers: Mapping[str, Deserializer]):
+    def __init__(
+        self,
+        inner: grpc.GenericRpcHandler,
+        wrap: Callable[[grpc.RpcMethodHandler, str], grpc.RpcMethodHandler],
+    ):
         self._inner = inner
-        self._deserializers = deserializers
+        self._wrap = wrap
         self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
         if method not in self._wrapped:
             handler = self._inner.service(handler_call_details)
-            deserializer = self._deserializers.get(method.rsplit("/", 1)[-1])
-            self._wrapped[method] = (
-                None if handler is None else _wrap_handler(handler, method, deserializer)
-            )
+            self._wrapped[method] = None if handler is None else self._wrap(handler, method)
         return self._wrapped[method]
 
 
-def _mapping_errors(behavior: Behavior, method: str) -> Behavior:
+def _mapping_errors(behavior: Behavior, method: str, drain: Drain | None) -> Behavior:
+    # One closure for the drain, the error mapping and the budget: an extra await layer
+    # costs ~1 µs per call.
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        admitted = False
         try:
+            if drain is not None:
+                drain.admit()  # raises ShuttingDown once the drain has begun
+                admitted = True
             if isinstance(request, RefusedMessage):
                 raise request.error
             return await behavior(request, context)
@@ -163,11 +198,47 @@ def _mapping_errors(behavior: Behavior, method: str) -> Behavior:
             code, details = grpc.StatusCode.INTERNAL, f"internal error: {exc}"
         finally:
             release(request)
+            if drain is not None and admitted:
+                drain.release()
         # Abort outside the except block and without the request: grpc.aio keeps the
         # AbortError alive after the call, and with it its traceback, the error it would
         # chain and their frames. Aborting inside the block kept every refused request's
         # message in memory, even through gc.collect() (bench/request_memory.py).
         del request
         await context.abort(code, details)
+
+    return call
+
+
+def _mapping_stream_errors(
+    behavior: StreamBehavior, method: str, drain: Drain | None
+) -> StreamBehavior:
+    """The stream-stream form of `_mapping_errors`. With a drain, the stream's requests
+    end when the drain starts; once the handler has answered those it read, the stream
+    ends with UNAVAILABLE "server is shutting down" rather than an OK that would tell
+    the client every request it sent was answered."""
+
+    async def call(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if drain is not None:
+            try:
+                drain.admit()
+            except ShuttingDown as exc:
+                await context.abort(grpc_status(exc), str(exc))
+            requests = drain.requests_until_drain(requests)
+        try:
+            async for response in behavior(requests, context):
+                yield response
+            if drain is not None and requests.cut:
+                raise ShuttingDown(SHUTTING_DOWN)
+        except SparseServeError as exc:
+            await context.abort(grpc_status(exc), str(exc))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            log.exception("unexpected error in %s", method)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+        finally:
+            if drain is not None:
+                drain.release()
 
     return call

@@ -1,0 +1,79 @@
+"""The drain, end to end on a real grpc.aio server with sparseserve's handler wrapping
+(`add_mapping_errors` with a `Drain`): calls running when it starts finish, new ones are
+refused UNAVAILABLE with the reason, exempt methods still answer, and `wait` returns
+once the last call has ended."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from sparseserve.server.drain import Drain
+from sparseserve.server.errors import add_mapping_errors
+
+SERVICE = "sparseserve.test.Drain"
+
+
+def add_to_server(servicer: dict[str, object], server: grpc.aio.Server) -> None:
+    """What generated `add_*Servicer_to_server` code does."""
+    handlers = {
+        "Slow": grpc.unary_unary_rpc_method_handler(servicer["Slow"]),
+        "Live": grpc.unary_unary_rpc_method_handler(servicer["Live"]),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
+def test_a_call_in_flight_finishes_new_ones_are_refused_exempt_ones_answer() -> None:
+    async def main() -> tuple[bytes, grpc.aio.AioRpcError, bytes, bool, bool]:
+        release = asyncio.Event()
+        started = asyncio.Event()
+
+        async def slow(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            started.set()
+            await release.wait()
+            return b"done"
+
+        async def live(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            return b"live"
+
+        drain = Drain()
+        server = grpc.aio.server()
+        add_mapping_errors(
+            add_to_server,
+            {"Slow": slow, "Live": live},
+            server,
+            drain,
+            frozenset({f"/{SERVICE}/Live"}),
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                running = asyncio.ensure_future(
+                    channel.unary_unary(f"/{SERVICE}/Slow")(b"x", timeout=10)
+                )
+                await asyncio.wait_for(started.wait(), 10)
+                drain.start()
+                idle_before = await drain.wait(0.05)  # the slow call still runs
+                try:
+                    await channel.unary_unary(f"/{SERVICE}/Slow")(b"x", timeout=10)
+                    raise AssertionError("a call during the drain was served")
+                except grpc.aio.AioRpcError as exc:
+                    refused = exc
+                exempt = await channel.unary_unary(f"/{SERVICE}/Live")(b"x", timeout=10)
+                release.set()
+                answer = await running
+                idle_after = await drain.wait(10)
+        finally:
+            await server.stop(None)
+        return answer, refused, exempt, idle_before, idle_after
+
+    answer, refused, exempt, idle_before, idle_after = asyncio.run(main())
+    assert answer == b"done"
+    assert refused.code() is grpc.StatusCode.UNAVAILABLE
+    assert "server is shutting down" in (refused.details() or "")
+    assert exempt == b"live"
+    assert not idle_before
+    assert idle_after

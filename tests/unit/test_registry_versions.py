@@ -1,0 +1,121 @@
+"""The version reconcile of a real `ModelRegistry` (real onnxruntime models on disk):
+under every kind of version policy, a version that fails to load leaves the version that
+served its slot serving, until a replacement loads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from sparseserve.errors import ModelLoadError
+from sparseserve.models import ModelRegistry
+from sparseserve.repository.store import ModelRepository
+from sparseserve.settings import Settings
+from sparseserve.testing import onnx_models
+
+Step = Callable[[ModelRegistry], Awaitable[None]]
+
+
+def good(repository: Path, version: int) -> None:
+    onnx_models.add_constant(repository / "m" / str(version) / "model.onnx", version)
+
+
+def corrupt(repository: Path, version: int) -> None:
+    path = repository / "m" / str(version) / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"not an onnx model" * 20)
+
+
+def policy(repository: Path, text: str) -> None:
+    (repository / "m" / "config.pbtxt").write_text(f"version_policy: {{ {text} }}\n")
+
+
+def serving_after(repository: Path, *changes: Callable[[], None]) -> list[list[int]]:
+    """Load `m`, then after each of `changes` to the disk load it again; the versions it
+    serves after each load (a failed load is expected to raise ModelLoadError)."""
+
+    async def main() -> list[list[int]]:
+        with ThreadPoolExecutor(1) as executor:
+            registry = ModelRegistry(
+                ModelRepository(repository), Settings(repository=repository), executor
+            )
+            served = []
+            for change in (lambda: None, *changes):
+                change()
+                with contextlib.suppress(ModelLoadError):  # checked by what serves after
+                    await registry.load("m")
+                served.append(registry.versions("m"))
+            await registry.close()
+            return served
+
+    return asyncio.run(main())
+
+
+def test_latest_one_keeps_the_old_version_until_a_good_new_one_loads(tmp_path: Path) -> None:
+    good(tmp_path, 1)
+    assert serving_after(
+        tmp_path,
+        lambda: corrupt(tmp_path, 2),
+        lambda: (shutil.rmtree(tmp_path / "m" / "2"), good(tmp_path, 3)),
+    ) == [[1], [1], [3]]
+
+
+def test_latest_two_keeps_the_slot_of_the_failed_version(tmp_path: Path) -> None:
+    for version in (1, 2, 3):
+        good(tmp_path, version)
+    policy(tmp_path, "latest { num_versions: 2 }")
+    assert serving_after(
+        tmp_path,
+        lambda: corrupt(tmp_path, 4),  # 3 and 4 wanted; 4 fails: 2 keeps its slot
+        lambda: good(tmp_path, 4),
+    ) == [[2, 3], [2, 3], [3, 4]]
+
+
+def test_all_keeps_every_version_when_a_new_one_fails(tmp_path: Path) -> None:
+    good(tmp_path, 1)
+    good(tmp_path, 2)
+    policy(tmp_path, "all { }")
+    assert serving_after(
+        tmp_path, lambda: corrupt(tmp_path, 3), lambda: shutil.rmtree(tmp_path / "m" / "1")
+    ) == [[1, 2], [1, 2], [2]]
+
+
+def test_specific_keeps_the_old_version_when_the_newly_named_one_fails(tmp_path: Path) -> None:
+    good(tmp_path, 1)
+    policy(tmp_path, "specific { versions: [1] }")
+    assert serving_after(
+        tmp_path,
+        lambda: (corrupt(tmp_path, 2), policy(tmp_path, "specific { versions: [2] }")),
+        lambda: (shutil.rmtree(tmp_path / "m" / "2"), good(tmp_path, 2)),
+    ) == [[1], [1], [2]]
+
+
+def test_a_corrupt_overwrite_of_the_serving_version_keeps_its_old_files(tmp_path: Path) -> None:
+    good(tmp_path, 1)
+    assert serving_after(tmp_path, lambda: corrupt(tmp_path, 1)) == [[1], [1]]
+
+
+def test_the_failed_load_names_the_version_and_what_still_serves(tmp_path: Path) -> None:
+    good(tmp_path, 1)
+
+    async def main() -> str:
+        with ThreadPoolExecutor(1) as executor:
+            registry = ModelRegistry(
+                ModelRepository(tmp_path), Settings(repository=tmp_path), executor
+            )
+            await registry.load("m")
+            corrupt(tmp_path, 2)
+            with pytest.raises(ModelLoadError) as failed:
+                await registry.load("m")
+            await registry.close()
+            return str(failed.value)
+
+    message = asyncio.run(main())
+    assert "version 2" in message and "onnxruntime cannot load" in message
+    assert message.endswith("still serving version 1")
