@@ -73,3 +73,18 @@ def test_batching_runs_on_and_off(tmp_path: Path) -> None:
     assert {run["batching"] for run in report["runs"]} == {"on", "off"}
     on = [run for run in report["runs"] if run["batching"] == "on"]
     assert on[0]["average_batch_requests"] >= 1
+
+
+def test_soak_loses_nothing_through_swaps_and_restarts(tmp_path: Path) -> None:
+    """The soak script in miniature. Unlike the timing scripts its checks are the point:
+    it exits non-zero when a request failed while the server was up, when SIGTERM
+    cancelled one, or when the corrupt version was served."""
+    report = run_bench(
+        "soak.py", tmp_path, "--clients", "8", "--phase-seconds", "2",
+        "--large-count", "2", "--large-mib", "16",
+    )  # fmt: skip
+    phases = report["summary"]["phases"]
+    assert all(phases[phase]["sent"] > 0 for phase in phases), phases
+    assert phases["recovered"]["ok"] > 0
+    assert set(report["summary"]["large_requests"]) <= {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}
+    assert all(report["summary"]["checks"].values()), report["summary"]["checks"]
