@@ -59,6 +59,10 @@ from sparseserve.server.process import ServerProcess
 from sparseserve.testing import onnx_models
 
 MODEL = "soak"
+SETUP_KEYS = (
+    "clients", "phase_seconds", "poll_interval", "shutdown_grace",
+    "large_count", "large_mib", "sample_interval",
+)  # fmt: skip
 WIDTH = 4
 PHASES = ("steady", "swap-good", "swap-corrupt", "large", "sigterm", "sigkill", "recovered")
 # Phases in which no request may fail: the server is up and nothing it serves is lost.
@@ -332,7 +336,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         return ", ".join(f"{k} {v}" for k, v in sorted(row["failed"].items())) or "0"
 
     def span(value: dict[str, float] | None) -> str:
-        return "—" if value is None else f"{value['first']:.0f} / {value['max']:.0f} / {value['last']:.0f}"
+        if value is None:
+            return "—"
+        return f"{value['first']:.0f} / {value['max']:.0f} / {value['last']:.0f}"
 
     rows = [
         [
@@ -361,7 +367,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             rows,
         ),
         "",
-        f"Large requests ({setup['large_count']} × {setup['large_mib']} MiB, wrong shape): "
+        f"Large requests ({setup['large_count']} of {setup['large_mib']} MiB, wrong shape): "
         + (", ".join(f"{k} {v}" for k, v in sorted(summary["large_requests"].items())) or "none")
         + f", answered in {events.get('large_seconds', '?')} s.",
         f"SIGTERM: the server exited with {events.get('sigterm_exit_code')} after "
@@ -375,7 +381,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         *(f"- {'met' if ok else 'NOT MET'}: {name}" for name, ok in summary["checks"].items()),
     ]
     if events.get("server_log_errors"):
-        lines += ["", "Server log lines with errors:", "", "```", *events["server_log_errors"], "```"]
+        errors = events["server_log_errors"]
+        lines += ["", "Server log lines with errors:", "", "```", *errors, "```"]
     lines += ["", "## Machine", "", *machine_lines(report["environment"]), ""]
     return "\n".join(lines)
 
@@ -405,13 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = asyncio.run(drive(args, Path(tmp)))
     run: Run = result["run"]
     report = {
-        "setup": {
-            key: getattr(args, key)
-            for key in (
-                "clients", "phase_seconds", "poll_interval", "shutdown_grace",
-                "large_count", "large_mib", "sample_interval",
-            )
-        },  # fmt: skip
+        "setup": {key: getattr(args, key) for key in SETUP_KEYS},
         "summary": summarize(run),
         "events": result["events"],
         "samples": [
