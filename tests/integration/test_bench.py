@@ -106,3 +106,18 @@ def test_rest_runs_sparseserve_with_json_and_binary_tensors(tmp_path: Path) -> N
     for entry in level.values():
         assert entry["requests_per_s"]["median"] > 0
     assert report["not_measured"] == {}
+
+
+def test_soak_loses_nothing_through_swaps_and_restarts(tmp_path: Path) -> None:
+    """The soak script in miniature. Unlike the timing scripts its checks are the point:
+    it exits non-zero when a request failed while the server was up, when SIGTERM
+    cancelled one, or when the corrupt version was served."""
+    report = run_bench(
+        "soak.py", tmp_path, "--clients", "8", "--phase-seconds", "2",
+        "--large-count", "2", "--large-mib", "16",
+    )  # fmt: skip
+    phases = report["summary"]["phases"]
+    assert all(phases[phase]["sent"] > 0 for phase in phases), phases
+    assert phases["recovered"]["ok"] > 0
+    assert set(report["summary"]["large_requests"]) <= {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}
+    assert all(report["summary"]["checks"].values()), report["summary"]["checks"]
