@@ -77,3 +77,44 @@ def test_a_call_in_flight_finishes_new_ones_are_refused_exempt_ones_answer() -> 
     assert exempt == b"live"
     assert not idle_before
     assert idle_after
+
+
+def test_settle_waits_for_refused_arrivals_to_pause() -> None:
+    """Once nothing runs, `settle` returns only after `quiet` seconds without a new
+    arrival, and gives up (False) at its timeout while calls keep arriving."""
+    from sparseserve.errors import ShuttingDown
+
+    def refuse(drain: Drain) -> None:
+        try:
+            drain.admit()
+        except ShuttingDown:
+            return
+        raise AssertionError("admitted during the drain")
+
+    async def main() -> tuple[bool, float, bool]:
+        loop = asyncio.get_running_loop()
+        drain = Drain()
+        drain.start()
+        arrivals = [loop.call_later(delay, refuse, drain) for delay in (0.05, 0.1, 0.15)]
+        began = loop.time()
+        quiet = await drain.settle(quiet=0.1, timeout=2.0)
+        waited = loop.time() - began
+
+        busy = Drain()
+        busy.start()
+        stop = loop.time() + 0.6
+
+        def keep_arriving() -> None:
+            refuse(busy)
+            if loop.time() < stop:
+                loop.call_later(0.02, keep_arriving)
+
+        keep_arriving()
+        settled = await busy.settle(quiet=0.1, timeout=0.3)
+        for arrival in arrivals:
+            arrival.cancel()
+        return quiet, waited, settled
+
+    quiet, waited, settled = asyncio.run(main())
+    assert quiet and 0.2 <= waited < 1.5  # past the last arrival (0.15 s) plus a pause
+    assert not settled

@@ -65,6 +65,11 @@ ANSWERED_WHILE_DRAINING = frozenset({f"/{V2_SERVICE}/ServerLive", f"/{V2_SERVICE
 # After the drain, calls still open are ones it does not count (health Watch and
 # reflection streams, refusals being sent): the gRPC server's own grace for them.
 TRANSPORT_GRACE_SECONDS = 0.5
+# Once nothing runs, the port stays open until calls stop arriving for DRAIN_QUIET_SECONDS
+# (each refused "shutting down"), for at most DRAIN_SETTLE_SECONDS: calls the transport
+# had taken but no handler yet would otherwise be cancelled by the stop (Drain.settle).
+DRAIN_QUIET_SECONDS = 0.1
+DRAIN_SETTLE_SECONDS = 1.0
 
 
 class SparseServeServer:
@@ -288,6 +293,11 @@ class SparseServeServer:
                     "%d calls still running after the %.1fs grace period; cancelling them",
                     self._drain.active, grace,
                 )  # fmt: skip
+            left = max(0.0, grace - (loop.time() - began))
+            if not await self._drain.settle(DRAIN_QUIET_SECONDS, min(left, DRAIN_SETTLE_SECONDS)):
+                log.info(
+                    "calls still arriving after %.1fs of refusals; closing", DRAIN_SETTLE_SECONDS
+                )
             left = max(0.0, grace - (loop.time() - began))
             await self._server.stop(min(left, TRANSPORT_GRACE_SECONDS))
 

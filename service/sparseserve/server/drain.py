@@ -32,6 +32,7 @@ class Drain:
 
     def __init__(self) -> None:
         self._active = 0
+        self._refused = 0  # calls answered "shutting down" since the drain began
         self._idle: asyncio.Event | None = None  # made by `wait`, so calls cost no Event
         self._started = False
         self._on_start: set[Callable[[], None]] = set()
@@ -48,6 +49,7 @@ class Drain:
     def admit(self) -> None:
         """Count a new call in; raise `ShuttingDown` once the drain has begun."""
         if self._started:
+            self._refused += 1
             raise ShuttingDown(SHUTTING_DOWN)
         self._active += 1
 
@@ -77,6 +79,25 @@ class Drain:
         except TimeoutError:
             return False
         return True
+
+    async def settle(self, quiet: float, timeout: float) -> bool:
+        """After `wait`: keep answering until no call has run or arrived for `quiet`
+        seconds; False if `timeout` ran out first (calls still arriving).
+
+        grpc.aio's `stop()` cancels the calls its transport has received but not yet
+        handed to a handler. At SIGTERM, calls sent a moment before are in that state
+        while no handler counts them, so stopping as soon as the count reaches zero
+        cancelled a few (CANCELLED, seen with 8 busy clients). Waiting for the arrivals
+        to pause lets those reach a handler and be answered or refused."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            seen = self._refused
+            await asyncio.sleep(max(0.0, min(quiet, deadline - loop.time())))
+            if self._active == 0 and self._refused == seen:
+                return True
+            if loop.time() >= deadline:
+                return False
 
     def requests_until_drain(self, requests: AsyncIterable[Any]) -> StreamRequests:
         """A stream's requests, ending (as if the client had closed its side) once the
