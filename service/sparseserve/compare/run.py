@@ -257,6 +257,23 @@ def _versus_baseline(
     row.cosine = f.Sourced(cosine, f.FROM_PROBE)
 
 
+def check_server(url: str, timeout: float = 5.0) -> None:
+    """Raise `CompareError` in one line unless a v2 server answers ServerLive at `url`."""
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        with triton.InferenceServerClient(url) as client:
+            live = client.is_server_live(client_timeout=timeout)
+    except (InferenceServerException, ValueError, OSError) as exc:
+        reason = " ".join(str(exc).split())
+        raise CompareError(
+            f"no Open Inference Protocol server answers at --url {url}: {reason}"
+        ) from exc
+    if not live:
+        raise CompareError(f"the server at --url {url} says it is not live")
+
+
 def run_and_report(
     family: str,
     out: Path,
@@ -272,9 +289,12 @@ def run_and_report(
     write the report into `out`."""
     from sparseserve.compare import report
 
+    if repository is not None and not repository.is_dir():
+        raise CompareError(f"model repository {repository} does not exist or is not a directory")
     if url is not None:
         if metrics_url is None:
             raise CompareError("--url needs --metrics-url (the server's /metrics address)")
+        check_server(url)
         target = Target(url, metrics_url, repository)
         comparison = compare(target, family, settings, baseline, probe, progress)
     elif repository is not None:
