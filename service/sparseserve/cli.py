@@ -113,10 +113,23 @@ def _serve(args: argparse.Namespace) -> int:
         if args.no_metrics:
             settings = settings.model_copy(update={"metrics_port": None})
     except (ValueError, OSError, yaml.YAMLError) as exc:  # ValidationError is a ValueError
-        print(f"sparseserve: invalid configuration: {exc}", file=sys.stderr)
+        print(f"sparseserve: error: invalid configuration: {_settings_error(exc)}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
     return asyncio.run(serve(settings, args.ready_file))
+
+
+def _settings_error(error: Exception) -> str:
+    """A settings error as one line: each invalid field and why (pydantic's own text
+    spreads one error over three lines)."""
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(part) for part in e['loc']) or 'settings'}: {e['msg']}"
+            for e in error.errors()
+        )
+    return " ".join(str(error).split())
 
 
 def _assume_gpus_argument(parser: argparse.ArgumentParser) -> None:
@@ -185,7 +198,10 @@ def _health(args: argparse.Namespace) -> int:
         try:
             address = f"127.0.0.1:{Settings.load(args.config).grpc_port}"
         except (ValueError, OSError, yaml.YAMLError) as exc:
-            print(f"sparseserve: invalid configuration: {exc}", file=sys.stderr)
+            print(
+                f"sparseserve: error: invalid configuration: {_settings_error(exc)}",
+                file=sys.stderr,
+            )
             return 2
     try:
         status = check_health(address, args.service, args.timeout)

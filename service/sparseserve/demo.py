@@ -169,7 +169,7 @@ def run(repository: Path, rebuild: bool = False) -> int:
         print(
             "\nnote: onnxruntime on CPU runs pruned weights as dense matrices, so zeros alone "
             "do not change latency (sparse initializers only shrink the file); structured "
-            "pruning and int8 shrink the work. `sparseserve inspect DIR` shows a manifest."
+            "pruning and int8 shrink the work. `sparseserve inspect DIR` shows what a variant is."
         )
         _compare_families(server, repository, split.x_test)
     print(f"\nserver stopped cleanly (exit code {server.returncode})")

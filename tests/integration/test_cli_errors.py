@@ -197,3 +197,13 @@ def test_debug_shows_the_traceback(tmp_path: Path, how: str) -> None:
     result = sparseserve(*args, *(["--debug"] if how == "flag" else []), env=env)
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "FileNotFoundError" in result.stderr
+
+
+def test_invalid_settings_are_one_line_naming_each_field(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("grpc_prot: 9000\nmax_message_bytes: 10\n")
+    result = sparseserve(*serve_args(tmp_path, "--config", str(config)))
+    assert result.returncode == 2
+    line = only_line(result)
+    assert "grpc_prot: Extra inputs are not permitted" in line
+    assert "max_message_bytes: Input should be greater than or equal to 1024" in line
