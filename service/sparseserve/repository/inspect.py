@@ -122,7 +122,7 @@ def _describe_weights(w: OnnxWeights, label: str) -> str:
         + (f", opsets {opsets}" if opsets else ""),
         f"  parameters:   {w.parameters:,} ({w.nonzero_parameters:,} non-zero)",
         f"  sparsity:     {w.sparsity:.2%} of the {w.layer_parameters:,} layer weights are zero",
-        f"  2:4 pattern:  {'yes, every float layer' if w.follows_2_4 else 'no'}",
+        f"  2:4 pattern:  {_pattern_summary(w)}",
         f"  quantization: {w.quantization or 'none'}",
     ]
     if w.sparse_initializers:
@@ -142,3 +142,15 @@ def _describe_weights(w: OnnxWeights, label: str) -> str:
                 f"  sparsity {layer.sparsity:7.2%}  {pattern}  {','.join(layer.consumers)}"
             )
     return "\n".join(lines)
+
+
+def _pattern_summary(w: OnnxWeights) -> str:
+    """Which float layers keep at most 2 non-zeros in every 4 weights."""
+    floats = [layer for layer in w.layers if not layer.integer]
+    following = [layer for layer in floats if layer.follows_2_4]
+    if w.follows_2_4:
+        return "yes, every float layer"
+    if not following:
+        return "no"
+    names = ", ".join(layer.name for layer in following)
+    return f"{len(following)} of {len(floats)} float layers ({names})"
