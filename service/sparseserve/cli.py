@@ -206,7 +206,7 @@ def _health(args: argparse.Namespace) -> int:
     try:
         status = check_health(address, args.service, args.timeout)
     except HealthCheckError as exc:
-        print(f"sparseserve health: {exc}", file=sys.stderr)
+        print(f"sparseserve: error: {exc}", file=sys.stderr)
         return 1
     print(f"{address} {args.service or '(server)'}: {status}")
     return 0 if status == SERVING else 1
@@ -229,7 +229,10 @@ def _export_triton_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repository", type=Path, required=True, help="model repository to export")
     where = p.add_mutually_exclusive_group()
     where.add_argument(
-        "--output", type=Path, help="the Triton repository to write (default: <repository>-triton)"
+        "--output",
+        type=Path,
+        help="the Triton repository to write (default: <repository>-triton); each run "
+        "replaces the model directories it exports there",
     )
     where.add_argument(
         "--in-place",
@@ -290,7 +293,7 @@ def _sparsify(args: argparse.Namespace) -> int:
         from sparseserve.sparsify.pipeline import build_family
         from sparseserve.sparsify.recipe import RecipeError
     except ImportError as exc:
-        print(f"sparseserve sparsify needs the [sparsify] extra: {exc}", file=sys.stderr)
+        print(f"sparseserve: error: sparsify needs the [sparsify] extra: {exc}", file=sys.stderr)
         return 2
 
     def progress(line: str) -> None:
@@ -302,7 +305,7 @@ def _sparsify(args: argparse.Namespace) -> int:
             args.recipe, args.repository, progress=progress, seed=args.seed, threads=args.threads
         )
     except RecipeError as exc:
-        print(f"sparseserve: {exc}", file=sys.stderr)
+        print(f"sparseserve: error: {exc}", file=sys.stderr)
         return 2
     for variant in built:
         print(f"wrote {variant.directory}")

@@ -98,9 +98,11 @@ class SparseServeServer:
         settings = self.settings
         repository = self.registry.repository
         if not repository.root.is_dir():
+            given = str(settings.repository)
+            shown = given if given == str(repository.root) else f"{given} ({repository.root})"
             raise StartupError(
-                f"model repository {settings.repository} ({repository.root}) does not exist "
-                "or is not a directory: pass --repository DIR (`make demo` builds ./models)"
+                f"model repository {shown} does not exist or is not a directory: "
+                "pass --repository DIR (`make demo` builds ./models)"
             )
         limit = settings.max_message_bytes
         server = grpc.aio.server(
