@@ -9,7 +9,7 @@ not the models), in an order rotated between rounds so that drift on this shared
 machine hits all alike. The median of each round's median is reported, and each
 variant's ratio to its family's baseline is taken within each round.
 
-    python bench/sparsify_variants.py --repository demo-models
+    python bench/sparsify_variants.py --repository models
 
 Writes bench/results/sparsify_variants.json and .md.
 """

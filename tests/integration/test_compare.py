@@ -366,4 +366,4 @@ def test_an_unreachable_server_is_named(tmp_path: Path) -> None:
         "--metrics-url", "http://127.0.0.1:9/metrics", "--output", str(tmp_path),
     )  # fmt: skip
     assert result.returncode == 2
-    assert "cannot read metrics from http://127.0.0.1:9/metrics" in result.stderr
+    assert "no Open Inference Protocol server answers at --url 127.0.0.1:9" in result.stderr
