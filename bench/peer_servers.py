@@ -94,6 +94,7 @@ class PeerProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        """Start the command (`{grpc}` in it becomes the gRPC port) in its own session."""
         command = [str(part).replace("{grpc}", str(self.grpc_port)) for part in self.command]
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
@@ -103,17 +104,22 @@ class PeerProcess:
 
     @property
     def pid(self) -> int:
+        """The started process's id (its session's leader)."""
         assert self.process is not None
         return self.process.pid
 
     @property
     def grpc_url(self) -> str:
+        """Where its gRPC endpoint listens, as tritonclient takes it."""
         return f"127.0.0.1:{self.grpc_port}"
 
     def log(self) -> str:
+        """Everything it printed so far (stdout and stderr)."""
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, models: Sequence[str], timeout: float) -> None:
+        """Return once every one of `models` is ready; BenchmarkError (with the log) if the
+        process exits first or `timeout` seconds pass."""
         deadline = time.monotonic() + timeout
         client = triton_sync.InferenceServerClient(self.grpc_url)
         try:
@@ -130,6 +136,7 @@ class PeerProcess:
             client.close()
 
     def stop(self) -> None:
+        """SIGTERM its whole session, SIGKILL after 20 s."""
         if self.process is None or self.process.poll() is not None:
             return
         # The whole session: MLServer may have started worker processes.
