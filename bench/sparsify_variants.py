@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_overhead import environment, machine_lines, markdown_table  # bench/ is no package
+if not __package__:  # `python bench/<script>.py`: import `bench` from the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.report import environment, machine_lines, markdown_table
 from sparseserve.repository.manifest import MANIFEST_FILENAME, VariantManifest
 
 RESULTS = Path(__file__).resolve().parent / "results"
