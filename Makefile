@@ -7,9 +7,11 @@ BIN    := $(VENV)/bin
 # or alone) adds what the tests need.
 DEMO_STAMP := $(VENV)/.installed-demo
 DEV_STAMP  := $(VENV)/.installed-dev
-# torch's CPU wheels come from PyTorch's own index: PyPI's torch for Linux pulls several
-# GB of CUDA libraries. Empty (TORCH_INDEX=) installs torch from pip's configured sources
-# only (a mirror or wheel directory that already holds the CPU build).
+# torch's CPU wheels come from PyTorch's own index, consulted beside pip's configured
+# sources: PyPI's torch for Linux pulls several GB of CUDA libraries, and the CPU build
+# (2.13.0+cpu) outranks it. Where that index cannot be reached (a closed network with a
+# mirror or wheel directory that holds the CPU build), --retries 0 gives up on it at once
+# instead of spending minutes on retries. Empty (TORCH_INDEX=): pip's sources only.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH := torch==2.13.0
 DEMO_REPOSITORY ?= models
@@ -35,7 +37,7 @@ $(BIN)/python:
 
 # torch first, from the CPU index, so that the extras below find it installed.
 define install_torch
-	$(BIN)/pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--retries 0 --extra-index-url $(TORCH_INDEX))
 endef
 
 $(DEMO_STAMP): pyproject.toml | $(BIN)/python

@@ -36,7 +36,6 @@ from sparseserve.sparsify.recipe import (
     row_count,
 )
 
-
 # 7-bit weights. onnxruntime's x86 int8 kernels multiply u8 activations by s8 weights in
 # pairs summed into int16 (vpmaddubsw), which saturates on CPUs without VNNI (AVX2 only,
 # as an AMD EPYC VM here exposes): the same int8 model then answered up to 13% of the
