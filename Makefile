@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_REPOSITORY ?= demo-models
 
-.PHONY: help venv prometheus demo minilm bench-minilm test test-fast protos check-protos helm-schema lint bench clean
+.PHONY: help venv prometheus corpus-text demo minilm bench-minilm test test-fast protos check-protos helm-schema lint bench clean
 
 help:
 	@echo "make demo    build demo models + sparse variants, serve them, query them, compare"
@@ -33,11 +33,24 @@ demo: $(STAMP)
 
 # Slow and optional: distils a pruned MiniLM on the CPU. See docs/minilm.md.
 MINILM_REPOSITORY ?= minilm-models
-minilm: $(STAMP)
+minilm: $(STAMP) corpus-text
 	$(BIN)/sparseserve sparsify --recipe recipes/minilm.yaml --repository $(MINILM_REPOSITORY)
 
 bench-minilm: $(STAMP)
 	$(BIN)/python bench/minilm.py --repository $(MINILM_REPOSITORY)
+
+# Everyday English for the minilm corpus (sparsify/corpus.py): Debian's fortune
+# quotations (package `fortunes`, data files only, under /usr/share/games/fortunes).
+# Installed when missing and we are root; without them the corpus has no fortunes
+# and says so in its source line.
+corpus-text:
+	@if [ -e /usr/share/games/fortunes/fortunes ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's fortunes (everyday English for the minilm corpus) ..."; \
+		DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends fortunes >/dev/null \
+		|| { apt-get -o DPkg::Lock::Timeout=300 update -qq && \
+		     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends fortunes >/dev/null; }; \
+	else echo "fortunes not installed and not root: the minilm corpus goes without them"; fi
 
 # The monitoring tests run a real Prometheus (Debian's package: prometheus + promtool).
 # Installed when missing and we are root; a no-op when present. Without it (and not

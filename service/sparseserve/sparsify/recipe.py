@@ -137,6 +137,12 @@ class StepContext:
     progress: Progress = silent
     input_name: str = "input"
     teacher: nn.Module | None = None  # the family's base model, for distillation
+    # Where a training step keeps its resumable checkpoints (None: it keeps none).
+    checkpoint_dir: Path | None = None
+    # A live progress bar on stderr (a terminal only) besides the progress lines.
+    progress_bar: bool = False
+    # Overrides every distill step's `precision` ("auto", "fp32", "bf16"): the CLI switch.
+    distill_precision: str | None = None
 
 
 StepReport = dict[str, Any]

@@ -31,6 +31,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from sparseserve.sparsify.encoder import encoder_layers
 from sparseserve.sparsify.recipe import (
     RecipeError,
     StepConfig,
@@ -85,15 +86,6 @@ class LayerShape:
     layer: int
     ffn_neurons: int
     heads: int
-
-
-def encoder_layers(model: nn.Module) -> Sequence[Any]:
-    """The transformer layers of a ``BertModel`` (or of a module holding one as `.bert`)."""
-    bert = model if hasattr(model, "encoder") else getattr(model, "bert", None)
-    layers = getattr(getattr(bert, "encoder", None), "layer", None)
-    if layers is None:
-        raise TypeError(f"{type(model).__name__} is not a BERT-style encoder (no encoder.layer)")
-    return list(layers)
 
 
 def layer_shapes(model: nn.Module) -> list[LayerShape]:
