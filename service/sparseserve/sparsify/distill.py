@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TextIO
@@ -459,19 +459,19 @@ def _train(
                     f"distill step {step}/{config.steps}: loss {sum(recent) / len(recent):.5f}"
                     f" ({elapsed:.0f} s, {per_step:.2f} s/step, ETA {eta})"
                 )
-            if fingerprint is not None and checkpoint is not None:
-                if step % config.checkpoint_every == 0 or step == config.steps:
-                    _save_checkpoint(
-                        checkpoint,
-                        {
-                            "fingerprint": fingerprint,
-                            "losses": losses,
-                            "student": student.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(),
-                            "rng": torch.random.get_rng_state(),
-                        },
-                    )
+            due = step % config.checkpoint_every == 0 or step == config.steps
+            if due and fingerprint is not None and checkpoint is not None:
+                _save_checkpoint(
+                    checkpoint,
+                    {
+                        "fingerprint": fingerprint,
+                        "losses": losses,
+                        "student": student.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": torch.random.get_rng_state(),
+                    },
+                )
         if not losses:
             raise ValueError("distill needs at least one batch, got none")
     finally:
@@ -480,9 +480,7 @@ def _train(
         teacher.train(teacher_was_training)
         student.train(student_was_training)
         torch.random.set_rng_state(generator_state)
-    return DistillResult(
-        losses, time.perf_counter() - started, precision, resumed_at, len(cache)
-    )
+    return DistillResult(losses, time.perf_counter() - started, precision, resumed_at, len(cache))
 
 
 def _closeness(teacher: np.ndarray, student: np.ndarray, loss: DistillLoss) -> dict[str, float]:
@@ -559,8 +557,3 @@ def distill_with_context(
 @register_step(DistillConfig)
 def _distill(model: nn.Module, config: DistillConfig, context: StepContext) -> StepReport:
     return distill_with_context(model, config, context)
-
-
-def with_checkpoint_dir(context: StepContext, folder: Path | None) -> StepContext:
-    """`context` keeping its checkpoints in `folder` (a step's own subfolder)."""
-    return replace(context, checkpoint_dir=folder)

@@ -50,6 +50,4 @@ def uniform_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
             f"a student of {student_layers} layers cannot be mapped onto a teacher of "
             f"{teacher_layers}: it needs between 1 and {teacher_layers} layers"
         )
-    return [
-        math.ceil((j + 1) * teacher_layers / student_layers) - 1 for j in range(student_layers)
-    ]
+    return [math.ceil((j + 1) * teacher_layers / student_layers) - 1 for j in range(student_layers)]

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import shutil
 import time
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -116,11 +117,16 @@ def _run_torch_steps(
     model: nn.Module, steps: Sequence[StepConfig], context: StepContext
 ) -> list[dict[str, Any]]:
     done = []
-    for config in steps:
+    for index, config in enumerate(steps):
         if config.stage is not Stage.torch:
             continue
         started = time.perf_counter()
-        report = handler_for(config, Stage.torch)(model, config, context)
+        # Each step its own checkpoint folder: a resumed build finds its place by it.
+        folder = context.checkpoint_dir
+        step_context = replace(
+            context, checkpoint_dir=folder / f"{index}-{config.step}" if folder else None
+        )
+        report = handler_for(config, Stage.torch)(model, config, step_context)
         report["seconds"] = round(time.perf_counter() - started, 3)
         done.append({**dump_step(config), "report": report})
     return done
@@ -135,8 +141,15 @@ class FamilyBuilder:
         progress: Progress = print,
         source: str | None = None,
         threads: int | None = None,
+        *,
+        checkpoints: Path | None = None,
+        progress_bar: bool = False,
+        distill_precision: str | None = None,
     ):
         self.recipe = recipe
+        self.checkpoints = checkpoints
+        self.progress_bar = progress_bar
+        self.distill_precision = distill_precision
         self.progress = progress
         self.source = source
         self.architecture: Architecture = architecture(recipe.base.architecture)
@@ -165,12 +178,18 @@ class FamilyBuilder:
             return rows
         return np.ascontiguousarray(rows.reshape(-1, *inputs[0].sample_shape))
 
-    def _context(self, prefix: str) -> StepContext:
+    def _context(self, prefix: str, variant: str | None = None) -> StepContext:
+        folder = None
+        if self.checkpoints is not None:
+            folder = self.checkpoints / self.recipe.family / (variant or "base")
         return StepContext(
             data=self.data,
             progress=lambda line: self.progress(f"[{prefix}] {line}"),
             input_name=self.architecture.input_name,
             teacher=self._base,
+            checkpoint_dir=folder,
+            progress_bar=self.progress_bar,
+            distill_precision=self.distill_precision,
         )
 
     def build(self) -> FamilyBuilder:
@@ -195,7 +214,7 @@ class FamilyBuilder:
         model = copy.deepcopy(self._torch_models[spec.parent] if spec.parent else base)
         # Each variant its own seed: its numbers do not depend on which variants came before.
         torch.manual_seed(self.recipe.data.seed + zlib.crc32(spec.name.encode()))
-        context = self._context(name)
+        context = self._context(name, spec.name)
         # A child starts from its parent's torch model: it inherits the parent's torch steps,
         # not its quantization (ONNX steps act on the parent's export only).
         torch_steps = [
@@ -369,11 +388,17 @@ def build_family(
     progress: Progress = print,
     seed: int | None = None,
     threads: int | None = None,
+    checkpoints: Path | None = None,
+    progress_bar: bool = False,
+    distill_precision: str | None = None,
 ) -> list[BuiltVariant]:
     """Build every variant of a recipe (a `Recipe` or a YAML path) into `repository`.
 
     `threads`: torch threads while building (0: torch's default; None: what the
-    architecture asks for).
+    architecture asks for). `checkpoints`: a folder where training steps keep resumable
+    checkpoints (a rerun of an interrupted build continues from them; removed once the
+    build is written). `progress_bar`: live bars on a terminal's stderr.
+    `distill_precision` ("auto", "fp32", "bf16") overrides every distill step's.
     """
     source = None
     if isinstance(recipe, Path):
@@ -381,4 +406,17 @@ def build_family(
         recipe = load_recipe(recipe)
     if seed is not None:
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"seed": seed})})
-    return FamilyBuilder(recipe, progress, source, threads).build().write(repository)
+    builder = FamilyBuilder(
+        recipe,
+        progress,
+        source,
+        threads,
+        checkpoints=checkpoints,
+        progress_bar=progress_bar,
+        distill_precision=distill_precision,
+    )
+    built = builder.build().write(repository)
+    if checkpoints is not None:
+        # Written: the checkpoints of this family have served their purpose.
+        shutil.rmtree(checkpoints / recipe.family, ignore_errors=True)
+    return built

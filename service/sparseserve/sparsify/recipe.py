@@ -41,6 +41,7 @@ STEP_MODULES = (
     "sparseserve.sparsify.quantize",
     "sparseserve.sparsify.transformer",
     "sparseserve.sparsify.distill",
+    "sparseserve.sparsify.encoder_gradual",
 )
 
 Sparsity = Annotated[float, Field(ge=0.0, lt=1.0)]
