@@ -42,7 +42,6 @@ from pydantic import Field
 from torch import nn
 
 from sparseserve.backends.hardware import cpu_has_bf16
-from sparseserve.sparsify.encoder import encoder_layers
 from sparseserve.sparsify.export import run_torch
 from sparseserve.sparsify.layerwise import (
     LayerStates,
@@ -371,11 +370,7 @@ def _train(
     precision = resolve_precision(config.precision)
     bf16 = precision is Precision.bf16
     layerwise = config.layerwise
-    layer_map = (
-        resolve_layer_map(student, len(encoder_layers(teacher)), layerwise)
-        if layerwise is not None
-        else []
-    )
+    layer_map = resolve_layer_map(student, teacher, layerwise) if layerwise is not None else []
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(

@@ -88,6 +88,13 @@ class LayerStates:
         return sum(t.numel() * t.element_size() for t in [*self.hidden, *self.values])
 
 
+def _layers_of(model: nn.Module) -> Sequence[Any]:
+    try:
+        return encoder_layers(model)
+    except TypeError as exc:
+        raise ValueError(f"layer-wise distillation needs a BERT-style encoder: {exc}") from None
+
+
 @contextmanager
 def capture_layers(model: nn.Module) -> Iterator[LayerStates]:
     """Record each encoder layer's output and value projection while `model` runs.
@@ -95,10 +102,7 @@ def capture_layers(model: nn.Module) -> Iterator[LayerStates]:
     The returned `LayerStates` fills up during the forward passes inside the block (one
     pass expected); the hooks are gone after it.
     """
-    try:
-        layers = encoder_layers(model)
-    except TypeError as exc:
-        raise ValueError(f"layer-wise distillation needs a BERT-style encoder: {exc}") from None
+    layers = _layers_of(model)
     states = LayerStates([], [])
 
     def on_layer(_module: nn.Module, _inputs: Any, output: Any) -> None:
@@ -119,9 +123,13 @@ def capture_layers(model: nn.Module) -> Iterator[LayerStates]:
             handle.remove()
 
 
-def resolve_layer_map(student: nn.Module, teacher_depth: int, config: LayerwiseConfig) -> list[int]:
-    """Which teacher layer each student layer learns from (see the module docstring)."""
-    depth = len(encoder_layers(student))
+def resolve_layer_map(
+    student: nn.Module, teacher: nn.Module | int, config: LayerwiseConfig
+) -> list[int]:
+    """Which teacher layer each student layer learns from (see the module docstring);
+    `teacher` is the teacher model or its number of layers."""
+    teacher_depth = teacher if isinstance(teacher, int) else len(_layers_of(teacher))
+    depth = len(_layers_of(student))
     mapping = list(config.layer_map) if config.layer_map is not None else teacher_layers(student)
     if mapping is None:
         mapping = list(range(depth)) if depth == teacher_depth else None
