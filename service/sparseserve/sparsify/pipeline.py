@@ -81,6 +81,8 @@ class _Variant:
     onnx_model: bytes
     outputs: np.ndarray  # onnxruntime's, on the test inputs
     torch_outputs: np.ndarray  # torch's, of the exported model, on the same inputs
+    source_outputs: np.ndarray | None = None  # onnxruntime's on the held-out source
+    source_torch_outputs: np.ndarray | None = None
     torch_steps: list[dict[str, Any]] = field(default_factory=list)  # lineage, with reports
     steps: list[dict[str, Any]] = field(default_factory=list)  # torch_steps + own ONNX steps
     labels: list[str] = field(default_factory=list)
@@ -160,6 +162,12 @@ class FamilyBuilder:
         self.test_feeds: list[Feed] = feeds(
             self._shaped(self.labelled.x_test), self.architecture.input_name
         )
+        # Text of a source never trained on, measured on its own (english-mix).
+        self.source_feeds: list[Feed] | None = None
+        if self.labelled.x_test_source is not None:
+            self.source_feeds = feeds(
+                self._shaped(self.labelled.x_test_source), self.architecture.input_name
+            )
         self.data = TrainingData(
             x_train=x_train,
             y_train=self.labelled.y_train,
@@ -258,8 +266,14 @@ class FamilyBuilder:
                 if not np.array_equal(run_onnx(compact, self.test_feeds), outputs):
                     raise RuntimeError(f"{name}: sparse storage changed the outputs")
                 onnx_model = compact
+        source_outputs = source_torch = None
+        if self.source_feeds:
+            source_outputs = run_onnx(onnx_model, self.source_feeds)
+            source_torch = run_torch(exported, self.source_feeds)
         self.variants[spec.name] = _Variant(
             spec=spec,
+            source_outputs=source_outputs,
+            source_torch_outputs=source_torch,
             model=exported,
             onnx_model=onnx_model,
             outputs=outputs,
@@ -294,7 +308,15 @@ class FamilyBuilder:
             if is_baseline:  # its fidelity to itself is 1: say how exact the export is
                 dataset = f"{dataset}; the ONNX export against torch"
             reference = variant.torch_outputs if is_baseline else baseline.outputs
-            return embedding_quality(variant.outputs, reference, dataset)
+            rows = embedding_quality(variant.outputs, reference, dataset)
+            if variant.source_outputs is not None:
+                source = self.labelled.test_source_description
+                if is_baseline:
+                    source = f"{source}; the ONNX export against torch"
+                against = variant.source_torch_outputs if is_baseline else baseline.source_outputs
+                assert against is not None  # every variant ran on the same feeds
+                rows += embedding_quality(variant.source_outputs, against, source)
+            return rows
         labels = self.labelled.y_test
         against = None
         if not is_baseline and labels is not None:

@@ -277,6 +277,18 @@ class DataConfig(_Strict):
     test_samples: int | None = Field(
         None, ge=2, description="Measure on only the first N test samples (default: all)."
     )
+    heldout_source: Name | None = Field(
+        None,
+        description="Text sources that mix several (english-mix): one source never trained "
+        "on and measured on its own, e.g. fortunes-literature.",
+    )
+    sort_window_batches: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="Text sources: sort the shuffled training chunks by length within "
+        "windows of this many batches, so each batch pads less (1: no sorting).",
+    )
 
 
 class Exporter(StrEnum):
