@@ -172,7 +172,8 @@ def test_every_step_survives_a_yaml_round_trip(name: str) -> None:
         ),
         (
             lambda d: d["variants"][1]["steps"].append({"prune_harder": {}}),
-            "unknown step 'prune_harder' (known steps: distill, encoder_drop_layers, encoder_gradual_prune, encoder_prune,",
+            "unknown step 'prune_harder' (known steps: distill, encoder_drop_layers, "
+            "encoder_gradual_prune, encoder_prune,",
         ),
         (
             lambda d: d["variants"][1]["steps"].append({"train": {}, "shrink": {}}),
