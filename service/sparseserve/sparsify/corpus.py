@@ -149,9 +149,12 @@ def chunks(sentence_list: list[str], max_words: int) -> list[str]:
     return grouped
 
 
+def _text_hash(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
 def _is_heldout(text: str, heldout_fraction: float) -> bool:
-    digest = hashlib.sha256(text.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < heldout_fraction
+    return int.from_bytes(_text_hash(text)[:8], "big") / 2**64 < heldout_fraction
 
 
 def stdlib_corpus(
@@ -496,7 +499,10 @@ def _english_mix(config: DataConfig, architecture: Architecture) -> LabelledData
         )
     except ValueError as exc:
         raise RecipeError(f"data.heldout_source: {exc}") from None
-    heldout = [chunk.text for chunk in corpus.heldout[: config.test_samples]]
+    # Ordered by a hash of the text, not by source: the first `test_samples` then mix
+    # every source, and do not depend on the seed.
+    heldout = sorted((chunk.text for chunk in corpus.heldout), key=_text_hash)
+    heldout = heldout[: config.test_samples]
     apart = [chunk.text for chunk in corpus.heldout_source[: config.test_samples]]
     version = ".".join(str(part) for part in sys.version_info[:3])
     what = (
