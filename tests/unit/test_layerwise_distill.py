@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 pytest.importorskip("torch", reason="needs the [sparsify] extra")
 pytest.importorskip("transformers", reason="needs the [sparsify] extra")
@@ -285,6 +286,8 @@ def test_encoder_gradual_prune_reaches_the_target_sparsity_in_the_encoder_only()
     report = apply(student, config, data=data(), teacher=teacher)
     assert report["encoder_sparsity"] == pytest.approx(0.85, abs=0.002)
     assert report["ramp_steps"] == 6
+    # The report goes into the manifest as it is: nothing YAML would read back differently.
+    assert yaml.safe_load(yaml.safe_dump(report)) == report
     schedule = [sparsity for _, sparsity in report["schedule"]]
     assert schedule[0] == 0.0 and schedule[-1] == pytest.approx(0.85)
     assert schedule == sorted(schedule)

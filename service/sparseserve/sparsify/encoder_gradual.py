@@ -123,8 +123,9 @@ def _encoder_gradual_prune(
 
     report: dict[str, Any] = {
         "ramp_steps": ramp,
+        # Lists, not tuples: the manifest must equal what its YAML reads back as.
         "schedule": [
-            (step, round(sparsity_at(config, step), 4))
+            [step, round(sparsity_at(config, step), 4)]
             for step in sorted({*range(0, ramp + 1, max(1, ramp // 8)), ramp})
         ],
     }
