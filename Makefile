@@ -10,7 +10,8 @@ DEMO_REPOSITORY ?= demo-models
 
 help:
 	@echo "make demo    build demo models + sparse variants, serve them, query them, compare"
-	@echo "make minilm  build the minilm family (real all-MiniLM-L6-v2; slow: ~10-40 min on CPU)"
+	@echo "make minilm  build the minilm family (real all-MiniLM-L6-v2; slow: ~70 min on 2 idle cores, estimated)"
+	@echo "make corpus-text  install Debian's fortunes (everyday English for the minilm corpus; root)"
 	@echo "make bench-minilm  latency, size and fidelity of the minilm variants (after make minilm)"
 	@echo "make test    the whole test suite"
 	@echo "make bench   server overhead benchmark (writes bench/results/)"
