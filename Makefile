@@ -16,12 +16,13 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH := torch==2.13.0
 DEMO_REPOSITORY ?= models
 
-.PHONY: help venv prometheus demo report-screenshot minilm bench-minilm test test-fast protos check-protos helm-schema lint typecheck bench clean clean-models
+.PHONY: help venv prometheus corpus-text demo report-screenshot minilm bench-minilm test test-fast protos check-protos helm-schema lint typecheck bench clean clean-models
 
 help:
 	@echo "make demo    build the digits models + sparse variants into ./models, serve, query, compare"
 	@echo "make report-screenshot  compare digits-mlp on the demo models, screenshot report.html (headless Chromium)"
-	@echo "make minilm  build the minilm family (real all-MiniLM-L6-v2; slow: ~10-40 min on CPU)"
+	@echo "make minilm  build the minilm family (real all-MiniLM-L6-v2; slow: ~70 min on 2 idle cores, estimated)"
+	@echo "make corpus-text  install Debian's fortunes (everyday English for the minilm corpus; root)"
 	@echo "make bench-minilm  latency, size and fidelity of the minilm variants (after make minilm)"
 	@echo "make test    the whole test suite"
 	@echo "make bench   server overhead benchmark (writes bench/results/)"
@@ -69,11 +70,24 @@ report-screenshot: $(DEMO_STAMP)
 
 # Slow and optional: distils a pruned MiniLM on the CPU. See docs/minilm.md.
 MINILM_REPOSITORY ?= minilm-models
-minilm: $(DEV_STAMP)
+minilm: $(DEV_STAMP) corpus-text
 	$(BIN)/sparseserve sparsify --recipe recipes/minilm.yaml --repository $(MINILM_REPOSITORY)
 
 bench-minilm: $(DEV_STAMP)
 	$(BIN)/python -m bench.minilm --repository $(MINILM_REPOSITORY)
+
+# Everyday English for the minilm corpus (sparsify/corpus.py): Debian's fortune
+# quotations (package `fortunes`, data files only, under /usr/share/games/fortunes).
+# Installed when missing and we are root; without them the corpus has no fortunes
+# and says so in its source line.
+corpus-text:
+	@if [ -e /usr/share/games/fortunes/fortunes ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's fortunes (everyday English for the minilm corpus) ..."; \
+		DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends fortunes >/dev/null \
+		|| { apt-get -o DPkg::Lock::Timeout=300 update -qq && \
+		     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends fortunes >/dev/null; }; \
+	else echo "fortunes not installed and not root: the minilm corpus goes without them"; fi
 
 # The monitoring tests run a real Prometheus (Debian's package: prometheus + promtool).
 # Installed when missing and we are root; a no-op when present. Without it (and not

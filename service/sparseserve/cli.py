@@ -421,7 +421,22 @@ def _sparsify_parser(sub: argparse._SubParsersAction) -> None:
         help="torch threads while building (0: torch's default; default: what the "
         "recipe's architecture asks for, 1 for the digits models)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--quiet", action="store_true", help="no progress lines and no bars")
+    p.add_argument(
+        "--checkpoints",
+        type=Path,
+        default=Path("build/sparsify-checkpoints"),
+        help="where distillation keeps resumable checkpoints: rerun an interrupted build "
+        "with the same recipe to continue it; removed once the build is written "
+        "(default: %(default)s)",
+    )
+    p.add_argument("--no-checkpoints", action="store_true", help="keep no checkpoints (no resume)")
+    p.add_argument(
+        "--distill-precision",
+        choices=("auto", "fp32", "bf16"),
+        help="override every distill step's precision (auto: bf16 autocast on CPUs with "
+        "AVX512-BF16 or AMX, fp32 elsewhere)",
+    )
 
 
 def _sparsify(args: argparse.Namespace) -> int:
@@ -439,7 +454,14 @@ def _sparsify(args: argparse.Namespace) -> int:
 
     try:
         built = build_family(
-            args.recipe, args.repository, progress=progress, seed=args.seed, threads=args.threads
+            args.recipe,
+            args.repository,
+            progress=progress,
+            seed=args.seed,
+            threads=args.threads,
+            checkpoints=None if args.no_checkpoints else args.checkpoints,
+            progress_bar=not args.quiet,
+            distill_precision=args.distill_precision,
         )
     except RecipeError as exc:
         print(f"sparseserve: error: {exc}", file=sys.stderr)
