@@ -191,7 +191,7 @@ def test_verdicts_say_what_the_numbers_say(run: dict) -> None:
     assert pruned["speed"] == pytest.approx(expected.__dict__)
     words = SpeedEstimate(**pruned["speed"]).words("dense")
     assert pruned["verdict"].startswith(words)
-    assert f"({SERVER_MEAN}" in pruned["verdict"]
+    assert SERVER_MEAN in pruned["verdict"]  # it names the latency it used, in any wording
     difference = abs(dense["memory_bytes"]["value"] - pruned["memory_bytes"]["value"])
     if difference < MEMORY_RESOLUTION_BYTES:
         assert "same memory (within 1 MiB)" in pruned["verdict"]
