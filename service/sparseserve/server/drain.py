@@ -12,7 +12,9 @@ new call of sparseserve's services is answered UNAVAILABLE "server is shutting d
 (`ShuttingDown`, retryable; the health service answers NOT_SERVING), calls already
 running finish, and each stream stops reading requests, answers those it read, and ends
 with that UNAVAILABLE status. Only when no call runs (or the grace is over) does the
-server call `stop()`, which then has nothing left to cut off.
+transport close: through the process's exit when nothing runs (`server.app.serve`: the
+calls the transport holds then fail UNAVAILABLE with their connection, where `stop()`
+would cancel them), through `stop()` when calls outlived the grace.
 """
 
 from __future__ import annotations
