@@ -258,7 +258,7 @@ def _model_config(model: LoadedModel) -> mc.ModelConfig:
 
 
 def _statistics(model: LoadedModel) -> pb.ModelStatistics:
-    s = model.total_stats()
+    s = model.stats.total()
     duration = pb.StatisticDuration
     return pb.ModelStatistics(
         name=model.name,
