@@ -48,7 +48,7 @@ from server_overhead import (  # bench/ is not a package: imported from its fold
     triton_inputs,
     write_results,
 )
-from sparseserve.server.process import ServerProcess
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.testing import onnx_models
 
 MODELS = {"mlp_small": (64, 256, 256, 10), "mlp_large": (1024, 4096, 4096, 1000)}

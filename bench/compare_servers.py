@@ -69,7 +69,7 @@ from server_overhead import (  # bench/ is not a package: imported from its fold
     triton_inputs,
     write_results,
 )
-from sparseserve.server.process import ServerProcess
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.testing import onnx_models
 
 BENCH = Path(__file__).resolve().parent

@@ -45,7 +45,7 @@ from server_overhead import (  # bench/ is not a package: imported from its fold
     triton_inputs,
     write_results,
 )
-from sparseserve.server.process import ServerProcess
+from sparseserve.client.server_process import ServerProcess
 
 # A sample's part of the server: its innermost frame's, by the file the frame is in.
 # Frames that call into C (Cython) code with no Python frame below are named for what

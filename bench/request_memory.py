@@ -39,7 +39,7 @@ from server_overhead import (  # bench/ is not a package: imported from its fold
     machine_lines,
     write_results,
 )
-from sparseserve.server.process import ServerProcess
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.testing import onnx_models
 
 MiB = 1024 * 1024

@@ -74,7 +74,7 @@ from server_overhead import (
     rotated,
     write_results,
 )
-from sparseserve.server.process import ServerProcess
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.testing import onnx_models
 
 SERVERS = ("sparseserve", "kserve", "mlserver")

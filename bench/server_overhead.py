@@ -48,7 +48,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, InferResult
 from tritonclient.utils import InferenceServerException
 
-from sparseserve.server.process import ServerProcess
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.testing import onnx_models
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -47,10 +47,10 @@ from server_overhead import (  # bench/ is not a package: imported from its fold
     rotated,
     triton_inputs,
 )
+from sparseserve.api import service_pb2, service_pb2_grpc
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.repository.manifest import Task, VariantManifest
-from sparseserve.server.process import ServerProcess
 from sparseserve.testing import onnx_models
-from sparseserve.v1 import service_pb2, service_pb2_grpc
 
 FAMILY = "bench"
 FRACTIONS = (0.0, 1.0)

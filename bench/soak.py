@@ -57,7 +57,7 @@ from server_overhead import (  # bench/ is not a package: imported from its fold
     progress,
     write_results,
 )
-from sparseserve.server.process import ServerProcess
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.testing import onnx_models
 
 MODEL = "soak"

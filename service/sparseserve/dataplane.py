@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from sparseserve.errors import SparseServeError, status_of
-from sparseserve.models import LoadedModel, ModelRegistry
 from sparseserve.observability.metrics import Metrics
+from sparseserve.registry import LoadedModel, ModelRegistry
 from sparseserve.routing.router import Router
 from sparseserve.routing.shadow import ShadowJob, ShadowRunner
 from sparseserve.routing.traffic import PolicyFile
@@ -58,11 +58,6 @@ class DataPlane:
         if self._codec_executor is None:
             return work(*args)
         return await asyncio.get_running_loop().run_in_executor(self._codec_executor, work, *args)
-
-    def model(self, name: str, version: str = "") -> LoadedModel:
-        """The loaded model a metadata/config call about `name` describes: the model, or
-        the variant a family name goes to without a split draw (raises if none)."""
-        return self.router.route(name, version, draw=False).model
 
     def after_sent(self, answer: Answer) -> None:
         """The answer is on the wire: now its shadow runs may start."""

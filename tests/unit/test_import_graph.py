@@ -89,8 +89,8 @@ def test_the_graph_sees_the_serving_path() -> None:
     """The graph is read from the real package: the registry imports the batcher and the
     metrics read the registry (under TYPE_CHECKING), so a broken parser cannot pass."""
     graph = import_graph()
-    assert "sparseserve.scheduling.batcher" in graph["sparseserve.models"]
-    assert "sparseserve.models" in graph["sparseserve.observability.metrics"]
+    assert "sparseserve.scheduling.batcher" in graph["sparseserve.registry"]
+    assert "sparseserve.registry" in graph["sparseserve.observability.metrics"]
 
 
 def test_find_cycle_reports_a_cycle() -> None:

@@ -26,8 +26,8 @@ from sparseserve.backends.hardware import probe_hardware
 from sparseserve.backends.onnxruntime import OnnxRuntimeBackend
 from sparseserve.dataplane import DataPlane
 from sparseserve.errors import BackendUnavailable, InvalidInput
-from sparseserve.models import LoadedModel, ModelRegistry
 from sparseserve.observability.metrics import LATENCY_BUCKETS, Metrics
+from sparseserve.registry import LoadedModel, ModelRegistry
 from sparseserve.repository.store import ModelRepository
 from sparseserve.settings import BatchingSettings, Settings
 from sparseserve.testing import onnx_models

@@ -38,7 +38,7 @@ from sparseserve.observability.stats import (
 
 if TYPE_CHECKING:
     from sparseserve.backends.hardware import HardwareReport
-    from sparseserve.models import LoadedModel, ModelRegistry
+    from sparseserve.registry import LoadedModel, ModelRegistry
 
 LABELS = ("model", "version", "family", "variant", "backend")
 # The `le` label of each bucket, written as prometheus_client writes it, then +Inf.

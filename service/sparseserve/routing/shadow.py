@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparseserve.errors import InvalidInput, ModelNotReady
-from sparseserve.models import LoadedModel, ModelRegistry
 from sparseserve.observability.stats import ShadowKey, ShadowStats
+from sparseserve.registry import LoadedModel, ModelRegistry
 from sparseserve.repository.manifest import Task
 
 log = logging.getLogger(__name__)
