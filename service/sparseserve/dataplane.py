@@ -84,11 +84,12 @@ class DataPlane:
             self.metrics.unroutable.labels(status_of(exc)).inc()
             raise
         model = route.model
-
-        async def read_inputs() -> Mapping[str, np.ndarray]:
-            return await self.in_codec_thread(decode) if decode_in_thread else decode()
-
-        inputs, record = await model.run(read_inputs, requested_outputs, self._max_inflight)
+        inputs, record = await model.run(
+            decode,
+            requested_outputs,
+            self._max_inflight,
+            self.in_codec_thread if decode_in_thread else None,
+        )
         results = record.outputs
         answer = Answer(model, results)
         plan = route.shadow

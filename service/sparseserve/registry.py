@@ -46,6 +46,9 @@ from sparseserve.settings import ModelControl, Settings
 
 log = logging.getLogger(__name__)
 
+# Runs a decoding function elsewhere (the data plane's codec thread) and returns its result.
+Offload = Callable[[Callable[[], Mapping[str, np.ndarray]]], Awaitable[Mapping[str, np.ndarray]]]
+
 
 class ModelState(StrEnum):
     """States as Triton's RepositoryIndex reports them."""
@@ -79,19 +82,21 @@ class LoadedModel:
 
     async def run(
         self,
-        read_inputs: Callable[[], Awaitable[Mapping[str, np.ndarray]]],
+        decode: Callable[[], Mapping[str, np.ndarray]],
         requested_outputs: Sequence[str],
         max_inflight: int,
+        offload: Offload | None = None,
     ) -> tuple[Mapping[str, np.ndarray], ExecutionRecord]:
-        """Serve one request: read its inputs with `read_inputs` (so that a malformed
-        request counts against this model), validate them, run them through the batcher
-        if there is one (else on the backend) and record the request once, for the
-        backend that ran it. Return the inputs and the execution record (the outputs in
-        the order requested, or the model's when none were)."""
+        """Serve one request: decode its inputs with `decode` (through `offload`, e.g.
+        on the codec thread, if given; here so that a malformed request counts against
+        this model), validate them, run them through the batcher if there is one (else
+        on the backend) and record the request once, for the backend that ran it. Return
+        the inputs and the execution record (the outputs in the order requested, or the
+        model's when none were)."""
         started = time.perf_counter_ns()
         stats = self.stats
         try:
-            inputs = await read_inputs()
+            inputs = decode() if offload is None else await offload(decode)
             signature = self.signature
             signature.validate(self.name, inputs)
             outputs = signature.select_outputs(self.name, requested_outputs)

@@ -121,7 +121,7 @@ def _describe(specs: Sequence[TensorSpec]) -> str:
     return ", ".join(f"{s.name} {s.datatype.name}{list(s.shape)}" for s in specs)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: its __init__ runs once per execution, frozen's is slower
 class ExecutionRecord:
     """What one backend execution gave and who ran it: `backend` is the name of the
     backend that actually computed `outputs` (a dispatching backend passes on the record

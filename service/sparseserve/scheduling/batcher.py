@@ -70,7 +70,7 @@ HISTORY = 8
 Outputs = dict[str, np.ndarray]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per request, frozen's __init__ is slower
 class BatchShare:
     """One request's share of the execution that ran it. `record.outputs` are the
     request's own rows; `record.backend` and `record.compute_ns` are the execution's.
