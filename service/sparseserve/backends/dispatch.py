@@ -112,12 +112,14 @@ class DispatchingBackend(Backend):
                     raise _unavailable(exc) from exc
             else:
                 self._failures = 0
+                self.stats.count(record.backend)
                 return record
         if self.fallback is None:
             raise BackendUnavailable(
                 f"{self.primary.name} is unavailable (circuit open) and fallback is off"
             )
         record = await self.fallback.infer(inputs, outputs)
+        self.stats.count(record.backend)
         self.stats.fallbacks += 1
         return record
 

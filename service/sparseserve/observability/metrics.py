@@ -274,9 +274,9 @@ class _ModelFamilies:
         self._add_footprint(model, labels)
         dispatch = model.backend.dispatch_stats()
         if dispatch is not None:
-            for backend, stats in parts.items():
+            for backend, count in dispatch.executions.copy().items():
                 actual = (*labels[:-1], backend)
-                self.backend_executions.add_metric(actual, stats.execution_count, created=created)
+                self.backend_executions.add_metric(actual, count, created=created)
             self.fallbacks.add_metric(labels, dispatch.fallbacks, created=created)
             self.circuit_open.add_metric(labels, 1 if dispatch.breaker_open else 0)
 

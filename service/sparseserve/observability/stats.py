@@ -125,8 +125,15 @@ class DispatchStats:
     """The state of a model dispatched to Triton, beside its per-backend request stats:
     written by its `DispatchingBackend` on the event loop, read at scrape time."""
 
+    # Every execution it ran, by the backend that ran it: requests' and shadow runs'
+    # (the per-backend request stats count requests' only).
+    executions: dict[str, int] = field(default_factory=dict)
     fallbacks: int = 0  # executions onnxruntime ran because Triton failed or was open
     breaker_open: bool = False
+
+    def count(self, backend: str) -> None:
+        """One execution `backend` ran."""
+        self.executions[backend] = self.executions.get(backend, 0) + 1
 
 
 @dataclass(slots=True)
