@@ -3,33 +3,57 @@
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
-DEMO_REPOSITORY ?= demo-models
+# One stamp per set of extras: `make demo` installs only [demo]; `make test` (after it,
+# or alone) adds what the tests need.
+DEMO_STAMP := $(VENV)/.installed-demo
+DEV_STAMP  := $(VENV)/.installed-dev
+# torch's CPU wheels come from PyTorch's own index, consulted beside pip's configured
+# sources: PyPI's torch for Linux pulls several GB of CUDA libraries, and the CPU build
+# (2.13.0+cpu) outranks it. Where that index cannot be reached (a closed network with a
+# mirror or wheel directory that holds the CPU build), --retries 0 gives up on it at once
+# instead of spending minutes on retries. Empty (TORCH_INDEX=): pip's sources only.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH := torch==2.13.0
+DEMO_REPOSITORY ?= models
 
-.PHONY: help venv prometheus demo report-screenshot minilm bench-minilm test test-fast protos check-protos helm-schema lint bench clean
+.PHONY: help venv prometheus corpus-text demo report-screenshot minilm bench-minilm test test-fast protos check-protos helm-schema lint typecheck bench clean clean-models
 
 help:
-	@echo "make demo    build demo models + sparse variants, serve them, query them, compare"
+	@echo "make demo    build the digits models + sparse variants into ./models, serve, query, compare"
 	@echo "make report-screenshot  compare digits-mlp on the demo models, screenshot report.html (headless Chromium)"
-	@echo "make minilm  build the minilm family (real all-MiniLM-L6-v2; slow: ~10-40 min on CPU)"
+	@echo "make minilm  build the minilm family (real all-MiniLM-L6-v2; slow: ~70 min on 2 idle cores, estimated)"
+	@echo "make corpus-text  install Debian's fortunes (everyday English for the minilm corpus; root)"
 	@echo "make bench-minilm  latency, size and fidelity of the minilm variants (after make minilm)"
 	@echo "make test    the whole test suite"
 	@echo "make bench   server overhead benchmark (writes bench/results/)"
 	@echo "make protos  regenerate the gRPC stubs from protos/"
-	@echo "make lint    ruff (the generated stubs are checked by a test)"
+	@echo "make lint    ruff check + ruff format --check (the generated stubs are checked by a test); CI runs it"
+	@echo "make typecheck  mypy --strict on service/sparseserve (not yet clean, not in CI)"
 	@echo "make helm-schema  regenerate the chart's settings schema from the server's settings"
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch==2.13.0 (CPU) comes from the machine's wheel cache; see pyproject.toml.
+
+# torch first, from the CPU index, so that the extras below find it installed.
+define install_torch
+	$(BIN)/pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--retries 0 --extra-index-url $(TORCH_INDEX))
+endef
+
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	$(install_torch)
+	$(BIN)/pip install --quiet -e ".[demo]"
+	touch $@
+
+$(DEV_STAMP): pyproject.toml | $(BIN)/python
+	$(install_torch)
 	$(BIN)/pip install --quiet -e ".[dev,sparsify,compare]"
-	touch $(STAMP)
+	touch $@
 
-venv: $(STAMP)
+venv: $(DEV_STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/python -m sparseserve.demo --repository $(DEMO_REPOSITORY)
 
 # A person's view of a compare report: a comparison of one demo family (the demo models
@@ -37,7 +61,7 @@ demo: $(STAMP)
 # $(REPORT)/report-screenshot.png. Needs a Chromium on PATH (Debian: apt-get install chromium).
 REPORT_FAMILY ?= digits-mlp
 REPORT ?= compare-report
-report-screenshot: $(STAMP)
+report-screenshot: $(DEMO_STAMP)
 	@test -n "$$(ls $(DEMO_REPOSITORY)/*/sparseserve.yaml 2>/dev/null)" || \
 		$(BIN)/python -m sparseserve.sparsify.demo_models --repository $(DEMO_REPOSITORY)
 	$(BIN)/sparseserve compare --family $(REPORT_FAMILY) --repository $(DEMO_REPOSITORY) \
@@ -46,11 +70,24 @@ report-screenshot: $(STAMP)
 
 # Slow and optional: distils a pruned MiniLM on the CPU. See docs/minilm.md.
 MINILM_REPOSITORY ?= minilm-models
-minilm: $(STAMP)
+minilm: $(DEV_STAMP) corpus-text
 	$(BIN)/sparseserve sparsify --recipe recipes/minilm.yaml --repository $(MINILM_REPOSITORY)
 
-bench-minilm: $(STAMP)
-	$(BIN)/python bench/minilm.py --repository $(MINILM_REPOSITORY)
+bench-minilm: $(DEV_STAMP)
+	$(BIN)/python -m bench.minilm --repository $(MINILM_REPOSITORY)
+
+# Everyday English for the minilm corpus (sparsify/corpus.py): Debian's fortune
+# quotations (package `fortunes`, data files only, under /usr/share/games/fortunes).
+# Installed when missing and we are root; without them the corpus has no fortunes
+# and says so in its source line.
+corpus-text:
+	@if [ -e /usr/share/games/fortunes/fortunes ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's fortunes (everyday English for the minilm corpus) ..."; \
+		DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends fortunes >/dev/null \
+		|| { apt-get -o DPkg::Lock::Timeout=300 update -qq && \
+		     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends fortunes >/dev/null; }; \
+	else echo "fortunes not installed and not root: the minilm corpus goes without them"; fi
 
 # The monitoring tests run a real Prometheus (Debian's package: prometheus + promtool).
 # Installed when missing and we are root; a no-op when present. Without it (and not
@@ -64,10 +101,10 @@ prometheus:
 		     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends prometheus >/dev/null; }; \
 	else echo "prometheus not installed and not root: the real-Prometheus tests will skip"; fi
 
-test: $(STAMP) prometheus
+test: $(DEV_STAMP) prometheus
 	$(BIN)/python -m pytest
 
-test-fast: $(STAMP) prometheus
+test-fast: $(DEV_STAMP) prometheus
 	$(BIN)/python -m pytest -m "not slow"
 
 # Stubs are generated into the package and committed: the Open Inference Protocol in
@@ -77,7 +114,7 @@ test-fast: $(STAMP) prometheus
 # process (tests, and the Triton backend which is a tritonclient user).
 PROTO_SRC := protos
 PROTO_OUT := service
-protos: $(STAMP)
+protos: $(DEV_STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I$(PROTO_SRC) \
 		--python_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
 		$(PROTO_SRC)/sparseserve/protocol/*.proto $(PROTO_SRC)/sparseserve/api/*.proto
@@ -89,15 +126,27 @@ check-protos: protos
 
 # The `config` part of the chart's values.schema.json is generated from the server's
 # Settings (a test checks it is current).
-helm-schema: $(STAMP)
+helm-schema: $(DEV_STAMP)
 	$(BIN)/python -m sparseserve.settings_schema helm/sparseserve/values.schema.json
 
-lint: $(STAMP)
+# .ci/run runs this before `make test`: a lint or format failure fails CI.
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check service tests bench
 	$(BIN)/ruff format --check service tests bench
 
-bench: $(STAMP)
-	$(BIN)/python bench/server_overhead.py
+# mypy, strict, on the sparseserve package (configured in pyproject.toml). Not in CI
+# until it passes cleanly; docs/typing.md says where it stands.
+typecheck: $(DEV_STAMP)
+	$(BIN)/mypy
 
+# The benchmarks are the `bench` package: run from the repository root.
+bench: $(DEV_STAMP)
+	$(BIN)/python -m bench.server_overhead
+
+# The model repositories stay: ./models may hold your own models beside the demo's.
 clean:
-	rm -rf $(VENV) $(DEMO_REPOSITORY) $(DEMO_REPOSITORY)-report $(REPORT) compare-report $(MINILM_REPOSITORY) .pytest_cache
+	rm -rf $(VENV) $(DEMO_REPOSITORY)-report $(DEMO_REPOSITORY)-triton $(REPORT) compare-report .pytest_cache .mypy_cache
+
+# The demo's and minilm's repositories too.
+clean-models:
+	rm -rf $(DEMO_REPOSITORY) $(MINILM_REPOSITORY)

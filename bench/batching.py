@@ -8,7 +8,7 @@ alike. Per level: client req/s and latency, server CPU per request (from /proc, 
 threads) and the average batch size (inferences / executions from ModelStatistics).
 
 Writes bench/results/batching.json (every number, machine, versions, command) and
-bench/results/batching.md. Helpers come from bench/server_overhead.py.
+bench/results/batching.md. The shared parts come from bench/report.py, measure.py and workload.py.
 """
 
 from __future__ import annotations
@@ -29,25 +29,29 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_overhead import (  # bench/ is not a package: imported from its folder
+if not __package__:  # `python bench/<script>.py`: import `bench` from the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.measure import (
     CLOCK_TICKS,
-    REPO_ROOT,
     BenchmarkError,
     LatencySummary,
     ProcessSample,
-    Spread,
     check_errors,
     drive_unary,
+    pin_thread,
+)
+from bench.report import (
+    REPO_ROOT,
+    Spread,
     environment,
     fmt_spread,
     machine_lines,
     markdown_table,
-    pin_thread,
     progress,
-    triton_inputs,
     write_results,
 )
+from bench.workload import triton_inputs
 from sparseserve.client.server_process import ServerProcess
 from sparseserve.testing import onnx_models
 

@@ -13,7 +13,7 @@ The peers run the minimal runtimes in bench/peers/ (an onnxruntime session with 
 intra-op thread, as their docs describe custom runtimes), each in its own venv under
 bench/.peers/ (created with pip on the first run, reused afterwards). Every server is
 checked against onnxruntime in this process first, then loaded with the same batch-1
-requests by the same loop (`drive_unary` from bench/server_overhead.py, tritonclient's
+requests by the same loop (`drive_unary` from bench/measure.py, tritonclient's
 asyncio gRPC client); server CPU per request is utime+stime of the server's process tree
 from /proc. Each round runs every level against every server that serves its model, in
 an order rotated between rounds, so that drift on this shared machine hits all alike.
@@ -27,54 +27,56 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tritonclient.grpc as triton_sync
 import tritonclient.grpc.aio as triton_aio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_overhead import (  # bench/ is not a package: imported from its folder
+if not __package__:  # `python bench/<script>.py`: import `bench` from the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.measure import (
     CLOCK_TICKS,
-    INPUT_NAME,
-    OUTPUT_NAME,
-    REPO_ROOT,
     BenchmarkError,
     LatencySummary,
-    ProcessSample,
-    Spread,
     check_errors,
     drive_unary,
+    pin_thread,
+    process_tree,
+    tree_cpu_ticks,
+)
+from bench.peer_servers import (
+    PEERS_SRC,
+    PeerProcess,
+    ensure_venv,
+    free_port,
+    mlserver_repository,
+    peer_requirements,
+    sparseserve_repository,
+    venv_versions,
+)
+from bench.report import (
+    REPO_ROOT,
+    Spread,
     environment,
     fmt_spread,
     machine_lines,
     markdown_table,
-    onnxruntime_session,
-    pin_thread,
     progress,
     rotated,
-    triton_inputs,
     write_results,
 )
+from bench.workload import INPUT_NAME, OUTPUT_NAME, onnxruntime_session, triton_inputs
 from sparseserve.client.server_process import ServerProcess
 from sparseserve.testing import onnx_models
-
-BENCH = Path(__file__).resolve().parent
-PEERS_SRC = BENCH / "peers"
-PEERS_CACHE = BENCH / ".peers"  # git-ignored: the peers' venvs
 
 MODELS = {"mlp_small": (64, 256, 256, 10), "mlp_large": (1024, 4096, 4096, 1000)}
 # (model, concurrency) levels, as issue 7 reports them.
@@ -108,21 +110,6 @@ SERVERS = (
 SERVER_BY_KEY = {server.key: server for server in SERVERS}
 
 
-def peer_requirements() -> dict[str, list[str]]:
-    """What each peer venv gets: the peer, plus the onnxruntime and numpy this venv has,
-    so that every server runs the same kernels."""
-    shared = [f"onnxruntime=={metadata.version('onnxruntime')}"]
-    shared.append(f"numpy=={metadata.version('numpy')}")
-    return {"mlserver": ["mlserver==1.7.1", *shared], "kserve": ["kserve==0.21.0", *shared]}
-
-
-# Versions recorded from each peer venv.
-PEER_PACKAGES = (
-    "mlserver", "kserve", "onnxruntime", "numpy", "grpcio", "protobuf", "pydantic",
-    "fastapi", "uvicorn", "uvloop", "prometheus-client",
-)  # fmt: skip
-
-
 @dataclass(frozen=True, slots=True)
 class ArmRun:
     """One server at one level in one round."""
@@ -145,133 +132,7 @@ class ArmRun:
 # -- peer venvs ------------------------------------------------------------------------
 
 
-def ensure_venv(name: str, requirements: Sequence[str]) -> Path:
-    """bench/.peers/<name>, a python3.11 venv with `requirements`; created once and
-    reused while the requirements are unchanged. Returns its python."""
-    venv = PEERS_CACHE / name
-    python = venv / "bin" / "python"
-    stamp = venv / "requirements.txt"
-    wanted = "\n".join(requirements) + "\n"
-    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
-        return python
-    progress(f"creating {venv} with {' '.join(requirements)} (once; reused later)")
-    subprocess.run(["python3.11", "-m", "venv", "--clear", str(venv)], check=True)
-    pip = [str(python), "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "install", "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "install", *requirements], check=True)
-    stamp.write_text(wanted)
-    return python
-
-
-def venv_versions(python: Path) -> dict[str, str]:
-    script = (
-        "import json, sys; from importlib import metadata as m\n"
-        "def v(p):\n"
-        "    try: return m.version(p)\n"
-        "    except m.PackageNotFoundError: return None\n"
-        "print(json.dumps({'python': sys.version.split()[0], "
-        "**{p: v(p) for p in sys.argv[1:]}}))"
-    )
-    out = subprocess.run(
-        [str(python), "-c", script, *PEER_PACKAGES], capture_output=True, text=True, check=True
-    ).stdout
-    return {k: v for k, v in json.loads(out).items() if v is not None}
-
-
 # -- servers ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class PeerProcess:
-    """A peer server started from its venv, pinned to `cpu`, logging to a file."""
-
-    def __init__(self, command: list[str], cwd: Path, env: dict[str, str], log: Path, cpu: int):
-        self.grpc_port = free_port()
-        self.command = ["taskset", "-c", str(cpu), *command]
-        self.cwd, self.env, self.log_path = cwd, env, log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        command = [str(part).replace("{grpc}", str(self.grpc_port)) for part in self.command]
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                command, cwd=self.cwd, env={**os.environ, **self.env}, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, models: Sequence[str], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        client = triton_sync.InferenceServerClient(self.grpc_url)
-        try:
-            while True:
-                if self.process is None or self.process.poll() is not None:
-                    raise BenchmarkError(f"{self.command} exited early:\n{self.log()}")
-                with contextlib.suppress(Exception):
-                    if all(client.is_model_ready(m) for m in models):
-                        return
-                if time.monotonic() > deadline:
-                    raise BenchmarkError(f"{self.command} not ready in {timeout}s:\n{self.log()}")
-                time.sleep(0.2)
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        # The whole session: MLServer may have started worker processes.
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-
-def mlserver_repository(root: Path, models: dict[str, Path], adaptive: bool, ports: dict) -> None:
-    """settings.json and one model-settings.json per model, as MLServer's docs lay out."""
-    root.mkdir(parents=True)
-    settings = {
-        "debug": False,  # True (the default) adds a gRPC access-log line per request
-        "parallel_workers": 0,  # inference in the server process itself
-        "host": "127.0.0.1",
-        **ports,
-    }
-    (root / "settings.json").write_text(json.dumps(settings, indent=2))
-    for name, path in models.items():
-        model_settings: dict[str, Any] = {
-            "name": name,
-            "implementation": "mlserver_onnx.OnnxRuntimeModel",
-            "parameters": {"uri": str(path)},
-        }
-        if adaptive:
-            model_settings |= {"max_batch_size": 32, "max_batch_time": 0.002}
-        (root / name).mkdir()
-        (root / name / "model-settings.json").write_text(json.dumps(model_settings, indent=2))
-
-
-def sparseserve_repository(root: Path, models: dict[str, Path], config: str | None) -> None:
-    for name, path in models.items():
-        (root / name / "1").mkdir(parents=True)
-        (root / name / "1" / "model.onnx").symlink_to(path)
-        if config is not None:
-            (root / name / "config.pbtxt").write_text(config)
 
 
 def sparseserve_args(args: argparse.Namespace) -> list[str]:
@@ -345,38 +206,6 @@ def start_servers(
 
 
 # -- accounting ------------------------------------------------------------------------
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants (MLServer may fork inference workers)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            text = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(text.rpartition(")")[2].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        todo += children.get(current, [])
-    return tree
-
-
-def tree_cpu_ticks(pid: int) -> tuple[int, int]:
-    """(utime+stime of every thread of every process in the tree, processes counted)."""
-    total, count = 0, 0
-    for member in process_tree(pid):
-        try:
-            total += ProcessSample.read(member).cpu_ticks
-            count += 1
-        except OSError:  # ended meanwhile
-            continue
-    return total, count
 
 
 def set_affinity(pid: int, cpus: set[int]) -> None:

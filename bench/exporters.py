@@ -27,8 +27,10 @@ import onnx
 import onnxruntime as ort
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_overhead import environment, machine_lines, markdown_table  # bench/ is no package
+if not __package__:  # `python bench/<script>.py`: import `bench` from the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.report import environment, machine_lines, markdown_table
 from sparseserve.sparsify.catalog import architecture
 from sparseserve.sparsify.export import export_onnx
 from sparseserve.sparsify.recipe import Exporter

@@ -42,33 +42,39 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_servers import PeerProcess  # bench/ is not a package: imported from its folder
-from peers.bare_v2 import SparseServePath
-from server_overhead import (
+if not __package__:  # `python bench/<script>.py`: import `bench` from the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.measure import (
     CLOCK_TICKS,
-    MODEL_NAME,
-    MODEL_SIZES,
-    REPO_ROOT,
-    SERVER_ARGS,
     BenchmarkError,
     LatencySummary,
     ProcessSample,
-    Spread,
-    build_repository,
     check_errors,
     drive_unary,
+    measure_onnxruntime,
+    pin_thread,
+)
+from bench.peer_servers import PeerProcess
+from bench.peers.bare_v2 import SparseServePath
+from bench.report import (
+    REPO_ROOT,
+    Spread,
     environment,
     machine_lines,
     markdown_table,
-    measure_onnxruntime,
-    onnxruntime_session,
-    pin_thread,
     progress,
-    random_inputs,
     rotated,
-    triton_inputs,
     write_results,
+)
+from bench.workload import (
+    MODEL_NAME,
+    MODEL_SIZES,
+    SERVER_ARGS,
+    build_repository,
+    onnxruntime_session,
+    random_inputs,
+    triton_inputs,
 )
 from sparseserve.client.server_process import ServerProcess
 from sparseserve.protocol import grpc_service_pb2 as pb

@@ -33,13 +33,15 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_overhead import (  # bench/ is not a package: imported from its folder
+if not __package__:  # `python bench/<script>.py`: import `bench` from the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.report import (
     REPO_ROOT,
-    _version,
     environment,
     machine_lines,
     markdown_table,
+    package_version,
     progress,
     rotated,
 )
@@ -261,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     env = environment()
-    env["packages"] = {name: _version(name) for name in PACKAGES}
+    env["packages"] = {name: package_version(name) for name in PACKAGES}
     args.output_dir.mkdir(parents=True, exist_ok=True)
     if not args.skip_latency:
         if args.repository is None:

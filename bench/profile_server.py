@@ -27,23 +27,24 @@ from pathlib import Path
 
 import tritonclient.grpc.aio as triton_aio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_overhead import (  # bench/ is not a package: imported from its folder
-    BATCHING_PBTXT,
+if not __package__:  # `python bench/<script>.py`: import `bench` from the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.measure import BenchmarkError, check_errors, drive_unary, pin_thread
+from bench.report import (
     REPO_ROOT,
-    SERVER_ARGS,
-    BenchmarkError,
-    build_repository,
-    check_errors,
-    drive_unary,
     environment,
     machine_lines,
     markdown_table,
-    pin_thread,
     progress,
+    write_results,
+)
+from bench.workload import (
+    BATCHING_PBTXT,
+    SERVER_ARGS,
+    build_repository,
     random_inputs,
     triton_inputs,
-    write_results,
 )
 from sparseserve.client.server_process import ServerProcess
 

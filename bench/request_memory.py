@@ -32,13 +32,10 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_overhead import (  # bench/ is not a package: imported from its folder
-    REPO_ROOT,
-    environment,
-    machine_lines,
-    write_results,
-)
+if not __package__:  # `python bench/<script>.py`: import `bench` from the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.report import REPO_ROOT, environment, machine_lines, write_results
 from sparseserve.client.server_process import ServerProcess
 from sparseserve.testing import onnx_models
 

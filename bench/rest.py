@@ -2,7 +2,7 @@
 per request, mlp_small, batch 1, one interleaved run.
 
 Each server serves `mlp_small` (64->256->256->10, FP32) from the same ONNX file, with
-the minimal peer runtimes and venvs of bench/compare_servers.py (bench/peers/, created
+the minimal peer runtimes and venvs of bench/peer_servers.py (bench/peers/, created
 under bench/.peers/ on the first run). All servers are pinned to one CPU and the load
 generator to another. The load is tritonclient.http's asyncio client (aiohttp), N
 workers sending batch-1 infer calls back to back, with tensors as:
@@ -40,8 +40,18 @@ import tritonclient.http as triton_http
 import tritonclient.http.aio as triton_http_aio
 from tritonclient.utils import InferenceServerException
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_servers import (  # bench/ is not a package: imported from its folder
+if not __package__:  # `python bench/<script>.py`: import `bench` from the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.measure import (
+    CLOCK_TICKS,
+    BenchmarkError,
+    LatencySummary,
+    check_errors,
+    pin_thread,
+    tree_cpu_ticks,
+)
+from bench.peer_servers import (
     PEERS_SRC,
     PeerProcess,
     ensure_venv,
@@ -49,30 +59,26 @@ from compare_servers import (  # bench/ is not a package: imported from its fold
     mlserver_repository,
     peer_requirements,
     sparseserve_repository,
-    tree_cpu_ticks,
     venv_versions,
 )
-from server_overhead import (
-    CLOCK_TICKS,
-    INPUT_NAME,
-    MODEL_NAME,
-    MODEL_SIZES,
-    OUTPUT_NAME,
+from bench.report import (
     REPO_ROOT,
-    BenchmarkError,
-    LatencySummary,
     Spread,
-    check_errors,
     environment,
     fmt_spread,
     machine_lines,
     markdown_table,
-    onnxruntime_session,
-    pin_thread,
     progress,
-    random_inputs,
     rotated,
     write_results,
+)
+from bench.workload import (
+    INPUT_NAME,
+    MODEL_NAME,
+    MODEL_SIZES,
+    OUTPUT_NAME,
+    onnxruntime_session,
+    random_inputs,
 )
 from sparseserve.client.server_process import ServerProcess
 from sparseserve.testing import onnx_models

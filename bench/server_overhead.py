@@ -24,40 +24,66 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import shlex
-import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
-from importlib import metadata
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import grpc
 import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc.aio as triton_aio
-from tritonclient.grpc import InferInput, InferResult
-from tritonclient.utils import InferenceServerException
+from tritonclient.grpc import InferInput
 
+if not __package__:  # `python bench/<script>.py`: import `bench` from the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.measure import (
+    CLOCK_TICKS,
+    Answers,
+    BenchmarkError,
+    LatencySummary,
+    Load,
+    MiB,
+    OnnxRuntimeRun,
+    ProcessSample,
+    check_errors,
+    drive_stream,
+    drive_unary,
+    measure_onnxruntime,
+    per_thread_group,
+    pin_thread,
+)
+from bench.report import (
+    REPO_ROOT,
+    Spread,
+    environment,
+    fmt_spread,
+    machine_lines,
+    markdown_table,
+    progress,
+    rotated,
+    write_results,
+)
+from bench.workload import (
+    BATCH,
+    BATCHING_PBTXT,
+    INPUT_NAME,
+    MODEL_NAME,
+    MODEL_SIZES,
+    OUTPUT_NAME,
+    build_repository,
+    onnxruntime_session,
+    random_inputs,
+    triton_inputs,
+)
 from sparseserve.client.server_process import ServerProcess
-from sparseserve.testing import onnx_models
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MODEL_NAME = "mlp_small"
-MODEL_SIZES = (64, 256, 256, 10)
-INPUT_NAME, OUTPUT_NAME = "input", "output"
-BATCH = 1
 PROTOCOLS = ("unary", "stream")
-PACKAGES = ("sparseserve", "onnxruntime", "grpcio", "protobuf", "tritonclient", "numpy")
 
 # Reference points quoted in the issue (server CPU per batch-1 request, measured
 # elsewhere, not by this script).
@@ -68,100 +94,8 @@ REFERENCES_US = {
 }
 TARGET_US = 250.0
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
-MiB = 1024 * 1024
-
-
-class BenchmarkError(RuntimeError):
-    """The benchmark could not produce trustworthy numbers (e.g. a request failed)."""
-
 
 # -- measurements ----------------------------------------------------------------------
-
-
-def _stat(path: Path) -> tuple[str, list[str]]:
-    """(command name, fields from field 3 on) of a /proc/.../stat file."""
-    text = path.read_text()
-    # The command name (field 2) may hold spaces and parentheses: split around it.
-    name = text[text.index("(") + 1 : text.rindex(")")]
-    return name, text.rpartition(")")[2].split()
-
-
-# In the fields from _stat, field N of proc(5) is at index N - 3.
-_UTIME, _STIME, _RSS = 14 - 3, 15 - 3, 24 - 3
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessSample:
-    """CPU time and memory of a process at one instant, from /proc/<pid>/stat, and the CPU
-    time and context switches of each of its threads, from /proc/<pid>/task/."""
-
-    cpu_ticks: int  # utime + stime of all threads (exited ones included), in clock ticks
-    rss_bytes: int
-    threads: dict[int, tuple[str, int, int]]  # tid -> (name, cpu ticks, context switches)
-
-    @classmethod
-    def read(cls, pid: int) -> ProcessSample:
-        _, fields = _stat(Path(f"/proc/{pid}/stat"))
-        threads = {}
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            try:
-                name, task_fields = _stat(task / "stat")
-                status = (task / "status").read_text()
-            except OSError:  # the thread ended meanwhile
-                continue
-            switches = sum(
-                int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line
-            )
-            ticks = int(task_fields[_UTIME]) + int(task_fields[_STIME])
-            threads[int(task.name)] = (name, ticks, switches)
-        return cls(
-            cpu_ticks=int(fields[_UTIME]) + int(fields[_STIME]),
-            rss_bytes=int(fields[_RSS]) * PAGE_BYTES,
-            threads=threads,
-        )
-
-
-def thread_group(pid: int, tid: int, name: str) -> str:
-    """Which part of the server a thread belongs to (threads have no Python names in /proc)."""
-    if tid == pid:
-        return "event loop"
-    if name.startswith(("event_engine", "grpc_", "lifeguard")):
-        return "gRPC core"
-    return "other threads"  # the inference pool, gRPC's asyncio poller, metrics HTTP
-
-
-def per_thread_group(
-    pid: int, before: ProcessSample, after: ProcessSample, requests: int
-) -> tuple[dict[str, float], float]:
-    """(server CPU µs per request by thread group, context switches per request)."""
-    cpu_us: dict[str, float] = {}
-    switches = 0
-    for tid, (name, ticks, count) in after.threads.items():
-        _, ticks_before, count_before = before.threads.get(tid, (name, 0, 0))
-        group = thread_group(pid, tid, name)
-        used = (ticks - ticks_before) / CLOCK_TICKS / requests * 1e6
-        cpu_us[group] = cpu_us.get(group, 0.0) + used
-        switches += count - count_before
-    return dict(sorted(cpu_us.items())), switches / requests
-
-
-@dataclass(frozen=True, slots=True)
-class LatencySummary:
-    """Percentiles of a set of latencies, in milliseconds."""
-
-    p50: float
-    p95: float
-    p99: float
-    mean: float
-    max: float
-
-    @classmethod
-    def of(cls, latencies_ns: Sequence[int]) -> LatencySummary:
-        ms = np.asarray(latencies_ns, dtype=np.float64) / 1e6
-        p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-        return cls(float(p50), float(p95), float(p99), float(ms.mean()), float(ms.max()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,224 +121,13 @@ class LevelRun:
     server_rss_mib: float
 
 
-@dataclass(frozen=True, slots=True)
-class OnnxRuntimeRun:
-    """In-process onnxruntime on the server's core: the pure compute cost of one request.
-
-    "hot": back-to-back runs, as a microbenchmark sees them. "cold": a buffer larger than
-    the core's cache is written between runs (untimed), as the server's request handling
-    does between two runs of the model.
-    """
-
-    round: int
-    caches: str  # "hot" or "cold"
-    runs: int
-    wall_us_p50: float
-    wall_us_p99: float
-    wall_us_mean: float
-    cpu_us_per_run: float
-
-
-@dataclass(frozen=True, slots=True)
-class Spread:
-    """Median, min and max of one figure across rounds."""
-
-    median: float
-    min: float
-    max: float
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> Spread:
-        return cls(statistics.median(values), min(values), max(values))
-
-
 # -- setup -----------------------------------------------------------------------------
-
-
-def build_repository(root: Path, batching: str | None = None) -> Path:
-    """A model repository holding only mlp_small (batched with `batching`, config.pbtxt
-    text, if given); returns the model file."""
-    if batching is not None:
-        (root / MODEL_NAME).mkdir(parents=True, exist_ok=True)
-        (root / MODEL_NAME / "config.pbtxt").write_text(batching)
-    return onnx_models.mlp(root / MODEL_NAME / "1" / "model.onnx", sizes=MODEL_SIZES)
-
-
-# sparseserve as grpc_floor.py and profile_server.py start it: one onnxruntime thread,
-# the inference threads of a 2-core machine, no per-request logging.
-SERVER_ARGS = ["--intra-op-threads", "1", "--inference-threads", "2", "--log-level", "WARNING"]
-
-BATCHING_PBTXT = (
-    "max_batch_size: 64\n"
-    "dynamic_batching { max_queue_delay_microseconds: 500 }\n"
-    "instance_group [{ count: 1 kind: KIND_CPU }]\n"
-)
-
-
-def random_inputs(count: int, seed: int) -> list[np.ndarray]:
-    """`count` distinct batch-1 inputs, generated before any timing starts."""
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal((BATCH, MODEL_SIZES[0])).astype(np.float32) for _ in range(count)]
-
-
-def triton_inputs(arrays: Sequence[np.ndarray]) -> list[list[InferInput]]:
-    """One ready-to-send tritonclient input list per array (reused across requests)."""
-    requests = []
-    for array in arrays:
-        tensor = InferInput(INPUT_NAME, list(array.shape), "FP32")
-        tensor.set_data_from_numpy(array)
-        requests.append([tensor])
-    return requests
-
-
-def onnxruntime_session(model: Path, intra_op_threads: int) -> ort.InferenceSession:
-    """A session configured like the server's onnxruntime backend."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-
-
-def pin_thread(cpu: int | None) -> set[int]:
-    """Pin the calling thread (and threads it starts later) to `cpu`; return the old set."""
-    previous = os.sched_getaffinity(0)
-    if cpu is not None:
-        os.sched_setaffinity(0, {cpu})
-    return previous
 
 
 # -- onnxruntime alone -----------------------------------------------------------------
 
 
-def measure_onnxruntime(
-    session: ort.InferenceSession,
-    arrays: Sequence[np.ndarray],
-    runs: int,
-    cpu: int | None,
-    round_index: int,
-    flush: np.ndarray | None = None,
-) -> OnnxRuntimeRun:
-    """Time `runs` batch-1 `session.run` calls on `cpu` (the server's core); with `flush`,
-    write that buffer before each run so that the run starts with cold caches."""
-    previous = pin_thread(cpu)
-    try:
-        for i in range(min(runs, 200)):
-            session.run([OUTPUT_NAME], {INPUT_NAME: arrays[i % len(arrays)]})
-        wall = np.empty(runs, dtype=np.int64)
-        flush_ns = 0
-        cpu_started = time.thread_time_ns()
-        for i in range(runs):
-            if flush is not None:
-                flush_started = time.thread_time_ns()
-                flush += 1
-                flush_ns += time.thread_time_ns() - flush_started
-            feeds = {INPUT_NAME: arrays[i % len(arrays)]}
-            started = time.perf_counter_ns()
-            session.run([OUTPUT_NAME], feeds)
-            wall[i] = time.perf_counter_ns() - started
-        cpu_ns = time.thread_time_ns() - cpu_started - flush_ns
-    finally:
-        os.sched_setaffinity(0, previous)
-    us = wall / 1e3
-    return OnnxRuntimeRun(
-        round=round_index,
-        caches="hot" if flush is None else "cold",
-        runs=runs,
-        wall_us_p50=float(np.percentile(us, 50)),
-        wall_us_p99=float(np.percentile(us, 99)),
-        wall_us_mean=float(us.mean()),
-        cpu_us_per_run=cpu_ns / runs / 1e3,
-    )
-
-
 # -- the server under load ---------------------------------------------------------------
-
-
-# What a load loop returns: (latencies of the answered requests in ns, error messages).
-Load = tuple[list[int], list[str]]
-# Where a load loop puts each successful result, by request index, when asked to.
-Answers = dict[int, InferResult]
-
-
-async def drive_unary(
-    client: triton_aio.InferenceServerClient,
-    requests: Sequence[list[InferInput]],
-    concurrency: int,
-    max_requests: int,
-    max_seconds: float,
-    answers: Answers | None = None,
-    model: str = MODEL_NAME,
-) -> Load:
-    """`concurrency` workers send batch-1 ModelInfer requests to `model` back to back
-    until `max_requests` were sent or `max_seconds` passed."""
-    latencies: list[int] = []
-    errors: list[str] = []
-    sent = 0
-    deadline = time.perf_counter() + max_seconds
-
-    async def worker() -> None:
-        nonlocal sent
-        while sent < max_requests and time.perf_counter() < deadline:
-            index = sent
-            sent += 1
-            started = time.perf_counter_ns()
-            try:
-                result = await client.infer(model, requests[index % len(requests)])
-            except InferenceServerException as exc:
-                errors.append(str(exc))
-                continue
-            latencies.append(time.perf_counter_ns() - started)
-            if answers is not None:
-                answers[index] = result
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, errors
-
-
-async def drive_stream(
-    client: triton_aio.InferenceServerClient,
-    requests: Sequence[list[InferInput]],
-    concurrency: int,
-    max_requests: int,
-    max_seconds: float,
-    answers: Answers | None = None,
-) -> Load:
-    """Batch-1 requests on one ModelStreamInfer stream, `concurrency` of them unanswered
-    at any time (the next one is sent as an answer arrives), until `max_requests` were
-    sent or `max_seconds` passed. Answers are matched to requests by request id."""
-    latencies: list[int] = []
-    errors: list[str] = []
-    sent_at: dict[str, int] = {}  # request id -> send time in ns, unanswered, oldest first
-    window = asyncio.Semaphore(concurrency)
-    deadline = time.perf_counter() + max_seconds
-
-    async def send() -> AsyncIterator[dict[str, Any]]:
-        for index in range(max_requests):
-            await window.acquire()
-            if time.perf_counter() >= deadline:
-                return
-            request_id = str(index)
-            sent_at[request_id] = time.perf_counter_ns()
-            inputs = requests[index % len(requests)]
-            yield {"model_name": MODEL_NAME, "inputs": inputs, "request_id": request_id}
-
-    try:
-        async for result, error in client.stream_infer(send()):
-            received = time.perf_counter_ns()
-            window.release()
-            if error is not None:
-                # An error answer carries no id; the server answers in request order.
-                sent_at.pop(next(iter(sent_at)))
-                errors.append(str(error))
-                continue
-            request_id = result.get_response().id
-            latencies.append(received - sent_at.pop(request_id))
-            if answers is not None:
-                answers[int(request_id)] = result
-    except (InferenceServerException, grpc.RpcError) as exc:  # the stream itself failed
-        errors.append(f"stream failed: {exc}")
-    return latencies, errors
 
 
 LoadLoop = Callable[..., Awaitable[Load]]
@@ -415,13 +138,6 @@ async def model_statistics(client: triton_aio.InferenceServerClient) -> tuple[in
     """(successful requests, their total ns, total compute ns) from ModelStatistics."""
     stats = (await client.get_inference_statistics(MODEL_NAME)).model_stats[0].inference_stats
     return stats.success.count, stats.success.ns, stats.compute_infer.ns
-
-
-def check_errors(errors: Sequence[str], total: int, what: str) -> None:
-    if errors:
-        raise BenchmarkError(
-            f"{len(errors)} of {total} requests failed during {what}; first error: {errors[0]}"
-        )
 
 
 async def measure_level(
@@ -506,16 +222,6 @@ async def check_answers(
             )
 
 
-T = TypeVar("T")
-
-
-def rotated(items: Sequence[T], round_index: int) -> list[T]:
-    """Levels (or protocols) in a different order each round, so that drift does not
-    favour one of them."""
-    shift = round_index % len(items)
-    return [*items[shift:], *items[:shift]]
-
-
 def server_args(args: argparse.Namespace) -> list[str]:
     extra = [
         "--intra-op-threads", str(args.intra_op_threads),
@@ -572,10 +278,6 @@ def _peak_rss(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # -- summary and reports -----------------------------------------------------------------
@@ -675,61 +377,6 @@ def _stream_vs_unary(level_runs: Sequence[LevelRun]) -> dict[str, dict[str, Spre
     return ratios
 
 
-def environment() -> dict[str, Any]:
-    """Where and with what the numbers were taken, to reproduce a figure."""
-    return {
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        "hostname": socket.gethostname(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "packages": {name: _version(name) for name in PACKAGES},
-        "git": _git_state(),
-        "command": shlex.join(sys.orig_argv),
-    }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _git_state() -> dict[str, Any]:
-    """The commit, and whether (and where) the work tree differs from it."""
-
-    def git(*command: str) -> str:
-        return subprocess.run(
-            ["git", *command], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.rstrip("\n")
-
-    try:
-        changed = [line[3:] for line in git("status", "--porcelain").splitlines()]
-        return {
-            "commit": git("rev-parse", "--short", "HEAD"),
-            "dirty": bool(changed),
-            "changed_paths": changed,
-        }
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": "unknown", "dirty": None, "changed_paths": []}
-
-
-def fmt_spread(spread: Spread, digits: int = 0) -> str:
-    return f"{spread.median:.{digits}f} [{spread.min:.{digits}f}, {spread.max:.{digits}f}]"
-
-
 def _median(key: str, digits: int = 0, scale: float = 1.0) -> Callable[[dict], str]:
     return lambda level: f"{level[key].median * scale:.{digits}f}"
 
@@ -763,17 +410,6 @@ RUN_COLUMNS: tuple[tuple[str, Callable[[LevelRun], str]], ...] = (
     ("p99 ms", lambda run: f"{run.latency_ms.p99:.2f}"),
     ("server CPU µs/req", lambda run: f"{run.server_cpu_us_per_request:.0f}"),
 )
-
-
-def markdown_table(
-    header: Sequence[str], rows: Iterable[Sequence[object]], left: int = 1
-) -> list[str]:
-    """A Markdown table, the first `left` columns left-aligned, the others right-aligned."""
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * left + "---:|" * (len(header) - left),
-        *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows),
-    ]
 
 
 def _level_table(
@@ -958,31 +594,6 @@ def render_markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def machine_lines(env: dict[str, Any], extra: Sequence[str] = ()) -> list[str]:
-    """The Markdown bullets saying where, with what and how a result was measured
-    (`extra` bullets go after the versions)."""
-    changed = env["git"]["changed_paths"]
-    return [
-        f"- {env['timestamp']} on `{env['hostname']}`: {env['cpu_model']}, "
-        f"{env['cpu_count']} cores, {env['platform']}",
-        f"- Python {env['python']}; "
-        + ", ".join(f"{name} {version}" for name, version in env["packages"].items()),
-        *extra,
-        f"- git {env['git']['commit']}"
-        + (f", uncommitted changes in: {', '.join(changed)}" if env["git"]["dirty"] else ""),
-        f"- command: `{env['command']}`",
-    ]
-
-
-def write_results(output_dir: Path, name: str, report: dict, markdown: str) -> None:
-    """Write `<name>.json` (every number; dataclasses as dicts) and `<name>.md` into
-    `output_dir`, and print the Markdown."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / f"{name}.json").write_text(json.dumps(report, indent=2, default=asdict) + "\n")
-    (output_dir / f"{name}.md").write_text(markdown)
-    print(markdown)
 
 
 # -- entry point -----------------------------------------------------------------------

@@ -8,7 +8,7 @@ policy's shadow rule runs `pruned90` on a `fraction` of them after answering. Th
 policy file is rewritten between runs (hot reload) so that both fractions are measured
 by the same server process, in alternating order between rounds so that drift on this
 shared machine hits both alike. Per run: batch-1 unary ModelInfer calls at a fixed
-concurrency (`drive_unary` of bench/server_overhead.py), latency percentiles, req/s, and
+concurrency (`drive_unary` of bench/measure.py), latency percentiles, req/s, and
 the shadow runs the server counted (compared / dropped) from its metrics. Ratios
 (fraction 1 over fraction 0) are taken within each round, then the median.
 
@@ -34,19 +34,12 @@ import grpc
 import tritonclient.grpc.aio as triton_aio
 from prometheus_client.parser import text_string_to_metric_families
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_overhead import (  # bench/ is not a package: imported from its folder
-    MODEL_SIZES,
-    REPO_ROOT,
-    check_errors,
-    drive_unary,
-    environment,
-    machine_lines,
-    markdown_table,
-    random_inputs,
-    rotated,
-    triton_inputs,
-)
+if not __package__:  # `python bench/<script>.py`: import `bench` from the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.measure import check_errors, drive_unary
+from bench.report import REPO_ROOT, environment, machine_lines, markdown_table, rotated
+from bench.workload import MODEL_SIZES, random_inputs, triton_inputs
 from sparseserve.api import service_pb2, service_pb2_grpc
 from sparseserve.client.server_process import ServerProcess
 from sparseserve.repository.manifest import Task, VariantManifest

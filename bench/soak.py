@@ -48,8 +48,10 @@ import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_overhead import (  # bench/ is not a package: imported from its folder
+if not __package__:  # `python bench/<script>.py`: import `bench` from the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.report import (
     REPO_ROOT,
     environment,
     machine_lines,

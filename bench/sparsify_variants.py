@@ -9,7 +9,7 @@ not the models), in an order rotated between rounds so that drift on this shared
 machine hits all alike. The median of each round's median is reported, and each
 variant's ratio to its family's baseline is taken within each round.
 
-    python bench/sparsify_variants.py --repository demo-models
+    python bench/sparsify_variants.py --repository models
 
 Writes bench/results/sparsify_variants.json and .md.
 """
@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_overhead import environment, machine_lines, markdown_table  # bench/ is no package
+if not __package__:  # `python bench/<script>.py`: import `bench` from the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.report import environment, machine_lines, markdown_table
 from sparseserve.repository.manifest import MANIFEST_FILENAME, VariantManifest
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -12,7 +12,7 @@ FP32, with one threading setting:
 Every server is first checked to answer what onnxruntime computes in this process. Then
 each round runs every level (model, concurrency) against every setting, back to back, in
 an order rotated between rounds so that drift on this shared machine hits all alike:
-batch-1 ModelInfer calls from `drive_unary` (bench/server_overhead.py), `concurrency` in
+batch-1 ModelInfer calls from `drive_unary` (bench/measure.py), `concurrency` in
 flight, a warm-up, then up to a request count or a time limit. Per run: client req/s and
 latency, server CPU per request (utime+stime of the server, all threads, from /proc).
 Ratios to setting A are taken within each round, then the median.
@@ -41,27 +41,28 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_overhead import (  # bench/ is not a package: imported from its folder
+if not __package__:  # `python bench/<script>.py`: import `bench` from the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.measure import (
     CLOCK_TICKS,
-    INPUT_NAME,
-    OUTPUT_NAME,
-    REPO_ROOT,
     BenchmarkError,
     LatencySummary,
     ProcessSample,
-    Spread,
     check_errors,
     drive_unary,
+)
+from bench.report import (
+    REPO_ROOT,
+    Spread,
     environment,
     fmt_spread,
     machine_lines,
     markdown_table,
-    onnxruntime_session,
     progress,
     rotated,
-    triton_inputs,
 )
+from bench.workload import INPUT_NAME, OUTPUT_NAME, onnxruntime_session, triton_inputs
 from sparseserve.client.server_process import ServerProcess
 from sparseserve.testing import onnx_models
 

@@ -1,10 +1,17 @@
-"""The `sparseserve` command line."""
+"""The `sparseserve` command line.
+
+Every failure a user can cause ends in one line on stderr, `sparseserve: error: ...`,
+and a non-zero exit code; `--debug` (or SPARSESERVE_DEBUG=1) shows the traceback
+instead. Output cut short by a closed pipe (`sparseserve inspect DIR | head`) ends
+quietly, as it does for any Unix tool.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from sparseserve import __version__
+from sparseserve.errors import SparseServeError, StartupError
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +54,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         action="append",
         dest="startup_models",
         metavar="NAME",
-        help="in explicit mode, load only these models at start (repeatable; default: all)",
+        help="in explicit mode, load only these models at start (repeatable; default: all); "
+        "a name that is not in the repository or does not load stops the start",
+    )
+    p.add_argument(
+        "--exit-on-error",
+        action=argparse.BooleanOptionalAction,
+        help="refuse to start when a --load-model model is missing or fails to load, as "
+        "Triton does (default: on); --no-exit-on-error starts without it",
     )
     p.add_argument("--poll-interval", type=float, dest="poll_interval_seconds")
     p.add_argument("--max-message-bytes", type=int, help="default: 67108864 (64 MiB)")
@@ -141,20 +156,6 @@ def _grpc_tls_overrides(args: argparse.Namespace) -> dict[str, object]:
     return {name: value for name, value in given.items() if value is not None}
 
 
-def _one_line(exc: Exception) -> str:
-    """A configuration error as one line: pydantic's own text spans several lines and
-    repeats the input, which may be a secret (a restriction's value)."""
-    from pydantic import ValidationError
-
-    if not isinstance(exc, ValidationError):
-        return str(exc)
-    return "; ".join(
-        f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: "
-        + error["msg"].removeprefix("Value error, ")
-        for error in exc.errors()
-    )
-
-
 def _serve(args: argparse.Namespace) -> int:
     from sparseserve.observability.logs import configure_logging
     from sparseserve.server.security import (
@@ -171,6 +172,7 @@ def _serve(args: argparse.Namespace) -> int:
         "poll_interval_seconds", "max_message_bytes", "max_inflight_per_model",
         "max_inflight_request_bytes", "max_bytes_elements",
         "inference_threads", "shutdown_grace_seconds", "log_level", "log_format",
+        "exit_on_error",
     )  # fmt: skip
     overrides: dict[str, object] = {name: getattr(args, name) for name in names}
     overrides["dispatch"] = args.dispatch
@@ -192,7 +194,7 @@ def _serve(args: argparse.Namespace) -> int:
         if args.no_metrics:
             settings = settings.model_copy(update={"metrics_port": None})
     except (ValueError, OSError, yaml.YAMLError) as exc:  # ValidationError is a ValueError
-        print(f"sparseserve: invalid configuration: {_one_line(exc)}", file=sys.stderr)
+        print(f"sparseserve: error: invalid configuration: {_settings_error(exc)}", file=sys.stderr)
         return 2
     try:
         # Checked again when the server starts; here, before the server's imports, so
@@ -201,7 +203,7 @@ def _serve(args: argparse.Namespace) -> int:
         if settings.grpc_tls.enabled:
             check_certificate_files(settings.grpc_tls)
     except SecurityConfigError as exc:  # a TLS file or restriction value it cannot use
-        print(f"sparseserve: invalid configuration: {exc}", file=sys.stderr)
+        print(f"sparseserve: error: invalid configuration: {exc}", file=sys.stderr)
         return 2
     from sparseserve.server.app import serve
 
@@ -217,6 +219,21 @@ def _boolean(text: str) -> bool:
     if value in ("false", "0", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _settings_error(error: Exception) -> str:
+    """A settings error as one line: each invalid field and why. pydantic's own text
+    spreads one error over several lines and repeats the input, which may be a secret
+    (a restriction's value)."""
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(part) for part in e['loc']) or 'settings'}: "
+            + e["msg"].removeprefix("Value error, ")
+            for e in error.errors()
+        )
+    return " ".join(str(error).split())
 
 
 def _assume_gpus_argument(parser: argparse.ArgumentParser) -> None:
@@ -308,7 +325,7 @@ def _health(args: argparse.Namespace) -> int:
     try:
         settings = Settings.load(args.config)
     except (ValueError, OSError, yaml.YAMLError) as exc:
-        print(f"sparseserve: invalid configuration: {_one_line(exc)}", file=sys.stderr)
+        print(f"sparseserve: error: invalid configuration: {_settings_error(exc)}", file=sys.stderr)
         return 2
     address = args.address or f"127.0.0.1:{settings.grpc_port}"
     try:
@@ -321,12 +338,12 @@ def _health(args: argparse.Namespace) -> int:
             server_name=args.server_name,
         )
     except SecurityConfigError as exc:
-        print(f"sparseserve: invalid configuration: {exc}", file=sys.stderr)
+        print(f"sparseserve: error: invalid configuration: {exc}", file=sys.stderr)
         return 2
     try:
         status = check_health(address, args.service, args.timeout, tls, metadata)
     except HealthCheckError as exc:
-        print(f"sparseserve health: {exc}", file=sys.stderr)
+        print(f"sparseserve: error: {exc}", file=sys.stderr)
         return 1
     print(f"{address} {args.service or '(server)'}: {status}")
     return 0 if status == SERVING else 1
@@ -335,12 +352,33 @@ def _health(args: argparse.Namespace) -> int:
 def _export_triton_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export-triton",
-        help="write a Triton config.pbtxt for each model of a repository",
-        description="Write config.pbtxt for each model so that the repository can be "
-        "mounted into a GPU Triton Inference Server. Existing configs are kept unless "
-        "--force (which keeps their version_policy and default_model_filename).",
+        help="write a Triton model repository (config.pbtxt per model) for a GPU Triton",
+        description="Write a Triton Inference Server model repository from a sparseserve "
+        "one: into --output (default: <repository>-triton), each model's directory with its "
+        "files hard-linked (copied across filesystems) and a config.pbtxt: "
+        "platform onnxruntime_onnx, its inputs and outputs, max_batch_size (--max-batch-size) "
+        "and dynamic_batching {} for models whose inputs and outputs all have a dynamic "
+        "leading dimension, instance_group KIND_GPU x --gpu-instances, and TensorRT for "
+        "int8 and 2:4 variants. The source repository is not changed. A model's existing "
+        "config.pbtxt is copied as it is unless --force (which keeps its version_policy and "
+        "default_model_filename).",
     )
-    p.add_argument("--repository", type=Path, required=True, help="model repository")
+    p.add_argument("--repository", type=Path, required=True, help="model repository to export")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--output",
+        type=Path,
+        help="the Triton repository to write (default: <repository>-triton); each run "
+        "replaces the model directories it exports there",
+    )
+    where.add_argument(
+        "--in-place",
+        action="store_true",
+        help="write config.pbtxt into --repository itself instead. sparseserve reads these "
+        "files too: serving that repository, it then batches every batchable model on the "
+        "CPU (dynamic_batching, up to --max-batch-size rows) and runs --gpu-instances "
+        "batches of each at once",
+    )
     p.add_argument("--force", action="store_true", help="rewrite existing config.pbtxt files")
     p.add_argument("--gpu-instances", type=int, default=1, help="instances per GPU (default 1)")
     p.add_argument(
@@ -349,16 +387,20 @@ def _export_triton_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _export_triton(args: argparse.Namespace) -> int:
-    from sparseserve.backends.triton_export import export_repository
+    from sparseserve.backends.triton_export import default_output, export_repository
 
+    output = None if args.in_place else (args.output or default_output(args.repository))
     results = export_repository(
         args.repository,
+        output,
         force=args.force,
         gpu_instances=args.gpu_instances,
         max_batch_size=args.max_batch_size,
     )
     for result in results:
         print(f"{result.model}: {result.action} {result.detail}".rstrip())
+    if output is not None:
+        print(f"Triton repository: {output} ({args.repository} unchanged)")
     return 1 if any(r.action == "failed" for r in results) else 0
 
 
@@ -379,7 +421,22 @@ def _sparsify_parser(sub: argparse._SubParsersAction) -> None:
         help="torch threads while building (0: torch's default; default: what the "
         "recipe's architecture asks for, 1 for the digits models)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--quiet", action="store_true", help="no progress lines and no bars")
+    p.add_argument(
+        "--checkpoints",
+        type=Path,
+        default=Path("build/sparsify-checkpoints"),
+        help="where distillation keeps resumable checkpoints: rerun an interrupted build "
+        "with the same recipe to continue it; removed once the build is written "
+        "(default: %(default)s)",
+    )
+    p.add_argument("--no-checkpoints", action="store_true", help="keep no checkpoints (no resume)")
+    p.add_argument(
+        "--distill-precision",
+        choices=("auto", "fp32", "bf16"),
+        help="override every distill step's precision (auto: bf16 autocast on CPUs with "
+        "AVX512-BF16 or AMX, fp32 elsewhere)",
+    )
 
 
 def _sparsify(args: argparse.Namespace) -> int:
@@ -388,7 +445,7 @@ def _sparsify(args: argparse.Namespace) -> int:
         from sparseserve.sparsify.pipeline import build_family
         from sparseserve.sparsify.recipe import RecipeError
     except ImportError as exc:
-        print(f"sparseserve sparsify needs the [sparsify] extra: {exc}", file=sys.stderr)
+        print(f"sparseserve: error: sparsify needs the [sparsify] extra: {exc}", file=sys.stderr)
         return 2
 
     def progress(line: str) -> None:
@@ -397,10 +454,17 @@ def _sparsify(args: argparse.Namespace) -> int:
 
     try:
         built = build_family(
-            args.recipe, args.repository, progress=progress, seed=args.seed, threads=args.threads
+            args.recipe,
+            args.repository,
+            progress=progress,
+            seed=args.seed,
+            threads=args.threads,
+            checkpoints=None if args.no_checkpoints else args.checkpoints,
+            progress_bar=not args.quiet,
+            distill_precision=args.distill_precision,
         )
     except RecipeError as exc:
-        print(f"sparseserve: {exc}", file=sys.stderr)
+        print(f"sparseserve: error: {exc}", file=sys.stderr)
         return 2
     for variant in built:
         print(f"wrote {variant.directory}")
@@ -410,22 +474,81 @@ def _sparsify(args: argparse.Namespace) -> int:
 def _inspect_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "inspect",
-        help="show a variant's manifest: per-layer sparsity, size, quality",
-        description="Print what a model directory's sparseserve.yaml records, beside the "
-        "size of its model files on disk.",
+        help="show what a model is: per-layer sparsity, 2:4, quantization, size, quality",
+        description="Measure an ONNX file, or the newest version of a model directory, "
+        "from its weights: parameters, zeros and sparsity per layer, whether each layer "
+        "follows the 2:4 pattern, quantized operators and integer weights, bytes on disk. "
+        "For a directory with a sparseserve.yaml, also what the manifest records (family, "
+        "method, quality). Works on any ONNX model, wherever it was made.",
     )
-    p.add_argument("model", type=Path, help="a model directory, e.g. ./models/digits-mlp.pruned90")
+    p.add_argument(
+        "model",
+        type=Path,
+        help="a model directory (./models/digits-mlp.pruned90) or an .onnx file",
+    )
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from sparseserve.repository.inspect import describe_model
-    from sparseserve.repository.manifest import ManifestError
 
-    try:
-        print(describe_model(args.model))
-    except (ManifestError, FileNotFoundError) as exc:
-        print(f"sparseserve: {exc}", file=sys.stderr)
-        return 1
+    print(describe_model(args.model))
+    return 0
+
+
+def _manifest_parser(sub: argparse._SubParsersAction) -> None:
+    from sparseserve.repository.manifest import Task
+
+    p = sub.add_parser(
+        "manifest",
+        help="write a sparseserve.yaml for a model made elsewhere (SparseML, NNCF, torch...)",
+        description="Measure the newest model file of a model directory and write its "
+        "sparseserve.yaml: family, variant, baseline, parameters, per-layer sparsity, "
+        "quantization, file and gzip size and, with --data, quality against --baseline "
+        "(top-1 agreement, cosine of the outputs, accuracy if the data has labels), run "
+        "with onnxruntime. Put the model in the repository first: "
+        "<repository>/<family>.<variant>/1/model.onnx.",
+    )
+    p.add_argument("model", type=Path, help="the model directory, e.g. ./models/bert.pruned80")
+    p.add_argument("--family", required=True, help="the family the model belongs to")
+    p.add_argument("--variant", required=True, help="its variant name (dense, pruned80...)")
+    p.add_argument(
+        "--baseline",
+        help="model name of the family's dense baseline, a directory beside this one "
+        "(omit for the baseline itself)",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        help=".npz file: one array per model input (by input name; any name for a "
+        "one-input model), optional 'labels'. Quality is measured on it against --baseline",
+    )
+    p.add_argument("--method", help="how it was made (default: what the file shows)")
+    p.add_argument("--task", choices=[t.value for t in Task], help="default: classification "
+                   "if --data has labels, else other")  # fmt: skip
+    p.add_argument("--description", default="", help="one line for people")
+    p.add_argument("--force", action="store_true", help="replace an existing sparseserve.yaml")
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    from sparseserve.repository.manifest import Task
+    from sparseserve.repository.measure import measure_manifest, write_manifest
+
+    manifest = measure_manifest(
+        args.model,
+        args.family,
+        args.variant,
+        baseline=args.baseline,
+        data=args.data,
+        method=args.method,
+        task=Task(args.task) if args.task else None,
+        description=args.description,
+    )
+    path = write_manifest(args.model, manifest, force=args.force)
+    counts = f"{manifest.nonzero_parameters:,} of {manifest.parameters:,} parameters non-zero"
+    print(f"wrote {path}: sparsity {manifest.sparsity or 0:.2%}, {counts}")
+    for q in manifest.quality:
+        baseline = f" (baseline {q.baseline_value:.4f})" if q.baseline_value is not None else ""
+        print(f"  {q.metric}: {q.value:.4f}{baseline} on {q.samples} samples")
     return 0
 
 
@@ -491,7 +614,7 @@ def _compare(args: argparse.Namespace) -> int:
             progress=not args.no_progress, tls=tls, headers=headers,
         )  # fmt: skip
     except (CompareError, MetricsUnavailable, ValueError) as exc:
-        print(f"sparseserve compare: {exc}", file=sys.stderr)
+        print(f"sparseserve: error: {exc}", file=sys.stderr)
         return 2
     print(text_table(comparison))
     print(f"\nreport: {args.output / 'report.md'} and {args.output / 'report.html'}")
@@ -505,11 +628,28 @@ def _header(text: str) -> tuple[str, str]:
     return key.lower(), value
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# The exceptions whose message alone tells the user what to fix; anything else is
+# printed with its type and a pointer to --debug, since it may be a bug to report.
+_USER_ERRORS = (OSError, ValueError, StartupError, SparseServeError)
+DEBUG_ENVIRONMENT = "SPARSESERVE_DEBUG"
+_COMMANDS = {
+    "serve": _serve,
+    "hardware": _hardware,
+    "export-triton": _export_triton,
+    "health": _health,
+    "sparsify": _sparsify,
+    "inspect": _inspect,
+    "manifest": _manifest,
+    "compare": _compare,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparseserve", description="Serve dense and sparse ONNX models side by side."
     )
     parser.add_argument("--version", action="version", version=f"sparseserve {__version__}")
+    _debug_argument(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _hardware_parser(sub)
@@ -517,21 +657,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     _health_parser(sub)
     _sparsify_parser(sub)
     _inspect_parser(sub)
+    _manifest_parser(sub)
     _compare_parser(sub)
+    for command in sub.choices.values():
+        _debug_argument(command, default=argparse.SUPPRESS)  # `sparseserve CMD ... --debug`
+    return parser
+
+
+def _debug_argument(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=default,
+        help=f"show the traceback of an error (or set {DEBUG_ENVIRONMENT}=1)",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `sparseserve` command; return its exit code."""
+    parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
-    if args.command == "hardware":
-        return _hardware(args)
-    if args.command == "export-triton":
-        return _export_triton(args)
-    if args.command == "health":
-        return _health(args)
-    if args.command == "sparsify":
-        return _sparsify(args)
-    if args.command == "inspect":
-        return _inspect(args)
-    if args.command == "compare":
-        return _compare(args)
-    parser.error(f"unknown command {args.command}")
-    return 2
+    debug = args.debug or os.environ.get(DEBUG_ENVIRONMENT, "") not in ("", "0")
+    try:
+        code = _COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as a process killed by SIGPIPE
+        # would. stdout points at /dev/null so the interpreter's last flush cannot
+        # raise again (Python's documentation, "Note on SIGPIPE").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"sparseserve: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(error: Exception) -> str:
+    """The error as one line: its message, and for unexpected errors its type and how
+    to see more."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, _USER_ERRORS):
+        return message
+    return f"{type(error).__name__}: {message} (--debug shows the traceback)"

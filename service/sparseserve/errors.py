@@ -68,6 +68,13 @@ class ApiRestricted(SparseServeError):
     HTTP endpoint answers 403)."""
 
 
+class StartupError(Exception):
+    """The server cannot start as configured: the repository is missing, a port is taken,
+    a model named to load at start is not there or does not load. Never reaches a
+    client (there is none yet), so it has no status: `sparseserve serve` prints it as
+    one line and exits non-zero."""
+
+
 # Every error class -> gRPC status code name. The most specific class wins (MRO order).
 STATUS: dict[type[SparseServeError], str] = {
     SparseServeError: "INTERNAL",

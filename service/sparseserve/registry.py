@@ -294,19 +294,22 @@ class ModelRegistry:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    async def load_startup_models(self) -> None:
-        """Load what the model-control mode says to load at start; failures are logged
-        and shown in RepositoryIndex, they do not stop the server."""
+    async def load_startup_models(self) -> dict[str, SparseServeError]:
+        """Load what the model-control mode says to load at start. Failures are logged
+        and shown in RepositoryIndex; the ones of models named in `startup_models` (not
+        matched by '*') are also returned, for the server to refuse to start on them."""
         wanted = self.settings.startup_models
-        if self.settings.model_control is not ModelControl.explicit or "*" in wanted:
-            names = self.repository.names()
-        else:
-            names = list(dict.fromkeys(wanted))
+        named = self.settings.model_control is ModelControl.explicit and "*" not in wanted
+        names = list(dict.fromkeys(wanted)) if named else self.repository.names()
+        failures: dict[str, SparseServeError] = {}
         for name in names:
             try:
                 await self.load(name)
             except SparseServeError as exc:
                 log.error("model %s not loaded: %s", name, exc)
+                if named:
+                    failures[name] = exc
+        return failures
 
     async def load(self, name: str, retry_failed: bool = True) -> None:
         """Load `name`, or reconcile it with the repository if it is loaded already.

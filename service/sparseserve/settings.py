@@ -404,6 +404,13 @@ class Settings(BaseSettings):
         default_factory=lambda: ["*"],
         description="Models loaded at start in explicit mode; '*' means all.",
     )
+    exit_on_error: bool = Field(
+        True,
+        description="Refuse to start when a model named in startup_models (--load-model) "
+        "is not in the repository or fails to load, as Triton's --exit-on-error does. "
+        "False: start without it and report it UNAVAILABLE. Models loaded by '*' (and in "
+        "none and poll modes) that fail never stop the server; RepositoryIndex says why.",
+    )
     poll_interval_seconds: float = Field(
         5.0, gt=0, description="How often poll mode rescans the repository."
     )

@@ -59,6 +59,10 @@ def test_demo_trains_serves_compares_and_stops_cleanly(tmp_path: Path) -> None:
     assert verdict.group(1) == rows["digits-mlp.pruned90"]["agree"]
     assert (repository.parent / "demo-models-report" / "digits-mlp" / "report.html").exists()
     assert "server stopped cleanly (exit code 0)" in out
+    # It says how the inputs are scaled, and ends with what to try next on this repository.
+    assert "scaled to [0, 1] (scikit-learn's 0..16 divided by 16" in out
+    assert out.rstrip().splitlines()[-1].startswith("  README.md and docs/")
+    assert f"sparseserve inspect {repository}/digits-mlp.pruned90" in out
 
     # A second run reuses the trained models instead of training again.
     again = subprocess.run(

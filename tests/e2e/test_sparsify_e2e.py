@@ -153,11 +153,11 @@ def test_inspect_prints_layers_size_and_quality(
     assert "accuracy: " in out and "(baseline " in out
 
 
-def test_inspect_of_a_directory_without_manifest_says_so(
+def test_inspect_of_a_directory_without_a_model_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["inspect", str(tmp_path)]) == 1
-    assert "no manifest" in capsys.readouterr().err
+    assert "holds neither <version>/*.onnx files nor a sparseserve.yaml" in capsys.readouterr().err
 
 
 def test_sparsify_refuses_a_bad_recipe_naming_the_field(

@@ -39,6 +39,28 @@ def run_bench(script: str, output: Path, *args: str) -> dict:
     return json.loads((output / f"{name}.json").read_text())
 
 
+# The scripts that need neither torch nor the peers' venvs to import.
+IMPORTABLE_WITHOUT_TORCH = (
+    "batching", "compare_servers", "grpc_floor", "profile_server", "request_memory", "rest",
+    "server_overhead", "shadow", "soak", "threads",
+)  # fmt: skip
+
+
+def test_bench_is_a_package_its_scripts_import_from() -> None:
+    """`python -m bench.<script>` (the documented way) imports every script and the
+    shared modules as the package; run_bench() below covers `python bench/<script>.py`."""
+    modules = ", ".join(f"bench.{name}" for name in IMPORTABLE_WITHOUT_TORCH)
+    done = subprocess.run(
+        [sys.executable, "-c", f"import {modules}; print(bench.report.__file__)"],
+        cwd=BENCH.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert Path(done.stdout.strip()) == BENCH / "report.py"
+
+
 def test_grpc_floor_runs_every_arm(tmp_path: Path) -> None:
     report = run_bench(
         "grpc_floor.py", tmp_path, "--rounds", "1", "--concurrency", "2",

@@ -191,7 +191,7 @@ def test_verdicts_say_what_the_numbers_say(run: dict) -> None:
     assert pruned["speed"] == pytest.approx(expected.__dict__)
     words = SpeedEstimate(**pruned["speed"]).words("dense")
     assert pruned["verdict"].startswith(words)
-    assert f"({SERVER_MEAN}" in pruned["verdict"]
+    assert SERVER_MEAN in pruned["verdict"]  # it names the latency it used, in any wording
     difference = abs(dense["memory_bytes"]["value"] - pruned["memory_bytes"]["value"])
     if difference < MEMORY_RESOLUTION_BYTES:
         assert "same memory (within 1 MiB)" in pruned["verdict"]
@@ -366,4 +366,4 @@ def test_an_unreachable_server_is_named(tmp_path: Path) -> None:
         "--metrics-url", "http://127.0.0.1:9/metrics", "--output", str(tmp_path),
     )  # fmt: skip
     assert result.returncode == 2
-    assert "cannot read metrics from http://127.0.0.1:9/metrics" in result.stderr
+    assert "no Open Inference Protocol server answers at --url 127.0.0.1:9" in result.stderr

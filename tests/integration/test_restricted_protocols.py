@@ -270,6 +270,8 @@ def test_bad_restriction_flags_are_a_one_line_start_error(
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 2, run.stderr
     assert len(lines) == 1, run.stderr
-    assert lines[0].startswith("sparseserve: invalid configuration: grpc_restricted_protocols")
+    assert lines[0].startswith(
+        "sparseserve: error: invalid configuration: grpc_restricted_protocols"
+    )
     assert expected in lines[0]
     assert "s3cret" not in run.stderr  # the value is a secret

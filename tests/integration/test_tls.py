@@ -314,7 +314,7 @@ def test_unusable_tls_files_are_a_one_line_start_error(
         lines = run.stderr.strip().splitlines()
         assert run.returncode == 2, (what, run.stderr)
         assert len(lines) == 1, (what, run.stderr)
-        assert lines[0].startswith("sparseserve: invalid configuration:"), (what, lines)
+        assert lines[0].startswith("sparseserve: error: invalid configuration:"), (what, lines)
         assert expected in lines[0], (what, lines)
 
 

@@ -474,7 +474,9 @@ def test_ten_million_empty_strings_decode_in_bounded_time() -> None:
 # -- fuzz: whatever arrives, only domain errors come out -----------------------------
 
 DATATYPE_NAMES = [*ROWS, "FLOAT32", "", "bytes"]
-FUZZ = settings(max_examples=150, deadline=1000, derandomize=True, database=None)
+# No per-example deadline: what is asserted is which exceptions come out, and on a
+# shared 2-core machine one example took 1.3 s once (a 1 s deadline made it flaky).
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None)
 
 
 @st.composite

@@ -27,6 +27,19 @@ from sparseserve.sparsify.recipe import (
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
+# Every field of a distill step (nested in the steps that distil, too).
+DISTILL: dict[str, object] = {
+    "steps": 40, "learning_rate": 0.001, "weight_decay": 0.01, "warmup_fraction": 0.2,
+    "loss": "kl", "temperature": 3.0, "max_grad_norm": 2.0, "student_dropout": True,
+    "cache_teacher": False, "teacher_cache_mb": 64, "log_every": 5, "seed": 7,
+    "freeze": ["bert.embeddings"], "batch_size": 16, "precision": "bf16",
+    "checkpoint_every": 20,
+    "layerwise": {
+        "hidden_weight": 0.5, "relation_weight": 2.0, "relation_heads": 8,
+        "layer_map": [1, 3, 5],
+    },
+}  # fmt: skip
+
 # One non-default instance of every registered step, as it would appear in YAML. A new
 # step must add itself here, so that its round trip is tested too.
 EXAMPLES: dict[str, dict[str, object]] = {
@@ -46,12 +59,15 @@ EXAMPLES: dict[str, dict[str, object]] = {
         "mode": "static", "per_channel": False, "calibration_samples": 64,
         "calibration_batch": 16,
     },
-    "encoder_prune": {"ffn_fraction": 0.3, "head_fraction": 0.5, "importance": "activation"},
-    "distill": {
-        "steps": 40, "learning_rate": 0.001, "weight_decay": 0.01, "warmup_fraction": 0.2,
-        "loss": "kl", "temperature": 3.0, "max_grad_norm": 2.0, "student_dropout": True,
-        "cache_teacher": False, "log_every": 5, "seed": 7, "freeze": ["bert.embeddings"],
-        "batch_size": 16,
+    "encoder_prune": {
+        "ffn_fraction": 0.3, "head_fraction": 0.5, "importance": "activation", "rounds": 3,
+        "distill": DISTILL,
+    },
+    "distill": DISTILL,
+    "encoder_drop_layers": {"keep": [0, 2, 5], "layers": None},
+    "encoder_gradual_prune": {
+        "initial_sparsity": 0.1, "final_sparsity": 0.85, "scope": "global",
+        "frequency_steps": 5, "ramp_fraction": 0.6, "distill": DISTILL,
     },
 }  # fmt: skip
 
@@ -76,28 +92,44 @@ def test_the_shipped_recipes_validate_and_have_the_required_variants(name: str) 
 
 def test_the_minilm_recipe_validates_with_its_transformer_steps() -> None:
     from sparseserve.sparsify.distill import DistillConfig, DistillLoss
+    from sparseserve.sparsify.encoder_gradual import EncoderGradualPruneConfig
     from sparseserve.sparsify.quantize import QuantizeConfig
-    from sparseserve.sparsify.transformer import EncoderPruneConfig, Importance
+    from sparseserve.sparsify.transformer import (
+        EncoderDropLayersConfig,
+        EncoderPruneConfig,
+        Importance,
+    )
 
     recipe = load_recipe(RECIPES / "minilm.yaml")
     variants = {v.name: v for v in recipe.variants}
-    assert list(variants) == ["dense", "int8", "structured", "structured-int8"]
-    assert (recipe.base.architecture, recipe.data.source) == (
+    assert list(variants) == [
+        "dense", "int8", "structured", "structured-int8", "shallow", "sparse"
+    ]  # fmt: skip
+    assert (recipe.base.architecture, recipe.data.source, recipe.data.heldout_source) == (
         "all-minilm-l6-v2",
-        "stdlib-docstrings",
+        "english-mix",
+        "fortunes-literature",
     )
     prune, distill = variants["structured"].steps
-    assert prune == EncoderPruneConfig(
-        ffn_fraction=0.5, head_fraction=0.25, importance=Importance.activation
+    assert isinstance(prune, EncoderPruneConfig)
+    assert (prune.ffn_fraction, prune.head_fraction, prune.importance, prune.rounds) == (
+        0.5,
+        0.25,
+        Importance.activation,
+        4,
     )
+    assert prune.distill is not None and prune.distill.layerwise is not None
     assert isinstance(distill, DistillConfig)
-    assert (distill.steps, distill.loss, distill.freeze) == (
-        250,
-        DistillLoss.cosine_mse,
-        ("bert.embeddings",),
-    )
+    assert (distill.loss, distill.freeze) == (DistillLoss.cosine_mse, ("bert.embeddings",))
+    assert distill.layerwise is not None
     assert variants["structured-int8"].parent == "structured"
     assert variants["structured-int8"].steps == [QuantizeConfig()]
+    drop, recovery = variants["shallow"].steps
+    assert drop == EncoderDropLayersConfig(keep=(0, 2, 4, 5))
+    assert recovery == distill
+    (gradual,) = variants["sparse"].steps
+    assert isinstance(gradual, EncoderGradualPruneConfig)
+    assert 0.8 <= gradual.final_sparsity <= 0.9
 
 
 @pytest.mark.parametrize("name", ["digits-mlp.yaml", "digits-cnn.yaml", "minilm.yaml"])
@@ -140,7 +172,8 @@ def test_every_step_survives_a_yaml_round_trip(name: str) -> None:
         ),
         (
             lambda d: d["variants"][1]["steps"].append({"prune_harder": {}}),
-            "unknown step 'prune_harder' (known steps: distill, encoder_prune, gradual_prune,",
+            "unknown step 'prune_harder' (known steps: distill, encoder_drop_layers, "
+            "encoder_gradual_prune, encoder_prune,",
         ),
         (
             lambda d: d["variants"][1]["steps"].append({"train": {}, "shrink": {}}),

@@ -10,12 +10,13 @@ VOCAB, HEADS, HEAD_SIZE, FFN, LAYERS = 100, 4, 8, 96, 2
 HIDDEN = HEADS * HEAD_SIZE
 
 
-def tiny_bert(seed: int = 0) -> torch.nn.Module:
-    """The BERT with random weights, eval mode, eager attention (as MiniLM is loaded)."""
+def tiny_bert(seed: int = 0, layers: int = LAYERS) -> torch.nn.Module:
+    """The BERT with random weights, eval mode, eager attention (as MiniLM is loaded);
+    `layers` deep (depth pruning needs more than two)."""
     config = transformers.BertConfig(
         vocab_size=VOCAB,
         hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
+        num_hidden_layers=layers,
         num_attention_heads=HEADS,
         intermediate_size=FFN,
         max_position_embeddings=64,

@@ -22,8 +22,13 @@ from sparseserve.cpu import usable_cores
 
 log = logging.getLogger(__name__)
 
-# The /proc/cpuinfo flags that matter for inference on the CPU.
-CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+# The /proc/cpuinfo flags that matter for inference (and distillation) on the CPU.
+CPU_FEATURES = (
+    "avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16"
+)  # fmt: skip
+# Either one gives the CPU native bf16 matrix products; without them bf16 is emulated
+# and slower than fp32.
+BF16_FEATURES = frozenset({"avx512_bf16", "amx_bf16"})
 _NVIDIA_SMI_TIMEOUT_SECONDS = 3.0
 
 
@@ -162,3 +167,8 @@ def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, ...]:
             flags = set(value.split())
             return tuple(f for f in CPU_FEATURES if f in flags)
     return ()
+
+
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16)."""
+    return bool(BF16_FEATURES.intersection(cpu_features(cpuinfo)))

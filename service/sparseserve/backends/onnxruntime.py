@@ -14,12 +14,13 @@ import asyncio
 import re
 import statistics
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, Future
 
 import numpy as np
 import onnxruntime as ort
 
+from sparseserve import protowire
 from sparseserve.backends.base import (
     Backend,
     ExecutionRecord,
@@ -202,48 +203,19 @@ def inputs_without_rank(model: bytes) -> set[str]:
     """Names of the graph inputs of an ONNX model whose tensor type declares no shape.
     Reads the protobuf fields it needs and skips the rest (weights included) without
     copying, so that the serving path needs no `onnx` package."""
-    view = memoryview(model)
+    messages = protowire.messages
     names = set()
-    for graph in _messages(view, _MODEL_GRAPH):
-        for value in _messages(graph, _GRAPH_INPUT):
-            name = b"".join(bytes(n) for n in _messages(value, _VALUE_NAME)).decode()
-            for type_ in _messages(value, _VALUE_TYPE):
-                for tensor in _messages(type_, _TYPE_TENSOR):
-                    if not any(True for _ in _messages(tensor, _TENSOR_SHAPE)):
-                        names.add(name)
+    try:
+        for graph in messages(memoryview(model), _MODEL_GRAPH):
+            for value in messages(graph, _GRAPH_INPUT):
+                name = b"".join(bytes(n) for n in messages(value, _VALUE_NAME)).decode()
+                for type_ in messages(value, _VALUE_TYPE):
+                    for tensor in messages(type_, _TYPE_TENSOR):
+                        if not any(True for _ in messages(tensor, _TENSOR_SHAPE)):
+                            names.add(name)
+    except ValueError as exc:
+        raise ModelLoadError(f"malformed model file: {exc}") from None
     return names
-
-
-def _messages(data: memoryview, wanted: int) -> Iterator[memoryview]:
-    """The length-delimited fields numbered `wanted` of one protobuf message."""
-    position, end = 0, len(data)
-    while position < end:
-        key, position = _varint(data, position)
-        wire_type = key & 7
-        if wire_type == 0:
-            _, position = _varint(data, position)
-        elif wire_type == 1:
-            position += 8
-        elif wire_type == 5:
-            position += 4
-        elif wire_type == 2:
-            length, position = _varint(data, position)
-            if key >> 3 == wanted:
-                yield data[position : position + length]
-            position += length
-        else:
-            raise ModelLoadError(f"unsupported protobuf wire type {wire_type} in the model")
-
-
-def _varint(data: memoryview, position: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[position]
-        position += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, position
-        shift += 7
 
 
 def _engine_message(error: Exception) -> str:

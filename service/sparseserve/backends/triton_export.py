@@ -1,7 +1,15 @@
-"""`sparseserve export-triton`: write a `config.pbtxt` per model, so the repository can be
-mounted into a GPU Triton Inference Server unchanged.
+"""`sparseserve export-triton`: a Triton model repository for a GPU Triton Inference
+Server, with a `config.pbtxt` per model.
 
-What is written, and why:
+By default the export is a separate repository (`<repository>-triton`): each model's
+files are hard-linked there (copied across filesystems) beside the new config, and the
+source repository is not changed. The config matters to sparseserve too — it reads
+`max_batch_size`, `dynamic_batching` and `instance_group` from the same file — so
+writing it into the repository sparseserve serves (`in_place`) also turns on dynamic
+batching on the CPU for every batchable model and sets how many batches of it run at
+once. That is only done when asked.
+
+What each config says, and why:
 
 - `platform: "onnxruntime_onnx"`, inputs and outputs with datatypes and dims as
   onnxruntime reads them from the newest version's file.
@@ -17,14 +25,17 @@ What is written, and why:
   the two cases where a GPU turns compression into speed. Unstructured sparsity gets no
   accelerator: dense kernels run its zeros like any other number.
 
-An existing `config.pbtxt` is kept (a hand-written config is the user's decision) unless
-`force`; then it is rewritten, keeping only its `version_policy` and
-`default_model_filename`, which decide which files are served, not how they run.
+An existing `config.pbtxt` is kept (a hand-written config is the user's decision; in a
+separate export it is copied as it is) unless `force`; then it is rewritten, keeping
+only its `version_policy` and `default_model_filename`, which decide which files are
+served, not how they run.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,32 +59,75 @@ class ExportResult:
     detail: str = ""
 
 
+def default_output(root: Path) -> Path:
+    """Where a separate export goes by default: `<repository>-triton`, beside it."""
+    resolved = root.resolve()
+    return resolved.with_name(f"{resolved.name}-triton")
+
+
 def export_repository(
     root: Path,
+    output: Path | None = None,
     *,
     force: bool = False,
     gpu_instances: int = 1,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
 ) -> list[ExportResult]:
-    """Write config.pbtxt for every model of the repository at `root`."""
+    """Export every model of the repository at `root` for Triton: into `output` (its
+    files linked or copied, with a config.pbtxt each), or, with `output` None, by
+    writing config.pbtxt into `root` itself. Raise `ValueError` if `root` is not a
+    directory or `output` lies inside it."""
+    if not root.is_dir():
+        raise ValueError(f"model repository {root} does not exist or is not a directory")
+    if output is not None:
+        inside = output.resolve().is_relative_to(root.resolve())
+        if inside:
+            raise ValueError(
+                f"--output {output} is inside the repository {root}: sparseserve would take "
+                "it for a model (use a sibling, such as the default "
+                f"{default_output(root)}, or --in-place)"
+            )
+        output.mkdir(parents=True, exist_ok=True)
     repository = ModelRepository(root)
     results = []
     for name in repository.names():
-        path = repository.path(name) / CONFIG_FILENAME
-        if path.exists() and not force:
-            results.append(ExportResult(name, "kept", f"{path} exists (use --force)"))
-            continue
+        source_config = repository.path(name) / CONFIG_FILENAME
+        target = repository.path(name) if output is None else output / name
+        path = target / CONFIG_FILENAME
+        keep = source_config.exists() and not force
         try:
             source = repository.read(name)
-            config = triton_config(source, gpu_instances, max_batch_size)
+            config = None if keep else triton_config(source, gpu_instances, max_batch_size)
         except ModelLoadError as exc:
             results.append(ExportResult(name, "failed", str(exc)))
+            continue
+        if output is not None:
+            _mirror_model(source.directory, target)
+        if config is None:
+            detail = "(use --force to rewrite it)"
+            results.append(ExportResult(name, "kept", f"{path} exists {detail}"))
             continue
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text_format.MessageToString(config), encoding="utf-8")
         tmp.replace(path)  # atomic: a polling server never reads half a config
         results.append(ExportResult(name, "written", str(path)))
     return results
+
+
+def _mirror_model(source: Path, target: Path) -> None:
+    """Make `target` a copy of the model directory `source`: its files hard-linked
+    where the filesystem allows (no second copy of the weights), copied otherwise.
+    What was in `target` before goes, so removed versions do not linger."""
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target, copy_function=_link_or_copy)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(source, target)
 
 
 def triton_config(source: ModelSource, gpu_instances: int, max_batch_size: int) -> mc.ModelConfig:

@@ -340,6 +340,40 @@ def _versus_baseline(
     row.cosine = f.Sourced(cosine, f.FROM_PROBE)
 
 
+def check_server(
+    url: str,
+    tls: ClientTls | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 5.0,
+) -> None:
+    """Raise `CompareError` in one line unless a v2 server answers ServerLive at `url`
+    (over TLS with `tls`, sending `headers`)."""
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        if tls is None:
+            client = triton.InferenceServerClient(url)
+        else:
+            options = [
+                ("grpc.max_send_message_length", triton.MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.max_receive_message_length", triton.MAX_GRPC_MESSAGE_SIZE),
+                *tls.channel_options(),
+            ]
+            client = triton.InferenceServerClient(
+                url, ssl=True, creds=tls.credentials(), channel_args=options
+            )
+        with client:
+            live = client.is_server_live(headers=dict(headers or {}), client_timeout=timeout)
+    except (InferenceServerException, ValueError, OSError) as exc:
+        reason = " ".join(str(exc).split())
+        raise CompareError(
+            f"no Open Inference Protocol server answers at --url {url}: {reason}"
+        ) from exc
+    if not live:
+        raise CompareError(f"the server at --url {url} says it is not live")
+
+
 def run_and_report(
     family: str,
     out: Path,
@@ -358,9 +392,12 @@ def run_and_report(
     `out`. `data`: the rows to send (see `compare`)."""
     from sparseserve.compare import report
 
+    if repository is not None and not repository.is_dir():
+        raise CompareError(f"model repository {repository} does not exist or is not a directory")
     if url is not None:
         if metrics_url is None:
             raise CompareError("--url needs --metrics-url (the server's /metrics address)")
+        check_server(url, tls, headers)
         target = Target(url, metrics_url, repository, tls, headers)
         comparison = compare(target, family, settings, baseline, data, progress)
     elif repository is not None:

@@ -8,6 +8,7 @@ shows what the server measured, not what a manifest claims.
 
 from __future__ import annotations
 
+import http.client
 import math
 import urllib.error
 import urllib.request
@@ -191,9 +192,17 @@ class Histogram:
 
 def scrape(metrics_url: str, timeout: float = 10.0) -> Snapshot:
     """Read and parse the endpoint; raise `MetricsUnavailable` saying why it could not."""
+    hint = "(--metrics-url is the server's metrics port, http://HOST:8002/metrics)"
     try:
         with urllib.request.urlopen(metrics_url, timeout=timeout) as response:
             text = response.read().decode("utf-8")
+        samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
     except (urllib.error.URLError, OSError) as exc:
-        raise MetricsUnavailable(f"cannot read metrics from {metrics_url}: {exc}") from exc
-    return Snapshot([s for f in text_string_to_metric_families(text) for s in f.samples])
+        raise MetricsUnavailable(f"cannot read metrics from {metrics_url}: {exc} {hint}") from exc
+    # What a gRPC port (HTTP/2 only) or any other non-Prometheus server answers.
+    except (http.client.HTTPException, ValueError) as exc:
+        raise MetricsUnavailable(
+            f"{metrics_url} does not answer with Prometheus metrics ({type(exc).__name__}): "
+            f"is it the gRPC port? {hint}"
+        ) from exc
+    return Snapshot(samples)

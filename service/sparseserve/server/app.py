@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
@@ -30,6 +31,7 @@ from sparseserve.backends.dispatch import Dispatcher
 from sparseserve.backends.hardware import probe_hardware
 from sparseserve.controlplane import ControlPlane
 from sparseserve.dataplane import DataPlane
+from sparseserve.errors import ModelNotFound, SparseServeError, StartupError
 from sparseserve.observability.metrics import Metrics
 from sparseserve.protocol import grpc_service_pb2, grpc_service_pb2_grpc
 from sparseserve.protocol._pool import POOL
@@ -129,8 +131,17 @@ class SparseServeServer:
 
     async def start(self) -> None:
         """Bind the ports (so liveness answers while models load), load the startup
-        models, then report ready."""
+        models, then report ready. Raise `StartupError` if the repository is missing,
+        a port is taken, or (with `exit_on_error`) a named startup model does not load."""
         settings = self.settings
+        repository = self.registry.repository
+        if not repository.root.is_dir():
+            given = str(settings.repository)
+            shown = given if given == str(repository.root) else f"{given} ({repository.root})"
+            raise StartupError(
+                f"model repository {shown} does not exist or is not a directory: "
+                "pass --repository DIR (`make demo` builds ./models)"
+            )
         limit = settings.max_message_bytes
         # Read and check the TLS files and restriction values before binding anything.
         restrictions = Restrictions.for_grpc(settings.grpc_restricted_protocols)
@@ -163,13 +174,31 @@ class SparseServeServer:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, restricted)
         _add_reflection(restricted)
-        address = f"{_bind_host(settings.grpc_address or settings.host)}:{settings.grpc_port}"
-        if credentials is None:
-            self.grpc_port = server.add_insecure_port(address)
-        else:
-            self.grpc_port = server.add_secure_port(address, credentials)
-        if self.grpc_port == 0:
-            raise OSError(f"cannot bind the gRPC port {address}")
+        grpc_host = settings.grpc_address or settings.host
+        address = f"{_bind_host(grpc_host)}:{settings.grpc_port}"
+        _check_port_free(grpc_host, settings.grpc_port, "gRPC", "--grpc-port")
+        if settings.allow_http:
+            _check_port_free(settings.host, settings.http_port, "REST", "--http-port")
+        try:
+            if credentials is None:
+                self.grpc_port = server.add_insecure_port(address)
+            else:
+                self.grpc_port = server.add_secure_port(address, credentials)
+        except RuntimeError as exc:  # what grpc raises when the bind fails
+            raise StartupError(f"cannot listen for gRPC on {address}: {exc}") from exc
+        if settings.metrics_port is not None:
+            # Bound before gRPC starts, so a taken port leaves nothing running to stop.
+            try:
+                self._metrics_server = start_metrics_server(
+                    self.metrics.registry, settings.host, settings.metrics_port
+                )
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen for metrics on {settings.host}:{settings.metrics_port}: "
+                    f"{exc.strerror or exc} (--metrics-port picks another port, 0 any free "
+                    "one; --no-metrics serves none)"
+                ) from exc
+            self.metrics_port = self._metrics_server.server_port
         for service in SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
@@ -190,14 +219,16 @@ class SparseServeServer:
                 ),
                 ssl_context=None if self._http_tls is None else self._http_tls.context,
             )
-            self.http_port = await self._http_server.start(
-                settings.host, settings.http_port, settings.shutdown_grace_seconds
-            )
-        if settings.metrics_port is not None:
-            self._metrics_server = start_metrics_server(
-                self.metrics.registry, settings.host, settings.metrics_port
-            )
-            self.metrics_port = self._metrics_server.server_port
+            try:
+                self.http_port = await self._http_server.start(
+                    settings.host, settings.http_port, settings.shutdown_grace_seconds
+                )
+            except OSError as exc:  # taken since the check above
+                raise StartupError(
+                    f"cannot listen for REST on {settings.host}:{settings.http_port}: "
+                    f"{exc.strerror or exc} (--http-port picks another port, 0 any free one; "
+                    "--allow-http false serves none)"
+                ) from exc
         log.info(
             "sparseserve listening: gRPC %s:%d (%s), HTTP %s, metrics %s; repository %s, "
             "model control %s",
@@ -206,6 +237,12 @@ class SparseServeServer:
             settings.model_control.value,
         )  # fmt: skip
         log.info("restricted RPC groups: %s", restrictions.describe())
+        if not repository.names():
+            log.warning(
+                "model repository %s holds no models: add <model>/<version>/model.onnx "
+                "directories (README, Model repository); nothing is served until then",
+                repository.root,
+            )
         log.info("hardware: %s", self.hardware.summary())
         log.info(
             "dispatch %s (overrides: %s), fallback to onnxruntime %s, Triton %s",
@@ -214,7 +251,9 @@ class SparseServeServer:
             "on" if settings.dispatch_fallback else "off",
             settings.triton.url or "not configured",
         )
-        await self.registry.load_startup_models()
+        failures = await self.registry.load_startup_models()
+        if failures and settings.exit_on_error:
+            raise StartupError(_startup_failure(failures, repository.names()))
         if settings.model_control is ModelControl.poll:
             self._poller = asyncio.create_task(self._poll_forever())
         self.shadows.start()
@@ -318,6 +357,37 @@ class SparseServeServer:
         if self._http_server is not None:
             await self._http_server.stop()
             self._http_server = None
+
+
+def _startup_failure(failures: dict[str, SparseServeError], available: list[str]) -> str:
+    """One line for the models named to load at start that did not load."""
+    reasons = []
+    for name, error in failures.items():
+        if isinstance(error, ModelNotFound):
+            have = ", ".join(available[:8]) + (", ..." if len(available) > 8 else "")
+            reasons.append(f"--load-model {name}: no such model (the repository has: {have})")
+        else:
+            reasons.append(f"--load-model {name}: {error}")
+    return "; ".join(reasons) + " (--no-exit-on-error starts without them)"
+
+
+def _check_port_free(host: str, port: int, what: str, flag: str) -> None:
+    """Refuse a taken port with one clear line, before grpc logs its own complaint
+    about it. (A port taken between this check and the bind still fails, less tidily.)"""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds
+            probe.bind(address)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot listen for {what} on {host}:{port}: {exc.strerror or exc} "
+            f"({flag} picks another port, 0 any free one)"
+        ) from exc
 
 
 def _bind_host(host: str) -> str:

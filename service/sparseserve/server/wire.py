@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sparseserve import protowire
 from sparseserve.errors import InvalidInput, Overloaded, SparseServeError
 from sparseserve.protocol import grpc_service_pb2 as pb
 
@@ -38,7 +39,6 @@ ZERO_COPY_MIN_BYTES = 64 * 1024
 # RequestBytesBudget).
 TRIM_DELAY_SECONDS = 0.2
 _RAW_INPUT_CONTENTS = 7  # ModelInferRequest.raw_input_contents
-_LEN = 2  # protobuf wire type of length-delimited fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,43 +97,13 @@ def parse_infer_request(data: bytes) -> InferRequestMessage:
     view = memoryview(data)
     rest: list[memoryview] = []
     raws: list[memoryview] = []
-    position, end = 0, len(data)
-    while position < end:
-        field_start = position
-        key, position = _varint(data, position)
-        field, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            _, position = _varint(data, position)
-        elif wire_type == 1:
-            position += 8
-        elif wire_type == 5:
-            position += 4
-        elif wire_type == _LEN:
-            length, position = _varint(data, position)
-            payload_start, position = position, position + length
-            if position <= end and field == _RAW_INPUT_CONTENTS:
-                raws.append(view[payload_start:position])
-                continue
+    for field in protowire.fields(view):
+        if field.number == _RAW_INPUT_CONTENTS and field.wire_type == protowire.LEN:
+            raws.append(view[field.value : field.end])
         else:
-            raise ValueError(f"unsupported protobuf wire type {wire_type} at byte {field_start}")
-        if position > end:
-            raise ValueError(f"field {field} runs past the end of the message")
-        rest.append(view[field_start:position])
+            rest.append(view[field.start : field.end])
     message = pb.ModelInferRequest.FromString(b"".join(rest))
     return InferRequestMessage(message, raws, len(data))
-
-
-def _varint(data: bytes, position: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if position >= len(data) or shift > 63:
-            raise ValueError(f"malformed varint at byte {position}")
-        byte = data[position]
-        position += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, position
-        shift += 7
 
 
 def safe_deserializer(

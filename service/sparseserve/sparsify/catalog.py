@@ -83,6 +83,9 @@ class LabelledData:
     x_test: Rows
     y_test: np.ndarray | None
     test_description: str
+    # A second test set of a kind never trained on (text of a held-out source), if any.
+    x_test_source: Rows | None = None
+    test_source_description: str = ""
 
 
 # A loader gets the architecture too: text becomes input only through its tokenizer.

@@ -6,23 +6,34 @@ perfect label source: the student learns to give the teacher's outputs on unlabe
 input. Both models are called the same way, with a batch's tensors as positional
 arguments in its order (as the ONNX export calls them), and must return one tensor:
 embeddings (loss: cosine and/or MSE) or logits (loss: KL divergence at a temperature, as
-in Hinton et al. 2015).
+in Hinton et al. 2015). For BERT-style encoders, `layerwise` adds each layer's hidden
+states and value relations to the loss (`layerwise.py`).
 
 In a recipe this is the ``distill`` step; the teacher is the family's base model and the
 batches are the recipe's training data::
 
-    - distill: {steps: 250, learning_rate: 0.0002, loss: cosine_mse, freeze: [bert.embeddings]}
+    - distill: {steps: 250, learning_rate: 0.0002, loss: cosine_mse, freeze: [bert.embeddings],
+                layerwise: {hidden_weight: 1.0, relation_weight: 1.0}}
+
+Long runs are resumable: given a checkpoint path, the student, the optimizer, the
+schedule and the losses so far are saved every `checkpoint_every` steps, and a run that
+finds a checkpoint of the same start (same config, same starting weights, same batches)
+continues from it, to the same result as a run that was never interrupted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, TextIO
 
 import numpy as np
 import torch
@@ -30,7 +41,15 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from sparseserve.backends.hardware import cpu_has_bf16
 from sparseserve.sparsify.export import run_torch
+from sparseserve.sparsify.layerwise import (
+    LayerStates,
+    LayerwiseConfig,
+    capture_layers,
+    layerwise_loss,
+    resolve_layer_map,
+)
 from sparseserve.sparsify.quality import fidelity
 from sparseserve.sparsify.recipe import (
     RecipeError,
@@ -43,6 +62,8 @@ from sparseserve.sparsify.recipe import (
 
 Batch = Mapping[str, torch.Tensor]
 ModulePath = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")]
+# Called after every optimizer step with the number of steps done (gradual pruning).
+AfterStep = Callable[[int], None]
 
 
 class DistillLoss(StrEnum):
@@ -56,6 +77,27 @@ class DistillLoss(StrEnum):
     mse = "mse"
     cosine_mse = "cosine_mse"
     kl = "kl"
+
+
+class Precision(StrEnum):
+    """The arithmetic of both models' forward passes while distilling.
+
+    ``auto``: bf16 autocast where the CPU multiplies bf16 natively (AVX512-BF16 or AMX,
+    from /proc/cpuinfo), fp32 elsewhere, where bf16 is emulated and slower. ``fp32`` and
+    ``bf16`` force one. Weights, gradients and the optimizer stay fp32 either way.
+    """
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+def resolve_precision(precision: Precision, has_bf16: bool | None = None) -> Precision:
+    """`precision` with ``auto`` decided for this CPU (`has_bf16` overrides the probe)."""
+    if precision is not Precision.auto:
+        return precision
+    native = cpu_has_bf16() if has_bf16 is None else has_bf16
+    return Precision.bf16 if native else Precision.fp32
 
 
 class DistillConfig(StepConfig):
@@ -77,6 +119,13 @@ class DistillConfig(StepConfig):
     cache_teacher: bool = Field(
         True, description="Compute teacher outputs once per batch when batches is a Sequence."
     )
+    teacher_cache_mb: int = Field(
+        2048,
+        ge=0,
+        le=1_000_000,
+        description="Memory for cached teacher outputs and (layerwise) per-layer states, "
+        "kept in fp16; batches beyond it are recomputed each time.",
+    )
     log_every: int = Field(50, ge=1, le=1_000_000, description="Steps between progress lines.")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     freeze: tuple[ModulePath, ...] = Field(
@@ -88,17 +137,28 @@ class DistillConfig(StepConfig):
     batch_size: int = Field(
         32, ge=1, le=4096, description="Rows per batch for row data (text keeps its batches)."
     )
+    layerwise: LayerwiseConfig | None = Field(
+        None, description="Also match each layer's hidden states and value relations."
+    )
+    precision: Precision = Precision.auto
+    checkpoint_every: int = Field(
+        50, ge=1, le=1_000_000, description="Steps between resumable checkpoints."
+    )
 
     def label(self) -> str:
-        return f"distill {self.steps} steps ({self.loss.value})"
+        layers = " + layer-wise" if self.layerwise is not None else ""
+        return f"distill {self.steps} steps ({self.loss.value}{layers})"
 
 
 @dataclass(frozen=True)
 class DistillResult:
-    """The loss of every step, and how long training took."""
+    """The loss of every step, and how the training ran."""
 
     losses: list[float]
     seconds: float
+    precision: Precision = Precision.fp32
+    resumed_at: int = 0  # steps that came from a checkpoint
+    cached_batches: int = 0  # teacher outputs held in memory
 
     @property
     def steps(self) -> int:
@@ -119,7 +179,7 @@ def distillation_loss(
             f"student output shape {tuple(student.shape)} differs from the teacher's "
             f"{tuple(teacher.shape)}"
         )
-    teacher = teacher.detach()
+    student, teacher = student.float(), teacher.detach().float()
     if config.loss is DistillLoss.kl:
         t = config.temperature
         return (
@@ -151,22 +211,72 @@ def _schedule(config: DistillConfig) -> Callable[[int], float]:
     return factor
 
 
+class ProgressBar:
+    """A one-line bar with the loss, the time per step and an ETA, redrawn in place on a
+    terminal (`stream`); a stream that is not a terminal gets nothing (logs get the
+    progress lines instead)."""
+
+    def __init__(self, total: int, label: str, stream: TextIO | None = None, width: int = 24):
+        self.total, self.label, self.width = total, label, width
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._drawn = False
+
+    def update(self, step: int, loss: float, seconds_per_step: float) -> None:
+        """Redraw for `step` of `total` done."""
+        if not self.enabled:
+            return
+        filled = self.width * step // max(1, self.total)
+        bar = "#" * filled + "-" * (self.width - filled)
+        eta = format_duration(seconds_per_step * (self.total - step))
+        self.stream.write(
+            f"\r{self.label} [{bar}] {step}/{self.total} loss {loss:.5f} "
+            f"{seconds_per_step:.2f} s/step ETA {eta} "
+        )
+        self.stream.flush()
+        self._drawn = True
+
+    def close(self) -> None:
+        """End the line, so what is printed next starts on its own."""
+        if self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def format_duration(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s`` or ``1 h 02 min``: an ETA a person reads at a glance."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
 def distill(
     teacher: nn.Module,
     student: nn.Module,
     batches: Iterable[Batch],
     config: DistillConfig,
     progress: Callable[[str], None] | None = None,
+    *,
+    after_step: AfterStep | None = None,
+    checkpoint: Path | None = None,
+    bar: ProgressBar | None = None,
 ) -> DistillResult:
     """Train `student` (in place) for `config.steps` steps to match `teacher` on
     `batches`, cycling through them as often as needed.
 
     A one-shot iterator is read once: training then ends when it runs out. The teacher is
     never changed, nor are the student's `config.freeze` submodules. `progress`, if
-    given, receives a line every `config.log_every` steps.
+    given, receives a line every `config.log_every` steps; `after_step(step)` runs after
+    each optimizer step. `checkpoint` (a file; needs `batches` to be a Sequence) makes
+    the run resumable, see the module docstring.
     """
+    if checkpoint is not None and not isinstance(batches, Sequence):
+        raise ValueError("a resumable distillation needs its batches as a Sequence")
     with _frozen(student, config.freeze):
-        return _train(teacher, student, batches, config, progress)
+        return _train(teacher, student, batches, config, progress, after_step, checkpoint, bar)
 
 
 @contextmanager
@@ -192,13 +302,75 @@ def _frozen(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
             parameter.requires_grad_(True)
 
 
+@dataclass
+class _Target:
+    """The teacher's answer to one batch: its output and, for layer-wise, its layers."""
+
+    output: torch.Tensor
+    layers: LayerStates | None
+
+    def nbytes(self) -> int:
+        layers = self.layers.nbytes() if self.layers is not None else 0
+        return self.output.numel() * self.output.element_size() + layers
+
+
+def _forward(
+    model: nn.Module, batch: Batch, layerwise: bool, bf16: bool
+) -> tuple[torch.Tensor, LayerStates | None]:
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+    with autocast:
+        if not layerwise:
+            return model(*batch.values()), None
+        with capture_layers(model) as states:
+            output = model(*batch.values())
+        return output, states
+
+
+def _fingerprint(config: DistillConfig, student: nn.Module, batches: Sequence[Batch]) -> str:
+    """What a checkpoint must have started from to be resumed: the same config (its
+    logging aside), the same starting weights and the same batches."""
+    digest = hashlib.sha256(
+        config.model_dump_json(exclude={"log_every", "checkpoint_every"}).encode()
+    )
+    tensors = [*student.state_dict().items()]
+    tensors += [(f"batch{i}.{k}", v) for i, b in enumerate(batches) for k, v in b.items()]
+    for name, tensor in tensors:
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)  # an interruption never leaves half a checkpoint
+
+
+def _load_checkpoint(path: Path | None, fingerprint: str | None) -> dict[str, Any] | None:
+    if path is None or not path.exists():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError):
+        return None  # unreadable: start over rather than fail the build
+    return state if state.get("fingerprint") == fingerprint else None
+
+
 def _train(
     teacher: nn.Module,
     student: nn.Module,
     batches: Iterable[Batch],
     config: DistillConfig,
     progress: Callable[[str], None] | None,
+    after_step: AfterStep | None,
+    checkpoint: Path | None,
+    bar: ProgressBar | None,
 ) -> DistillResult:
+    precision = resolve_precision(config.precision)
+    bf16 = precision is Precision.bf16
+    layerwise = config.layerwise
+    layer_map = resolve_layer_map(student, teacher, layerwise) if layerwise is not None else []
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(
@@ -207,50 +379,103 @@ def _train(
         weight_decay=config.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
-    cache: dict[int, torch.Tensor] = {}
-    cacheable = config.cache_teacher and isinstance(batches, Sequence)
+    sequence = batches if isinstance(batches, Sequence) else None
+    fingerprint = _fingerprint(config, student, sequence) if checkpoint and sequence else None
+    losses: list[float] = []
+    resumed = _load_checkpoint(checkpoint, fingerprint)
+    if resumed is not None:
+        student.load_state_dict(resumed["student"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        torch.random.set_rng_state(resumed["rng"])
+        losses = list(resumed["losses"])
+        if progress is not None:
+            progress(f"distill: resumed at step {len(losses)}/{config.steps} from {checkpoint}")
+    resumed_at = len(losses)
+
+    cache: dict[int, _Target] = {}
+    cache_budget = config.teacher_cache_mb * 2**20
+    cacheable = config.cache_teacher and sequence is not None
+
+    def target_for(index: int | None, batch: Batch) -> _Target:
+        nonlocal cache_budget
+        if index is not None and index in cache:
+            return cache[index]
+        with torch.no_grad():
+            output, layers = _forward(teacher, batch, layerwise is not None, bf16)
+        target = _Target(output.float(), layers.to(torch.float16) if layers else None)
+        if cacheable and index is not None and target.nbytes() <= cache_budget:
+            cache[index] = target
+            cache_budget -= target.nbytes()
+        return target
+
+    if sequence is not None:
+        if not sequence:
+            raise ValueError("distill needs at least one batch, got none")
+        indexed: Iterator[tuple[int | None, Batch]] = (
+            (step % len(sequence), sequence[step % len(sequence)])
+            for step in range(resumed_at, config.steps)
+        )
+    else:
+        indexed = ((None, batch) for batch in batches)
+
     teacher_was_training, student_was_training = teacher.training, student.training
     teacher.eval()
     student.train(config.student_dropout)
-    losses: list[float] = []
     started = time.perf_counter()
     try:
-        while len(losses) < config.steps:
-            before = len(losses)
-            for index, batch in enumerate(batches):
-                if cacheable and index in cache:
-                    target = cache[index]
-                else:
-                    with torch.no_grad():
-                        target = teacher(*batch.values())
-                    if cacheable:
-                        cache[index] = target
-                loss = distillation_loss(student(*batch.values()), target, config)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.max_grad_norm is not None:
-                    nn.utils.clip_grad_norm_(student.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                losses.append(float(loss.detach()))
-                step = len(losses)
-                if progress is not None and (step % config.log_every == 0 or step == 1):
-                    recent = losses[-config.log_every :]
-                    progress(
-                        f"distill step {step}/{config.steps}: loss {sum(recent) / len(recent):.5f}"
-                        f" ({time.perf_counter() - started:.0f} s)"
-                    )
-                if step >= config.steps:
-                    break
-            if len(losses) == before:
-                if before == 0:
-                    raise ValueError("distill needs at least one batch, got none")
-                break  # a one-shot iterator ran out
+        for index, batch in indexed:
+            if len(losses) >= config.steps:
+                break
+            target = target_for(index, batch)
+            output, layers = _forward(student, batch, layerwise is not None, bf16)
+            loss = distillation_loss(output, target.output, config)
+            if layerwise is not None and layers is not None and target.layers is not None:
+                mask = batch.get("attention_mask")
+                loss = loss + layerwise_loss(layers, target.layers, mask, layer_map, layerwise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(student.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            step = len(losses)
+            if after_step is not None:
+                after_step(step)
+            elapsed = time.perf_counter() - started
+            per_step = elapsed / (step - resumed_at)
+            recent = losses[-config.log_every :]
+            if bar is not None:
+                bar.update(step, sum(recent) / len(recent), per_step)
+            if progress is not None and (step % config.log_every == 0 or step == 1):
+                eta = format_duration(per_step * (config.steps - step))
+                progress(
+                    f"distill step {step}/{config.steps}: loss {sum(recent) / len(recent):.5f}"
+                    f" ({elapsed:.0f} s, {per_step:.2f} s/step, ETA {eta})"
+                )
+            due = step % config.checkpoint_every == 0 or step == config.steps
+            if due and fingerprint is not None and checkpoint is not None:
+                _save_checkpoint(
+                    checkpoint,
+                    {
+                        "fingerprint": fingerprint,
+                        "losses": losses,
+                        "student": student.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": torch.random.get_rng_state(),
+                    },
+                )
+        if not losses:
+            raise ValueError("distill needs at least one batch, got none")
     finally:
+        if bar is not None:
+            bar.close()
         teacher.train(teacher_was_training)
         student.train(student_was_training)
         torch.random.set_rng_state(generator_state)
-    return DistillResult(losses, time.perf_counter() - started)
+    return DistillResult(losses, time.perf_counter() - started, precision, resumed_at, len(cache))
 
 
 def _closeness(teacher: np.ndarray, student: np.ndarray, loss: DistillLoss) -> dict[str, float]:
@@ -262,8 +487,20 @@ def _closeness(teacher: np.ndarray, student: np.ndarray, loss: DistillLoss) -> d
     return fidelity(teacher, student).rounded()
 
 
-@register_step(DistillConfig)
-def _distill(model: nn.Module, config: DistillConfig, context: StepContext) -> StepReport:
+def distill_with_context(
+    model: nn.Module,
+    config: DistillConfig,
+    context: StepContext,
+    *,
+    name: str = "distill",
+    after_step: AfterStep | None = None,
+) -> StepReport:
+    """Run a distill step on the recipe's data towards its teacher, measuring the
+    held-out fidelity before and after; the report of the ``distill`` step.
+
+    Other steps that distil (gradual pruning) call this too; `name` tells their
+    checkpoints apart within one step's checkpoint folder.
+    """
     if context.teacher is None:
         raise RecipeError(
             "distill trains towards a teacher: in a recipe, the family's base model; "
@@ -271,9 +508,11 @@ def _distill(model: nn.Module, config: DistillConfig, context: StepContext) -> S
         )
     if context.data is None:
         raise RecipeError("distill needs input to run both models on (pass data=TrainingData(...))")
+    if context.distill_precision is not None:
+        config = config.model_copy(update={"precision": Precision(context.distill_precision)})
     data, teacher = context.data, context.teacher
     batches = [
-        {name: torch.from_numpy(value) for name, value in feed.items()}
+        {key: torch.from_numpy(value) for key, value in feed.items()}
         for feed in feeds(data.x_train, context.input_name, config.batch_size)
     ]
     heldout = feeds(data.x_heldout, context.input_name) if data.x_heldout is not None else None
@@ -281,16 +520,35 @@ def _distill(model: nn.Module, config: DistillConfig, context: StepContext) -> S
     if heldout:
         target = run_torch(teacher, heldout)
         report["heldout_before"] = _closeness(target, run_torch(model, heldout), config.loss)
-    result = distill(teacher, model, batches, config, progress=context.progress)
+    checkpoint = context.checkpoint_dir / f"{name}.pt" if context.checkpoint_dir else None
+    bar = ProgressBar(config.steps, name) if context.progress_bar else None
+    result = distill(
+        teacher,
+        model,
+        batches,
+        config,
+        progress=context.progress,
+        after_step=after_step,
+        checkpoint=checkpoint,
+        bar=bar,
+    )
     # Mean losses over windows that never overlap: single steps are noisy.
     window = max(1, min(20, result.steps // 2))
     report["loss_window_steps"] = window
     report["loss_first"] = round(result.mean_loss(first=True, window=window), 6)
     report["loss_last"] = round(result.mean_loss(first=False, window=window), 6)
     report["distill_seconds"] = round(result.seconds, 1)
+    report["precision"] = result.precision.value
+    if result.resumed_at:
+        report["resumed_at_step"] = result.resumed_at
     if heldout:
         report["heldout_after"] = _closeness(target, run_torch(model, heldout), config.loss)
         context.progress(
-            f"distill: held-out {report['heldout_before']} -> {report['heldout_after']}"
+            f"{name}: held-out {report['heldout_before']} -> {report['heldout_after']}"
         )
     return report
+
+
+@register_step(DistillConfig)
+def _distill(model: nn.Module, config: DistillConfig, context: StepContext) -> StepReport:
+    return distill_with_context(model, config, context)

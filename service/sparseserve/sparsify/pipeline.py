@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import shutil
 import time
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,8 @@ class _Variant:
     onnx_model: bytes
     outputs: np.ndarray  # onnxruntime's, on the test inputs
     torch_outputs: np.ndarray  # torch's, of the exported model, on the same inputs
+    source_outputs: np.ndarray | None = None  # onnxruntime's on the held-out source
+    source_torch_outputs: np.ndarray | None = None
     torch_steps: list[dict[str, Any]] = field(default_factory=list)  # lineage, with reports
     steps: list[dict[str, Any]] = field(default_factory=list)  # torch_steps + own ONNX steps
     labels: list[str] = field(default_factory=list)
@@ -117,11 +120,16 @@ def _run_torch_steps(
     model: nn.Module, steps: Sequence[StepConfig], context: StepContext
 ) -> list[dict[str, Any]]:
     done = []
-    for config in steps:
+    for index, config in enumerate(steps):
         if config.stage is not Stage.torch:
             continue
         started = time.perf_counter()
-        report = handler_for(config, Stage.torch)(model, config, context)
+        # Each step its own checkpoint folder: a resumed build finds its place by it.
+        folder = context.checkpoint_dir
+        step_context = replace(
+            context, checkpoint_dir=folder / f"{index}-{config.step}" if folder else None
+        )
+        report = handler_for(config, Stage.torch)(model, config, step_context)
         report["seconds"] = round(time.perf_counter() - started, 3)
         done.append({**dump_step(config), "report": report})
     return done
@@ -136,8 +144,15 @@ class FamilyBuilder:
         progress: Progress = print,
         source: str | None = None,
         threads: int | None = None,
+        *,
+        checkpoints: Path | None = None,
+        progress_bar: bool = False,
+        distill_precision: str | None = None,
     ):
         self.recipe = recipe
+        self.checkpoints = checkpoints
+        self.progress_bar = progress_bar
+        self.distill_precision = distill_precision
         self.progress = progress
         self.source = source
         self.architecture: Architecture = architecture(recipe.base.architecture)
@@ -148,6 +163,12 @@ class FamilyBuilder:
         self.test_feeds: list[Feed] = feeds(
             self._shaped(self.labelled.x_test), self.architecture.input_name
         )
+        # Text of a source never trained on, measured on its own (english-mix).
+        self.source_feeds: list[Feed] | None = None
+        if self.labelled.x_test_source is not None:
+            self.source_feeds = feeds(
+                self._shaped(self.labelled.x_test_source), self.architecture.input_name
+            )
         self.data = TrainingData(
             x_train=x_train,
             y_train=self.labelled.y_train,
@@ -166,12 +187,18 @@ class FamilyBuilder:
             return rows
         return np.ascontiguousarray(rows.reshape(-1, *inputs[0].sample_shape))
 
-    def _context(self, prefix: str) -> StepContext:
+    def _context(self, prefix: str, variant: str | None = None) -> StepContext:
+        folder = None
+        if self.checkpoints is not None:
+            folder = self.checkpoints / self.recipe.family / (variant or "base")
         return StepContext(
             data=self.data,
             progress=lambda line: self.progress(f"[{prefix}] {line}"),
             input_name=self.architecture.input_name,
             teacher=self._base,
+            checkpoint_dir=folder,
+            progress_bar=self.progress_bar,
+            distill_precision=self.distill_precision,
         )
 
     def build(self) -> FamilyBuilder:
@@ -196,7 +223,7 @@ class FamilyBuilder:
         model = copy.deepcopy(self._torch_models[spec.parent] if spec.parent else base)
         # Each variant its own seed: its numbers do not depend on which variants came before.
         torch.manual_seed(self.recipe.data.seed + zlib.crc32(spec.name.encode()))
-        context = self._context(name)
+        context = self._context(name, spec.name)
         # A child starts from its parent's torch model: it inherits the parent's torch steps,
         # not its quantization (ONNX steps act on the parent's export only).
         torch_steps = [
@@ -240,8 +267,15 @@ class FamilyBuilder:
                 if not np.array_equal(run_onnx(compact, self.test_feeds), outputs):
                     raise RuntimeError(f"{name}: sparse storage changed the outputs")
                 onnx_model = compact
+        source_outputs = source_torch = None
+        if self.source_feeds:
+            source_outputs = run_onnx(onnx_model, self.source_feeds)
+            if spec.name == self.recipe.baseline:  # its rows say how exact the export is
+                source_torch = run_torch(exported, self.source_feeds)
         self.variants[spec.name] = _Variant(
             spec=spec,
+            source_outputs=source_outputs,
+            source_torch_outputs=source_torch,
             model=exported,
             onnx_model=onnx_model,
             outputs=outputs,
@@ -276,7 +310,15 @@ class FamilyBuilder:
             if is_baseline:  # its fidelity to itself is 1: say how exact the export is
                 dataset = f"{dataset}; the ONNX export against torch"
             reference = variant.torch_outputs if is_baseline else baseline.outputs
-            return embedding_quality(variant.outputs, reference, dataset)
+            rows = embedding_quality(variant.outputs, reference, dataset)
+            if variant.source_outputs is not None:
+                source = self.labelled.test_source_description
+                if is_baseline:
+                    source = f"{source}; the ONNX export against torch"
+                against = variant.source_torch_outputs if is_baseline else baseline.source_outputs
+                assert against is not None  # every variant ran on the same feeds
+                rows += embedding_quality(variant.source_outputs, against, source)
+            return rows
         labels = self.labelled.y_test
         against = None
         if not is_baseline and labels is not None:
@@ -386,11 +428,17 @@ def build_family(
     progress: Progress = print,
     seed: int | None = None,
     threads: int | None = None,
+    checkpoints: Path | None = None,
+    progress_bar: bool = False,
+    distill_precision: str | None = None,
 ) -> list[BuiltVariant]:
     """Build every variant of a recipe (a `Recipe` or a YAML path) into `repository`.
 
     `threads`: torch threads while building (0: torch's default; None: what the
-    architecture asks for).
+    architecture asks for). `checkpoints`: a folder where training steps keep resumable
+    checkpoints (a rerun of an interrupted build continues from them; removed once the
+    build is written). `progress_bar`: live bars on a terminal's stderr.
+    `distill_precision` ("auto", "fp32", "bf16") overrides every distill step's.
     """
     source = None
     if isinstance(recipe, Path):
@@ -398,4 +446,17 @@ def build_family(
         recipe = load_recipe(recipe)
     if seed is not None:
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"seed": seed})})
-    return FamilyBuilder(recipe, progress, source, threads).build().write(repository)
+    builder = FamilyBuilder(
+        recipe,
+        progress,
+        source,
+        threads,
+        checkpoints=checkpoints,
+        progress_bar=progress_bar,
+        distill_precision=distill_precision,
+    )
+    built = builder.build().write(repository)
+    if checkpoints is not None:
+        # Written: the checkpoints of this family have served their purpose.
+        shutil.rmtree(checkpoints / recipe.family, ignore_errors=True)
+    return built

@@ -41,6 +41,7 @@ STEP_MODULES = (
     "sparseserve.sparsify.quantize",
     "sparseserve.sparsify.transformer",
     "sparseserve.sparsify.distill",
+    "sparseserve.sparsify.encoder_gradual",
 )
 
 Sparsity = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -137,6 +138,12 @@ class StepContext:
     progress: Progress = silent
     input_name: str = "input"
     teacher: nn.Module | None = None  # the family's base model, for distillation
+    # Where a training step keeps its resumable checkpoints (None: it keeps none).
+    checkpoint_dir: Path | None = None
+    # A live progress bar on stderr (a terminal only) besides the progress lines.
+    progress_bar: bool = False
+    # Overrides every distill step's `precision` ("auto", "fp32", "bf16"): the CLI switch.
+    distill_precision: str | None = None
 
 
 StepReport = dict[str, Any]
@@ -269,6 +276,18 @@ class DataConfig(_Strict):
     )
     test_samples: int | None = Field(
         None, ge=2, description="Measure on only the first N test samples (default: all)."
+    )
+    heldout_source: Name | None = Field(
+        None,
+        description="Text sources that mix several (english-mix): one source never trained "
+        "on and measured on its own, e.g. fortunes-literature.",
+    )
+    sort_window_batches: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="Text sources: sort the shuffled training chunks by length within "
+        "windows of this many batches, so each batch pads less (1: no sorting).",
     )
 
 

@@ -25,12 +25,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
+from sparseserve.sparsify.distill import DistillConfig, distill_with_context
+from sparseserve.sparsify.encoder import (
+    TEACHER_LAYERS_ATTRIBUTE,
+    bert_of,
+    encoder_layers,
+    teacher_layers,
+    uniform_layer_map,
+)
 from sparseserve.sparsify.recipe import (
     RecipeError,
     StepConfig,
@@ -56,18 +64,63 @@ class Importance(StrEnum):
 
 
 class EncoderPruneConfig(StepConfig):
-    """Remove `ffn_fraction` of each layer's FFN neurons and `head_fraction` of its heads."""
+    """Remove `ffn_fraction` of each layer's FFN neurons and `head_fraction` of its heads,
+    in `rounds` equal rounds, distilling with `distill`'s settings after each one."""
 
     step = "encoder_prune"
     ffn_fraction: float = Field(0.5, ge=0.0, lt=1.0)
     head_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     importance: Importance = Importance.magnitude
+    rounds: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Cut in this many rounds, importance measured afresh before each, so "
+        "the model adapts between cuts instead of losing everything at once.",
+    )
+    distill: DistillConfig | None = Field(
+        None, description="The distillation after every round (the teacher: the base)."
+    )
+
+    @model_validator(mode="after")
+    def _rounds_need_distillation(self) -> EncoderPruneConfig:
+        if self.rounds > 1 and self.distill is None:
+            raise ValueError(
+                "distill: pruning in several rounds needs a distill step between them "
+                "(e.g. distill: {steps: 100}); with none, one round cuts the same units"
+            )
+        return self
 
     def label(self) -> str:
+        rounds = f" in {self.rounds} rounds" if self.rounds > 1 else ""
+        distilled = f", each then distilled {self.distill.steps} steps" if self.distill else ""
         return (
             f"encoder prune {self.ffn_fraction:.0%} FFN neurons, {self.head_fraction:.0%} "
-            f"heads ({self.importance.value} importance)"
+            f"heads ({self.importance.value} importance){rounds}{distilled}"
         )
+
+
+class EncoderDropLayersConfig(StepConfig):
+    """Drop whole encoder layers: keep the layers `keep`, or `layers` of them evenly
+    spread (layer *j* of *m* is the old layer ceil((j + 1) * n / m) - 1; the last stays)."""
+
+    step = "encoder_drop_layers"
+    keep: tuple[Annotated[int, Field(ge=0, le=127)], ...] | None = Field(
+        None, min_length=1, max_length=128, description="Indices of the layers to keep."
+    )
+    layers: int | None = Field(None, ge=1, le=128, description="How many layers to keep.")
+
+    @model_validator(mode="after")
+    def _one_way_to_say_it(self) -> EncoderDropLayersConfig:
+        if (self.keep is None) == (self.layers is None):
+            raise ValueError("give either keep (layer indices) or layers (a count), not both")
+        if self.keep is not None and list(self.keep) != sorted(set(self.keep)):
+            raise ValueError(f"keep: layer indices must be increasing and distinct: {self.keep}")
+        return self
+
+    def label(self) -> str:
+        kept = list(self.keep) if self.keep is not None else f"{self.layers} evenly spread"
+        return f"encoder layers kept: {kept}"
 
 
 @dataclass(frozen=True)
@@ -85,15 +138,6 @@ class LayerShape:
     layer: int
     ffn_neurons: int
     heads: int
-
-
-def encoder_layers(model: nn.Module) -> Sequence[Any]:
-    """The transformer layers of a ``BertModel`` (or of a module holding one as `.bert`)."""
-    bert = model if hasattr(model, "encoder") else getattr(model, "bert", None)
-    layers = getattr(getattr(bert, "encoder", None), "layer", None)
-    if layers is None:
-        raise TypeError(f"{type(model).__name__} is not a BERT-style encoder (no encoder.layer)")
-    return list(layers)
 
 
 def layer_shapes(model: nn.Module) -> list[LayerShape]:
@@ -277,23 +321,41 @@ def activation_scores(
     return UnitScores(ffn, [total / tokens for total in head_sums])
 
 
+def units_left(total: int, fraction: float, done: int = 1, rounds: int = 1) -> int:
+    """How many of `total` units remain after `done` of `rounds` equal rounds that
+    together remove `fraction` of them; at least one always stays."""
+    return max(1, total - round(fraction * total * done / rounds))
+
+
+def keep_top(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices (ascending) of the `count` highest scores."""
+    # A stable sort, so ties fall the same way on every run.
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return order[:count].sort().values
+
+
 def keep_most_important(scores: torch.Tensor, remove_fraction: float) -> torch.Tensor:
     """Indices (ascending) of the units to keep when the lowest-scoring
     `remove_fraction` go; at least one unit always stays."""
-    total = scores.numel()
-    keep = max(1, total - round(remove_fraction * total))
-    # A stable sort, so ties fall the same way on every run.
-    order = torch.sort(scores, descending=True, stable=True).indices
-    return order[:keep].sort().values
+    return keep_top(scores, units_left(scores.numel(), remove_fraction))
 
 
 def prune_encoder(
     model: nn.Module,
     config: EncoderPruneConfig,
     calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
+    *,
+    original: Sequence[LayerShape] | None = None,
+    done: int = 1,
 ) -> list[LayerShape]:
     """Remove the least important FFN neurons and heads of every layer (in place);
-    `calibration` batches are required for `Importance.activation`."""
+    `calibration` batches are required for `Importance.activation`.
+
+    One-shot by default. For round `done` of `config.rounds`, `original` gives the layer
+    shapes before the first round: each layer is cut to what `done` rounds leave of it.
+    """
+    rounds = config.rounds if original is not None else 1
+    original = list(original) if original is not None else layer_shapes(model)
     if config.importance is Importance.activation:
         if calibration is None:
             raise ValueError("importance 'activation' needs calibration batches")
@@ -301,11 +363,13 @@ def prune_encoder(
     else:
         scores = magnitude_scores(model)
     for index, layer in enumerate(encoder_layers(model)):
-        if config.ffn_fraction > 0:
-            prune_ffn_neurons(layer, keep_most_important(scores.ffn[index], config.ffn_fraction))
-        if config.head_fraction > 0:
-            heads = keep_most_important(scores.heads[index], config.head_fraction)
-            prune_attention_heads(layer, heads)
+        first = original[index]
+        neurons = units_left(first.ffn_neurons, config.ffn_fraction, done, rounds)
+        if neurons < layer.intermediate.dense.out_features:
+            prune_ffn_neurons(layer, keep_top(scores.ffn[index], neurons))
+        heads = units_left(first.heads, config.head_fraction, done, rounds)
+        if heads < layer.attention.self.num_attention_heads:
+            prune_attention_heads(layer, keep_top(scores.heads[index], heads))
     return layer_shapes(model)
 
 
@@ -325,15 +389,77 @@ def _encoder_prune(
             for feed in feeds(context.data.x_calibration, context.input_name)
         ]
     before = sum(p.numel() for p in model.parameters())
-    shapes = prune_encoder(model, config, calibration)
-    context.progress(
-        f"encoder_prune: FFN {shapes[0].ffn_neurons} neurons, {shapes[0].heads} heads per layer"
-    )
-    return {
+    original = layer_shapes(model)
+    rounds: list[dict[str, Any]] = []
+    for done in range(1, config.rounds + 1):
+        shapes = prune_encoder(model, config, calibration, original=original, done=done)
+        context.progress(
+            f"encoder_prune round {done}/{config.rounds}: FFN {shapes[0].ffn_neurons} "
+            f"neurons, {shapes[0].heads} heads per layer"
+        )
+        entry: dict[str, Any] = {
+            "round": done,
+            "ffn_neurons": shapes[0].ffn_neurons,
+            "heads": shapes[0].heads,
+        }
+        if config.distill is not None:
+            entry["distill"] = distill_with_context(
+                model, config.distill, context, name=f"round{done}"
+            )
+        rounds.append(entry)
+    report: dict[str, Any] = {
         "parameters_before": before,
         "parameters_after": sum(p.numel() for p in model.parameters()),
         "calibration_batches": len(calibration) if calibration is not None else 0,
         "layers": [
             {"layer": s.layer, "ffn_neurons": s.ffn_neurons, "heads": s.heads} for s in shapes
         ],
+    }
+    if config.rounds > 1 or config.distill is not None:
+        report["rounds"] = rounds
+    return report
+
+
+def drop_layers(model: nn.Module, keep: Sequence[int]) -> list[int]:
+    """Keep only encoder layers `keep` (in place); return which layer of the original
+    teacher each remaining layer stood at (recorded for layer-wise distillation)."""
+    bert = bert_of(model)
+    layers = list(bert.encoder.layer)
+    if not keep or list(keep) != sorted(set(keep)) or keep[-1] >= len(layers):
+        raise ValueError(
+            f"layers to keep must be increasing, distinct and in [0, {len(layers)}), "
+            f"got {list(keep)}"
+        )
+    earlier = teacher_layers(model) or list(range(len(layers)))
+    bert.encoder.layer = nn.ModuleList(layers[i] for i in keep)
+    for index, layer in enumerate(bert.encoder.layer):
+        # transformers numbers layers for its key/value cache; keep the numbers dense.
+        if hasattr(layer.attention.self, "layer_idx"):
+            layer.attention.self.layer_idx = index
+    if hasattr(bert, "config"):
+        bert.config.num_hidden_layers = len(keep)
+    kept = [earlier[i] for i in keep]
+    setattr(bert.encoder, TEACHER_LAYERS_ATTRIBUTE, kept)
+    return kept
+
+
+@register_step(EncoderDropLayersConfig)
+def _encoder_drop_layers(
+    model: nn.Module, config: EncoderDropLayersConfig, context: StepContext
+) -> StepReport:
+    depth = len(encoder_layers(model))
+    if config.keep is not None:
+        keep = list(config.keep)
+    else:
+        assert config.layers is not None  # the validator saw to it
+        keep = uniform_layer_map(config.layers, depth)
+    before = sum(p.numel() for p in model.parameters())
+    kept = drop_layers(model, keep)
+    context.progress(f"encoder_drop_layers: {depth} -> {len(keep)} layers, kept {keep}")
+    return {
+        "layers_before": depth,
+        "kept": keep,
+        "teacher_layers": kept,
+        "parameters_before": before,
+        "parameters_after": sum(p.numel() for p in model.parameters()),
     }

@@ -47,11 +47,16 @@ def _save(graph: onnx.GraphProto, path: Path, check: bool = True) -> Path:
 
 
 def mlp(
-    path: Path, sizes: Sequence[int] = (64, 256, 256, 10), seed: int = 0, sparsity: float = 0.0
+    path: Path,
+    sizes: Sequence[int] = (64, 256, 256, 10),
+    seed: int = 0,
+    sparsity: float = 0.0,
+    pattern_2_4: bool = False,
 ) -> Path:
     """Dense ReLU MLP: input "input" FP32 [batch, sizes[0]] -> output "output".
     `sparsity` > 0: that fraction of each weight matrix, the smallest in magnitude, is
-    zero (a magnitude-pruned variant of the same seed's dense model)."""
+    zero (a magnitude-pruned variant of the same seed's dense model). `pattern_2_4`: the
+    2 smallest of every 4 weights feeding one output are zero (2:4 semi-structured)."""
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     current = "input"
@@ -59,6 +64,11 @@ def mlp(
         w = (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
         if sparsity > 0:
             w[np.abs(w) < np.quantile(np.abs(w), sparsity)] = 0.0
+        if pattern_2_4:  # groups of 4 consecutive inputs (rows of this [in, out] weight)
+            groups = w.T.reshape(fan_out, fan_in // 4, 4).copy()
+            smallest = np.argsort(np.abs(groups), axis=2)[..., :2]
+            np.put_along_axis(groups, smallest, 0.0, axis=2)
+            w = np.ascontiguousarray(groups.reshape(fan_out, fan_in).T)
         b = (rng.standard_normal(fan_out) * 0.01).astype(np.float32)
         inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
         last = i == len(sizes) - 2
