@@ -108,7 +108,7 @@ test-fast: $(DEV_STAMP) prometheus
 	$(BIN)/python -m pytest -m "not slow"
 
 # Stubs are generated into the package and committed: the Open Inference Protocol in
-# sparseserve/protocol, sparseserve's own API in sparseserve/v1. The sed moves them into
+# sparseserve/protocol, sparseserve's own API in sparseserve/api. The sed moves them into
 # sparseserve's private descriptor pool: tritonclient registers the same
 # `inference.*` names in protobuf's default pool, and both must coexist in one
 # process (tests, and the Triton backend which is a tritonclient user).
@@ -117,12 +117,12 @@ PROTO_OUT := service
 protos: $(DEV_STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I$(PROTO_SRC) \
 		--python_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
-		$(PROTO_SRC)/sparseserve/protocol/*.proto $(PROTO_SRC)/sparseserve/v1/*.proto
+		$(PROTO_SRC)/sparseserve/protocol/*.proto $(PROTO_SRC)/sparseserve/api/*.proto
 	sed -i 's/^from google.protobuf import descriptor_pool as _descriptor_pool$$/from sparseserve.protocol._pool import POOL as _POOL/; s/_descriptor_pool.Default()/_POOL/' \
-		$(PROTO_OUT)/sparseserve/protocol/*_pb2.py $(PROTO_OUT)/sparseserve/v1/*_pb2.py
+		$(PROTO_OUT)/sparseserve/protocol/*_pb2.py $(PROTO_OUT)/sparseserve/api/*_pb2.py
 
 check-protos: protos
-	git diff --exit-code -- $(PROTO_OUT)/sparseserve/protocol $(PROTO_OUT)/sparseserve/v1
+	git diff --exit-code -- $(PROTO_OUT)/sparseserve/protocol $(PROTO_OUT)/sparseserve/api
 
 # The `config` part of the chart's values.schema.json is generated from the server's
 # Settings (a test checks it is current).

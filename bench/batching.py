@@ -52,7 +52,7 @@ from bench.report import (
     write_results,
 )
 from bench.workload import triton_inputs
-from sparseserve.server.process import ServerProcess
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.testing import onnx_models
 
 MODELS = {"mlp_small": (64, 256, 256, 10), "mlp_large": (1024, 4096, 4096, 1000)}

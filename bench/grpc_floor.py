@@ -76,8 +76,8 @@ from bench.workload import (
     random_inputs,
     triton_inputs,
 )
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.protocol import grpc_service_pb2 as pb
-from sparseserve.server.process import ServerProcess
 
 BARE = Path(__file__).resolve().parent / "peers" / "bare_v2.py"
 # mlp_small's FP32 weights and biases: what one run of it reads.

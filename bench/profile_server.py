@@ -46,7 +46,7 @@ from bench.workload import (
     random_inputs,
     triton_inputs,
 )
-from sparseserve.server.process import ServerProcess
+from sparseserve.client.server_process import ServerProcess
 
 # A sample's part of the server: its innermost frame's, by the file the frame is in.
 # Frames that call into C (Cython) code with no Python frame below are named for what

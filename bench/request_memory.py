@@ -36,7 +36,7 @@ if not __package__:  # `python bench/<script>.py`: import `bench` from the repos
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.report import REPO_ROOT, environment, machine_lines, write_results
-from sparseserve.server.process import ServerProcess
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.testing import onnx_models
 
 MiB = 1024 * 1024

@@ -80,7 +80,7 @@ from bench.workload import (
     onnxruntime_session,
     random_inputs,
 )
-from sparseserve.server.process import ServerProcess
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.testing import onnx_models
 
 SERVERS = ("sparseserve", "kserve", "mlserver")

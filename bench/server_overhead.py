@@ -81,7 +81,7 @@ from bench.workload import (
     random_inputs,
     triton_inputs,
 )
-from sparseserve.server.process import ServerProcess
+from sparseserve.client.server_process import ServerProcess
 
 PROTOCOLS = ("unary", "stream")
 

@@ -40,10 +40,10 @@ if not __package__:  # `python bench/<script>.py`: import `bench` from the repos
 from bench.measure import check_errors, drive_unary
 from bench.report import REPO_ROOT, environment, machine_lines, markdown_table, rotated
 from bench.workload import MODEL_SIZES, random_inputs, triton_inputs
+from sparseserve.api import service_pb2, service_pb2_grpc
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.repository.manifest import Task, VariantManifest
-from sparseserve.server.process import ServerProcess
 from sparseserve.testing import onnx_models
-from sparseserve.v1 import service_pb2, service_pb2_grpc
 
 FAMILY = "bench"
 FRACTIONS = (0.0, 1.0)

@@ -57,7 +57,7 @@ from bench.report import (
     progress,
     write_results,
 )
-from sparseserve.server.process import ServerProcess
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.testing import onnx_models
 
 MODEL = "soak"

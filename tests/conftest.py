@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as triton
 
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.repository.manifest import Quality, Task, VariantManifest
-from sparseserve.server.process import ServerProcess
 from sparseserve.testing import onnx_models
 
 GOOD_MODELS = ("mlp", "multi_io", "identity", "versioned", "latest", "slow")

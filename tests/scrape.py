@@ -7,7 +7,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from sparseserve.server.process import ServerProcess
+from sparseserve.client.server_process import ServerProcess
 
 
 def scrape(server: ServerProcess) -> list[Sample]:

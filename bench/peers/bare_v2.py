@@ -85,7 +85,7 @@ class SparseServePath:
         self.server = SparseServeServer(settings)
         self.loop = asyncio.new_event_loop()
         self.loop.run_until_complete(self.server.registry.load_startup_models())
-        self.servicer = V2Servicer(self.server.dataplane, self.server.registry, lambda: True)
+        self.servicer = V2Servicer(self.server.dataplane, self.server.control)
 
     def close(self) -> None:
         self.loop.run_until_complete(self.server.registry.close())

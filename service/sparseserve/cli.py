@@ -318,7 +318,7 @@ def _client_tls_arguments(p: argparse.ArgumentParser, implied: str) -> None:
 
 
 def _health(args: argparse.Namespace) -> int:
-    from sparseserve.server.health_check import SERVING, HealthCheckError, check_health
+    from sparseserve.client.health_check import SERVING, HealthCheckError, check_health
     from sparseserve.server.security import SecurityConfigError, health_check_access
     from sparseserve.settings import Settings
 
@@ -594,12 +594,12 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from sparseserve.client.health_check import ClientTls
     from sparseserve.compare.loadgen import LoadSettings
     from sparseserve.compare.report import text_table
     from sparseserve.compare.run import CompareError, run_and_report
     from sparseserve.compare.server_metrics import MetricsUnavailable
     from sparseserve.repository.eval_data import read_eval_data
-    from sparseserve.server.health_check import ClientTls
 
     tls = None
     if args.ssl or args.root_cert or args.client_cert:

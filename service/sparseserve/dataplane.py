@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -13,9 +12,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from sparseserve.errors import Overloaded, SparseServeError, status_of
-from sparseserve.models import LoadedModel, ModelRegistry
+from sparseserve.errors import SparseServeError, status_of
 from sparseserve.observability.metrics import Metrics
+from sparseserve.registry import LoadedModel, ModelRegistry
 from sparseserve.routing.router import Router
 from sparseserve.routing.shadow import ShadowJob, ShadowRunner
 from sparseserve.routing.traffic import PolicyFile
@@ -60,11 +59,6 @@ class DataPlane:
             return work(*args)
         return await asyncio.get_running_loop().run_in_executor(self._codec_executor, work, *args)
 
-    def model(self, name: str, version: str = "") -> LoadedModel:
-        """The loaded model a metadata/config call about `name` describes: the model, or
-        the variant a family name goes to without a split draw (raises if none)."""
-        return self.router.route(name, version, draw=False).model
-
     def after_sent(self, answer: Answer) -> None:
         """The answer is on the wire: now its shadow runs may start."""
         if answer.shadow is not None and self.shadows is not None:
@@ -78,11 +72,11 @@ class DataPlane:
         requested_outputs: Sequence[str] = (),
         decode_in_thread: bool = False,
     ) -> Answer:
-        """Route to the model (by model or family name), decode the inputs with `decode`
-        (so that malformed requests are counted against the model they were sent to),
-        validate them against the model and run it (through the model's batcher if it
-        has one). The outputs come back in the order requested (or the model's order
-        when none were requested); the answer says which model version gave them.
+        """Route to the model (by model or family name) and let it serve the request
+        (`LoadedModel.run`: decode with `decode`, so that malformed requests count
+        against the model they were sent to, validate, run, record). The outputs come
+        back in the order requested (or the model's order when none were requested);
+        the answer says which model version gave them.
         `decode_in_thread`: the payload is costly to decode; do it on the codec thread."""
         try:
             route = self.router.route(name, version)
@@ -90,42 +84,13 @@ class DataPlane:
             self.metrics.unroutable.labels(status_of(exc)).inc()
             raise
         model = route.model
-        name = model.name  # errors name the variant that was chosen
-        started = time.perf_counter_ns()
-        stats = model.stats
-        try:
-            inputs = await self.in_codec_thread(decode) if decode_in_thread else decode()
-            signature = model.signature
-            signature.validate(name, inputs)
-            outputs = signature.select_outputs(name, requested_outputs)
-            if model.inflight >= self._max_inflight:
-                raise Overloaded(
-                    f"model {name!r} already has {model.inflight} requests in flight "
-                    f"(limit {self._max_inflight}); retry later"
-                )
-            model.begin()
-            try:
-                if model.batcher is not None:
-                    # The batcher records its executions itself (one per batch).
-                    results, queue_ns = await model.batcher.infer(inputs, outputs)
-                    compute_ns = None
-                else:
-                    compute_started = time.perf_counter_ns()
-                    results = await model.backend.infer(inputs, outputs)
-                    compute_ns = time.perf_counter_ns() - compute_started
-                    queue_ns = None
-            finally:
-                model.end()
-            if model.relays:  # count it for the backend that served it
-                stats = model.served_stats()
-            rows = _batch_rows(inputs)
-            if compute_ns is not None:
-                stats.record_execution(compute_ns, rows)
-        except SparseServeError as exc:
-            # Counted against the route (model.stats): who failed is not the question.
-            stats.record_failure(status_of(exc), time.perf_counter_ns() - started)
-            raise
-        stats.record_success(time.perf_counter_ns() - started, rows, queue_ns)
+        inputs, record = await model.run(
+            decode,
+            requested_outputs,
+            self._max_inflight,
+            self.in_codec_thread if decode_in_thread else None,
+        )
+        results = record.outputs
         answer = Answer(model, results)
         plan = route.shadow
         if plan is not None and self.shadows is not None and self._random() < plan.fraction:
@@ -133,10 +98,3 @@ class DataPlane:
             if targets:
                 answer.shadow = ShadowJob(model, inputs, results, targets)
         return answer
-
-
-def _batch_rows(inputs: Mapping[str, np.ndarray]) -> int:
-    """Samples in a request: the leading dimension of its first input (1 if scalar)."""
-    for array in inputs.values():
-        return int(array.shape[0]) if array.ndim else 1
-    return 1

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import tritonclient.grpc as triton
 
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.repository.manifest import MANIFEST_FILENAME, VariantManifest
-from sparseserve.server.process import ServerProcess
 
 if TYPE_CHECKING:  # the [sparsify] extra, imported only where the models are built
     from sparseserve.sparsify.digits import DigitsSplit

@@ -18,9 +18,9 @@ import tritonclient.grpc as triton
 import yaml
 from tritonclient.utils import InferenceServerException
 
+from sparseserve.client.health_check import SERVING, HealthCheckError, check_health
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.repository.manifest import VariantManifest
-from sparseserve.server.health_check import SERVING, HealthCheckError, check_health
-from sparseserve.server.process import ServerProcess
 from sparseserve.testing import onnx_models
 from tests.deploy.chart import (
     CHART,

@@ -19,8 +19,8 @@ import onnx
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.repository.manifest import MANIFEST_FILENAME, Task, VariantManifest
-from sparseserve.server.process import ServerProcess
 from sparseserve.sparsify.export import run_onnx
 from sparseserve.sparsify.minilm import load_tokenizer
 from sparseserve.sparsify.pipeline import build_family

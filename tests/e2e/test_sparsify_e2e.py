@@ -16,8 +16,8 @@ pytest.importorskip("torch", reason="needs the [sparsify] extra")
 import tritonclient.grpc as triton
 
 from sparseserve.cli import main
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.repository.manifest import MANIFEST_FILENAME, VariantManifest
-from sparseserve.server.process import ServerProcess
 from sparseserve.sparsify.digits import load_digits_split
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as triton
 
-from sparseserve.server.process import ServerProcess
+from sparseserve.client.server_process import ServerProcess
 
 pytestmark = pytest.mark.integration
 

@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime
 import pytest
 
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.compare.figures import MEMORY_RESOLUTION_BYTES
 from sparseserve.compare.report import PLOTS
 from sparseserve.compare.screenshot import find_browser, screenshot
@@ -27,7 +28,6 @@ from sparseserve.compare.server_metrics import MODEL_GAUGES
 from sparseserve.compare.verdict import RANDOM_CAVEAT, SERVER_MEAN, SpeedEstimate, speed_estimate
 from sparseserve.repository.eval_data import EVAL_DATA_FILENAME, write_eval_data
 from sparseserve.repository.manifest import VariantManifest
-from sparseserve.server.process import ServerProcess
 from tests.integration.test_prometheus import SHADOW_POLICY
 from tests.scrape import scrape, values
 from tests.variants import DENSE, FAMILY, PRUNED, build_family

@@ -16,8 +16,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as upstream
 
 from sparseserve.cli import main
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.repository.manifest import VariantManifest
-from sparseserve.server.process import ServerProcess
 from tests.conftest import GOOD_MODELS, build_repository
 
 pytestmark = pytest.mark.integration

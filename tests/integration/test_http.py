@@ -28,8 +28,8 @@ import tritonclient.http as triton_http
 import tritonclient.http.aio as triton_http_aio
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.repository.manifest import VariantManifest
-from sparseserve.server.process import ServerProcess
 from sparseserve.testing import onnx_models
 from tests import routing_repository
 from tests.integration.test_lifecycle import WIDTH, rows_lasting, wait_for

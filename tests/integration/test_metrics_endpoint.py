@@ -16,7 +16,7 @@ from prometheus_client.samples import Sample
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from sparseserve.server.process import ServerProcess
+from sparseserve.client.server_process import ServerProcess
 from tests.scrape import scrape, value, values
 
 pytestmark = pytest.mark.integration

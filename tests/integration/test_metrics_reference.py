@@ -21,8 +21,8 @@ import tritonclient.grpc as triton
 from prometheus_client.samples import Sample
 from tritonclient.utils import InferenceServerException
 
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.observability.memory import directory_bytes
-from sparseserve.server.process import ServerProcess
 from tests import routing_repository
 from tests.routing_repository import FAMILY, pixels
 from tests.scrape import scrape, value, values

@@ -19,8 +19,8 @@ import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.repository.manifest import Task, VariantManifest
-from sparseserve.server.process import ServerProcess
 from sparseserve.testing import onnx_models
 from tests.scrape import inflight
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sparseserve.server.process import ServerProcess
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.testing import onnx_models
 from tests.scrape import scrape, values
 

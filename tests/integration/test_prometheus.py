@@ -28,7 +28,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from sparseserve.server.process import ServerProcess
+from sparseserve.client.server_process import ServerProcess
 from tests.prometheus_harness import (
     DASHBOARD,
     DEPLOY,

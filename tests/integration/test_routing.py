@@ -22,10 +22,10 @@ import tritonclient.grpc as triton
 import yaml
 from tritonclient.utils import InferenceServerException
 
+from sparseserve.api import service_pb2 as v1
+from sparseserve.api import service_pb2_grpc as v1_grpc
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.routing.traffic import TrafficPolicy
-from sparseserve.server.process import ServerProcess
-from sparseserve.v1 import service_pb2 as v1
-from sparseserve.v1 import service_pb2_grpc as v1_grpc
 from tests import routing_repository
 from tests.routing_repository import FAMILY, pixels
 from tests.scrape import scrape, value

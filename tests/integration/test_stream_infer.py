@@ -17,7 +17,7 @@ import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import service_pb2
 
-from sparseserve.server.process import ServerProcess
+from sparseserve.client.server_process import ServerProcess
 from tests.scrape import inflight
 
 pytestmark = pytest.mark.integration

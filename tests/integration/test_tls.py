@@ -21,9 +21,9 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from sparseserve.client.health_check import SERVING, ClientTls, HealthCheckError, check_health
+from sparseserve.client.server_process import ServerProcess
 from sparseserve.compare.loadgen import LoadGenerator, LoadSettings
-from sparseserve.server.health_check import SERVING, ClientTls, HealthCheckError, check_health
-from sparseserve.server.process import ServerProcess
 from sparseserve.testing import onnx_models
 from tests.tls_certs import TestCA
 

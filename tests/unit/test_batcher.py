@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -16,18 +16,18 @@ import onnxruntime as ort
 import pytest
 from google.protobuf import text_format
 
-from sparseserve.backends.base import ModelFiles, ModelSignature
+from sparseserve.backends.base import ExecutionRecord, ModelFiles, ModelSignature
 from sparseserve.backends.onnxruntime import OnnxRuntimeBackend
 from sparseserve.errors import InvalidInput, ModelLoadError, Overloaded
 from sparseserve.protocol import model_config_pb2
-from sparseserve.scheduling.batcher import BatchingPolicy, DynamicBatcher
+from sparseserve.scheduling.batcher import BatchingPolicy, BatchShare, DynamicBatcher
 from sparseserve.settings import BatchingSettings, OnnxRuntimeSettings
 from sparseserve.testing import onnx_models
 
 
 @dataclass
 class Executions:
-    """What `on_execution` was told: one entry per backend execution."""
+    """What the backend ran successfully: one entry per execution."""
 
     compute_ns: list[int] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
@@ -37,18 +37,33 @@ class Executions:
         self.rows.append(rows)
 
 
+class CountedBackend(OnnxRuntimeBackend):
+    """onnxruntime that notes each successful execution (after warm-up) in `executions`."""
+
+    executions: Executions | None = None
+
+    async def infer(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> ExecutionRecord:
+        record = await super().infer(inputs, outputs)
+        if self.executions is not None:
+            first = next(iter(inputs.values()))
+            self.executions(record.compute_ns, int(first.shape[0]) if first.ndim else 1)
+        return record
+
+
 @asynccontextmanager
 async def batcher_for(
     path: Path, policy: BatchingPolicy, inline_max_us: float = 100.0
 ) -> AsyncIterator[tuple[DynamicBatcher, ModelSignature, Executions]]:
     executor = ThreadPoolExecutor(2)
-    backend = OnnxRuntimeBackend(
+    backend = CountedBackend(
         ModelFiles(path.stem, 1, path), OnnxRuntimeSettings(inline_max_us=inline_max_us), executor
     )
     signature = await backend.load()
-    executions = Executions()
+    executions = backend.executions = Executions()
     try:
-        yield DynamicBatcher(path.stem, backend, policy, executions), signature, executions
+        yield DynamicBatcher(path.stem, backend, policy), signature, executions
     finally:
         await backend.unload()
         executor.shutdown()
@@ -77,7 +92,7 @@ def test_concurrent_requests_share_executions_and_get_their_own_rows(
             answers = await asyncio.gather(
                 *(batcher.infer({"input": x}, ["output"]) for x in inputs)
             )
-            return [outputs["output"] for outputs, _ in answers], len(executions.compute_ns)
+            return [a.record.outputs["output"] for a in answers], len(executions.compute_ns)
 
     answers, executions = asyncio.run(main())
     assert executions < len(inputs) / 2
@@ -111,7 +126,7 @@ def test_requests_of_different_shapes_are_never_mixed(tmp_path: Path) -> None:
         async with batcher_for(path, POLICY) as (batcher, _, executions):
             xs = [np.full((2, w), i, np.float32) for i, w in enumerate(widths)]
             answers = await asyncio.gather(*(batcher.infer({"x": x}, ["y"]) for x in xs))
-            return xs, [a["y"] for a, _ in answers], len(executions.compute_ns)
+            return xs, [a.record.outputs["y"] for a in answers], len(executions.compute_ns)
 
     xs, ys, executions = asyncio.run(main())
     assert executions == 2
@@ -137,7 +152,7 @@ def test_a_request_the_model_rejects_at_run_time_fails_alone(tmp_path: Path) -> 
     results, executions = asyncio.run(main())
     assert executions == 2  # [0, 1] together, then [3] alone (only successes count)
     assert isinstance(results[2], InvalidInput) and "out of data bounds" in str(results[2])
-    good = [r[0]["y"].tolist() for i, r in enumerate(results) if i != 2]  # type: ignore[index]
+    good = [r.record.outputs["y"].tolist() for i, r in enumerate(results) if i != 2]  # type: ignore[union-attr]
     assert good == [[10.0, 20.0], [30.0], [40.0, 40.0]]
 
 
@@ -223,8 +238,8 @@ def test_a_lone_request_runs_in_its_callers_task(tmp_path: Path) -> None:
         async with batcher_for(path, policy) as (batcher, _, executions):
             loop.set_task_factory(counting)
             for i in range(10):
-                (outputs, _) = await batcher.infer({"index": np.array([i % 4], np.int64)}, ["y"])
-                assert outputs["y"].tolist() == [10.0 * (i % 4 + 1)]
+                share = await batcher.infer({"index": np.array([i % 4], np.int64)}, ["y"])
+                assert share.record.outputs["y"].tolist() == [10.0 * (i % 4 + 1)]
             lone_tasks = created
             error: BaseException | None = None
             try:
@@ -258,8 +273,8 @@ def test_a_lone_request_cancelled_before_it_runs_never_runs(tmp_path: Path) -> N
             with pytest.raises(asyncio.CancelledError):
                 await gone
             ran_before = len(executions.compute_ns)
-            (outputs, _) = await batcher.infer(x, ["output"])
-            return ran_before, outputs["output"].shape == (1, 10)
+            share = await batcher.infer(x, ["output"])
+            return ran_before, share.record.outputs["output"].shape == (1, 10)
 
     assert asyncio.run(main()) == (0, True)
 
@@ -276,13 +291,13 @@ def test_overlapping_requests_wait_for_each_other(tmp_path: Path) -> None:
             await asyncio.gather(*(batcher.infer(x, ["output"]) for _ in range(4)))
             assert len(executions.compute_ns) == 1  # submitted together: one run
 
-            async def later(delay: float) -> tuple[dict[str, np.ndarray], int]:
+            async def later(delay: float) -> BatchShare:
                 await asyncio.sleep(delay)
                 return await batcher.infer(x, ["output"])
 
             answers = await asyncio.gather(*(later(0.005 * i) for i in range(4)))
             assert len(executions.compute_ns) == 2
-            return [queue_ns for _, queue_ns in answers]
+            return [a.queue_ns for a in answers]
 
     queued = asyncio.run(main())
     assert queued[0] > 10_000_000 and queued[-1] < queued[0]  # the first waited for the rest

@@ -13,7 +13,7 @@ import sys
 # onnxruntime is what serves; `onnx` (the model-building package) is not needed for that.
 FORBIDDEN = ("torch", "tritonclient", "sklearn", "onnx")
 SERVER_MODULES = ("sparseserve.server.app", "sparseserve.cli", "sparseserve.dataplane",
-                  "sparseserve.models")  # fmt: skip
+                  "sparseserve.registry")  # fmt: skip
 
 
 def run_python(*args: str) -> subprocess.CompletedProcess[str]:

@@ -20,14 +20,14 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from sparseserve.backends.base import Backend, ModelFiles
+from sparseserve.backends.base import Backend, ExecutionRecord, ModelFiles
 from sparseserve.backends.dispatch import Dispatcher, DispatchingBackend
 from sparseserve.backends.hardware import probe_hardware
 from sparseserve.backends.onnxruntime import OnnxRuntimeBackend
 from sparseserve.dataplane import DataPlane
 from sparseserve.errors import BackendUnavailable, InvalidInput
-from sparseserve.models import LoadedModel, ModelRegistry
 from sparseserve.observability.metrics import LATENCY_BUCKETS, Metrics
+from sparseserve.registry import LoadedModel, ModelRegistry
 from sparseserve.repository.store import ModelRepository
 from sparseserve.settings import BatchingSettings, Settings
 from sparseserve.testing import onnx_models
@@ -141,7 +141,7 @@ def test_requests_are_counted_by_code_rows_and_histograms(repository: Path) -> N
     request_sum = value(samples, f"{REQUEST}_sum", **LABELS)
     assert 0 < value(samples, f"{COMPUTE}_sum", **LABELS) <= request_sum <= wall
     # ModelStatistics reads the same numbers.
-    stats = model.stats
+    stats = model.stats.total()
     assert (stats.success_count, stats.fail_count, stats.compute_count) == (len(good), bad, 4)
     assert stats.success_ns / 1e9 == pytest.approx(request_sum)
 
@@ -151,7 +151,7 @@ def test_bucket_bounds_include_their_upper_bound(repository: Path) -> None:
 
     async def main() -> list[Sample]:
         async with serving(repository) as served:
-            stats = served.model.stats
+            stats = served.model.stats.part("onnxruntime")
             for request_ns in (100_000, 100_001, 20_000_000_000):
                 stats.record_success(request_ns, rows=1)
             return served.scrape()
@@ -170,7 +170,7 @@ def test_a_scrape_that_races_requests_is_self_consistent(repository: Path) -> No
 
     async def main() -> None:
         async with serving(repository) as served:
-            stats = served.model.stats
+            stats = served.model.stats.part("onnxruntime")
 
             def record() -> None:
                 for i in range(CODES_WHILE_SCRAPING):
@@ -228,7 +228,7 @@ class FlakyTriton(OnnxRuntimeBackend):
 
     async def infer(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
-    ) -> dict[str, np.ndarray]:
+    ) -> ExecutionRecord:
         if self.down:
             raise BackendUnavailable("triton is down")
         return await super().infer(inputs, outputs)
@@ -299,7 +299,7 @@ def test_a_dispatched_model_counts_each_request_for_the_backend_that_served_it(
     assert value(samples, "sparseserve_model_ready", **triton) == 1
     assert value(samples, "sparseserve_model_ready", **fallback) == 0
     # ModelStatistics (Triton's per-model view) counts every request once.
-    total = model.total_stats()
+    total = model.stats.total()
     requests = len(triton_rows) + len(fallback_rows)
     assert (total.success_count, total.fail_count, total.compute_count) == (requests, bad, requests)
     assert total.inference_count == sum(triton_rows) + sum(fallback_rows)

@@ -24,14 +24,14 @@ from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescript
 from tritonclient.grpc import _utils as triton_utils
 from tritonclient.grpc import service_pb2 as triton_service_pb2
 
+from sparseserve.api import service_pb2
 from sparseserve.protocol import grpc_service_pb2, model_config_pb2
 from sparseserve.protocol._pool import POOL
-from sparseserve.v1 import service_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTO_SRC = ROOT / "protos"
 # The v2 protocol (wire-compatible with Triton's) and sparseserve's own API.
-PROTO_PKGS = (Path("sparseserve") / "protocol", Path("sparseserve") / "v1")
+PROTO_PKGS = (Path("sparseserve") / "protocol", Path("sparseserve") / "api")
 
 # The `protos` target in the Makefile post-processes the generated *_pb2.py with this sed
 # script; _apply_pool_rewrite() below is its Python twin. test_makefile_sed_unchanged

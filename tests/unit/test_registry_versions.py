@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sparseserve.errors import ModelLoadError
-from sparseserve.models import ModelRegistry
+from sparseserve.registry import ModelRegistry
 from sparseserve.repository.store import ModelRepository
 from sparseserve.settings import Settings
 from sparseserve.testing import onnx_models

@@ -13,6 +13,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sparseserve.api import service_pb2
 from sparseserve.protocol import grpc_service_pb2
 from sparseserve.server.app import SERVICES
 from sparseserve.server.security import (
@@ -28,7 +29,6 @@ from sparseserve.server.security import (
     ssl_context,
 )
 from sparseserve.settings import GrpcTlsSettings, ProtocolRestriction, RestrictedGroup, Settings
-from sparseserve.v1 import service_pb2
 from tests.tls_certs import TestCA
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +20,7 @@ from sparseserve.codec import Datatype, datatype_of
 from sparseserve.errors import InvalidInput
 
 if TYPE_CHECKING:
-    from sparseserve.observability.metrics import DispatchStats
+    from sparseserve.observability.stats import DispatchStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,14 +121,15 @@ def _describe(specs: Sequence[TensorSpec]) -> str:
     return ", ".join(f"{s.name} {s.datatype.name}{list(s.shape)}" for s in specs)
 
 
-# Who ran the execution that a successful `infer` of a backend with `relays` just
-# returned: set by that backend (and passed on by the batcher), read by its caller.
-# A context variable rather than a second return value, so that the `infer` contract and
-# the hot path of every plain backend stay as they are (a plain backend is always served
-# by itself: `name`). It is race-free under concurrency: awaiting a coroutine runs it in
-# the awaiting task's context, so a value set inside `infer` is seen by the task that
-# awaited it, right after the await, and by no other task.
-SERVED_BY: ContextVar[str] = ContextVar("sparseserve_served_by")
+@dataclass(slots=True)  # not frozen: its __init__ runs once per execution, frozen's is slower
+class ExecutionRecord:
+    """What one backend execution gave and who ran it: `backend` is the name of the
+    backend that actually computed `outputs` (a dispatching backend passes on the record
+    of the one it handed the execution to), `compute_ns` how long that took."""
+
+    outputs: dict[str, np.ndarray]
+    backend: str
+    compute_ns: int
 
 
 class Backend(ABC):
@@ -137,9 +137,6 @@ class Backend(ABC):
 
     name: str = "base"  # the `backend` metric label and ModelConfig.backend
     platform: str = ""  # Triton's platform string, e.g. "onnxruntime_onnx"
-    # True: `infer` hands executions to other backends and sets SERVED_BY to the name of
-    # the one that ran it. False: every execution is served by this backend (`name`).
-    relays: bool = False
 
     @abstractmethod
     async def load(self) -> ModelSignature:
@@ -148,8 +145,9 @@ class Backend(ABC):
     @abstractmethod
     async def infer(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
-    ) -> dict[str, np.ndarray]:
-        """Run the model on validated inputs; return the named outputs in that order."""
+    ) -> ExecutionRecord:
+        """Run the model on validated inputs; return the named outputs in that order,
+        with who ran them and for how long."""
 
     @abstractmethod
     async def unload(self) -> None:

@@ -23,22 +23,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 
 import numpy as np
 
 from sparseserve.backends.base import (
-    SERVED_BY,
     Backend,
+    ExecutionRecord,
     ModelFiles,
     ModelSignature,
     backend_class,
 )
 from sparseserve.backends.hardware import HardwareReport
 from sparseserve.errors import BackendUnavailable, InvalidInput, ModelLoadError, SparseServeError
-from sparseserve.observability.metrics import DispatchStats
+from sparseserve.observability.stats import DispatchStats
 from sparseserve.settings import DispatchPolicy, Settings
 
 log = logging.getLogger(__name__)
@@ -47,9 +46,8 @@ log = logging.getLogger(__name__)
 class DispatchingBackend(Backend):
     """Triton first, onnxruntime behind a circuit breaker (see the module docstring)."""
 
-    name = "triton"  # the route; SERVED_BY says who actually ran each execution
+    name = "triton"  # the route; each execution's record says who actually ran it
     platform = "onnxruntime_onnx"
-    relays = True
 
     def __init__(
         self,
@@ -101,11 +99,11 @@ class DispatchingBackend(Backend):
 
     async def infer(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
-    ) -> dict[str, np.ndarray]:
+    ) -> ExecutionRecord:
+        """The primary's record, or the fallback's: the record names who ran it."""
         if not self.stats.breaker_open:
-            started = time.perf_counter_ns()
             try:
-                results = await self.primary.infer(inputs, outputs)
+                record = await self.primary.infer(inputs, outputs)
             except InvalidInput:
                 raise  # the request's fault: onnxruntime would refuse it too
             except SparseServeError as exc:
@@ -114,19 +112,16 @@ class DispatchingBackend(Backend):
                     raise _unavailable(exc) from exc
             else:
                 self._failures = 0
-                self.stats.record(self.primary.name, time.perf_counter_ns() - started)
-                SERVED_BY.set(self.primary.name)
-                return results
+                self.stats.count(record.backend)
+                return record
         if self.fallback is None:
             raise BackendUnavailable(
                 f"{self.primary.name} is unavailable (circuit open) and fallback is off"
             )
-        started = time.perf_counter_ns()
-        results = await self.fallback.infer(inputs, outputs)
-        self.stats.record(self.fallback.name, time.perf_counter_ns() - started)
+        record = await self.fallback.infer(inputs, outputs)
+        self.stats.count(record.backend)
         self.stats.fallbacks += 1
-        SERVED_BY.set(self.fallback.name)
-        return results
+        return record
 
     def _failed(self, error: SparseServeError) -> None:
         self._failures += 1

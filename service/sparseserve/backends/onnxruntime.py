@@ -21,7 +21,13 @@ import numpy as np
 import onnxruntime as ort
 
 from sparseserve import protowire
-from sparseserve.backends.base import Backend, ModelFiles, ModelSignature, TensorSpec
+from sparseserve.backends.base import (
+    Backend,
+    ExecutionRecord,
+    ModelFiles,
+    ModelSignature,
+    TensorSpec,
+)
 from sparseserve.codec import BY_ONNX, BYTES
 from sparseserve.errors import InferenceFailed, InvalidInput, ModelLoadError
 from sparseserve.settings import GraphOptimization, OnnxRuntimeSettings
@@ -98,12 +104,13 @@ class OnnxRuntimeBackend(Backend):
 
     async def infer(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
-    ) -> dict[str, np.ndarray]:
+    ) -> ExecutionRecord:
         session = self._session
         if session is None:
             raise InferenceFailed(f"model {self._files.name!r} is not loaded")
         feeds = dict(inputs)
         names = list(outputs)
+        started = time.perf_counter_ns()
         try:
             if (
                 self._us_per_element * _elements(feeds) <= self._settings.inline_max_us
@@ -129,7 +136,9 @@ class OnnxRuntimeBackend(Backend):
                     f"model {self._files.name!r} cannot run on these input shapes: {message}"
                 ) from exc
             raise InferenceFailed(f"model {self._files.name!r} failed: {message}") from exc
-        return dict(zip(names, results, strict=True))
+        return ExecutionRecord(
+            dict(zip(names, results, strict=True)), self.name, time.perf_counter_ns() - started
+        )
 
     def _find_unknown_ranks(
         self, session: ort.InferenceSession, signature: ModelSignature

@@ -11,6 +11,7 @@ NOT_FOUND -> `ModelNotReady`; anything else -> `InferenceFailed`.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
@@ -18,7 +19,13 @@ import numpy as np
 import tritonclient.grpc.aio as triton
 from tritonclient.utils import InferenceServerException
 
-from sparseserve.backends.base import Backend, ModelFiles, ModelSignature, TensorSpec
+from sparseserve.backends.base import (
+    Backend,
+    ExecutionRecord,
+    ModelFiles,
+    ModelSignature,
+    TensorSpec,
+)
 from sparseserve.codec import BY_NAME, datatype_of
 from sparseserve.errors import (
     BackendUnavailable,
@@ -153,7 +160,8 @@ class TritonBackend(Backend):
 
     async def infer(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
-    ) -> dict[str, np.ndarray]:
+    ) -> ExecutionRecord:
+        started = time.perf_counter_ns()
         tensors = []
         for name, array in inputs.items():
             datatype = "BYTES" if array.dtype == np.object_ else datatype_of(array).name
@@ -177,7 +185,8 @@ class TritonBackend(Backend):
             except BackendUnavailable:
                 if attempt + 1 == attempts:
                     raise
-        return {name: result.as_numpy(name) for name in outputs}
+        outputs_by_name = {name: result.as_numpy(name) for name in outputs}
+        return ExecutionRecord(outputs_by_name, self.name, time.perf_counter_ns() - started)
 
     async def unload(self) -> None:
         """Close the connection. The model stays loaded on Triton: other sparseserve

@@ -21,9 +21,9 @@ import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
+from sparseserve.client.health_check import ClientTls
 from sparseserve.codec import datatype
 from sparseserve.repository.eval_data import EvalData
-from sparseserve.server.health_check import ClientTls
 
 MAX_CONCURRENCY = 256
 MAX_DURATION_SECONDS = 3600.0

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sparseserve.client.health_check import ClientTls
 from sparseserve.compare import figures as f
 from sparseserve.compare.loadgen import (
     MAX_PROBE_ROWS,
@@ -43,7 +44,6 @@ from sparseserve.repository.eval_data import (
     read_eval_data,
 )
 from sparseserve.repository.manifest import MANIFEST_FILENAME, ManifestError, VariantManifest
-from sparseserve.server.health_check import ClientTls
 
 
 class CompareError(ValueError):
@@ -401,7 +401,7 @@ def run_and_report(
         target = Target(url, metrics_url, repository, tls, headers)
         comparison = compare(target, family, settings, baseline, data, progress)
     elif repository is not None:
-        from sparseserve.server.process import ServerProcess
+        from sparseserve.client.server_process import ServerProcess
 
         with ServerProcess(repository.resolve(), "--log-level", "WARNING") as server:
             target = Target(server.grpc_url, server.metrics_url, repository)

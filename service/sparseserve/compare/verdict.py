@@ -22,10 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # figures holds a SpeedEstimate: import it only for the types
-    from sparseserve.compare.figures import VariantFigures
+from typing import Protocol
 
 SERVER_MEAN = "server-side mean"
 CLIENT_P50 = "client p50"
@@ -117,7 +114,30 @@ def ratio_words(ratio: float | None, better: str, worse: str, same: str) -> str 
 RANDOM_CAVEAT = "on random inputs: not a quality measure"
 
 
-def verdict(figures: VariantFigures, baseline: str, random_data: bool) -> str:
+class _Value(Protocol):
+    @property
+    def value(self) -> float | None: ...
+
+
+class VerdictFigures(Protocol):
+    """What a verdict reads of a variant's figures (`figures.VariantFigures`, which holds
+    a SpeedEstimate: a protocol here keeps the two modules from importing each other)."""
+
+    @property
+    def is_baseline(self) -> bool: ...
+    @property
+    def speed(self) -> SpeedEstimate | None: ...
+    @property
+    def size_ratio(self) -> float | None: ...
+    @property
+    def memory_ratio(self) -> float | None: ...
+    @property
+    def memory_resolved(self) -> bool: ...
+    @property
+    def agreement(self) -> _Value: ...
+
+
+def verdict(figures: VerdictFigures, baseline: str, random_data: bool) -> str:
     """One plain sentence: "2.3x faster (server-side mean), 4.0x smaller, 99.4%
     agreement"; agreement on random rows says that it is not a quality measure."""
     if figures.is_baseline:

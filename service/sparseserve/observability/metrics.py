@@ -5,21 +5,18 @@ average batch size is `inferences / executions`. Histograms, not summaries: they
 aggregate across replicas.
 
 The request path does not touch prometheus_client: each loaded model version counts in
-plain ints (`LatencyHistogram` here, `InferenceStats` in `sparseserve.models`), which
-costs a few additions per request instead of a lock per update, and `ModelCollector`
-turns those numbers into the per-model series when the endpoint is scraped.
+plain ints (`observability.stats`: the bottom layer), which costs a few additions per
+request instead of a lock per update, and `ModelCollector` turns those numbers into the
+per-model series when the endpoint is scraped. This is the top layer: it reads the
+registry, and nothing below the server imports it.
 """
 
 from __future__ import annotations
 
-import time
-from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
-import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -31,134 +28,21 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
+from sparseserve.observability.stats import (
+    LATENCY_BUCKETS,
+    LatencyHistogram,
+    ShadowKey,
+    ShadowStats,
+    ValueHistogram,
+)
+
 if TYPE_CHECKING:
     from sparseserve.backends.hardware import HardwareReport
-    from sparseserve.models import LoadedModel, ModelRegistry
+    from sparseserve.registry import LoadedModel, ModelRegistry
 
 LABELS = ("model", "version", "family", "variant", "backend")
-# Latency buckets from 100 µs (tiny models on CPU) to 10 s (large models under load).
-LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
-# The same bounds in integer nanoseconds, so that recording needs no float arithmetic.
-_BOUNDS_NS = tuple(round(bound * 1e9) for bound in LATENCY_BUCKETS)
 # The `le` label of each bucket, written as prometheus_client writes it, then +Inf.
 _LE = (*(floatToGoString(bound) for bound in LATENCY_BUCKETS), "+Inf")
-# Rows per execution: powers of two up to 1024 (Triton's largest max_batch_size in use).
-BATCH_SIZE_BUCKETS = tuple(float(2**i) for i in range(11))
-# Shadow comparison: cosine similarity is interesting near 1; differences span decades.
-COSINE_BUCKETS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
-ABS_DIFF_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
-
-
-@dataclass(slots=True)
-class LatencyHistogram:
-    """A histogram over LATENCY_BUCKETS in plain ints, for a single writer thread.
-
-    `counts[i]` counts the observations in bucket `i` alone (not cumulative); the last
-    one is the +Inf bucket."""
-
-    counts: list[int] = field(default_factory=lambda: [0] * len(_LE))
-    sum_ns: int = 0
-
-    def observe(self, ns: int) -> None:
-        """Count one duration of `ns` nanoseconds."""
-        # The first bound >= ns: Prometheus buckets are `le`, upper bounds included.
-        self.counts[bisect_left(_BOUNDS_NS, ns)] += 1
-        self.sum_ns += ns
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    def add(self, other: LatencyHistogram) -> None:
-        """Add `other`'s observations to these (copying its buckets first: its writer
-        may be recording meanwhile)."""
-        counts = other.counts.copy()
-        self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
-        self.sum_ns += other.sum_ns
-
-
-class ValueHistogram:
-    """A histogram over fixed `bounds` (in base units) in plain ints, for one writer
-    thread; the counterpart of `LatencyHistogram` for batch sizes and shadow scores."""
-
-    __slots__ = ("bounds", "counts", "total")
-
-    def __init__(self, bounds: tuple[float, ...]):
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.total += value
-
-    def observe_many(self, values: np.ndarray) -> None:
-        """Count every value of `values`."""
-        if values.size <= 16:  # a few rows: plain bisect beats numpy's call overhead
-            for item in values.tolist():
-                self.observe(item)
-            return
-        found = np.bincount(
-            np.searchsorted(self.bounds, values, side="left"), minlength=len(self.counts)
-        )
-        self.counts = [a + int(b) for a, b in zip(self.counts, found, strict=True)]
-        self.total += float(values.sum())
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    def add(self, other: ValueHistogram) -> None:
-        counts = other.counts.copy()
-        self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
-        self.total += other.total
-
-
-def batch_size_histogram() -> ValueHistogram:
-    return ValueHistogram(BATCH_SIZE_BUCKETS)
-
-
-@dataclass(slots=True)
-class ModelFootprint:
-    """What one loaded version costs, measured once at load (see `observability.memory`)."""
-
-    file_bytes: int = 0  # the version's files on disk
-    memory_bytes: int = 0  # resident memory growth across load and warm-up
-
-
-SHADOW_OUTCOMES = ("compared", "error", "dropped")
-
-
-@dataclass(slots=True)
-class ShadowStats:
-    """One (family, variant, baseline) comparison: shadow runs and how the outputs agree.
-    Written on the event loop by the shadow runner, read at scrape time."""
-
-    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SHADOW_OUTCOMES, 0))
-    compared_rows: int = 0
-    top1_agreements: int | None = None  # None: not a classifier, no top-1 series
-    cosine: ValueHistogram = field(default_factory=lambda: ValueHistogram(COSINE_BUCKETS))
-    max_abs_diff: ValueHistogram = field(default_factory=lambda: ValueHistogram(ABS_DIFF_BUCKETS))
-    created: float = field(default_factory=time.time)
-
-
-@dataclass(slots=True)
-class DispatchStats:
-    """Who really ran the executions of a model dispatched to Triton, written by its
-    `DispatchingBackend` on the event loop and read at scrape time like `InferenceStats`."""
-
-    compute: dict[str, LatencyHistogram] = field(default_factory=dict)  # by backend name
-    fallbacks: int = 0  # executions onnxruntime ran because Triton failed or was open
-    breaker_open: bool = False
-
-    def record(self, backend: str, compute_ns: int) -> None:
-        histogram = self.compute.get(backend)
-        if histogram is None:
-            histogram = self.compute[backend] = LatencyHistogram()
-        histogram.observe(compute_ns)
 
 
 class Metrics:
@@ -371,8 +255,9 @@ class _ModelFamilies:
         labels = (model.name, model.version_label, model.family, model.variant, model.backend.name)
         # The request series: one set per backend that served requests (a dispatched
         # model's fallbacks count under backend="onnxruntime"; its failures under the
-        # route). `served` is replaced, never changed, so reading it needs no copy.
-        for backend, stats in model.served.items():
+        # route). `parts` is replaced, never changed, so reading it needs no copy.
+        parts = model.stats.parts
+        for backend, stats in parts.items():
             served = (*labels[:-1], backend)
             created = stats.created
             _add_latency(self.request_duration, served, stats.request_duration, created)
@@ -389,9 +274,9 @@ class _ModelFamilies:
         self._add_footprint(model, labels)
         dispatch = model.backend.dispatch_stats()
         if dispatch is not None:
-            for backend, histogram in dispatch.compute.copy().items():
+            for backend, count in dispatch.executions.copy().items():
                 actual = (*labels[:-1], backend)
-                self.backend_executions.add_metric(actual, histogram.count, created=created)
+                self.backend_executions.add_metric(actual, count, created=created)
             self.fallbacks.add_metric(labels, dispatch.fallbacks, created=created)
             self.circuit_open.add_metric(labels, 1 if dispatch.breaker_open else 0)
 
@@ -431,7 +316,6 @@ class _ModelFamilies:
             self.backend_up.add_metric(("triton",), 0 if all(breakers) else 1)
 
 
-ShadowKey = tuple[str, str, str]  # (family, variant, baseline)
 SHADOW_LABELS = ("family", "variant", "baseline")
 
 

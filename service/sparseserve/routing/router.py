@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 
 from sparseserve.errors import ModelNotFound, ModelNotReady
-from sparseserve.models import LoadedModel, ModelRegistry
+from sparseserve.registry import LoadedModel, ModelRegistry
 from sparseserve.routing.traffic import FamilyPolicy, PolicyFile, PolicyState
 
 

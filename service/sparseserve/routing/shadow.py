@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparseserve.errors import InvalidInput, ModelNotReady
-from sparseserve.models import LoadedModel, ModelRegistry
-from sparseserve.observability.metrics import ShadowKey, ShadowStats
+from sparseserve.observability.stats import ShadowKey, ShadowStats
+from sparseserve.registry import LoadedModel, ModelRegistry
 from sparseserve.repository.manifest import Task
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class ShadowRunner:
                 raise InvalidInput(
                     f"{name!r} has none of the outputs {list(job.outputs)} to compare"
                 )
-            results = await shadow.backend.infer(job.inputs, common)
+            results = (await shadow.backend.infer(job.inputs, common)).outputs
             comparison = compare(job.outputs, results, _is_classifier(job.primary, shadow))
         except asyncio.CancelledError:
             raise

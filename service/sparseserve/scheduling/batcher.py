@@ -46,12 +46,12 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from sparseserve.backends.base import SERVED_BY, Backend, ModelSignature
+from sparseserve.backends.base import Backend, ExecutionRecord, ModelSignature
 from sparseserve.errors import (
     InferenceFailed,
     InvalidInput,
@@ -68,6 +68,19 @@ log = logging.getLogger(__name__)
 HISTORY = 8
 
 Outputs = dict[str, np.ndarray]
+
+
+@dataclass(slots=True)  # not frozen: one per request, frozen's __init__ is slower
+class BatchShare:
+    """One request's share of the execution that ran it. `record.outputs` are the
+    request's own rows; `record.backend` and `record.compute_ns` are the execution's.
+    Exactly one request of each execution `counts_execution`, so that the caller that
+    records its stats counts the execution once (with `execution_rows`)."""
+
+    record: ExecutionRecord
+    queue_ns: int  # how long the request waited before its execution started
+    execution_rows: int  # rows of the whole execution (the batch size)
+    counts_execution: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +161,7 @@ class _Request:
     outputs: Sequence[str]
     rows: int
     enqueued_ns: int
-    served_by: str | None = None  # who ran it, for a backend that `relays`
-    future: asyncio.Future[tuple[Outputs, int]] = field(
+    future: asyncio.Future[BatchShare] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
@@ -160,19 +172,10 @@ class DynamicBatcher:
     Everything here runs on the event loop; the backend call of a batch takes the
     backend's normal path (inline when short, thread pool otherwise)."""
 
-    def __init__(
-        self,
-        name: str,
-        backend: Backend,
-        policy: BatchingPolicy,
-        on_execution: Callable[[int, int], None],
-    ):
-        """`on_execution(compute_ns, rows)` is called once per successful backend execution, in
-        the task that ran it (so SERVED_BY says who ran it, for a backend that relays)."""
+    def __init__(self, name: str, backend: Backend, policy: BatchingPolicy):
         self.name = name
         self.backend = backend
         self.policy = policy
-        self._on_execution = on_execution
         self._queue: deque[_Request] = deque()
         self._queued_rows = 0
         self._running: set[asyncio.Task[None]] = set()
@@ -180,10 +183,8 @@ class DynamicBatcher:
         self._recent: deque[int] = deque([1], maxlen=HISTORY)  # requests per recent batch
         self._delay_ns = policy.max_queue_delay_us * 1000
 
-    async def infer(
-        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
-    ) -> tuple[Outputs, int]:
-        """Run validated `inputs` in some batch; return its outputs and the ns it queued."""
+    async def infer(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> BatchShare:
+        """Run validated `inputs` in some batch; return the request's share of it."""
         limit = self.policy.max_queue_size
         if limit and len(self._queue) >= limit:
             raise Overloaded(
@@ -200,10 +201,8 @@ class DynamicBatcher:
             assert task is not None
             self._running.add(task)
             try:
-                started = time.perf_counter_ns()
-                results = await self.backend.infer(inputs, outputs)
-                self._on_execution(time.perf_counter_ns() - started, rows)
-                return results, 0  # it never queued
+                record = await self.backend.infer(inputs, outputs)
+                return BatchShare(record, 0, rows, counts_execution=True)  # it never queued
             finally:
                 self._running.discard(task)
                 if self._queue:
@@ -218,20 +217,16 @@ class DynamicBatcher:
         self._schedule()
         return await self._answer(request)
 
-    async def _answer(self, request: _Request) -> tuple[Outputs, int]:
+    async def _answer(self, request: _Request) -> BatchShare:
         """Wait for the batch task that runs `request` to answer it."""
         try:
-            result = await request.future
+            return await request.future
         except asyncio.CancelledError:
             # The caller is gone: if the request still waits, it must not run.
             if request in self._queue:
                 self._queue.remove(request)
                 self._queued_rows -= request.rows
             raise
-        if request.served_by is not None:
-            # The batch ran in another task: tell our caller who served it (see SERVED_BY).
-            SERVED_BY.set(request.served_by)
-        return result
 
     def _rows(self, inputs: Mapping[str, np.ndarray]) -> int:
         """Rows of a request: the leading dimension, which all its inputs must share."""
@@ -318,7 +313,7 @@ class DynamicBatcher:
         """Run `batch` and answer each of its requests; if it fails, retry each half."""
         started = time.perf_counter_ns()
         try:
-            results = await self._run(batch)
+            record, results = await self._run(batch)
         except SparseServeError as exc:
             if len(batch) == 1:
                 _fail(batch[0], exc)
@@ -334,15 +329,25 @@ class DynamicBatcher:
             for request in batch:
                 _fail(request, InferenceFailed(f"batch execution failed: {exc!r}"))
             raise
-        # Read in this task right after its execution: its own value (see SERVED_BY).
-        served_by = SERVED_BY.get(None) if self.backend.relays else None
+        rows = sum(r.rows for r in batch)
+        counted = False  # the first caller still waiting counts the execution
         for request, outputs in zip(batch, results, strict=True):
             if not request.future.done():
-                request.served_by = served_by
-                request.future.set_result((outputs, started - request.enqueued_ns))
+                own = record
+                if outputs is not record.outputs:  # a batch of several: its own rows
+                    own = ExecutionRecord(outputs, record.backend, record.compute_ns)
+                share = BatchShare(
+                    own,
+                    queue_ns=started - request.enqueued_ns,
+                    execution_rows=rows,
+                    counts_execution=not counted,
+                )
+                counted = True
+                request.future.set_result(share)
 
-    async def _run(self, batch: list[_Request]) -> list[Outputs]:
-        """One backend execution for `batch`; each request's own rows of the outputs."""
+    async def _run(self, batch: list[_Request]) -> tuple[ExecutionRecord, list[Outputs]]:
+        """One backend execution for `batch`: its record, and each request's own rows of
+        the outputs."""
         first = batch[0]
         if len(batch) == 1:
             inputs = first.inputs
@@ -351,11 +356,10 @@ class DynamicBatcher:
                 name: np.concatenate([r.inputs[name] for r in batch]) for name in first.inputs
             }
         total = sum(r.rows for r in batch)
-        compute_started = time.perf_counter_ns()
-        outputs = await self.backend.infer(inputs, first.outputs)
-        self._on_execution(time.perf_counter_ns() - compute_started, total)
+        record = await self.backend.infer(inputs, first.outputs)
+        outputs = record.outputs
         if len(batch) == 1:
-            return [outputs]
+            return record, [outputs]
         for name, array in outputs.items():
             if array.ndim == 0 or array.shape[0] != total:
                 raise InferenceFailed(
@@ -364,7 +368,7 @@ class DynamicBatcher:
                     "dynamic batching for it"
                 )
         bounds = list(itertools.accumulate(r.rows for r in batch))
-        return [
+        return record, [
             {name: array[stop - r.rows : stop] for name, array in outputs.items()}
             for r, stop in zip(batch, bounds, strict=True)
         ]

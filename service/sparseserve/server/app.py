@@ -27,14 +27,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from sparseserve.api import service_pb2, service_pb2_grpc
 from sparseserve.backends.dispatch import Dispatcher
 from sparseserve.backends.hardware import probe_hardware
+from sparseserve.controlplane import ControlPlane
 from sparseserve.dataplane import DataPlane
 from sparseserve.errors import ModelNotFound, SparseServeError, StartupError
-from sparseserve.models import ModelRegistry
 from sparseserve.observability.metrics import Metrics
 from sparseserve.protocol import grpc_service_pb2, grpc_service_pb2_grpc
 from sparseserve.protocol._pool import POOL
+from sparseserve.registry import ModelRegistry
 from sparseserve.repository.store import ModelRepository
 from sparseserve.routing.router import Router
 from sparseserve.routing.shadow import ShadowRunner
@@ -53,7 +55,6 @@ from sparseserve.server.security import (
 from sparseserve.server.v2_servicer import V2Servicer
 from sparseserve.server.wire import RequestBytesBudget
 from sparseserve.settings import GrpcTlsSettings, ModelControl, Settings
-from sparseserve.v1 import service_pb2, service_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +111,8 @@ class SparseServeServer:
         )
         self.request_budget = RequestBytesBudget(settings.max_inflight_request_bytes)
         self._health = health.aio.HealthServicer()
-        self._v2 = V2Servicer(
-            self.dataplane, self.registry, lambda: self._ready, settings.max_bytes_elements
-        )
+        self.control = ControlPlane(self.registry, self.router, lambda: self._ready)
+        self._v2 = V2Servicer(self.dataplane, self.control, settings.max_bytes_elements)
         self._drain = Drain()
         self._server: grpc.aio.Server | None = None
         self._http_server: HttpServer | None = None
@@ -169,7 +169,7 @@ class SparseServeServer:
         )
         add_mapping_errors(
             service_pb2_grpc.add_SparseServeServicer_to_server,
-            PredictServicer(self.dataplane, self.registry, self.router),
+            PredictServicer(self.dataplane, self.control),
             restricted,
             self._drain,
         )

@@ -7,8 +7,10 @@ loop it is started on (uvicorn wants to own the loop or run a `Server` task besi
 plus an ASGI layer per request), and tritonclient.http's aio client is built on it too.
 
 Metadata, config, statistics and repository calls go through `V2Servicer` itself, with
-its protobuf requests, and its answers are written as JSON: the two protocols cannot
-drift, and a family name works wherever it works over gRPC. Errors are the domain errors
+its protobuf requests (it converts them and calls the `ControlPlane`), and its answers
+are written as JSON: the REST bodies are the v2 messages in JSON form, so one encoder
+serves both protocols, they cannot drift, and a family name works wherever it works
+over gRPC. Errors are the domain errors
 mapped by `sparseserve.server.errors` (the gRPC status table, then `HTTP_STATUS`), with a
 JSON body `{"error": "..."}`, as Triton answers them.
 
@@ -220,7 +222,7 @@ class HttpServer:
     async def model_ready(self, request: web.Request) -> web.Response:
         name, version = _model(request)
         try:
-            self._dataplane.model(name, version)
+            self._servicer.control.model(name, version)
         except SparseServeError as exc:
             return error_response(400, str(exc))
         return web.Response(status=200)

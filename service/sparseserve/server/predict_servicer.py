@@ -2,7 +2,8 @@
 
 A thin adapter like the v2 servicer: Predict decodes named tensors, calls the same
 DataPlane (routing, validation, metrics, shadow sampling) and encodes the answer with
-the variant that gave it; errors are raised and mapped by the same interceptor.
+the variant that gave it; ListVariants and GetTrafficPolicy encode what the ControlPlane
+answers. Errors are raised and mapped by the same interceptor.
 """
 
 from __future__ import annotations
@@ -13,20 +14,18 @@ from functools import partial
 import numpy as np
 
 from sparseserve import codec
+from sparseserve.api import service_pb2 as pb
+from sparseserve.api import service_pb2_grpc as pb_grpc
+from sparseserve.controlplane import ControlPlane, VariantStatus
 from sparseserve.dataplane import DataPlane
-from sparseserve.errors import ModelNotFound, SparseServeError
-from sparseserve.models import IndexEntry, LoadedModel, ModelRegistry, ModelState
 from sparseserve.repository.manifest import VariantManifest
-from sparseserve.routing.router import Family, Router
-from sparseserve.v1 import service_pb2 as pb
-from sparseserve.v1 import service_pb2_grpc as pb_grpc
+from sparseserve.routing.router import Family
 
 
 class PredictServicer(pb_grpc.SparseServeServicer):
-    def __init__(self, dataplane: DataPlane, registry: ModelRegistry, router: Router):
+    def __init__(self, dataplane: DataPlane, control: ControlPlane):
         self._dataplane = dataplane
-        self._registry = registry
-        self._router = router
+        self._control = control
 
     async def Predict(self, request, context):
         answer = await self._dataplane.infer(
@@ -54,67 +53,18 @@ class PredictServicer(pb_grpc.SparseServeServicer):
         return response
 
     async def ListVariants(self, request, context):
-        variants = [self._variant(name, rows) for name, rows in _by_model(self._registry.index())]
-        if request.family:
-            families = sorted({v.family for v in variants})
-            if request.family not in families:
-                raise ModelNotFound(
-                    f"unknown family {request.family!r}; families: {', '.join(families) or 'none'}"
-                )
-            variants = [v for v in variants if v.family == request.family]
-        return pb.ListVariantsResponse(variants=variants)
-
-    def _variant(self, name: str, rows: list[IndexEntry]) -> pb.Variant:
-        ready = [row.version for row in rows if row.state is ModelState.READY]
-        states = {row.state for row in rows}
-        state = (
-            ModelState.READY if ready
-            else ModelState.LOADING if ModelState.LOADING in states
-            else ModelState.UNAVAILABLE
-        )  # fmt: skip
-        variant = pb.Variant(
-            model=name,
-            state=state.value,
-            reason="; ".join(r.reason for r in rows if r.reason),
-            ready_versions=ready,
-        )
-        model: LoadedModel | None = None
-        if ready:
-            model = self._registry.get(name)
-            manifest = model.manifest
-            variant.backend = model.backend.name
-            variant.file_bytes = model.footprint.file_bytes
-            variant.memory_bytes = model.footprint.memory_bytes
-            variant.inflight_requests = model.inflight
-        else:
-            manifest = self._manifest_on_disk(name, variant)
-        _describe(variant, name, manifest)
-        return variant
-
-    def _manifest_on_disk(self, name: str, variant: pb.Variant) -> VariantManifest | None:
-        """A model that does not serve: what its manifest says, if it can be read."""
-        try:
-            return self._registry.repository.read(name).manifest
-        except SparseServeError as exc:
-            if not variant.reason:
-                variant.reason = str(exc)
-            return None
+        variants = self._control.variants(request.family)
+        return pb.ListVariantsResponse(variants=[_variant(v) for v in variants])
 
     async def GetTrafficPolicy(self, request, context):
-        state = self._router.policy.state
-        families = self._router.families()
-        if request.family and request.family not in families:
-            raise ModelNotFound(
-                f"unknown family {request.family!r}; families: "
-                f"{', '.join(sorted(families)) or 'none'}"
-            )
-        names = [request.family] if request.family else sorted(families)
+        policy = self._control.traffic_policy(request.family)
+        state = policy.state
         return pb.GetTrafficPolicyResponse(
             source=str(state.source) if state.source else "",
             loaded_at=state.loaded_at,
             error=state.error,
             policy_yaml=state.policy.to_yaml(),
-            families=[_family_route(families[name]) for name in names],
+            families=[_family_route(family) for family in policy.families],
         )
 
 
@@ -129,11 +79,21 @@ def decode_tensors(tensors: Mapping[str, pb.Tensor]) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _by_model(rows: list[IndexEntry]) -> list[tuple[str, list[IndexEntry]]]:
-    grouped: dict[str, list[IndexEntry]] = {}
-    for row in rows:
-        grouped.setdefault(row.name, []).append(row)
-    return list(grouped.items())
+def _variant(status: VariantStatus) -> pb.Variant:
+    variant = pb.Variant(
+        model=status.name,
+        state=status.state.value,
+        reason=status.reason,
+        ready_versions=status.ready_versions,
+    )
+    model = status.model
+    if model is not None:
+        variant.backend = model.backend.name
+        variant.file_bytes = model.footprint.file_bytes
+        variant.memory_bytes = model.footprint.memory_bytes
+        variant.inflight_requests = model.inflight
+    _describe(variant, status.name, status.manifest)
+    return variant
 
 
 def _describe(variant: pb.Variant, name: str, manifest: VariantManifest | None) -> None:

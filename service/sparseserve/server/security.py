@@ -33,9 +33,9 @@ from typing import Any
 
 import grpc
 
+from sparseserve.client.health_check import ClientTls
 from sparseserve.errors import ProtocolRestricted
 from sparseserve.server.errors import grpc_status
-from sparseserve.server.health_check import ClientTls
 from sparseserve.server.wire import release
 from sparseserve.settings import GrpcTlsSettings, ProtocolRestriction, RestrictedGroup, Settings
 

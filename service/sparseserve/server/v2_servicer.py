@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from functools import partial
 
 import numpy as np
@@ -20,12 +20,13 @@ import numpy as np
 from sparseserve import __version__, codec
 from sparseserve.backends.base import TensorSpec
 from sparseserve.backends.triton_export import describe_tensors
+from sparseserve.controlplane import ControlPlane
 from sparseserve.dataplane import Answer, DataPlane
 from sparseserve.errors import InvalidInput, SparseServeError
-from sparseserve.models import LoadedModel, ModelRegistry
 from sparseserve.protocol import grpc_service_pb2 as pb
 from sparseserve.protocol import grpc_service_pb2_grpc as pb_grpc
 from sparseserve.protocol import model_config_pb2 as mc
+from sparseserve.registry import LoadedModel
 from sparseserve.server.wire import InferRequestMessage, RefusedMessage, release
 
 log = logging.getLogger(__name__)
@@ -47,16 +48,17 @@ StreamPending = tuple[object, "asyncio.Future[StreamAnswer]"]
 
 
 class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
+    """Inference goes to the DataPlane; everything else to the ControlPlane (`control`,
+    which the REST adapter shares)."""
+
     def __init__(
         self,
         dataplane: DataPlane,
-        registry: ModelRegistry,
-        is_ready: Callable[[], bool],
+        control: ControlPlane,
         max_bytes_elements: int = codec.DEFAULT_MAX_BYTES_ELEMENTS,
     ):
         self._dataplane = dataplane
-        self._registry = registry
-        self._is_ready = is_ready
+        self.control = control
         self._max_bytes_elements = max_bytes_elements
 
     # -- health and metadata ----------------------------------------------------------
@@ -65,14 +67,10 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self._is_ready())
+        return pb.ServerReadyResponse(ready=self.control.server_ready())
 
     async def ModelReady(self, request, context):
-        try:
-            self._dataplane.model(request.name, request.version)
-        except SparseServeError:
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=True)
+        return pb.ModelReadyResponse(ready=self.control.model_ready(request.name, request.version))
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(
@@ -80,32 +78,22 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelMetadata(self, request, context):
-        model = self._dataplane.model(request.name, request.version)
+        model = self.control.model(request.name, request.version)
         signature = model.signature
         return pb.ModelMetadataResponse(
             name=model.name,
-            versions=[str(v) for v in self._registry.versions(model.name)],
+            versions=[str(v) for v in self.control.versions(model.name)],
             platform=model.backend.platform,
             inputs=[_tensor_metadata(s) for s in signature.inputs],
             outputs=[_tensor_metadata(s) for s in signature.outputs],
         )
 
     async def ModelConfig(self, request, context):
-        model = self._dataplane.model(request.name, request.version)
+        model = self.control.model(request.name, request.version)
         return pb.ModelConfigResponse(config=_model_config(model))
 
     async def ModelStatistics(self, request, context):
-        # A family name (that is no model name) stands for all its loaded variants.
-        by_family = bool(request.name) and not self._registry.has_model(request.name)
-        models = [
-            m
-            for m in self._registry.loaded()
-            if (not request.name or (m.family if by_family else m.name) == request.name)
-            and (not request.version or m.version_label == request.version)
-        ]
-        if request.name and not models:
-            self._dataplane.model(request.name, request.version)  # raises the precise error
-        models.sort(key=lambda m: (m.name, m.version))
+        models = self.control.statistics(request.name, request.version)
         return pb.ModelStatisticsResponse(model_stats=[_statistics(m) for m in models])
 
     # -- inference --------------------------------------------------------------------
@@ -189,9 +177,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- repository -------------------------------------------------------------------
 
     async def RepositoryIndex(self, request, context):
-        rows = self._registry.index()
-        if request.ready:
-            rows = [r for r in rows if r.state == "READY"]
+        rows = self.control.index(ready_only=request.ready)
         return pb.RepositoryIndexResponse(
             models=[
                 pb.RepositoryIndexResponse.ModelIndex(
@@ -203,14 +189,12 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryModelLoad(self, request, context):
         _no_repository_parameters(request)
-        self._registry.check_explicit_control()
-        await self._registry.load(request.model_name)
+        await self.control.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
         _no_repository_parameters(request)
-        self._registry.check_explicit_control()
-        await self._registry.unload(request.model_name)
+        await self.control.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
 
@@ -258,7 +242,7 @@ def _model_config(model: LoadedModel) -> mc.ModelConfig:
 
 
 def _statistics(model: LoadedModel) -> pb.ModelStatistics:
-    s = model.total_stats()
+    s = model.stats.total()
     duration = pb.StatisticDuration
     return pb.ModelStatistics(
         name=model.name,

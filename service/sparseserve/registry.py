@@ -18,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from sparseserve.backends.base import SERVED_BY, Backend, ModelFiles, ModelSignature
+import numpy as np
+
+from sparseserve.backends.base import Backend, ExecutionRecord, ModelFiles, ModelSignature
 from sparseserve.backends.dispatch import Dispatcher
 from sparseserve.backends.hardware import probe_hardware
 from sparseserve.errors import (
@@ -31,21 +33,21 @@ from sparseserve.errors import (
     ModelNotFound,
     ModelNotReady,
     OperationNotAllowed,
+    Overloaded,
     SparseServeError,
+    status_of,
 )
 from sparseserve.observability.memory import ResidentGrowth, directory_bytes
-from sparseserve.observability.metrics import (
-    LatencyHistogram,
-    ModelFootprint,
-    ValueHistogram,
-    batch_size_histogram,
-)
+from sparseserve.observability.stats import ModelFootprint, ModelStats
 from sparseserve.repository.manifest import VariantManifest
 from sparseserve.repository.store import Fingerprint, ModelRepository, ModelSource
 from sparseserve.scheduling.batcher import BatchingPolicy, DynamicBatcher
 from sparseserve.settings import ModelControl, Settings
 
 log = logging.getLogger(__name__)
+
+# Runs a decoding function elsewhere (the data plane's codec thread) and returns its result.
+Offload = Callable[[Callable[[], Mapping[str, np.ndarray]]], Awaitable[Mapping[str, np.ndarray]]]
 
 
 class ModelState(StrEnum):
@@ -57,103 +59,11 @@ class ModelState(StrEnum):
     UNAVAILABLE = "UNAVAILABLE"
 
 
-@dataclass(slots=True)
-class InferenceStats:
-    """What one loaded model version has served: the numbers behind ModelStatistics
-    (Triton's names; durations in nanoseconds) and behind its Prometheus series.
-
-    Plain ints, written on the event loop only, so recording a request takes no lock;
-    the metrics thread reads them when scraped (see `ModelCollector`)."""
-
-    codes: dict[str, int] = field(default_factory=dict)  # requests, by status code name
-    request_duration: LatencyHistogram = field(default_factory=LatencyHistogram)  # successes
-    queue_duration: LatencyHistogram = field(default_factory=LatencyHistogram)  # batched ones
-    compute_duration: LatencyHistogram = field(default_factory=LatencyHistogram)  # executions
-    batch_size: ValueHistogram = field(default_factory=batch_size_histogram)  # executions
-    fail_ns: int = 0
-    inference_count: int = 0
-    execution_count: int = 0
-    last_inference_ms: int = 0
-    created: float = field(default_factory=time.time)  # when counting began (Unix time)
-
-    def record_success(self, request_ns: int, rows: int, queue_ns: int | None = None) -> None:
-        """One request answered with `rows` samples; `queue_ns`: how long it waited for
-        its batch (None: the model is not batched)."""
-        self.codes["OK"] = self.codes.get("OK", 0) + 1
-        self.request_duration.observe(request_ns)
-        if queue_ns is not None:
-            self.queue_duration.observe(queue_ns)
-        self.inference_count += rows
-        self.last_inference_ms = time.time_ns() // 1_000_000
-
-    def record_execution(self, compute_ns: int, rows: int) -> None:
-        """One successful backend execution of `rows` samples, of one request or of a
-        batch of them."""
-        self.compute_duration.observe(compute_ns)
-        self.batch_size.observe(rows)
-        self.execution_count += 1
-
-    def record_failure(self, code: str, request_ns: int) -> None:
-        """One request refused or failed with status `code` after reaching the model."""
-        self.codes[code] = self.codes.get(code, 0) + 1
-        self.fail_ns += request_ns
-
-    @property
-    def success_count(self) -> int:
-        return self.request_duration.count
-
-    @property
-    def success_ns(self) -> int:
-        return self.request_duration.sum_ns
-
-    @property
-    def fail_count(self) -> int:
-        return sum(count for code, count in self.codes.items() if code != "OK")
-
-    @property
-    def compute_count(self) -> int:
-        return self.compute_duration.count
-
-    @property
-    def compute_ns(self) -> int:
-        return self.compute_duration.sum_ns
-
-    @property
-    def queue_count(self) -> int:
-        return self.queue_duration.count
-
-    @property
-    def queue_ns(self) -> int:
-        return self.queue_duration.sum_ns
-
-    @classmethod
-    def total(cls, parts: list[InferenceStats]) -> InferenceStats:
-        """The sum of `parts` (e.g. one model's stats per serving backend)."""
-        if len(parts) == 1:
-            return parts[0]
-        total = cls(created=min(p.created for p in parts))
-        for part in parts:
-            for code, count in part.codes.copy().items():
-                total.codes[code] = total.codes.get(code, 0) + count
-            total.request_duration.add(part.request_duration)
-            total.queue_duration.add(part.queue_duration)
-            total.compute_duration.add(part.compute_duration)
-            total.batch_size.add(part.batch_size)
-            total.fail_ns += part.fail_ns
-            total.inference_count += part.inference_count
-            total.execution_count += part.execution_count
-            total.last_inference_ms = max(total.last_inference_ms, part.last_inference_ms)
-        return total
-
-
 @dataclass(eq=False, slots=True)
 class LoadedModel:
-    """One version of one model, loaded and warmed up.
-
-    Its stats are kept per backend that served its requests (the `backend` label of its
-    Prometheus series): `stats` is the route's (`backend.name`): every request of a
-    plain model, and of a dispatched one (`backend.relays`) the failures and what
-    Triton served; `stats_of` adds the fallback's on its first request."""
+    """One version of one model, loaded and warmed up. `run` serves a request on it;
+    `stats` (one object, with a part per backend that served requests) says what it
+    served."""
 
     name: str
     version: int
@@ -161,41 +71,64 @@ class LoadedModel:
     signature: ModelSignature
     source: ModelSource
     fingerprint: Fingerprint
-    stats: InferenceStats = field(default_factory=InferenceStats)
+    stats: ModelStats = field(init=False)
     batcher: DynamicBatcher | None = None  # None: requests run one by one
     footprint: ModelFootprint = field(default_factory=ModelFootprint)  # measured at load
     inflight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
-    # By serving backend; replaced, never changed, so the metrics thread reads it safely.
-    served: dict[str, InferenceStats] = field(init=False)
-    relays: bool = field(init=False)  # backend.relays, read on every request
 
     def __post_init__(self) -> None:
-        self.served = {self.backend.name: self.stats}
-        self.relays = self.backend.relays
+        self.stats = ModelStats(self.backend.name)
 
-    def stats_of(self, backend: str) -> InferenceStats:
-        """The stats of the requests `backend` served (created on its first)."""
-        stats = self.served.get(backend)
-        if stats is None:
-            stats = InferenceStats()
-            self.served = {**self.served, backend: stats}
-        return stats
-
-    def served_stats(self) -> InferenceStats:
-        """The stats of the execution this task just awaited: who served it (SERVED_BY)
-        for a dispatched model, else the model's only ones."""
-        if self.relays:
-            return self.stats_of(SERVED_BY.get(self.backend.name))
-        return self.stats
-
-    def record_execution(self, compute_ns: int, rows: int) -> None:
-        """A batch execution, in the task that ran it (the batcher's `on_execution`)."""
-        self.served_stats().record_execution(compute_ns, rows)
-
-    def total_stats(self) -> InferenceStats:
-        """All its requests, whoever served them (Triton's per-model ModelStatistics)."""
-        return InferenceStats.total(list(self.served.values()))
+    async def run(
+        self,
+        decode: Callable[[], Mapping[str, np.ndarray]],
+        requested_outputs: Sequence[str],
+        max_inflight: int,
+        offload: Offload | None = None,
+    ) -> tuple[Mapping[str, np.ndarray], ExecutionRecord]:
+        """Serve one request: decode its inputs with `decode` (through `offload`, e.g.
+        on the codec thread, if given; here so that a malformed request counts against
+        this model), validate them, run them through the batcher if there is one (else
+        on the backend) and record the request once, for the backend that ran it. Return
+        the inputs and the execution record (the outputs in the order requested, or the
+        model's when none were)."""
+        started = time.perf_counter_ns()
+        stats = self.stats
+        try:
+            inputs = decode() if offload is None else await offload(decode)
+            signature = self.signature
+            signature.validate(self.name, inputs)
+            outputs = signature.select_outputs(self.name, requested_outputs)
+            if self.inflight >= max_inflight:
+                raise Overloaded(
+                    f"model {self.name!r} already has {self.inflight} requests in flight "
+                    f"(limit {max_inflight}); retry later"
+                )
+            self.begin()
+            try:
+                if self.batcher is None:
+                    record = await self.backend.infer(inputs, outputs)
+                    rows = _batch_rows(inputs)
+                    queue_ns = None
+                    stats.record_execution(record.backend, record.compute_ns, rows)
+                else:
+                    share = await self.batcher.infer(inputs, outputs)
+                    record = share.record
+                    rows = _batch_rows(inputs)
+                    queue_ns = share.queue_ns
+                    if share.counts_execution:
+                        stats.record_execution(
+                            record.backend, record.compute_ns, share.execution_rows
+                        )
+            finally:
+                self.end()
+        except SparseServeError as exc:
+            # Counted against the route: who would have run it is not the question.
+            stats.record_failure(status_of(exc), time.perf_counter_ns() - started)
+            raise
+        stats.record_success(record.backend, time.perf_counter_ns() - started, rows, queue_ns)
+        return inputs, record
 
     @property
     def version_label(self) -> str:
@@ -500,9 +433,7 @@ class ModelRegistry:
             footprint=footprint,
         )
         if policy is not None:
-            # A dispatched model's executions count for who ran them (model.relays).
-            on_execution = model.record_execution if model.relays else model.stats.record_execution
-            model.batcher = DynamicBatcher(source.name, backend, policy, on_execution)
+            model.batcher = DynamicBatcher(source.name, backend, policy)
         return model
 
     async def _prime(self, files: ModelFiles) -> None:
@@ -624,3 +555,10 @@ def _parse_version(version: str) -> int:
     if not (version.isascii() and version.isdigit()) or (version[0] == "0" and version != "0"):
         return -1
     return int(version)
+
+
+def _batch_rows(inputs: Mapping[str, np.ndarray]) -> int:
+    """Samples in a request: the leading dimension of its first input (1 if scalar)."""
+    for array in inputs.values():
+        return int(array.shape[0]) if array.ndim else 1
+    return 1

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from sparseserve.v1 import service_pb2 as sparseserve_dot_v1_dot_service__pb2
+from sparseserve.api import service_pb2 as sparseserve_dot_api_dot_service__pb2
 
 GRPC_GENERATED_VERSION = '1.80.0'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in sparseserve/v1/service_pb2_grpc.py depends on'
+        + ' but the generated code in sparseserve/api/service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class SparseServeStub(object):
         """
         self.Predict = channel.unary_unary(
                 '/sparseserve.v1.SparseServe/Predict',
-                request_serializer=sparseserve_dot_v1_dot_service__pb2.PredictRequest.SerializeToString,
-                response_deserializer=sparseserve_dot_v1_dot_service__pb2.PredictResponse.FromString,
+                request_serializer=sparseserve_dot_api_dot_service__pb2.PredictRequest.SerializeToString,
+                response_deserializer=sparseserve_dot_api_dot_service__pb2.PredictResponse.FromString,
                 _registered_method=True)
         self.ListVariants = channel.unary_unary(
                 '/sparseserve.v1.SparseServe/ListVariants',
-                request_serializer=sparseserve_dot_v1_dot_service__pb2.ListVariantsRequest.SerializeToString,
-                response_deserializer=sparseserve_dot_v1_dot_service__pb2.ListVariantsResponse.FromString,
+                request_serializer=sparseserve_dot_api_dot_service__pb2.ListVariantsRequest.SerializeToString,
+                response_deserializer=sparseserve_dot_api_dot_service__pb2.ListVariantsResponse.FromString,
                 _registered_method=True)
         self.GetTrafficPolicy = channel.unary_unary(
                 '/sparseserve.v1.SparseServe/GetTrafficPolicy',
-                request_serializer=sparseserve_dot_v1_dot_service__pb2.GetTrafficPolicyRequest.SerializeToString,
-                response_deserializer=sparseserve_dot_v1_dot_service__pb2.GetTrafficPolicyResponse.FromString,
+                request_serializer=sparseserve_dot_api_dot_service__pb2.GetTrafficPolicyRequest.SerializeToString,
+                response_deserializer=sparseserve_dot_api_dot_service__pb2.GetTrafficPolicyResponse.FromString,
                 _registered_method=True)
 
 
@@ -80,18 +80,18 @@ def add_SparseServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Predict': grpc.unary_unary_rpc_method_handler(
                     servicer.Predict,
-                    request_deserializer=sparseserve_dot_v1_dot_service__pb2.PredictRequest.FromString,
-                    response_serializer=sparseserve_dot_v1_dot_service__pb2.PredictResponse.SerializeToString,
+                    request_deserializer=sparseserve_dot_api_dot_service__pb2.PredictRequest.FromString,
+                    response_serializer=sparseserve_dot_api_dot_service__pb2.PredictResponse.SerializeToString,
             ),
             'ListVariants': grpc.unary_unary_rpc_method_handler(
                     servicer.ListVariants,
-                    request_deserializer=sparseserve_dot_v1_dot_service__pb2.ListVariantsRequest.FromString,
-                    response_serializer=sparseserve_dot_v1_dot_service__pb2.ListVariantsResponse.SerializeToString,
+                    request_deserializer=sparseserve_dot_api_dot_service__pb2.ListVariantsRequest.FromString,
+                    response_serializer=sparseserve_dot_api_dot_service__pb2.ListVariantsResponse.SerializeToString,
             ),
             'GetTrafficPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTrafficPolicy,
-                    request_deserializer=sparseserve_dot_v1_dot_service__pb2.GetTrafficPolicyRequest.FromString,
-                    response_serializer=sparseserve_dot_v1_dot_service__pb2.GetTrafficPolicyResponse.SerializeToString,
+                    request_deserializer=sparseserve_dot_api_dot_service__pb2.GetTrafficPolicyRequest.FromString,
+                    response_serializer=sparseserve_dot_api_dot_service__pb2.GetTrafficPolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -119,8 +119,8 @@ class SparseServe(object):
             request,
             target,
             '/sparseserve.v1.SparseServe/Predict',
-            sparseserve_dot_v1_dot_service__pb2.PredictRequest.SerializeToString,
-            sparseserve_dot_v1_dot_service__pb2.PredictResponse.FromString,
+            sparseserve_dot_api_dot_service__pb2.PredictRequest.SerializeToString,
+            sparseserve_dot_api_dot_service__pb2.PredictResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -146,8 +146,8 @@ class SparseServe(object):
             request,
             target,
             '/sparseserve.v1.SparseServe/ListVariants',
-            sparseserve_dot_v1_dot_service__pb2.ListVariantsRequest.SerializeToString,
-            sparseserve_dot_v1_dot_service__pb2.ListVariantsResponse.FromString,
+            sparseserve_dot_api_dot_service__pb2.ListVariantsRequest.SerializeToString,
+            sparseserve_dot_api_dot_service__pb2.ListVariantsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -173,8 +173,8 @@ class SparseServe(object):
             request,
             target,
             '/sparseserve.v1.SparseServe/GetTrafficPolicy',
-            sparseserve_dot_v1_dot_service__pb2.GetTrafficPolicyRequest.SerializeToString,
-            sparseserve_dot_v1_dot_service__pb2.GetTrafficPolicyResponse.FromString,
+            sparseserve_dot_api_dot_service__pb2.GetTrafficPolicyRequest.SerializeToString,
+            sparseserve_dot_api_dot_service__pb2.GetTrafficPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,
