@@ -183,7 +183,10 @@ def _what_next(repository: Path) -> None:
     """A few commands to try after the demo, on the repository it built."""
     here = _shown(repository)
     steps = [
-        (f"sparseserve serve --repository {here}", "serve it yourself: gRPC 8001, REST 8000, metrics 8002"),
+        (
+            f"sparseserve serve --repository {here}",
+            "serve it yourself: gRPC 8001, REST 8000, metrics 8002",
+        ),
         (f"sparseserve inspect {here}/digits-mlp.pruned90", "per-layer sparsity, 2:4, size"),
         (f"sparseserve compare --family digits-cnn --repository {here}", "a longer comparison"),
         ("sparseserve inspect your-model.onnx", "any ONNX model, wherever it was made"),
