@@ -51,6 +51,16 @@ class ClientTls:
             return []
         return [("grpc.ssl_target_name_override", self.server_name)]
 
+    def tritonclient_channel_args(self) -> list[tuple[str, str | int]]:
+        """tritonclient's `channel_args` with these options: they replace its own, so its
+        message limit (the 32-bit maximum) is kept here."""
+        limit = 2**31 - 1
+        return [
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+            *self.channel_options(),
+        ]
+
 
 def _read(path: Path | None) -> bytes | None:
     return None if path is None else path.read_bytes()

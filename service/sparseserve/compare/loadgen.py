@@ -250,15 +250,7 @@ class LoadGenerator:
     def _client(self) -> triton_aio.InferenceServerClient:
         if self.tls is None:
             return triton_aio.InferenceServerClient(self.url)
-        options = None
-        if self.tls.server_name is not None:
-            # channel_args replaces tritonclient's own options: keep its message limit.
-            limit = triton_aio.MAX_GRPC_MESSAGE_SIZE
-            options = [
-                ("grpc.max_send_message_length", limit),
-                ("grpc.max_receive_message_length", limit),
-                *self.tls.channel_options(),
-            ]
+        options = self.tls.tritonclient_channel_args() if self.tls.server_name else None
         return triton_aio.InferenceServerClient(
             self.url, ssl=True, creds=self.tls.credentials(), channel_args=options
         )

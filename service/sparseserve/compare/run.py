@@ -355,13 +355,8 @@ def check_server(
         if tls is None:
             client = triton.InferenceServerClient(url)
         else:
-            options = [
-                ("grpc.max_send_message_length", triton.MAX_GRPC_MESSAGE_SIZE),
-                ("grpc.max_receive_message_length", triton.MAX_GRPC_MESSAGE_SIZE),
-                *tls.channel_options(),
-            ]
             client = triton.InferenceServerClient(
-                url, ssl=True, creds=tls.credentials(), channel_args=options
+                url, ssl=True, creds=tls.credentials(), channel_args=tls.tritonclient_channel_args()
             )
         with client:
             live = client.is_server_live(headers=dict(headers or {}), client_timeout=timeout)
