@@ -22,7 +22,7 @@ from sparseserve import __version__
 from sparseserve.errors import SparseServeError, StartupError
 
 
-def _serve_parser(sub: argparse._SubParsersAction) -> None:
+def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "serve",
         help="serve a model repository over the Open Inference Protocol (gRPC and REST)",
@@ -245,7 +245,7 @@ def _assume_gpus_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _hardware_parser(sub: argparse._SubParsersAction) -> None:
+def _hardware_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "hardware",
         help="print the GPUs, onnxruntime providers and CPU features dispatch decides on",
@@ -273,7 +273,7 @@ def _hardware(args: argparse.Namespace) -> int:
     return 0
 
 
-def _health_parser(sub: argparse._SubParsersAction) -> None:
+def _health_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "health",
         help="exit 0 if a running server's gRPC health service says SERVING (for HEALTHCHECKs)",
@@ -349,7 +349,7 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if status == SERVING else 1
 
 
-def _export_triton_parser(sub: argparse._SubParsersAction) -> None:
+def _export_triton_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "export-triton",
         help="write a Triton model repository (config.pbtxt per model) for a GPU Triton",
@@ -404,7 +404,7 @@ def _export_triton(args: argparse.Namespace) -> int:
     return 1 if any(r.action == "failed" for r in results) else 0
 
 
-def _sparsify_parser(sub: argparse._SubParsersAction) -> None:
+def _sparsify_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "sparsify",
         help="build a family's variants from a recipe into a model repository (needs torch)",
@@ -471,7 +471,7 @@ def _sparsify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inspect_parser(sub: argparse._SubParsersAction) -> None:
+def _inspect_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "inspect",
         help="show what a model is: per-layer sparsity, 2:4, quantization, size, quality",
@@ -495,7 +495,7 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _manifest_parser(sub: argparse._SubParsersAction) -> None:
+def _manifest_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from sparseserve.repository.manifest import Task
 
     p = sub.add_parser(
@@ -552,7 +552,7 @@ def _manifest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare_parser(sub: argparse._SubParsersAction) -> None:
+def _compare_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "compare",
         help="drive load through each variant of a family and write a comparison report",

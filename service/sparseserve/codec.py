@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
+import numpy.typing as npt
 
 from sparseserve.errors import InvalidInput, RequestTooLarge
 
@@ -36,7 +37,7 @@ class Datatype:
         return self.numpy.itemsize
 
 
-def _row(name: str, dtype: object, field: str | None, onnx: str, config: str) -> Datatype:
+def _row(name: str, dtype: npt.DTypeLike, field: str | None, onnx: str, config: str) -> Datatype:
     return Datatype(name, np.dtype(dtype).newbyteorder("<"), field, onnx, config)
 
 
@@ -373,12 +374,13 @@ def decode_json_data(name: str, dtype: Datatype, shape: Sequence[int], data: obj
             raise InvalidInput(
                 f"input {name!r}: data has {len(flat)} elements, shape {list(shape)} needs {count}"
             )
-        if not all(isinstance(item, str) for item in flat):
+        strings = [item for item in flat if isinstance(item, str)]
+        if len(strings) != len(flat):
             raise InvalidInput(
                 f"input {name!r}: BYTES data must be JSON strings (send other bytes as binary data)"
             )
         array = np.empty(count, dtype=object)
-        array[:] = [item.encode("utf-8") for item in flat]
+        array[:] = [item.encode("utf-8") for item in strings]
         return array.reshape(shape)
     try:
         values = np.array(data)

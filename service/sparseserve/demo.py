@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tritonclient.grpc as triton
@@ -63,14 +63,16 @@ def _ensure_models(repository: Path, rebuild: bool) -> None:
     build_demo_repository(repository)
 
 
-def _images_for(metadata, pixels: np.ndarray) -> tuple[str, np.ndarray]:
+def _images_for(metadata: Any, pixels: np.ndarray) -> tuple[str, np.ndarray]:
     """Shape the digits (N, 64) the way the model's one input wants them."""
     spec = metadata.inputs[0]
     rest = [int(d) for d in spec.shape[1:]]
     return spec.name, pixels.reshape(len(pixels), *rest).astype(np.float32)
 
 
-def _infer(client: triton.InferenceServerClient, model: str, name: str, x: np.ndarray):
+def _infer(
+    client: triton.InferenceServerClient, model: str, name: str, x: np.ndarray
+) -> triton.InferResult:
     tensor = triton.InferInput(name, list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
     return client.infer(model, [tensor])
@@ -103,7 +105,9 @@ def _evaluate(
     )
 
 
-def _measure_latency(client: triton.InferenceServerClient, reports: Sequence[VariantReport]):
+def _measure_latency(
+    client: triton.InferenceServerClient, reports: Sequence[VariantReport]
+) -> None:
     """Batch-1 latency of every model, taking turns request by request, so that whatever
     else the machine is doing slows all of them alike."""
     for i in range(LATENCY_REQUESTS):

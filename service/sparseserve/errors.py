@@ -98,7 +98,7 @@ STATUS: dict[type[SparseServeError], str] = {
 def status_of(error: BaseException) -> str:
     """The status code name for any exception (INTERNAL for ones we did not raise)."""
     for cls in type(error).__mro__:
-        code = STATUS.get(cls)  # type: ignore[call-overload]
+        code = STATUS.get(cls)
         if code is not None:
             return code
     return "INTERNAL"

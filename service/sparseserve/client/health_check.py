@@ -87,14 +87,17 @@ def check_health(
         stub = health_pb2_grpc.HealthStub(channel)
         request = health_pb2.HealthCheckRequest(service=service)
         try:
-            response = stub.Check(request, timeout=timeout, metadata=tuple(metadata) or None)
+            # types-grpcio-health-checking's HealthStub declares no methods.
+            response = stub.Check(  # type: ignore[attr-defined]
+                request, timeout=timeout, metadata=tuple(metadata) or None
+            )
         except grpc.RpcError as exc:
-            code = exc.code()  # type: ignore[attr-defined]
+            code = exc.code()
             if code is grpc.StatusCode.NOT_FOUND:
                 raise HealthCheckError(
                     f"{address} has no health status for service {service!r}"
                 ) from None
             raise HealthCheckError(
-                f"cannot ask {address} for its health: {code.name} {exc.details()}"  # type: ignore[attr-defined]
+                f"cannot ask {address} for its health: {code.name} {exc.details()}"
             ) from None
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

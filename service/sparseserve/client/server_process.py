@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 
 class ServerProcess:
@@ -22,6 +23,8 @@ class ServerProcess:
     loaded, and on exit sends SIGTERM and waits for a clean stop. `extra_args` are
     passed to `sparseserve serve`.
     """
+
+    _log: IO[bytes]  # the server's output, opened by `start`
 
     def __init__(
         self,

@@ -219,7 +219,9 @@ def request_batches(arrays: dict[str, np.ndarray], batch: int) -> Iterator[dict[
         start = (start + batch) % rows
 
 
-def _tensors(arrays: dict[str, np.ndarray], specs: Sequence[InputSpec]) -> list:
+def _tensors(
+    arrays: dict[str, np.ndarray], specs: Sequence[InputSpec]
+) -> list[triton_aio.InferInput]:
     tensors = []
     for spec in specs:
         array = arrays[spec.name]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sparseserve.compare.figures import MEMORY_RESOLUTION_BYTES, Comparison, VariantFigures
 from sparseserve.compare.verdict import CLIENT_P50, SAME_WITHIN, SERVER_MEAN
@@ -19,9 +19,10 @@ from sparseserve.compare.verdict import CLIENT_P50, SAME_WITHIN, SERVER_MEAN
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from matplotlib.typing import RcKeyType
 
 WIDTH_IN, HEIGHT_IN, DPI = 12.8, 7.2, 125  # 1600 x 900 px
-STYLE = {
+STYLE: dict[RcKeyType, Any] = {
     "font.size": 14,
     "axes.titlesize": 17,
     "axes.labelsize": 15,

@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 
 LABELS = ("model", "version", "family", "variant", "backend")
 # The `le` label of each bucket, written as prometheus_client writes it, then +Inf.
-_LE = (*(floatToGoString(bound) for bound in LATENCY_BUCKETS), "+Inf")
+# (floatToGoString is unannotated in prometheus_client.)
+_LE = (*(floatToGoString(bound) for bound in LATENCY_BUCKETS), "+Inf")  # type: ignore[no-untyped-call]
 
 
 class Metrics:
@@ -402,7 +403,7 @@ def _add_histogram(
     created: float,
 ) -> None:
     counts = histogram.counts.copy()  # before summing: the event loop may add meanwhile
-    bounds = (*(floatToGoString(b) for b in histogram.bounds), "+Inf")
+    bounds = (*(floatToGoString(b) for b in histogram.bounds), "+Inf")  # type: ignore[no-untyped-call]
     family.add_metric(labels, list(zip(bounds, accumulate(counts), strict=True)), histogram.total)
     _add_created(family, names, labels, created)
 

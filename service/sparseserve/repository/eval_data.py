@@ -74,7 +74,9 @@ def write_eval_data(
     arrays[DESCRIPTION_KEY] = np.array(description)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as stream:  # np.savez would append .npz to a name without it
-        np.savez_compressed(stream, **arrays)
+        # allow_pickle (numpy's default) given by name: numpy's stubs would otherwise
+        # read `**arrays` as possibly naming it.
+        np.savez_compressed(stream, allow_pickle=True, **arrays)
     return path
 
 

@@ -173,7 +173,9 @@ class SparseServeServer:
             restricted,
             self._drain,
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, restricted)
+        # The stand-in has the two registration methods generated code calls, not the
+        # whole grpc.aio.Server the health stubs ask for.
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, restricted)  # type: ignore[arg-type]
         _add_reflection(restricted)
         grpc_host = settings.grpc_address or settings.host
         address = f"{_bind_host(grpc_host)}:{settings.grpc_port}"
@@ -411,10 +413,12 @@ def _add_reflection(server: RestrictingServer) -> None:
     # reflection answers from that pool, so the health and reflection files go there too.
     for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
         with contextlib.suppress(TypeError):  # already added by an earlier server
-            POOL.AddSerializedFile(descriptor.serialized_pb)
+            # types-protobuf leaves AddSerializedFile unannotated.
+            POOL.AddSerializedFile(descriptor.serialized_pb)  # type: ignore[no-untyped-call]
     names = (V2_SERVICE, V1_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
     # What enable_server_reflection does for a grpc.aio server, through the stand-in.
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+    # (types-grpcio-reflection leaves the generated function unannotated.)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
         reflection.aio.ReflectionServicer(names, pool=POOL), server
     )
 

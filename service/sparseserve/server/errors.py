@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias, cast
 
 import grpc
 
@@ -31,8 +31,13 @@ from sparseserve.server.wire import RefusedMessage, release, safe_deserializer
 
 log = logging.getLogger(__name__)
 
-Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-StreamBehavior = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+# Requests and responses are protobuf messages whose stubs are untyped (docs/typing.md),
+# so the handlers, contexts and behaviours here are over Any.
+# (Strings: grpcio's classes are generic only in its stubs.)
+MethodHandler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+ServicerContext: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Behavior = Callable[[Any, ServicerContext], Awaitable[Any]]
+StreamBehavior = Callable[[Any, ServicerContext], AsyncIterator[Any]]
 Deserializer = Callable[[bytes], Any]
 
 
@@ -43,7 +48,7 @@ class HandlerRegistry(Protocol):
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None: ...
 
     def add_registered_method_handlers(
-        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
+        self, service: str, handlers: Mapping[str, MethodHandler]
     ) -> None: ...
 
 
@@ -98,29 +103,36 @@ def add_mapping_errors(
 
 
 def _wrap_handler(
-    handler: grpc.RpcMethodHandler,
+    handler: MethodHandler,
     method: str,
     drain: Drain | None,
     deserializer: Deserializer | None,
-) -> grpc.RpcMethodHandler:
+) -> MethodHandler:
     """`handler` with a safe deserializer, its errors mapped to statuses and its calls
     counted by `drain` (unary, and stream-stream async generators); other streaming
     handlers answer errors in their messages and keep their behaviour."""
     name = method.rsplit("/", 1)[-1]
     parse = deserializer or safe_deserializer(handler.request_deserializer, f"{name} request")
     serialize = handler.response_serializer
+    # grpcio's stubs type a handler's behaviours as the sync API's (a `grpc.ServicerContext`,
+    # a plain return); under grpc.aio they are coroutine functions (or async generators)
+    # that take a `grpc.aio.ServicerContext`, hence the casts.
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
-            _mapping_errors(handler.unary_unary, method, drain), parse, serialize
+            _mapping_errors(cast(Behavior, handler.unary_unary), method, drain), parse, serialize
         )
     if handler.stream_stream is not None and inspect.isasyncgenfunction(handler.stream_stream):
         return grpc.stream_stream_rpc_method_handler(
-            _mapping_stream_errors(handler.stream_stream, method, drain), parse, serialize
+            _mapping_stream_errors(cast(StreamBehavior, handler.stream_stream), method, drain),
+            parse,
+            serialize,
         )
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(handler.unary_stream, parse, serialize)
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(handler.stream_unary, parse, serialize)
+    # grpc's handler constructors set exactly one of the four behaviours.
+    assert handler.stream_stream is not None
     return grpc.stream_stream_rpc_method_handler(handler.stream_stream, parse, serialize)
 
 
@@ -139,7 +151,7 @@ class _MappingErrors:
         self._exempt = answered_while_draining
         self._deserializers = deserializers
 
-    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def wrap(self, handler: MethodHandler, method: str) -> MethodHandler:
         drain = None if method in self._exempt else self._drain
         deserializer = self._deserializers.get(method.rsplit("/", 1)[-1])
         return _wrap_handler(handler, method, drain, deserializer)
@@ -150,7 +162,7 @@ class _MappingErrors:
         )
 
     def add_registered_method_handlers(
-        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
+        self, service: str, handlers: Mapping[str, MethodHandler]
     ) -> None:
         self._server.add_registered_method_handlers(
             service, {m: self.wrap(h, f"/{service}/{m}") for m, h in handlers.items()}
@@ -163,13 +175,14 @@ class _GenericMappingErrors(grpc.GenericRpcHandler):
     def __init__(
         self,
         inner: grpc.GenericRpcHandler,
-        wrap: Callable[[grpc.RpcMethodHandler, str], grpc.RpcMethodHandler],
+        wrap: Callable[[MethodHandler, str], MethodHandler],
     ):
         self._inner = inner
         self._wrap = wrap
-        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._wrapped: dict[str, MethodHandler | None] = {}
 
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> MethodHandler | None:
+        """The wrapped handler of the called method, or None if `inner` has none for it."""
         method = handler_call_details.method
         if method not in self._wrapped:
             handler = self._inner.service(handler_call_details)
@@ -180,7 +193,7 @@ class _GenericMappingErrors(grpc.GenericRpcHandler):
 def _mapping_errors(behavior: Behavior, method: str, drain: Drain | None) -> Behavior:
     # One closure for the drain, the error mapping and the budget: an extra await layer
     # costs ~1 µs per call.
-    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def call(request: Any, context: ServicerContext) -> Any:
         admitted = False
         try:
             if drain is not None:
@@ -218,7 +231,7 @@ def _mapping_stream_errors(
     ends with UNAVAILABLE "server is shutting down" rather than an OK that would tell
     the client every request it sent was answered."""
 
-    async def call(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def call(requests: Any, context: ServicerContext) -> AsyncIterator[Any]:
         if drain is not None:
             try:
                 drain.admit()

@@ -26,7 +26,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
@@ -47,6 +47,10 @@ from sparseserve.server.security import (
 )
 from sparseserve.server.v2_servicer import V2Servicer
 from sparseserve.settings import RestrictedGroup
+
+if TYPE_CHECKING:
+    # What a message's DESCRIPTOR is under protobuf's default (upb) runtime.
+    from google._upb._message import Descriptor as UpbDescriptor
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +375,9 @@ def _message_dict(message: Message) -> dict[str, Any]:
     return data
 
 
-def _int64_as_numbers(data: dict[str, Any], descriptor: pb_descriptor.Descriptor) -> None:
+def _int64_as_numbers(
+    data: dict[str, Any], descriptor: pb_descriptor.Descriptor | UpbDescriptor
+) -> None:
     for field in descriptor.fields:
         if field.name not in data:
             continue

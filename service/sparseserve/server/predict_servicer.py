@@ -20,14 +20,19 @@ from sparseserve.controlplane import ControlPlane, VariantStatus
 from sparseserve.dataplane import DataPlane
 from sparseserve.repository.manifest import VariantManifest
 from sparseserve.routing.router import Family
+from sparseserve.server.errors import ServicerContext
 
 
-class PredictServicer(pb_grpc.SparseServeServicer):
+# The generated base class is untyped (docs/typing.md); it answers UNIMPLEMENTED for the
+# RPCs not defined here.
+class PredictServicer(pb_grpc.SparseServeServicer):  # type: ignore[misc]
     def __init__(self, dataplane: DataPlane, control: ControlPlane):
         self._dataplane = dataplane
         self._control = control
 
-    async def Predict(self, request, context):
+    async def Predict(
+        self, request: pb.PredictRequest, context: ServicerContext
+    ) -> pb.PredictResponse:
         answer = await self._dataplane.infer(
             request.name,
             request.version,
@@ -48,15 +53,22 @@ class PredictServicer(pb_grpc.SparseServeServicer):
             tensor.datatype, tensor.data = dtype.name, raw
             tensor.shape.extend(array.shape)
         if answer.shadow is not None:
-            # Shadow runs start once the answer has been sent, never before.
-            context.add_done_callback(lambda _: self._dataplane.after_sent(answer))
+            # Shadow runs start once the answer has been sent, never before. (types-grpcio
+            # declares the callback's type as a class, not a Protocol: no function fits.)
+            context.add_done_callback(  # type: ignore[arg-type]
+                lambda _: self._dataplane.after_sent(answer)
+            )
         return response
 
-    async def ListVariants(self, request, context):
+    async def ListVariants(
+        self, request: pb.ListVariantsRequest, context: ServicerContext
+    ) -> pb.ListVariantsResponse:
         variants = self._control.variants(request.family)
         return pb.ListVariantsResponse(variants=[_variant(v) for v in variants])
 
-    async def GetTrafficPolicy(self, request, context):
+    async def GetTrafficPolicy(
+        self, request: pb.GetTrafficPolicyRequest, context: ServicerContext
+    ) -> pb.GetTrafficPolicyResponse:
         policy = self._control.traffic_policy(request.family)
         state = policy.state
         return pb.GetTrafficPolicyResponse(

@@ -35,7 +35,7 @@ import grpc
 
 from sparseserve.client.health_check import ClientTls
 from sparseserve.errors import ProtocolRestricted
-from sparseserve.server.errors import grpc_status
+from sparseserve.server.errors import MethodHandler, ServicerContext, grpc_status
 from sparseserve.server.wire import release
 from sparseserve.settings import GrpcTlsSettings, ProtocolRestriction, RestrictedGroup, Settings
 
@@ -191,7 +191,7 @@ class RestrictingServer:
         )
 
     def add_registered_method_handlers(
-        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
+        self, service: str, handlers: Mapping[str, MethodHandler]
     ) -> None:
         wrapped = {
             name: restrict_handler(handler, f"/{service}/{name}", self._restrictions)
@@ -204,9 +204,10 @@ class _GenericRestricting(grpc.GenericRpcHandler):
     def __init__(self, inner: grpc.GenericRpcHandler, restrictions: Restrictions):
         self._inner = inner
         self._restrictions = restrictions
-        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._wrapped: dict[str, MethodHandler | None] = {}
 
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> MethodHandler | None:
+        """The guarded handler of the called method, or None if `inner` has none for it."""
         method = handler_call_details.method
         if method not in self._wrapped:
             handler = self._inner.service(handler_call_details)
@@ -217,8 +218,8 @@ class _GenericRestricting(grpc.GenericRpcHandler):
 
 
 def restrict_handler(
-    handler: grpc.RpcMethodHandler, method: str, restrictions: Restrictions
-) -> grpc.RpcMethodHandler:
+    handler: MethodHandler, method: str, restrictions: Restrictions
+) -> MethodHandler:
     """`handler` checking its group's header first; unchanged if the group is open."""
     requirement = restrictions.of_method(method)
     if requirement is None:
@@ -226,13 +227,13 @@ def restrict_handler(
     error = ProtocolRestricted(restricted_message(requirement.header))
     code = grpc_status(error)
 
-    async def refuse(context: grpc.aio.ServicerContext) -> None:
+    async def refuse(context: ServicerContext) -> None:
         await context.abort(code, str(error))
 
     def guarded(behavior: Any) -> Any:
         if inspect.isasyncgenfunction(behavior):
 
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def stream(request: Any, context: ServicerContext) -> Any:
                 if not header_allows(context.invocation_metadata(), requirement):
                     await refuse(context)
                 async for response in behavior(request, context):
@@ -240,7 +241,7 @@ def restrict_handler(
 
             return stream
 
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def call(request: Any, context: ServicerContext) -> Any:
             if header_allows(context.invocation_metadata(), requirement):
                 return await behavior(request, context)
             # Refused unanswered: its bytes leave the request budget, and the abort's
@@ -303,8 +304,9 @@ def check_certificate_files(tls: GrpcTlsSettings) -> CertificateFiles:
     """Read and check the TLS files: each readable PEM of the right kind, an unencrypted
     key that matches the certificate, a CA bundle openssl can load. Raises
     SecurityConfigError with one line naming the file."""
+    paths = dict(_paths(tls))
     contents: dict[str, bytes] = {}
-    for flag, path in _paths(tls):
+    for flag, path in paths.items():
         try:
             contents[flag] = path.read_bytes()
         except OSError as exc:
@@ -320,7 +322,9 @@ def check_certificate_files(tls: GrpcTlsSettings) -> CertificateFiles:
         )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(tls.server_cert, tls.server_key, password=_no_password)
+        context.load_cert_chain(
+            paths["--grpc-server-cert"], paths["--grpc-server-key"], password=_no_password
+        )
     except (ssl.SSLError, OSError, ValueError) as exc:
         raise SecurityConfigError(
             f"--grpc-server-key {tls.server_key} does not fit --grpc-server-cert "
@@ -368,7 +372,7 @@ class ReloadingCertificates:
         self.reloads = 0
 
     def _stat(self) -> tuple[Any, ...]:
-        signature = []
+        signature: list[tuple[int, int, int] | None] = []
         for _, path in _paths(self._tls):
             try:
                 st = os.stat(path)  # follows the symlinks a mounted Secret swaps
@@ -410,7 +414,11 @@ def server_credentials(tls: GrpcTlsSettings) -> grpc.ServerCredentials:
     `mutual`, clients must present a certificate that chains to `root_cert`."""
     fetcher = ReloadingCertificates(tls)
     return grpc.dynamic_ssl_server_credentials(
-        configuration(fetcher.initial), fetcher, require_client_authentication=tls.mutual
+        configuration(fetcher.initial),
+        # grpcio's stubs say the fetcher must return a configuration; grpc's docs and
+        # code take None as "keep the one in use", which the fetcher relies on.
+        fetcher,  # type: ignore[arg-type]
+        require_client_authentication=tls.mutual,
     )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from functools import partial
 
 import numpy as np
@@ -27,6 +27,7 @@ from sparseserve.protocol import grpc_service_pb2 as pb
 from sparseserve.protocol import grpc_service_pb2_grpc as pb_grpc
 from sparseserve.protocol import model_config_pb2 as mc
 from sparseserve.registry import LoadedModel
+from sparseserve.server.errors import ServicerContext
 from sparseserve.server.wire import InferRequestMessage, RefusedMessage, release
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,13 @@ StreamAnswer = tuple[pb.ModelStreamInferResponse, Answer | None]
 StreamPending = tuple[object, "asyncio.Future[StreamAnswer]"]
 
 
-class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
+# The generated base class is untyped (docs/typing.md); it answers UNIMPLEMENTED for the
+# RPCs not defined here.
+class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     """Inference goes to the DataPlane; everything else to the ControlPlane (`control`,
-    which the REST adapter shares)."""
+    which the REST adapter shares). The REST adapter also calls the metadata,
+    statistics and repository RPCs, without a gRPC context (None), to reuse their
+    answers."""
 
     def __init__(
         self,
@@ -63,21 +68,31 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- health and metadata ----------------------------------------------------------
 
-    async def ServerLive(self, request, context):
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: ServicerContext
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request, context):
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: ServicerContext
+    ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.control.server_ready())
 
-    async def ModelReady(self, request, context):
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: ServicerContext
+    ) -> pb.ModelReadyResponse:
         return pb.ModelReadyResponse(ready=self.control.model_ready(request.name, request.version))
 
-    async def ServerMetadata(self, request, context):
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: ServicerContext | None
+    ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
             name=SERVER_NAME, version=__version__, extensions=EXTENSIONS
         )
 
-    async def ModelMetadata(self, request, context):
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: ServicerContext | None
+    ) -> pb.ModelMetadataResponse:
         model = self.control.model(request.name, request.version)
         signature = model.signature
         return pb.ModelMetadataResponse(
@@ -88,24 +103,39 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[_tensor_metadata(s) for s in signature.outputs],
         )
 
-    async def ModelConfig(self, request, context):
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: ServicerContext | None
+    ) -> pb.ModelConfigResponse:
         model = self.control.model(request.name, request.version)
         return pb.ModelConfigResponse(config=_model_config(model))
 
-    async def ModelStatistics(self, request, context):
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: ServicerContext | None
+    ) -> pb.ModelStatisticsResponse:
         models = self.control.statistics(request.name, request.version)
         return pb.ModelStatisticsResponse(model_stats=[_statistics(m) for m in models])
 
     # -- inference --------------------------------------------------------------------
 
-    async def ModelInfer(self, request, context):
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest | InferRequestMessage, context: ServicerContext
+    ) -> pb.ModelInferResponse:
         response, answer = await self._infer(request)
         if answer.shadow is not None:
-            # Shadow runs start once the answer has been sent, never before.
-            context.add_done_callback(lambda _: self._dataplane.after_sent(answer))
+            # Shadow runs start once the answer has been sent, never before. (types-grpcio
+            # declares the callback's type as a class, not a Protocol: no function fits.)
+            context.add_done_callback(  # type: ignore[arg-type]
+                lambda _: self._dataplane.after_sent(answer)
+            )
         return response
 
-    async def ModelStreamInfer(self, request_iterator, context):
+    async def ModelStreamInfer(
+        self,
+        request_iterator: AsyncIterator[
+            pb.ModelInferRequest | InferRequestMessage | RefusedMessage
+        ],
+        context: ServicerContext,
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Many requests on one stream: each runs as soon as it arrives (concurrently with
         the others) and the answers go back in the order of the requests. A failed
         request, or a message that is not a valid request, is answered with its
@@ -139,7 +169,9 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
                     item[1].cancel()
                     release(item[0])
 
-    async def _stream_answer(self, request) -> StreamAnswer:
+    async def _stream_answer(
+        self, request: pb.ModelInferRequest | InferRequestMessage | RefusedMessage
+    ) -> StreamAnswer:
         try:
             if isinstance(request, RefusedMessage):
                 raise request.error
@@ -151,7 +183,9 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             log.exception("unexpected error in ModelStreamInfer")
             return pb.ModelStreamInferResponse(error_message=f"internal error: {exc}"), None
 
-    async def _infer(self, request) -> tuple[pb.ModelInferResponse, Answer]:
+    async def _infer(
+        self, request: pb.ModelInferRequest | InferRequestMessage
+    ) -> tuple[pb.ModelInferResponse, Answer]:
         requested = [output.name for output in request.outputs]
         answer = await self._dataplane.infer(
             request.model_name,
@@ -176,7 +210,9 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- repository -------------------------------------------------------------------
 
-    async def RepositoryIndex(self, request, context):
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: ServicerContext | None
+    ) -> pb.RepositoryIndexResponse:
         rows = self.control.index(ready_only=request.ready)
         return pb.RepositoryIndexResponse(
             models=[
@@ -187,12 +223,16 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             ]
         )
 
-    async def RepositoryModelLoad(self, request, context):
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: ServicerContext | None
+    ) -> pb.RepositoryModelLoadResponse:
         _no_repository_parameters(request)
         await self.control.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
-    async def RepositoryModelUnload(self, request, context):
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: ServicerContext | None
+    ) -> pb.RepositoryModelUnloadResponse:
         _no_repository_parameters(request)
         await self.control.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
