@@ -55,8 +55,8 @@ class PredictServicer(pb_grpc.SparseServeServicer):  # type: ignore[misc]
         if answer.shadow is not None:
             # Shadow runs start once the answer has been sent, never before. (types-grpcio
             # declares the callback's type as a class, not a Protocol: no function fits.)
-            context.add_done_callback(  # type: ignore[arg-type]
-                lambda _: self._dataplane.after_sent(answer)
+            context.add_done_callback(
+                lambda _: self._dataplane.after_sent(answer)  # type: ignore[arg-type]
             )
         return response
 

@@ -124,8 +124,8 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
         if answer.shadow is not None:
             # Shadow runs start once the answer has been sent, never before. (types-grpcio
             # declares the callback's type as a class, not a Protocol: no function fits.)
-            context.add_done_callback(  # type: ignore[arg-type]
-                lambda _: self._dataplane.after_sent(answer)
+            context.add_done_callback(
+                lambda _: self._dataplane.after_sent(answer)  # type: ignore[arg-type]
             )
         return response
 

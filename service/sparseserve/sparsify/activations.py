@@ -8,14 +8,19 @@ the data, not of the weights, so it is measured by running the data through the 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sparseserve.sparsify.prune import prunable_layers, unparametrize
+from sparseserve.sparsify.prune import (
+    PrunableLayer,
+    parametrizations,
+    prunable_layers,
+    unparametrize,
+)
 from sparseserve.sparsify.recipe import Feed, FilterFn, feeds
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU)
@@ -34,7 +39,7 @@ def activation_sparsity(
     totals: dict[str, int] = {}
     handles = []
 
-    def counter(name: str):
+    def counter(name: str) -> Callable[[nn.Module, object, torch.Tensor], None]:
         def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
             zeros[name] = zeros.get(name, 0) + int((output == 0).sum())
             totals[name] = totals.get(name, 0) + output.numel()
@@ -74,7 +79,7 @@ class DropConnect(nn.Module):
 
 
 def _remove_dropconnect(module: nn.Module) -> None:
-    chain = module.parametrizations["weight"]
+    chain = parametrizations(module)["weight"]
     others = [p for p in chain if not isinstance(p, DropConnect)]
     if not others:
         # DropConnect is the identity outside training: the original is the weight.
@@ -95,7 +100,7 @@ def training_regularizers(
     """While inside: dropout on every activation's output, DropConnect on the weights of
     the layers `filter_fn` picks. Both are removed on exit, so nothing reaches the export."""
     handles = []
-    connected: list[nn.Module] = []
+    connected: list[PrunableLayer] = []
     if dropout > 0:
 
         def drop(module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:

@@ -423,7 +423,9 @@ def english_corpus(
             f"heldout_source {heldout_source!r} is not among this machine's sources: "
             f"{', '.join(by_source)}"
         )
-    train, heldout, apart = [], [], []
+    train: list[SourcedChunk] = []
+    heldout: list[SourcedChunk] = []
+    apart: list[SourcedChunk] = []
     counts: dict[str, int] = {}
     for source, found in by_source.items():
         grouped = [SourcedChunk(text, source) for text in chunks(found, max_words)]

@@ -434,7 +434,7 @@ def _train(
                 mask = batch.get("attention_mask")
                 loss = loss + layerwise_loss(layers, target.layers, mask, layer_map, layerwise)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
             if config.max_grad_norm is not None:
                 nn.utils.clip_grad_norm_(student.parameters(), config.max_grad_norm)
             optimizer.step()

@@ -76,7 +76,7 @@ class EncoderGradualPruneConfig(StepConfig):
         )
 
 
-def encoder_linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+def encoder_linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """The linear layers inside the encoder's layers, by qualified name."""
     return {
         name: module

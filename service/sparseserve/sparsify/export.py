@@ -47,7 +47,8 @@ def _exporter_warnings_silenced() -> Iterator[None]:
             warnings.simplefilter("ignore", UserWarning)
             # Shape arithmetic (in transformers) that tracing records as constants: every
             # export is checked against torch on batches of other shapes before it is used.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # (torch.jit exports TracerWarning without listing it in its __all__.)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # type: ignore[attr-defined]
             yield
     finally:
         logger.setLevel(level)
@@ -92,12 +93,13 @@ def export_onnx(
                 output_names=[output_name],
                 dynamic_shapes=shapes,
             )
+            assert program is not None  # dynamo=True always returns the program
             return program.model_proto.SerializeToString()
         buffer = io.BytesIO()
         torch.onnx.export(
             model,
             args,
-            buffer,
+            buffer,  # type: ignore[arg-type]  # torch's annotation omits file objects
             dynamo=False,
             opset_version=opset,
             input_names=names,

@@ -59,10 +59,10 @@ def load_bert() -> nn.Module:
     from transformers import AutoModel
     from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # (unannotated)
     # Eager attention: plain MatMul/Softmax in ONNX, which onnxruntime fuses; it also
     # takes any head count per layer, which pruning needs.
-    model = AutoModel.from_pretrained(
+    model: nn.Module = AutoModel.from_pretrained(
         model_directory(), local_files_only=True, attn_implementation="eager"
     )
     return model.eval()

@@ -320,10 +320,10 @@ class FamilyBuilder:
                 rows += embedding_quality(variant.source_outputs, against, source)
             return rows
         labels = self.labelled.y_test
-        against = None
+        baseline_result: tuple[np.ndarray, float] | None = None
         if not is_baseline and labels is not None:
-            against = (baseline.outputs, accuracy(baseline.outputs, labels))
-        return classification_quality(variant.outputs, labels, dataset, against)
+            baseline_result = (baseline.outputs, accuracy(baseline.outputs, labels))
+        return classification_quality(variant.outputs, labels, dataset, baseline_result)
 
     def manifest(self, variant: _Variant) -> VariantManifest:
         """The manifest of a built variant, measured against the recipe's baseline."""

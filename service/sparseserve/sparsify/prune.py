@@ -11,7 +11,9 @@ shrink: pruning a pruned layer again keeps every earlier zero.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from enum import StrEnum
+from typing import TypeAlias, cast
 
 import torch
 from pydantic import Field, model_validator
@@ -28,10 +30,13 @@ from sparseserve.sparsify.recipe import (
 )
 
 PRUNABLE = (nn.Linear, nn.Conv2d)
+PrunableLayer: TypeAlias = nn.Linear | nn.Conv2d
 
 
 class WeightMask(nn.Module):
     """Parametrization ``tensor -> tensor * mask``; the mask is a saved, untrained buffer."""
+
+    mask: torch.Tensor
 
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
@@ -41,7 +46,9 @@ class WeightMask(nn.Module):
         return tensor * self.mask
 
 
-def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, nn.Module]:
+def prunable_layers(
+    model: nn.Module, filter_fn: FilterFn | None = None
+) -> dict[str, PrunableLayer]:
     """Linear and Conv2d modules by qualified name, those `filter_fn` accepts."""
     return {
         name: module
@@ -50,11 +57,18 @@ def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> dict
     }
 
 
+def parametrizations(module: nn.Module) -> Mapping[str, parametrize.ParametrizationList]:
+    """A parametrized module's chains of parametrizations, by tensor name."""
+    # torch types every module attribute as `Tensor | Module`; `parametrize` makes this
+    # one a ModuleDict of ParametrizationLists.
+    return cast(Mapping[str, parametrize.ParametrizationList], module.parametrizations)
+
+
 def mask_of(module: nn.Module, tensor: str = "weight") -> torch.Tensor | None:
     """The combined mask on `module.<tensor>`, or None if it was never pruned."""
     if not parametrize.is_parametrized(module, tensor):
         return None
-    masks = [p.mask for p in module.parametrizations[tensor] if isinstance(p, WeightMask)]
+    masks = [p.mask for p in parametrizations(module)[tensor] if isinstance(p, WeightMask)]
     if not masks:
         return None
     combined = masks[0].clone()
@@ -67,7 +81,7 @@ def set_mask(module: nn.Module, mask: torch.Tensor, tensor: str = "weight") -> N
     """Apply `mask` (1 keeps, 0 prunes) to `module.<tensor>`, on top of any earlier mask."""
     mask = mask.to(dtype=getattr(module, tensor).dtype)
     if parametrize.is_parametrized(module, tensor):
-        for existing in module.parametrizations[tensor]:
+        for existing in parametrizations(module)[tensor]:
             if isinstance(existing, WeightMask):
                 existing.mask.mul_(mask)
                 return
@@ -86,7 +100,7 @@ def unparametrize(module: nn.Module, *, keep_values: bool = True) -> None:
     if not parametrize.is_parametrized(module):
         return
     values = {}
-    for name, chain in module.parametrizations.items():
+    for name, chain in parametrizations(module).items():
         value = getattr(module, name) if keep_values else chain.original
         values[name] = nn.Parameter(value.detach().clone(), chain.original.requires_grad)
     module.__class__ = module.__class__.__bases__[0]  # ParametrizedLinear -> Linear
@@ -101,7 +115,7 @@ def bake(model: nn.Module) -> None:
         unparametrize(module)
 
 
-def _scores(module: nn.Module) -> torch.Tensor:
+def _scores(module: PrunableLayer) -> torch.Tensor:
     """|weight|, with already-pruned positions below every live one, so they stay pruned."""
     weight = module.weight.detach().abs()
     mask = mask_of(module)
@@ -121,7 +135,7 @@ class PruneScope(StrEnum):
 
 
 def magnitude_masks(
-    layers: dict[str, nn.Module], sparsity: float, scope: PruneScope
+    layers: Mapping[str, PrunableLayer], sparsity: float, scope: PruneScope
 ) -> dict[str, torch.Tensor]:
     """Masks that zero the smallest `sparsity` fraction of weights, per layer or overall."""
     scores = {name: _scores(module) for name, module in layers.items()}
@@ -153,7 +167,7 @@ def prune_by_magnitude(
     return {name: layer_sparsity(module) for name, module in layers.items()}
 
 
-def layer_sparsity(module: nn.Module) -> float:
+def layer_sparsity(module: PrunableLayer) -> float:
     """Fraction of exact zeros in the (masked) weight."""
     weight = module.weight.detach()
     return 1.0 - int(weight.count_nonzero()) / weight.numel()

@@ -38,13 +38,15 @@ class Fidelity:
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
+    unit: np.ndarray = x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
+    return unit
 
 
 def _nearest(x: np.ndarray) -> np.ndarray:
     similarity = _unit(x) @ _unit(x).T
     np.fill_diagonal(similarity, -np.inf)
-    return similarity.argmax(axis=1)
+    nearest: np.ndarray = similarity.argmax(axis=1)
+    return nearest
 
 
 def fidelity(baseline: np.ndarray, variant: np.ndarray) -> Fidelity:

@@ -112,7 +112,9 @@ def quantize_model(
     if config.mode is QuantMode.fp16:
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
-        model = convert_float_to_float16(onnx.load_from_string(onnx_model), keep_io_types=True)
+        model: onnx.ModelProto = convert_float_to_float16(
+            onnx.load_from_string(onnx_model), keep_io_types=True
+        )
         return model.SerializeToString()
     with _quiet_root_logger(), tempfile.TemporaryDirectory(prefix="sparseserve-q-") as tmp:
         source, target = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"

@@ -19,7 +19,7 @@ This module imports neither torch nor onnx: a recipe can be validated anywhere.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 if TYPE_CHECKING:
     from torch import nn
 
-RECIPE_VERSION = 1
+RECIPE_VERSION: Literal[1] = 1
 # Modules whose import registers steps. A module that adds steps appends itself here.
 STEP_MODULES = (
     "sparseserve.sparsify.train",
@@ -105,7 +105,9 @@ def head(rows: Rows, count: int) -> Rows:
     return taken
 
 
-def feeds(rows: Rows, input_name: str, batch_size: int | None = None) -> list[Feed]:
+def feeds(
+    rows: np.ndarray | Sequence[Feed], input_name: str, batch_size: int | None = None
+) -> list[Feed]:
     """`rows` as batches of named inputs: rows become ``{input_name: rows[i:i+batch_size]}``
     (one batch if `batch_size` is None); batches stay as they are."""
     if not isinstance(rows, np.ndarray):
@@ -220,7 +222,8 @@ def apply(
     context = StepContext(
         data=data, filter_fn=filter_fn, progress=progress, input_name=input_name, teacher=teacher
     )
-    return handler_for(config, Stage.torch)(model, config, context)
+    report: StepReport = handler_for(config, Stage.torch)(model, config, context)
+    return report
 
 
 def apply_onnx(
@@ -232,7 +235,8 @@ def apply_onnx(
 ) -> tuple[bytes, StepReport]:
     """Run one ONNX-stage step (quantization) on a serialized model; return the new one."""
     context = StepContext(data=data, input_name=input_name)
-    return handler_for(config, Stage.onnx)(onnx_model, config, context)
+    result: tuple[bytes, StepReport] = handler_for(config, Stage.onnx)(onnx_model, config, context)
+    return result
 
 
 def parse_step(item: object) -> StepConfig:

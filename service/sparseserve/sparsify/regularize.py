@@ -62,6 +62,6 @@ def near_zero_rows(
 
 def overall(fractions: dict[str, float], model: nn.Module) -> float:
     """Weight-count-weighted mean of per-layer fractions."""
-    layers = dict(model.named_modules())
+    layers = prunable_layers(model)  # the fractions are of these layers
     sizes = {name: layers[name].weight.numel() for name in fractions}
     return sum(fractions[n] * sizes[n] for n in fractions) / max(1, sum(sizes.values()))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TypeAlias
 
 import torch
 from torch import nn
@@ -48,6 +49,7 @@ ZERO_PRESERVING = (
     nn.Identity,
 )
 LAYERS = (nn.Linear, nn.Conv2d)
+Layer: TypeAlias = nn.Linear | nn.Conv2d
 
 
 @dataclass
@@ -80,11 +82,11 @@ def find_links(model: nn.Module) -> list[Link]:
     return links
 
 
-def _width(module: nn.Module) -> int:
+def _width(module: Layer) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
-def _spatial(model: nn.Sequential, producer: str, consumer: nn.Module) -> int:
+def _spatial(model: nn.Sequential, producer: str, consumer: Layer) -> int:
     width = _width(getattr(model, producer))
     inputs = consumer.in_features if isinstance(consumer, nn.Linear) else consumer.in_channels
     if inputs % width:
@@ -92,12 +94,16 @@ def _spatial(model: nn.Sequential, producer: str, consumer: nn.Module) -> int:
     return inputs // width
 
 
-def neuron_norms(module: nn.Module) -> torch.Tensor:
+def neuron_norms(module: Layer) -> torch.Tensor:
     """L2 norm of each output neuron's (channel's) weights."""
-    return module.weight.detach().reshape(_width(module), -1).norm(dim=1)
+    # (torch leaves Tensor.norm unannotated.)
+    norms: torch.Tensor = module.weight.detach().reshape(_width(module), -1).norm(dim=1)
+    return norms
 
 
-def prune_neurons(model: nn.Module, sparsity: float, filter_fn: FilterFn | None = None) -> dict:
+def prune_neurons(
+    model: nn.Module, sparsity: float, filter_fn: FilterFn | None = None
+) -> dict[str, int]:
     """Mask the `sparsity` fraction of lowest-norm neurons of every producer; return, per
     producer, how many neurons are now masked."""
     result = {}
@@ -127,7 +133,7 @@ def dead_neurons(model: nn.Module, link: Link) -> torch.Tensor:
     if link.norm is not None:
         norm = getattr(model, link.norm)
         # gamma = beta = 0: the normalized output is 0 whatever the convolution computed.
-        dead = (norm.weight.detach() == 0) & (norm.bias.detach() == 0)
+        dead: torch.Tensor = (norm.weight.detach() == 0) & (norm.bias.detach() == 0)
     else:
         producer = getattr(model, link.producer)
         dead = neuron_norms(producer) == 0
@@ -136,36 +142,55 @@ def dead_neurons(model: nn.Module, link: Link) -> torch.Tensor:
     return dead.nonzero().flatten()
 
 
-def _subset(module: nn.Module, keep: torch.Tensor, dim: int) -> nn.Module:
+def _subset(module: Layer | nn.BatchNorm2d, keep: torch.Tensor, dim: int) -> nn.Module:
     """A copy of a Linear/Conv2d/BatchNorm2d keeping only `keep` along weight dim `dim`."""
     weight = module.weight.detach().index_select(dim, keep)
+    smaller: Layer | nn.BatchNorm2d
     if isinstance(module, nn.BatchNorm2d):
         smaller = nn.BatchNorm2d(len(keep), module.eps, module.momentum, module.affine)
-        smaller.running_mean.copy_(module.running_mean[keep])
-        smaller.running_var.copy_(module.running_var[keep])
-        smaller.num_batches_tracked.copy_(module.num_batches_tracked)
+        _copy_running_stats(module, smaller, keep)
     elif isinstance(module, nn.Linear):
         smaller = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
     else:
         smaller = nn.Conv2d(
             weight.shape[1] * module.groups,
             weight.shape[0],
-            module.kernel_size,
-            module.stride,
-            module.padding,
-            module.dilation,
+            _pair(module.kernel_size),
+            _pair(module.stride),
+            module.padding if isinstance(module.padding, str) else _pair(module.padding),
+            _pair(module.dilation),
             module.groups,
             module.bias is not None,
             module.padding_mode,
         )
     smaller.weight.data.copy_(weight)
-    if module.bias is not None:
+    if module.bias is not None and smaller.bias is not None:  # both or neither have one
         bias = module.bias.detach()
         smaller.bias.data.copy_(bias[keep] if dim == 0 else bias)
     return smaller.train(module.training)
 
 
-def remove_neurons(model: nn.Sequential, link: Link, drop: torch.Tensor) -> None:
+def _copy_running_stats(norm: nn.BatchNorm2d, into: nn.BatchNorm2d, keep: torch.Tensor) -> None:
+    """Copy the running statistics of `norm`'s channels `keep` into `into`."""
+    # torch types them as Optional: a norm made with track_running_stats=False has none.
+    # `into` is made with them; `norm` is BatchNorm2d's default too, or cannot shrink.
+    mean, var, batches = norm.running_mean, norm.running_var, norm.num_batches_tracked
+    if mean is None or var is None or batches is None:
+        raise RecipeError("shrink needs BatchNorm2d layers that track running statistics")
+    assert into.running_mean is not None and into.running_var is not None
+    assert into.num_batches_tracked is not None
+    into.running_mean.copy_(mean[keep])
+    into.running_var.copy_(var[keep])
+    into.num_batches_tracked.copy_(batches)
+
+
+def _pair(values: tuple[int, ...]) -> tuple[int, int]:
+    # A Conv2d keeps its 2-D hyperparameters as pairs; torch types them as tuple[int, ...].
+    first, second = values
+    return first, second
+
+
+def remove_neurons(model: nn.Module, link: Link, drop: torch.Tensor) -> None:
     """Physically remove the producer's neurons `drop` along `link`."""
     producer = getattr(model, link.producer)
     alive = torch.ones(_width(producer), dtype=torch.bool)

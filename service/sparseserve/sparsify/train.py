@@ -92,7 +92,8 @@ def fit(
         model.train()
         for epoch in range(1, config.epochs + 1):
             total = 0.0
-            batches = torch.randperm(len(inputs)).split(config.batch_size)
+            # torch leaves Tensor.split and Tensor.backward unannotated.
+            batches = torch.randperm(len(inputs)).split(config.batch_size)  # type: ignore[no-untyped-call]
             for batch in batches:
                 optimizer.zero_grad()
                 loss = nn.functional.cross_entropy(model(inputs[batch]), labels[batch])
@@ -101,7 +102,7 @@ def fit(
                     loss = loss + config.l1 * l1_penalty(model, filter_fn)
                 if config.group_lasso:
                     loss = loss + config.group_lasso * group_lasso_penalty(model, filter_fn)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
                 step += 1
                 if after_step is not None:

@@ -180,7 +180,8 @@ def _checked_keep(keep: Sequence[int] | torch.Tensor, total: int, what: str) -> 
         raise ValueError(f"at least one {what} must remain in a layer, got none to keep")
     if int(index.min()) < 0 or int(index.max()) >= total:
         raise ValueError(f"{what} indices must be in [0, {total}), got {index.tolist()}")
-    if index.unique().numel() != index.numel():
+    # torch leaves Tensor.unique unannotated.
+    if index.unique().numel() != index.numel():  # type: ignore[no-untyped-call]
         raise ValueError(f"{what} indices to keep must be distinct, got {index.tolist()}")
     return index.sort().values
 
@@ -230,7 +231,8 @@ def dead_heads(layer: Any) -> list[int]:
         value_rows &= attention.value.bias.detach().view(count, size).eq(0).all(dim=1)
     out_columns = layer.attention.output.dense.weight.detach().view(-1, count, size)
     dead = value_rows | out_columns.eq(0).all(dim=(0, 2))
-    return dead.nonzero().flatten().tolist()
+    heads: list[int] = dead.nonzero().flatten().tolist()
+    return heads
 
 
 def remove_dead_units(model: nn.Module) -> list[LayerShape]:
