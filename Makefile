@@ -28,7 +28,7 @@ help:
 	@echo "make bench   server overhead benchmark (writes bench/results/)"
 	@echo "make protos  regenerate the gRPC stubs from protos/"
 	@echo "make lint    ruff check + ruff format --check (the generated stubs are checked by a test); CI runs it"
-	@echo "make typecheck  mypy --strict on service/sparseserve (not yet clean, not in CI)"
+	@echo "make typecheck  mypy --strict on service/sparseserve (docs/typing.md); CI runs it"
 	@echo "make helm-schema  regenerate the chart's settings schema from the server's settings"
 
 $(BIN)/python:
@@ -134,8 +134,8 @@ lint: $(DEV_STAMP)
 	$(BIN)/ruff check service tests bench
 	$(BIN)/ruff format --check service tests bench
 
-# mypy, strict, on the sparseserve package (configured in pyproject.toml). Not in CI
-# until it passes cleanly; docs/typing.md says where it stands.
+# mypy, strict, on the sparseserve package (configured in pyproject.toml; docs/typing.md).
+# .ci/run runs it after `make lint` and before `make test`: a type error fails CI.
 typecheck: $(DEV_STAMP)
 	$(BIN)/mypy
 
