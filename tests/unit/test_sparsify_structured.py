@@ -16,7 +16,7 @@ from torch import nn
 
 from sparseserve.sparsify.digits import cnn, load_digits_split, mlp
 from sparseserve.sparsify.export import export_onnx, run_onnx
-from sparseserve.sparsify.recipe import TrainingData, apply
+from sparseserve.sparsify.recipe import RecipeError, TrainingData, apply
 from sparseserve.sparsify.structured import (
     Link,
     ShrinkConfig,
@@ -131,6 +131,18 @@ def test_structured_prune_on_a_cnn_masks_channels_with_their_batchnorm() -> None
     assert (model.conv2.weight.detach()[dead].abs().sum() == 0).item()
     shrink(model)
     assert model.conv2.out_channels == 24 and model.fc.in_features == 24 * 16
+
+
+def test_shrinking_a_batchnorm_without_running_statistics_says_why() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.BatchNorm2d(4, track_running_stats=False),
+        nn.ReLU(),
+        nn.Conv2d(4, 2, 3),
+    )
+    apply(model, StructuredPruneConfig(sparsity=0.5))
+    with pytest.raises(RecipeError, match="track running statistics"):
+        shrink(model)
 
 
 def test_shrink_never_removes_a_whole_layer() -> None:
