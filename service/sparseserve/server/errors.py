@@ -32,8 +32,8 @@ from sparseserve.server.wire import RefusedMessage, release, safe_deserializer
 log = logging.getLogger(__name__)
 
 # Requests and responses are protobuf messages whose stubs are untyped (docs/typing.md),
-# so the handlers, contexts and behaviours here are over Any.
-# (Strings: grpcio's classes are generic only in its stubs.)
+# so the handlers, contexts and behaviours here are over Any. The aliases are strings
+# because grpcio's classes are generic only in its stubs, not at run time.
 MethodHandler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 ServicerContext: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 Behavior = Callable[[Any, ServicerContext], Awaitable[Any]]
