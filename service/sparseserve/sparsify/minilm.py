@@ -59,7 +59,7 @@ def load_bert() -> nn.Module:
     from transformers import AutoModel
     from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # (unannotated)
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # transformers: untyped
     # Eager attention: plain MatMul/Softmax in ONNX, which onnxruntime fuses; it also
     # takes any head count per layer, which pruning needs.
     model: nn.Module = AutoModel.from_pretrained(
