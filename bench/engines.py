@@ -33,10 +33,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import re
 import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,10 +47,17 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import openvino as ov
+import openvino.properties as props
+import openvino.properties.hint as hints
+import openvino.properties.streams as streams
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import InferInput
 
 if not __package__:  # `python bench/<script>.py`: import `bench` from the repository root
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from bench.measure import LatencySummary, check_errors, drive_unary
 from bench.report import (
     REPO_ROOT,
     environment,
@@ -58,6 +68,8 @@ from bench.report import (
     rotated,
     write_results,
 )
+from sparseserve.client.server_process import ServerProcess
+from sparseserve.codec import datatype_of
 from sparseserve.testing import onnx_models
 
 PACKAGES = ("sparseserve", "onnxruntime", "openvino", "numpy", "tritonclient", "grpcio",
@@ -146,11 +158,6 @@ def openvino_compile(
     The precision is always set, never left to OpenVINO (whose default on AMX CPUs is
     bf16), and read back: a bf16 request that compiled f32 raises EngineUnavailable.
     """
-    import openvino as ov
-    import openvino.properties as props
-    import openvino.properties.hint as hints
-    import openvino.properties.streams as streams
-
     core = ov.Core()
     try:
         model = core.read_model(str(path))
@@ -206,6 +213,7 @@ class Case:
     """One model at one batch size on one engine, and what was measured of it."""
 
     model: str
+    path: Path  # the ONNX file
     batch: int
     engine: Engine
     runner: Runner | None = None
@@ -249,7 +257,7 @@ def build_case(
     model: str, path: Path, batch: int, engine: Engine, threads: int, feed: Feed, bf16: str | None
 ) -> Case:
     """A Case ready to time, or one saying why this engine cannot run it."""
-    case = Case(model, batch, engine)
+    case = Case(model, path, batch, engine)
     try:
         if engine.engine == "onnxruntime":
             case.runner = onnxruntime_runner(path, threads)
@@ -266,6 +274,7 @@ def build_case(
 
 def minilm_texts(count: int) -> list[str]:
     """`count` chunks of real English (stdlib docstrings) long enough to fill 128 tokens."""
+    # Imported here: sparsify's modules import torch, needed only to tokenize for MiniLM.
     from sparseserve.sparsify.corpus import chunks, sentences, stdlib_directory
 
     # One stdlib package is enough text and much faster to parse than the whole stdlib.
@@ -275,11 +284,10 @@ def minilm_texts(count: int) -> list[str]:
     return texts[:count]
 
 
-def minilm_feeds(texts: Sequence[str], batch: int) -> list[Feed]:
+def minilm_feeds(tokenizer: Any, texts: Sequence[str], batch: int) -> list[Feed]:
     """The texts as [batch, 128] inputs (the last batch dropped if short)."""
-    from sparseserve.sparsify.minilm import INPUT_NAMES, load_tokenizer
+    from sparseserve.sparsify.minilm import INPUT_NAMES
 
-    tokenizer = load_tokenizer()
     feeds = []
     for start in range(0, len(texts) - batch + 1, batch):
         encoded = tokenizer(
@@ -320,10 +328,13 @@ def minilm_groups(
             notes.append(f"{MINILM_REFERENCE} is missing: no cosine and no speed-up vs dense")
         if not found:
             return [], notes
+    from sparseserve.sparsify.minilm import load_tokenizer
+
+    tokenizer = load_tokenizer()
     texts = minilm_texts(max(sentences, *batches))
     groups = []
     for batch in batches:
-        feeds = minilm_feeds(texts, batch)
+        feeds = minilm_feeds(tokenizer, texts, batch)
         progress(f"minilm batch {batch}: compiling {len(found)} models x {len(ENGINES)} engines")
         cases = [
             build_case(model, path, batch, engine, threads, feeds[0], bf16)
@@ -454,9 +465,6 @@ def build_server_repository(root: Path, models: dict[str, Path]) -> None:
 
 def served_backends(metrics_url: str) -> dict[str, str]:
     """Model name -> the backend serving it, from `sparseserve_model_ready`'s labels."""
-    import re
-    import urllib.request
-
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
         text = response.read().decode()
     served = {}
@@ -469,10 +477,6 @@ def served_backends(metrics_url: str) -> dict[str, str]:
 
 def server_inputs(feed: Feed) -> list[Any]:
     """tritonclient inputs for every row of `feed`, one batch-1 request each."""
-    from tritonclient.grpc import InferInput
-
-    from sparseserve.codec import datatype_of  # the project's one datatype table
-
     rows = next(iter(feed.values())).shape[0]
     requests = []
     for row in range(rows):
@@ -504,8 +508,6 @@ async def answer_differences(
     """(model, engine) -> max |answer - onnxruntime's| / max |onnxruntime's| over each
     model's first request, for every engine that serves it: fp32 engines must agree
     (the check before timing that the engines compute the same thing)."""
-    import tritonclient.grpc.aio as triton_aio
-
     served = {(case.model, case.engine) for case in cases if case.unavailable is None}
     differences: dict[tuple[str, str], float] = {}
     async with triton_aio.InferenceServerClient(url) as client:
@@ -536,10 +538,6 @@ async def drive_server(
     url: str, cases: list[ServerCase], requests: list[Any], args: argparse.Namespace
 ) -> None:
     """Every round: each (model, concurrency) group's engines in a rotated order."""
-    import tritonclient.grpc.aio as triton_aio
-
-    from bench.measure import LatencySummary, check_errors, drive_unary
-
     groups: dict[tuple[str, int], list[ServerCase]] = {}
     for case in cases:
         if case.unavailable is None:
@@ -567,12 +565,20 @@ async def drive_server(
                 )
 
 
+def server_models(groups: Sequence[Group]) -> dict[str, tuple[Path, Feed]]:
+    """Each model's file, with the input of its largest batch: the rows the server's
+    batch-1 requests take turns with."""
+    models: dict[str, tuple[Path, Feed]] = {}
+    for group in sorted(groups, key=lambda group: group.batch):
+        for case in group.cases:
+            models[case.model] = (case.path, group.feed)
+    return models
+
+
 def server_report(
     models: dict[str, tuple[Path, Feed]], args: argparse.Namespace
 ) -> list[dict[str, Any]]:
     """Each model through a real server on each engine, c=1 and c=32, batch-1 requests."""
-    from sparseserve.client.server_process import ServerProcess
-
     cases = [
         ServerCase(model, engine, concurrency)
         for model in models
@@ -795,12 +801,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import os
-
     args = parse_args(argv)
     env = environment()
     env["packages"] = {name: package_version(name) for name in PACKAGES}
-    load_start = os.getloadavg()
+    load_at_start = os.getloadavg()
     bf16 = bf16_support(args.threads)
     groups, notes = minilm_groups(
         args.repository, args.minilm_batch, args.sentences, args.threads, bf16
@@ -808,18 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="engines-mlp-") as tmp:
         groups += mlp_groups(args.mlp, args.mlp_batch, args.threads, bf16, Path(tmp))
         run_rounds(groups, args.rounds, args.warmup, args.runs)
-        server = None
-        if args.server:
-            models: dict[str, tuple[Path, Feed]] = {}
-            for group in groups:  # each model once, with its largest timed input's rows
-                for case in group.cases:
-                    if case.engine == ONNXRUNTIME_FP32:
-                        path = model_path(case.model, args.repository, Path(tmp))
-                        if case.model not in models or group.batch > len(
-                            next(iter(models[case.model][1].values()))
-                        ):
-                            models[case.model] = (path, group.feed)
-            server = server_report(models, args)
+        server = server_report(server_models(groups), args) if args.server else None
     report = {
         "environment": env,
         "cpu_flags": cpu_flags(),
@@ -830,7 +823,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "warmup": args.warmup,
         "sentences": args.sentences,
         "sequence": SEQUENCE,
-        "load_average": load_start,
+        "load_average": load_at_start,
         "load_average_end": os.getloadavg(),
         "notes": notes,
         "in_process": summarise(groups),
@@ -838,13 +831,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     write_results(args.output_dir, args.name, report, render_markdown(report))
     return 0
-
-
-def model_path(model: str, repository: Path, mlp_dir: Path) -> Path:
-    """Where the in-process part found (or built) `model`'s ONNX file."""
-    if model.startswith("minilm."):
-        return repository / model / "1" / "model.onnx"
-    return mlp_dir / f"mlp-{model.removeprefix('mlp ')}.onnx"
 
 
 if __name__ == "__main__":
