@@ -17,8 +17,8 @@ reference's time / the case's time within a round, then the median over rounds.
      without a word when asked for bf16 on a CPU without AVX512_BF16/AMX, so the
      precision is read back from the compiled model and such a row says "not available
      on this CPU" instead of timing f32 under a bf16 label.
-   Models: the MiniLM variants found in `--repository` (absent ones are noted and
-   skipped) at batch 1 and 8, 128 tokens of real text (stdlib docstrings), with the
+   Models: the MiniLM variants in `--repository` (every `minilm.*` directory; the six
+   of recipes/minilm.yaml that are absent are noted and skipped) at batch 1 and 8, 128 tokens of real text (stdlib docstrings), with the
    cosine of each embedding to onnxruntime fp32 on minilm.dense; and two MLPs with
    random weights (64-256-256-10 and 1024-4096-4096-1000) at batch 1 and 32, with the
    relative error to onnxruntime fp32 on the same model.
@@ -150,6 +150,12 @@ def onnxruntime_runner(path: Path, threads: int) -> Runner:
     return lambda feed: session.run([output], feed)[0]
 
 
+def first_line(error: Exception) -> str:
+    """The first line of an engine's (often very long) error message, for a table cell."""
+    text = str(error).strip()
+    return text.splitlines()[0][:160] if text else type(error).__name__
+
+
 def openvino_compile(
     path: Path, engine: Engine, threads: int, shapes: dict[str, tuple[int, ...]]
 ) -> tuple[Runner, dict[str, str]]:
@@ -171,8 +177,7 @@ def openvino_compile(
         }
         compiled = core.compile_model(model, "CPU", config)
     except RuntimeError as exc:  # OpenVINO reports unsupported operators this way
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EngineUnavailable(f"OpenVINO cannot compile it: {first[:160]}") from exc
+        raise EngineUnavailable(f"OpenVINO cannot compile it: {first_line(exc)}") from exc
     precision = compiled.get_property(hints.inference_precision).to_string()  # "f32", "bf16"
     if precision != engine.precision.replace("fp", "f"):
         raise EngineUnavailable(
@@ -223,10 +228,6 @@ class Case:
     cpu_ms: list[float] = field(default_factory=list)  # process CPU per run, per round
     quality: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def key(self) -> tuple[str, int, str]:
-        return (self.model, self.batch, self.engine.label)
-
 
 @dataclass(slots=True)
 class Group:
@@ -266,7 +267,10 @@ def build_case(
         else:
             shapes = {name: array.shape for name, array in feed.items()}
             case.runner, case.compiled_with = openvino_compile(path, engine, threads, shapes)
-        case.runner(feed)  # fails here if the engine cannot run this input
+            try:
+                case.runner(feed)
+            except RuntimeError as exc:  # compiled, but an operator fails when it runs
+                raise EngineUnavailable(f"OpenVINO cannot run it: {first_line(exc)}") from exc
     except EngineUnavailable as exc:
         case.runner, case.unavailable = None, str(exc)
     return case
@@ -312,26 +316,32 @@ def cosine_to(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     return {"cosine_mean": float(cosines.mean()), "cosine_min": float(cosines.min())}
 
 
+def latest_model_file(directory: Path) -> Path | None:
+    """The model.onnx of the highest numeric version under `directory`, if any."""
+    versions = [p for p in directory.glob("*/model.onnx") if p.parent.name.isdigit()]
+    return max(versions, key=lambda p: int(p.parent.name), default=None)
+
+
 def minilm_groups(
-    repository: Path, batches: Sequence[int], sentences: int, threads: int, bf16: str | None
+    repository: Path, batches: Sequence[int], cosine_texts: int, threads: int, bf16: str | None
 ) -> tuple[list[Group], list[str]]:
     """The MiniLM groups (one per batch size), and a note per variant not found."""
     found, notes = {}, []
-    for variant in MINILM_VARIANTS:
-        path = repository / f"minilm.{variant}" / "1" / "model.onnx"
-        if path.is_file():
-            found[f"minilm.{variant}"] = path
-        else:
-            notes.append(f"minilm.{variant}: not in {repository} (skipped)")
+    others = sorted(path.name for path in repository.glob("minilm.*") if path.is_dir())
+    for model in [*(f"minilm.{v}" for v in MINILM_VARIANTS), *others]:
+        path = latest_model_file(repository / model)
+        if path is not None:
+            found.setdefault(model, path)
+        elif model not in others:
+            notes.append(f"{model}: not in {repository} (skipped)")
+    if not found:
+        return [], notes
     if MINILM_REFERENCE not in found:
-        if found:
-            notes.append(f"{MINILM_REFERENCE} is missing: no cosine and no speed-up vs dense")
-        if not found:
-            return [], notes
+        notes.append(f"{MINILM_REFERENCE} is missing: no cosine and no speed-up vs dense")
     from sparseserve.sparsify.minilm import load_tokenizer
 
     tokenizer = load_tokenizer()
-    texts = minilm_texts(max(sentences, *batches))
+    texts = minilm_texts(max(cosine_texts, *batches))
     groups = []
     for batch in batches:
         feeds = minilm_feeds(tokenizer, texts, batch)
