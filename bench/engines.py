@@ -18,8 +18,9 @@ reference's time / the case's time within a round, then the median over rounds.
      precision is read back from the compiled model and such a row says "not available
      on this CPU" instead of timing f32 under a bf16 label.
    Models: the MiniLM variants in `--repository` (every `minilm.*` directory; the six
-   of recipes/minilm.yaml that are absent are noted and skipped) at batch 1 and 8, 128 tokens of real text (stdlib docstrings), with the
-   cosine of each embedding to onnxruntime fp32 on minilm.dense; and two MLPs with
+   of recipes/minilm.yaml that are absent are noted and skipped) at batch 1 and 8, 128
+   tokens of real text (stdlib docstrings), with the cosine of each embedding to
+   onnxruntime fp32 on minilm.dense; and two MLPs with
    random weights (64-256-256-10 and 1024-4096-4096-1000) at batch 1 and 32, with the
    relative error to onnxruntime fp32 on the same model.
 2. `--server`: the same models through a real sparseserve (tritonclient, batch-1
@@ -151,9 +152,11 @@ def onnxruntime_runner(path: Path, threads: int) -> Runner:
 
 
 def first_line(error: Exception) -> str:
-    """The first line of an engine's (often very long) error message, for a table cell."""
-    text = str(error).strip()
-    return text.splitlines()[0][:160] if text else type(error).__name__
+    """The first informative line of an engine's (often very long) error message, for a
+    table cell: OpenVINO's begins with a line per source file it passed through."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    informative = [line for line in lines if not line.startswith("Exception from src/")]
+    return (informative or lines or [type(error).__name__])[0][:200]
 
 
 def openvino_compile(
@@ -698,6 +701,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = ["# CPU engines: onnxruntime and OpenVINO on the same ONNX files", "",
              "## Machine", "", *machine_lines(env, settings), ""]  # fmt: skip
     lines += [
+        "The precision is the engine's floating-point precision: an int8 variant's "
+        "quantized layers run in int8 on every engine. "
         "Speed-up: onnxruntime fp32 ms / this case's ms on the same model and batch, within "
         "each round; the median over rounds (min-max). CPU ms: process CPU time per run "
         "(all threads). MiniLM: 128 tokens of stdlib docstring text per row, cosine of each "
@@ -801,6 +806,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="a smoke test: 1 round of 3 runs, 8 texts, few requests",
     )
+    parser.add_argument(
+        "--note", action="append", default=[], help="a line for the report (e.g. how the "
+        "repository was made); repeatable",
+    )  # fmt: skip
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "bench" / "results")
     parser.add_argument("--name", default="engines", help="file name of the results")
     args = parser.parse_args(argv)  # fmt: skip
@@ -835,7 +844,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sequence": SEQUENCE,
         "load_average": load_at_start,
         "load_average_end": os.getloadavg(),
-        "notes": notes,
+        "notes": [*args.note, *notes],
         "in_process": summarise(groups),
         "server": server,
     }
