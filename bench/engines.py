@@ -312,8 +312,10 @@ def cosine_to(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     """Mean and min cosine of each candidate embedding to the reference's."""
 
     def unit(x: np.ndarray) -> np.ndarray:
-        x = x.astype(np.float64)
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        wide = x.astype(np.float64)
+        norm = np.maximum(np.linalg.norm(wide, axis=1, keepdims=True), 1e-12)
+        unit_rows: np.ndarray = wide / norm
+        return unit_rows
 
     cosines = (unit(reference) * unit(candidate)).sum(axis=1)
     return {"cosine_mean": float(cosines.mean()), "cosine_min": float(cosines.min())}
@@ -329,7 +331,8 @@ def minilm_groups(
     repository: Path, batches: Sequence[int], cosine_texts: int, threads: int, bf16: str | None
 ) -> tuple[list[Group], list[str]]:
     """The MiniLM groups (one per batch size), and a note per variant not found."""
-    found, notes = {}, []
+    found: dict[str, Path] = {}
+    notes: list[str] = []
     others = sorted(path.name for path in repository.glob("minilm.*") if path.is_dir())
     for model in [*(f"minilm.{v}" for v in MINILM_VARIANTS), *others]:
         path = latest_model_file(repository / model)
@@ -557,7 +560,7 @@ async def answer_differences(
 
 
 async def drive_server(
-    url: str, cases: list[ServerCase], requests: list[Any], args: argparse.Namespace
+    url: str, cases: list[ServerCase], requests: dict[str, list[Any]], args: argparse.Namespace
 ) -> None:
     """Every round: each (model, concurrency) group's engines in a rotated order."""
     groups: dict[tuple[str, int], list[ServerCase]] = {}
