@@ -53,7 +53,7 @@ import openvino.properties as props
 import openvino.properties.hint as hints
 import openvino.properties.streams as streams
 import tritonclient.grpc.aio as triton_aio
-from tritonclient.grpc import InferInput
+from tritonclient.grpc import InferenceServerClient, InferInput
 
 if not __package__:  # `python bench/<script>.py`: import `bench` from the repository root
     sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -500,6 +500,20 @@ def served_backends(metrics_url: str) -> dict[str, str]:
     return served
 
 
+def load_failures(url: str) -> dict[str, str]:
+    """Model name -> why it is not ready, from the server's RepositoryIndex."""
+    client = InferenceServerClient(url)
+    try:
+        index = client.get_model_repository_index(as_json=True)
+    finally:
+        client.close()
+    return {
+        model["name"]: first_line(RuntimeError(model.get("reason") or model.get("state", "")))
+        for model in index.get("models", [])
+        if model.get("state") != "READY"
+    }
+
+
 def server_inputs(feed: Feed) -> list[Any]:
     """tritonclient inputs for every row of `feed`, one batch-1 request each."""
     rows = next(iter(feed.values())).shape[0]
@@ -619,11 +633,12 @@ def server_report(
         with ServerProcess(root, *server_args, startup_timeout=600.0) as server:
             served = served_backends(server.metrics_url)
             progress(f"server: served backends {served}")
+            reasons = load_failures(server.grpc_url)
             for case in cases:
                 name = server_model_name(case.model, case.engine)
                 backend = served.get(name)
                 if backend is None:
-                    case.unavailable = "did not load (see the server log)"
+                    case.unavailable = f"did not load: {reasons.get(name, 'no reason given')}"
                 elif backend != case.engine:
                     case.unavailable = (
                         f"{case.engine} backend not available (config.pbtxt backend: "
@@ -650,16 +665,16 @@ def server_report(
             ratios = [
                 mine / theirs
                 for mine, theirs in zip(
-                    case.requests_per_second, reference.requests_per_second, strict=True
+                    case.requests_per_second, reference.requests_per_second, strict=False
                 )
-            ]
+            ]  # none where onnxruntime did not serve the model
             row |= {
                 "requests_per_second": statistics.median(case.requests_per_second),
                 "p50_ms": statistics.median(case.p50_ms),
                 "round_requests_per_second": case.requests_per_second,
                 "vs_onnxruntime": {
                     "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)
-                },
+                } if ratios else None,
             }  # fmt: skip
         rows.append(row)
     return rows
