@@ -73,6 +73,7 @@ def test_bf16_is_compiled_bf16_or_reported_unavailable(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # loads the MiniLM tokenizer (transformers): about 10 s here
 def test_quick_run_on_tiny_models(tmp_path: Path) -> None:
+    pytest.importorskip("transformers", reason="the MiniLM tokenizer needs the [sparsify] extra")
     repository = tmp_path / "models"
     tiny_embedder(repository / "minilm.dense" / "1" / "model.onnx")
     tiny_embedder(repository / "minilm.int8" / "1" / "model.onnx", seed=1)
