@@ -16,7 +16,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH := torch==2.13.0
 DEMO_REPOSITORY ?= models
 
-.PHONY: help venv prometheus corpus-text demo report-screenshot minilm bench-minilm test test-fast protos check-protos helm-schema lint typecheck bench clean clean-models
+.PHONY: help venv prometheus corpus-text demo report-screenshot minilm bench-minilm bench-engines test test-fast protos check-protos helm-schema lint typecheck bench clean clean-models
 
 help:
 	@echo "make demo    build the digits models + sparse variants into ./models, serve, query, compare"
@@ -24,6 +24,7 @@ help:
 	@echo "make minilm  build the minilm family (real all-MiniLM-L6-v2; slow: ~70 min on 2 idle cores, estimated)"
 	@echo "make corpus-text  install Debian's fortunes (everyday English for the minilm corpus; root)"
 	@echo "make bench-minilm  latency, size and fidelity of the minilm variants (after make minilm)"
+	@echo "make bench-engines onnxruntime vs OpenVINO on the minilm variants and two MLPs"
 	@echo "make test    the whole test suite"
 	@echo "make bench   server overhead benchmark (writes bench/results/)"
 	@echo "make protos  regenerate the gRPC stubs from protos/"
@@ -75,6 +76,9 @@ minilm: $(DEV_STAMP) corpus-text
 
 bench-minilm: $(DEV_STAMP)
 	$(BIN)/python -m bench.minilm --repository $(MINILM_REPOSITORY)
+
+bench-engines: $(DEV_STAMP)
+	$(BIN)/python -m bench.engines --repository $(MINILM_REPOSITORY)
 
 # Everyday English for the minilm corpus (sparsify/corpus.py): Debian's fortune
 # quotations (package `fortunes`, data files only, under /usr/share/games/fortunes).

@@ -41,8 +41,8 @@ def run_bench(script: str, output: Path, *args: str) -> dict:
 
 # The scripts that need neither torch nor the peers' venvs to import.
 IMPORTABLE_WITHOUT_TORCH = (
-    "batching", "compare_servers", "grpc_floor", "profile_server", "request_memory", "rest",
-    "server_overhead", "shadow", "soak", "threads",
+    "batching", "compare_servers", "engines", "grpc_floor", "profile_server", "request_memory",
+    "rest", "server_overhead", "shadow", "soak", "threads",
 )  # fmt: skip
 
 

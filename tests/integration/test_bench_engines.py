@@ -1,0 +1,41 @@
+"""bench/engines.py --server in miniature: a real server serves one model per engine,
+selected by config.pbtxt `backend:`; an engine the server does not have is reported as
+not available instead of being timed under its name."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_server_run_times_each_engine_the_server_really_has(tmp_path: Path) -> None:
+    output = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.engines", "--quick", "--server",
+         "--repository", str(tmp_path / "no-minilm"), "--mlp", "16-32-4",
+         "--output-dir", str(output)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((output / "engines.json").read_text())
+    rows = {(row["engine"], row["concurrency"]): row for row in report["server"]}
+    assert sorted(rows) == [("onnxruntime", 1), ("onnxruntime", 32),
+                            ("openvino", 1), ("openvino", 32)]  # fmt: skip
+    for (engine, _), row in rows.items():
+        if engine == "openvino" and row["unavailable"] is not None:
+            # The server served the model with another backend: nothing timed under
+            # OpenVINO's name.
+            assert row["unavailable"].startswith("openvino backend not available"), row
+            assert "requests_per_second" not in row, row
+        else:
+            assert row["requests_per_second"] > 0, row
+            assert row["relative_difference_to_onnxruntime"] <= 1e-4, row
+    assert "## Through the server" in (output / "engines.md").read_text()
