@@ -82,6 +82,18 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dispatch", choices=["auto", "cpu", "triton"], help="where models run (default: auto)"
     )
+    p.add_argument(
+        "--cpu-engine",
+        choices=["onnxruntime", "openvino", "auto"],
+        help="engine for models on the CPU; auto: the fastest measured at load "
+        "(default: onnxruntime)",
+    )
+    p.add_argument(
+        "--no-measure-engines",
+        action="store_true",
+        help="with --cpu-engine auto: do not time the engines (onnxruntime unless only "
+        "OpenVINO can run the model)",
+    )
     p.add_argument("--triton-url", help="host:port of a Triton server (gRPC) for the GPU path")
     p.add_argument(
         "--no-dispatch-fallback",
@@ -176,6 +188,9 @@ def _serve(args: argparse.Namespace) -> int:
     )  # fmt: skip
     overrides: dict[str, object] = {name: getattr(args, name) for name in names}
     overrides["dispatch"] = args.dispatch
+    overrides["cpu_engine"] = args.cpu_engine
+    if args.no_measure_engines:
+        overrides["measure_engines"] = False
     overrides["assume_gpus"] = args.assume_gpus
     if args.no_dispatch_fallback:
         overrides["dispatch_fallback"] = False

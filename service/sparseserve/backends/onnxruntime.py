@@ -27,9 +27,11 @@ from sparseserve.backends.base import (
     ModelFiles,
     ModelSignature,
     TensorSpec,
+    warmup_inputs,
 )
 from sparseserve.codec import BY_ONNX, BYTES
 from sparseserve.errors import InferenceFailed, InvalidInput, ModelLoadError
+from sparseserve.repository.manifest import Precision
 from sparseserve.settings import GraphOptimization, OnnxRuntimeSettings
 
 _OPTIMIZATION = {
@@ -73,6 +75,7 @@ class OnnxRuntimeBackend(Backend):
         self._us_per_element = float("inf")
 
     async def load(self) -> ModelSignature:
+        refuse_unservable(self._files)
         loop = asyncio.get_running_loop()
         session = await loop.run_in_executor(self._executor, self._create_session)
         signature = session_signature(session, self._files)
@@ -82,11 +85,12 @@ class OnnxRuntimeBackend(Backend):
                 self._executor, self._find_unknown_ranks, session, signature
             )
         self._session = session
-        feeds = _warmup_inputs(signature)
+        feeds = warmup_inputs(signature)
         names = list(signature.output_names)
         await self.infer(feeds, names)
         seconds = await loop.run_in_executor(self._executor, _time_runs, session, names, feeds)
         self._us_per_element = seconds * 1e6 / max(1, _elements(feeds))
+        self.warmup_seconds = seconds
         return signature
 
     def _create_session(self) -> ort.InferenceSession:
@@ -178,6 +182,23 @@ class OnnxRuntimeBackend(Backend):
         self._session = None
 
 
+def refuse_unservable(files: ModelFiles) -> None:
+    """Raise `ModelLoadError` for a variant onnxruntime cannot serve as it is meant to
+    be: a bf16 variant (onnxruntime's CPU kernels compute fp32, so it would silently
+    answer other numbers) or an OpenVINO IR file."""
+    if files.precision is not Precision.fp32:
+        raise ModelLoadError(
+            f"model {files.name!r} is a {files.precision.value} variant and onnxruntime "
+            "computes only fp32 on the CPU; serve it with the openvino engine (cpu_engine "
+            'openvino or auto, or config.pbtxt backend: "openvino") on a CPU with bf16'
+        )
+    if files.path.suffix != ".onnx":
+        raise ModelLoadError(
+            f"onnxruntime cannot load {files.path.name} (model {files.name!r}): it reads "
+            "ONNX files; an OpenVINO IR model.xml needs the openvino engine"
+        )
+
+
 async def _run(job: Future[list[np.ndarray]], run_options: ort.RunOptions) -> list[np.ndarray]:
     """Await a `session.run` on the thread pool. If the caller is cancelled (deadline
     passed, client gone, shutdown grace over), a run that has not started is dropped and
@@ -259,18 +280,6 @@ def session_signature(session: ort.InferenceSession, files: ModelFiles) -> Model
         return tuple(result)
 
     return ModelSignature(specs(session.get_inputs()), specs(session.get_outputs()))
-
-
-def _warmup_inputs(signature: ModelSignature) -> dict[str, np.ndarray]:
-    """One all-zero (or empty-string) sample per input; dynamic dimensions become 1."""
-    feeds = {}
-    for spec in signature.inputs:
-        shape = tuple(1 if d == -1 else d for d in spec.shape)
-        if spec.datatype is BYTES:
-            feeds[spec.name] = np.full(shape, b"", dtype=object)
-        else:
-            feeds[spec.name] = np.zeros(shape, dtype=spec.datatype.numpy)
-    return feeds
 
 
 def _as_text(name: str, array: np.ndarray) -> np.ndarray:
