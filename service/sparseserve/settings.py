@@ -490,7 +490,9 @@ class Settings(BaseSettings):
     cpu_engine: CpuEngine = Field(
         CpuEngine.onnxruntime,
         description="The engine that runs models on the CPU (see CpuEngine); a model's "
-        "config.pbtxt `backend:` and cpu_engine_overrides pin one per model.",
+        "config.pbtxt `backend:` and cpu_engine_overrides pin one per model. A variant "
+        "onnxruntime cannot run (bf16, an OpenVINO IR model.xml) goes to OpenVINO unless "
+        "pinned to onnxruntime.",
     )
     cpu_engine_overrides: dict[str, CpuEngine] = Field(
         default_factory=dict,

@@ -245,11 +245,15 @@ class Dispatcher:
         return await self._resolve_auto() if policy is DispatchPolicy.auto else policy
 
     def _unmeasured_engine(self, files: ModelFiles) -> CpuEngine:
-        """The engine asked for; for `auto` without measuring, onnxruntime unless only
-        OpenVINO can run the variant."""
-        engine, _ = self.cpu_engine(files)
-        if engine is not CpuEngine.auto:
-            return engine
+        """The engine asked for; for `auto` without measuring, and for the server-wide
+        default onnxruntime, onnxruntime unless only OpenVINO can run the variant."""
+        engine, source = self.cpu_engine(files)
+        if engine is CpuEngine.openvino or (
+            engine is CpuEngine.onnxruntime and source != "cpu_engine"
+        ):
+            return engine  # pinned for this model: no other engine, whatever it is
+        # The server-wide onnxruntime, or auto: a variant only OpenVINO can run (bf16, an
+        # IR model.xml) goes to OpenVINO rather than fail.
         if onnxruntime_can_serve(files) or not openvino_installed():
             return CpuEngine.onnxruntime
         return CpuEngine.openvino
