@@ -14,6 +14,14 @@ to f32 (OpenVINO's own default on CPUs with AMX or AVX512-BF16 is bf16) or, for 
 variant, to bf16, which only a CPU that computes bf16 can honour. After compiling, the
 precision the compiled model reports is read back and the load refused if it is not the
 one asked for: OpenVINO silently compiles f32 when asked for bf16 on a CPU without it.
+
+Inputs whose dynamic dimensions disagree (multi_io's a [2, 4] + b [3, 4]) must never
+reach a compiled model: OpenVINO 2026.4 answers them with outputs of a wrong shape when
+one thread runs the inference, and they leave the infer request (with one thread, the
+compiled model) in a state where later valid requests get wrong answers or abort the
+process ("pure virtual method called"). A model with more than one input of dynamic
+shape therefore keeps a weightless copy of its graph, and each new combination of input
+shapes goes through OpenVINO's shape inference on it once before it runs.
 """
 
 from __future__ import annotations
@@ -67,6 +75,11 @@ _CLIENT_FAULTS = ("shape infer", "mismatch", "Can not clone with new dims", "inc
 _ENGINE_SOURCE = re.compile(r"Exception from \S+:\d+:\s*|Check '.*?' failed at \S+:\d+:\s*")
 # How many timed runs give the warm-up median.
 WARMUP_RUNS = 7
+# Combinations of input shapes remembered as checked, per model (then it starts over).
+CHECKED_SHAPES_MAX = 4096
+# Constants with more elements than this are weights, not shapes: the shape-checking copy
+# of a graph replaces them with a broadcast zero of the same shape.
+_WEIGHT_ELEMENTS = 64
 
 
 @cache
@@ -102,6 +115,10 @@ class OpenVinoBackend(Backend):
         self._executor = executor
         self._compiled: openvino.CompiledModel | None = None
         self._idle: list[openvino.InferRequest] = []  # requests no execution holds
+        # The weightless graph that checks input shapes (None: one dynamic input or none),
+        # and the combinations of input shapes it passed.
+        self._shape_model: openvino.Model | None = None
+        self._checked_shapes: set[tuple[tuple[int, ...], ...]] = set()
         self._us_per_element = float("inf")  # from warm-up; inf: never run inline
 
     async def load(self) -> ModelSignature:
@@ -146,6 +163,9 @@ class OpenVinoBackend(Backend):
         core = _core()
         try:
             model = core.read_model(str(self._files.path))
+            dynamic = [port for port in model.inputs if port.get_partial_shape().is_dynamic]
+            if len(dynamic) > 1:
+                self._shape_model = weightless_copy(model)
             return core.compile_model(model, "CPU", config)
         except Exception as exc:  # OpenVINO raises RuntimeError for everything
             raise ModelLoadError(
@@ -174,6 +194,14 @@ class OpenVinoBackend(Backend):
             raise InferenceFailed(f"model {self._files.name!r} is not loaded")
         names = list(outputs)
         feeds = dict(inputs)
+        if self._shape_model is not None:
+            shapes = tuple(array.shape for array in feeds.values())
+            if shapes not in self._checked_shapes:
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._executor, self._check_shapes, feeds)
+                if len(self._checked_shapes) >= CHECKED_SHAPES_MAX:
+                    self._checked_shapes.clear()
+                self._checked_shapes.add(shapes)
         request = self._take()
         started = time.perf_counter_ns()
         try:
@@ -196,6 +224,20 @@ class OpenVinoBackend(Backend):
             dict(zip(names, results, strict=True)), self.name, time.perf_counter_ns() - started
         )
 
+    def _check_shapes(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """Raise `InvalidInput` unless OpenVINO's shape inference accepts these input
+        shapes together (see the module docstring for why this runs first)."""
+        assert self._shape_model is not None
+        graph = self._shape_model.clone()
+        try:
+            graph.reshape({name: list(array.shape) for name, array in feeds.items()})
+        except Exception as exc:  # OpenVINO raises RuntimeError for everything
+            raise InvalidInput(
+                f"model {self._files.name!r} cannot run on these input shapes "
+                f"({', '.join(f'{n} {list(a.shape)}' for n, a in feeds.items())}): "
+                f"{_engine_message(exc)}"
+            ) from exc
+
     def _take(self) -> openvino.InferRequest:
         """A request no execution holds: the pool only grows while more run at once."""
         if self._idle:
@@ -208,6 +250,7 @@ class OpenVinoBackend(Backend):
         # to finish frees it.
         self._compiled = None
         self._idle.clear()
+        self._shape_model = None
 
 
 def compile_config(
@@ -260,6 +303,25 @@ def compile_config(
             raise bad(SPARSE_RATE, rate, "a fraction in (0, 1]")
         config[SPARSE_RATE] = value
     return config
+
+
+def weightless_copy(model: openvino.Model) -> openvino.Model:
+    """A copy of `model` for shape inference only: every weight (a constant of more than
+    a few elements) becomes a broadcast zero of its shape, so the copy keeps no weights
+    alive. Small constants stay: shape inference reads their values (Reshape targets,
+    Gather indices)."""
+    import openvino.opset13 as ops
+
+    copy = model.clone()
+    for op in copy.get_ordered_ops():
+        if op.get_type_name() != "Constant" or not op.get_output_partial_shape(0).is_static:
+            continue
+        shape = [int(d) for d in op.get_output_shape(0)]
+        if int(np.prod(shape)) > _WEIGHT_ELEMENTS:
+            zero = ops.constant(np.zeros((), dtype=op.get_element_type().to_dtype()))
+            filled = ops.broadcast(zero, ops.constant(np.array(shape, np.int64)))
+            op.output(0).replace(filled.output(0))
+    return copy
 
 
 def sparse_kernel_layers(compiled: openvino.CompiledModel) -> int:
