@@ -8,6 +8,7 @@ checks that the load is refused and the message names the missing capability.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton
+import tritonclient.grpc.aio as triton_aio
 from prometheus_client.samples import Sample
 from tritonclient.utils import InferenceServerException
 
@@ -351,3 +353,36 @@ def test_unload_and_reload_on_openvino(
         client.load_model("mlp")
         np.testing.assert_array_equal(infer(client, "mlp", x), before)
         assert client.get_model_config("mlp").config.backend == "openvino"
+
+
+def test_openvino_batches_concurrent_requests_and_measures_its_memory(
+    pinned_root: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """Dynamic batching works the same on OpenVINO (its signature has the dynamic
+    leading dimension): 48 concurrent requests run in fewer executions, each answered
+    with its own rows; the memory the load cost is measured."""
+    env = {"SPARSESERVE_BATCHING__ENABLED": "true", "SPARSESERVE_ONNXRUNTIME__INLINE_MAX_US": "0"}
+    server = start_server(pinned_root, "--cpu-engine", "openvino", env=env)
+    path = pinned_root / "mlp" / "1" / "model.onnx"
+    arrays = [rows(1 + i % 3, seed=i) for i in range(48)]
+
+    async def gather() -> list[object]:
+        async with triton_aio.InferenceServerClient(server.grpc_url) as client:
+            requests = []
+            for x in arrays:
+                tensor = triton_aio.InferInput("input", list(x.shape), "FP32")
+                tensor.set_data_from_numpy(x)
+                requests.append(client.infer("mlp", [tensor]))
+            return await asyncio.gather(*requests, return_exceptions=True)
+
+    results = asyncio.run(gather())
+    for x, result in zip(arrays, results, strict=True):
+        assert not isinstance(result, BaseException), result
+        got = result.as_numpy("output")  # type: ignore[attr-defined]
+        np.testing.assert_allclose(got, reference(path, x), rtol=1e-5, atol=1e-6)
+    with triton.InferenceServerClient(server.grpc_url) as client:
+        (stats,) = client.get_inference_statistics("mlp").model_stats
+    assert stats.inference_count == sum(len(x) for x in arrays)
+    assert 1 <= stats.execution_count < len(arrays)
+    samples = scrape(server)
+    assert value(samples, "sparseserve_model_memory_bytes", model="mlp", backend="openvino") > 0
