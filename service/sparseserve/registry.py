@@ -26,7 +26,7 @@ from enum import StrEnum
 import numpy as np
 
 from sparseserve.backends.base import Backend, ExecutionRecord, ModelFiles, ModelSignature
-from sparseserve.backends.dispatch import Dispatcher, DispatchingBackend
+from sparseserve.backends.dispatch import Dispatcher
 from sparseserve.backends.hardware import probe_hardware
 from sparseserve.errors import (
     ModelLoadError,
@@ -444,12 +444,9 @@ class ModelRegistry:
         model's memory, and make every other variant look many times lighter than it."""
         self._primed = True
         try:
-            if isinstance(await self.dispatcher.backend(files), DispatchingBackend):
-                return  # a dispatched model's cost is Triton's; do not load it twice
-            backend, _ = await self.dispatcher.load(files)
+            await self.dispatcher.prime(files)
         except SparseServeError:
             return  # the measured load that follows reports it
-        await backend.unload()
 
     def _publish(self, entry: ModelEntry, ready: dict[int, LoadedModel]) -> None:
         entry.publish(ready)

@@ -177,6 +177,12 @@ class Backend(ABC):
     async def unload(self) -> None:
         """Release the model's resources. In-flight calls have finished when this runs."""
 
+    def run_warmup_once(self) -> float:
+        """Run the loaded model once on its warm-up inputs, blocking (on a worker
+        thread), and return the seconds it took: how `auto` compares engines, run after
+        run in turn. Backends that cannot be timed so raise NotImplementedError."""
+        raise NotImplementedError(f"{self.name} cannot be timed")
+
     def dispatch_stats(self) -> DispatchStats | None:
         """For a backend that hands executions to others: who ran them. None: itself."""
         return None
