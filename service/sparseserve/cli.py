@@ -501,12 +501,23 @@ def _inspect_parser(sub: argparse._SubParsersAction) -> None:
         type=Path,
         help="a model directory (./models/digits-mlp.pruned90) or an .onnx file",
     )
+    p.add_argument(
+        "--openvino",
+        action="store_true",
+        help="also compile the newest version with OpenVINO on this CPU, as the server "
+        "would, and report the precision it computes in and the layers on its sparse "
+        "kernel (whether the zeros are skipped)",
+    )
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from sparseserve.repository.inspect import describe_model
 
     print(describe_model(args.model))
+    if args.openvino:
+        from sparseserve.backends.openvino import describe_compiled
+
+        print(describe_compiled(args.model))
     return 0
 
 

@@ -15,11 +15,14 @@ from sparseserve.backends.base import ModelFiles
 from sparseserve.backends.openvino import (
     compile_config,
     compiled_signature,
+    cpu_capabilities,
+    describe_compiled,
     sparse_kernel_layers,
     weightless_copy,
 )
 from sparseserve.errors import ModelLoadError
 from sparseserve.protocol import model_config_pb2
+from sparseserve.repository.inspect import describe_serving
 from sparseserve.repository.manifest import Precision
 from sparseserve.repository.store import ModelRepository
 from sparseserve.settings import OpenVinoSettings
@@ -213,3 +216,27 @@ def test_the_shape_checking_copy_keeps_no_weights(tmp_path: Path) -> None:
     assert constants and max(constants) <= 64  # the 64x256 and 256x256 weights are gone
     copy.reshape({"input": [5, 64]})
     assert list(copy.outputs[0].get_partial_shape().to_shape()) == [5, 10]
+
+
+# -- inspect ---------------------------------------------------------------------------
+
+
+def test_inspect_says_the_precision_the_engine_pin_and_what_openvino_compiles(
+    tmp_path: Path,
+) -> None:
+    root = model_dir(tmp_path, "precision: fp32\n", 'backend: "openvino"\n')
+    serving = describe_serving(root / "m")
+    assert serving == [
+        "  precision:    fp32 (manifest)",
+        "  engine:       config.pbtxt backend 'openvino'",
+    ]
+    report = describe_compiled(root / "m")
+    assert "computes in:  f32 (asked: f32)" in report
+    assert "sparse kernel: 0 layers" in report
+    (root / "m" / "config.pbtxt").write_text(parameter("HINT_BF16", "YES"))
+    (root / "m" / "sparseserve.yaml").write_text("family: f\nvariant: v\n")
+    assert describe_serving(root / "m")[0] == "  precision:    bf16 (config.pbtxt HINT_BF16)"
+    if "BF16" not in cpu_capabilities():
+        assert "cannot serve it: a bf16 variant, and the CPU lacks BF16" in describe_compiled(
+            root / "m"
+        )

@@ -34,6 +34,7 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, Future
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,6 +50,7 @@ from sparseserve.backends.base import (
 from sparseserve.codec import BY_NAME, Datatype
 from sparseserve.errors import InferenceFailed, InvalidInput, ModelLoadError
 from sparseserve.repository.manifest import Precision
+from sparseserve.repository.store import ModelRepository
 from sparseserve.settings import OpenVinoSettings, PerformanceHint
 
 if TYPE_CHECKING:
@@ -413,3 +415,42 @@ def _time_runs(request: openvino.InferRequest, feeds: dict[str, np.ndarray]) -> 
 
 def _engine_message(error: Exception) -> str:
     return " ".join(_ENGINE_SOURCE.sub("", str(error)).split())
+
+
+def describe_compiled(path: Path) -> str:
+    """What `sparseserve inspect --openvino` prints: the newest version of the model
+    directory `path` (or the model file `path`) compiled as the server compiles it, with
+    default settings and its config.pbtxt's parameters, and what OpenVINO reports."""
+    if path.is_dir():
+        source = ModelRepository(path.resolve().parent).read(path.resolve().name)
+        version = max(source.versions)
+        files = ModelFiles(
+            source.name, version, source.versions[version], source.config, source.precision
+        )
+    else:
+        files = ModelFiles(path.stem, 1, path)
+    config = compile_config(files, OpenVinoSettings(), intra_op_threads=1)
+    capabilities = cpu_capabilities()
+    lines = [f"openvino on this CPU (OPTIMIZATION_CAPABILITIES {', '.join(capabilities)}):"]
+    if _CAPABILITY[files.precision] not in capabilities:
+        lines.append(
+            f"  cannot serve it: a {files.precision.value} variant, and the CPU lacks "
+            f"{_CAPABILITY[files.precision]}"
+        )
+        return "\n".join(lines)
+    core = _core()
+    try:
+        compiled = core.compile_model(core.read_model(str(files.path)), "CPU", config)
+    except Exception as exc:  # OpenVINO raises RuntimeError for everything
+        lines.append(f"  cannot compile {files.path.name}: {_engine_message(exc)}")
+        return "\n".join(lines)
+    precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    sparse = sparse_kernel_layers(compiled)
+    lines.append(f"  computes in:  {precision} (asked: {config['INFERENCE_PRECISION_HINT']})")
+    rate = config.get(SPARSE_RATE)
+    lines.append(
+        f"  sparse kernel: {sparse} layers"
+        + ("" if rate else f" ({SPARSE_RATE} not set: the sparse kernel is off)")
+        + ("" if sparse else "; the kernel needs int8 layers and AMX (Sapphire Rapids on)")
+    )
+    return "\n".join(lines)
