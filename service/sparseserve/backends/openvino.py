@@ -120,7 +120,7 @@ class OpenVinoBackend(Backend):
         # The weightless graph that checks input shapes (None: one dynamic input or none),
         # and the combinations of input shapes it passed.
         self._shape_model: openvino.Model | None = None
-        self._checked_shapes: set[tuple[tuple[int, ...], ...]] = set()
+        self._checked_shapes: set[tuple[tuple[str, tuple[int, ...]], ...]] = set()
         self._timer: tuple[openvino.InferRequest, dict[str, np.ndarray]] | None = None
         self._us_per_element = float("inf")  # from warm-up; inf: never run inline
 
@@ -197,7 +197,8 @@ class OpenVinoBackend(Backend):
         names = list(outputs)
         feeds = dict(inputs)
         if self._shape_model is not None:
-            shapes = tuple(array.shape for array in feeds.values())
+            # By name: a request may list its inputs in any order.
+            shapes = tuple((name, feeds[name].shape) for name in sorted(feeds))
             if shapes not in self._checked_shapes:
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(self._executor, self._check_shapes, feeds)
