@@ -318,6 +318,7 @@ def test_auto_measures_both_engines_and_keeps_onnxruntime_within_the_margin(
     assert "serving with onnxruntime" in server.log()
 
 
+@pytest.mark.slow  # two servers
 def test_engine_pinning_and_the_measurement_switch(
     pinned_root: Path, start_server: Callable[..., ServerProcess]
 ) -> None:

@@ -326,6 +326,11 @@ class Dispatcher:
 
     def _cpu_backend(self, files: ModelFiles, engine: CpuEngine) -> Backend:
         if engine is CpuEngine.openvino:
+            if not openvino_installed():
+                raise ModelLoadError(
+                    f"model {files.name!r} is to run on openvino, which is not installed "
+                    "here (pip install openvino, as pyproject.toml pins it)"
+                )
             cls = backend_class("openvino")
             ort = self.settings.onnxruntime
             return cls(  # type: ignore[call-arg]
