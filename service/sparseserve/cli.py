@@ -82,6 +82,18 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--dispatch", choices=["auto", "cpu", "triton"], help="where models run (default: auto)"
     )
+    p.add_argument(
+        "--cpu-engine",
+        choices=["onnxruntime", "openvino", "auto"],
+        help="engine for models on the CPU; auto: the fastest measured at load "
+        "(default: onnxruntime)",
+    )
+    p.add_argument(
+        "--no-measure-engines",
+        action="store_true",
+        help="with --cpu-engine auto: do not time the engines (onnxruntime unless only "
+        "OpenVINO can run the model)",
+    )
     p.add_argument("--triton-url", help="host:port of a Triton server (gRPC) for the GPU path")
     p.add_argument(
         "--no-dispatch-fallback",
@@ -176,6 +188,9 @@ def _serve(args: argparse.Namespace) -> int:
     )  # fmt: skip
     overrides: dict[str, object] = {name: getattr(args, name) for name in names}
     overrides["dispatch"] = args.dispatch
+    overrides["cpu_engine"] = args.cpu_engine
+    if args.no_measure_engines:
+        overrides["measure_engines"] = False
     overrides["assume_gpus"] = args.assume_gpus
     if args.no_dispatch_fallback:
         overrides["dispatch_fallback"] = False
@@ -486,12 +501,23 @@ def _inspect_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=Path,
         help="a model directory (./models/digits-mlp.pruned90) or an .onnx file",
     )
+    p.add_argument(
+        "--openvino",
+        action="store_true",
+        help="also compile the newest version with OpenVINO on this CPU, as the server "
+        "would, and report the precision it computes in and the layers on its sparse "
+        "kernel (whether the zeros are skipped)",
+    )
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from sparseserve.repository.inspect import describe_model
 
     print(describe_model(args.model))
+    if args.openvino:
+        from sparseserve.backends.openvino import describe_compiled
+
+        print(describe_compiled(args.model))
     return 0
 
 

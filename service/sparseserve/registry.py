@@ -397,15 +397,16 @@ class ModelRegistry:
 
     async def _load_version(self, source: ModelSource, version: int) -> LoadedModel:
         started = time.perf_counter()
-        files = ModelFiles(source.name, version, source.versions[version])
+        files = ModelFiles(
+            source.name, version, source.versions[version], source.config, source.precision
+        )
         fingerprint = source.fingerprint(version)
         async with self._load_lock:
             if not self._primed:
                 await self._prime(files)
             with ResidentGrowth() as growth:
-                backend = await self.dispatcher.backend(files)
                 try:
-                    signature = await backend.load()
+                    backend, signature = await self.dispatcher.load(files)
                 except ModelLoadError:
                     raise
                 except SparseServeError as exc:  # e.g. warm-up rejected by the model itself
@@ -437,19 +438,15 @@ class ModelRegistry:
         return model
 
     async def _prime(self, files: ModelFiles) -> None:
-        """Load the first model once, unmeasured, and drop it. onnxruntime's one-time
-        set-up (its environment, kernel registry and allocator arenas: 7 to 16 MiB on the
-        digits models) would otherwise count as the first model's memory, and make every
-        other variant look many times lighter than it."""
+        """Load the first model once, unmeasured, and drop it. A CPU engine's one-time
+        set-up (onnxruntime's environment, kernel registry and allocator arenas: 7 to 16
+        MiB on the digits models; OpenVINO's plugin) would otherwise count as the first
+        model's memory, and make every other variant look many times lighter than it."""
         self._primed = True
-        backend = await self.dispatcher.backend(files)
-        if backend.name != "onnxruntime":
-            return  # a dispatched model's cost is Triton's; do not load it twice
         try:
-            await backend.load()
+            await self.dispatcher.prime(files)
         except SparseServeError:
             return  # the measured load that follows reports it
-        await backend.unload()
 
     def _publish(self, entry: ModelEntry, ready: dict[int, LoadedModel]) -> None:
         entry.publish(ready)

@@ -74,6 +74,61 @@ class OnnxRuntimeSettings(BaseModel):
     )
 
 
+class PerformanceHint(StrEnum):
+    """OpenVINO's PERFORMANCE_HINT: LATENCY (few streams, each inference as fast as it
+    can be) or THROUGHPUT (more streams, more inferences at once)."""
+
+    LATENCY = "LATENCY"
+    THROUGHPUT = "THROUGHPUT"
+
+
+class OpenVinoSettings(BaseModel):
+    """How the OpenVINO engine compiles models (config.pbtxt `parameters` with Triton's
+    OpenVINO-backend keys override these per model; see docs/design-notes.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    performance_hint: PerformanceHint = Field(
+        PerformanceHint.LATENCY,
+        description="PERFORMANCE_HINT. LATENCY: requests run side by side on the server's "
+        "inference threads, each on its own infer request, as with onnxruntime.",
+    )
+    num_streams: int = Field(
+        1,
+        ge=0,
+        description="NUM_STREAMS: executions the compiled model runs at once. 0: what the "
+        "performance hint chooses.",
+    )
+    inference_num_threads: int | None = Field(
+        None,
+        ge=0,
+        description="INFERENCE_NUM_THREADS: threads one inference may use. None: the same "
+        "as onnxruntime.intra_op_threads, so that one setting sizes both engines; 0: "
+        "OpenVINO's default (every core).",
+    )
+    sparse_weights_decompression_rate: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE: int8 layers with at least this "
+        "fraction of zero weights run on OpenVINO's sparse kernel, which needs AMX (Intel "
+        "Sapphire Rapids and later); None: never. sparseserve_model_sparse_kernel_layers "
+        "says how many layers did.",
+    )
+
+
+class CpuEngine(StrEnum):
+    """Which engine runs a model on the CPU. onnxruntime or openvino: that one. auto:
+    each engine that can run the variant at its precision is timed on the warm-up at
+    load and the fastest serves (onnxruntime unless another is faster by more than
+    `engine_margin`); with `measure_engines` off, onnxruntime unless only OpenVINO can
+    run the variant (a bf16 variant, an OpenVINO IR model.xml)."""
+
+    auto = "auto"
+    onnxruntime = "onnxruntime"
+    openvino = "openvino"
+
+
 class BatchingSettings(BaseModel):
     """The server-wide default for models whose config.pbtxt has no `dynamic_batching`
     block (a model with one is batched as it says, whatever this says)."""
@@ -431,6 +486,30 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     log_format: LogFormat = LogFormat.text
     onnxruntime: OnnxRuntimeSettings = Field(default_factory=OnnxRuntimeSettings)
+    openvino: OpenVinoSettings = Field(default_factory=OpenVinoSettings)
+    cpu_engine: CpuEngine = Field(
+        CpuEngine.onnxruntime,
+        description="The engine that runs models on the CPU (see CpuEngine); a model's "
+        "config.pbtxt `backend:` and cpu_engine_overrides pin one per model. A variant "
+        "onnxruntime cannot run (bf16, an OpenVINO IR model.xml) goes to OpenVINO unless "
+        "pinned to onnxruntime.",
+    )
+    cpu_engine_overrides: dict[str, CpuEngine] = Field(
+        default_factory=dict,
+        description="Per-model CPU engine, by model name; wins over config.pbtxt `backend:`.",
+    )
+    measure_engines: bool = Field(
+        True,
+        description="With cpu_engine auto: time each candidate engine at load and serve with "
+        "the fastest. Off: no measurement (onnxruntime, unless only OpenVINO can run it).",
+    )
+    engine_margin: float = Field(
+        0.10,
+        ge=0.0,
+        le=1.0,
+        description="With cpu_engine auto: another engine replaces onnxruntime only when its "
+        "measured warm-up latency is lower by more than this fraction (timing noise).",
+    )
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     dispatch: DispatchPolicy = Field(
         DispatchPolicy.auto, description="Where models run (see DispatchPolicy)."

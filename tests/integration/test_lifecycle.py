@@ -105,14 +105,16 @@ def small_mlp_request(client: triton.InferenceServerClient) -> triton.InferResul
     return client.infer("mlp", [tensor], client_timeout=10)
 
 
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
 def test_sigterm_drains_the_request_in_flight_refuses_new_ones_and_exits_0(
-    start_server: StartServer, repository: Path, pool: ThreadPoolExecutor
+    start_server: StartServer, repository: Path, pool: ThreadPoolExecutor, engine: str
 ) -> None:
     """During the drain the port stays open: health answers NOT_SERVING, a new call is
     refused with UNAVAILABLE "server is shutting down" (retryable, and it says why),
     ServerReady answers false and ServerLive true, while the request in flight runs to
-    its answer. Then the port closes and the process exits 0 within the grace period."""
-    server = start_server(repository, "--shutdown-grace", "10")
+    its answer. Then the port closes and the process exits 0 within the grace period.
+    The same on either CPU engine."""
+    server = start_server(repository, "--shutdown-grace", "10", "--cpu-engine", engine)
     client = triton.InferenceServerClient(server.grpc_url)
     assert health(server) == "SERVING"
     small_mlp_request(client)  # this connection is open when SIGTERM arrives

@@ -83,13 +83,18 @@ def test_default_limit_is_above_grpcs_4_mib(client: triton.InferenceServerClient
 # -- requests in flight ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
 def test_requests_over_the_inflight_limit_are_refused_then_served_again(
-    repository: Path, start_server: Callable[..., ServerProcess]
+    repository: Path, start_server: Callable[..., ServerProcess], engine: str
 ) -> None:
     """With --max-inflight-per-model 1, concurrent slow requests: the one that got in is
     answered, the others are refused at once with RESOURCE_EXHAUSTED naming the limit
-    (not queued), and once the burst is over the model serves again."""
-    server = start_server(repository, "--max-inflight-per-model", "1", "--inference-threads", "2")
+    (not queued), and once the burst is over the model serves again; on either engine."""
+    server = start_server(
+        repository,
+        *("--max-inflight-per-model", "1", "--inference-threads", "2"),
+        *("--cpu-engine", engine),
+    )
     burst = 10
     inputs = slow_rows(SLOW_ROWS)
 

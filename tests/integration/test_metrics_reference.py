@@ -35,7 +35,8 @@ SHADOW = {"family", "variant", "baseline"}
 # Labels beyond a section's label set, as the document describes them.
 EXTRA = {
     "sparseserve_requests_total": {"code"},
-    "sparseserve_model_info": {"baseline", "is_baseline", "method", "quantization"},
+    "sparseserve_model_info": {"baseline", "is_baseline", "method", "quantization", "precision"},
+    "sparseserve_engine_candidate_latency_seconds": {"engine"},
     "sparseserve_shadow_runs_total": {"outcome"},
     "sparseserve_unroutable_requests_total": {"code"},
     "sparseserve_backend_up": {"backend"},
@@ -73,6 +74,8 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Sample]]:
             "SPARSESERVE_DISPATCH": "cpu",
             "SPARSESERVE_DISPATCH_OVERRIDES": json.dumps({"fam.pruned50": "triton"}),
             "SPARSESERVE_BATCHING__ENABLED": "true",
+            # Measured on both CPU engines at load: the candidate latency series.
+            "SPARSESERVE_CPU_ENGINE_OVERRIDES": json.dumps({"fam.dense": "auto"}),
         }
         args = ("--traffic-policy", str(policy), "--triton-url", upstream.grpc_url)
         with ServerProcess(root, *args, "--assume-gpus", "1", env=env) as server:

@@ -163,7 +163,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     repository = build_family(tmp_path_factory.mktemp("monitoring-repository"))
     policy = tmp_path_factory.mktemp("traffic") / "policy.yaml"
     policy.write_text(SHADOW_POLICY)
-    batching = {"SPARSESERVE_BATCHING__ENABLED": "true"}
+    batching = {
+        "SPARSESERVE_BATCHING__ENABLED": "true",
+        # Measured on both CPU engines at load: the candidate latency series.
+        "SPARSESERVE_CPU_ENGINE_OVERRIDES": json.dumps({PRUNED: "auto"}),
+    }
     with ServerProcess(
         repository, "--traffic-policy", str(policy), env=batching
     ) as sparse, ServerProcess(

@@ -12,15 +12,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sparseserve.codec import Datatype, datatype_of
+from sparseserve.codec import BYTES, Datatype, datatype_of
 from sparseserve.errors import InvalidInput
+from sparseserve.repository.manifest import Precision
 
 if TYPE_CHECKING:
     from sparseserve.observability.stats import DispatchStats
+    from sparseserve.protocol.model_config_pb2 import ModelConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +120,18 @@ class ModelSignature:
         return requested
 
 
+def warmup_inputs(signature: ModelSignature) -> dict[str, np.ndarray]:
+    """One all-zero (or empty-string) sample per input; dynamic dimensions become 1."""
+    feeds = {}
+    for spec in signature.inputs:
+        shape = tuple(1 if d == -1 else d for d in spec.shape)
+        if spec.datatype is BYTES:
+            feeds[spec.name] = np.full(shape, b"", dtype=object)
+        else:
+            feeds[spec.name] = np.zeros(shape, dtype=spec.datatype.numpy)
+    return feeds
+
+
 def _describe(specs: Sequence[TensorSpec]) -> str:
     return ", ".join(f"{s.name} {s.datatype.name}{list(s.shape)}" for s in specs)
 
@@ -137,6 +152,15 @@ class Backend(ABC):
 
     name: str = "base"  # the `backend` metric label and ModelConfig.backend
     platform: str = ""  # Triton's platform string, e.g. "onnxruntime_onnx"
+    # What the loaded model computes in, as the engine reports it after compiling.
+    precision: Precision = Precision.fp32
+    # Layers the engine runs on a kernel that skips zero weights (OpenVINO's sparse
+    # kernel); 0 where the engine has none.
+    sparse_kernel_layers: int = 0
+    # Median time of one warm-up run after load, in seconds (None: not measured).
+    warmup_seconds: float | None = None
+    # With cpu_engine auto: each candidate engine's warm-up median, in seconds.
+    candidate_seconds: Mapping[str, float] = MappingProxyType({})
 
     @abstractmethod
     async def load(self) -> ModelSignature:
@@ -153,6 +177,12 @@ class Backend(ABC):
     async def unload(self) -> None:
         """Release the model's resources. In-flight calls have finished when this runs."""
 
+    def run_warmup_once(self) -> float:
+        """Run the loaded model once on its warm-up inputs, blocking (on a worker
+        thread), and return the seconds it took: how `auto` compares engines, run after
+        run in turn. Backends that cannot be timed so raise NotImplementedError."""
+        raise NotImplementedError(f"{self.name} cannot be timed")
+
     def dispatch_stats(self) -> DispatchStats | None:
         """For a backend that hands executions to others: who ran them. None: itself."""
         return None
@@ -161,6 +191,7 @@ class Backend(ABC):
 # Name -> "module:Class". Optional implementations are resolved only when used.
 BACKENDS: Mapping[str, str] = {
     "onnxruntime": "sparseserve.backends.onnxruntime:OnnxRuntimeBackend",
+    "openvino": "sparseserve.backends.openvino:OpenVinoBackend",
     "triton": "sparseserve.backends.triton:TritonBackend",
 }
 
@@ -185,3 +216,5 @@ class ModelFiles:
     name: str
     version: int
     path: Path  # the model file itself, e.g. <repo>/<name>/<version>/model.onnx
+    config: ModelConfig | None = None  # the model's config.pbtxt, if it has one
+    precision: Precision = Precision.fp32  # what the variant must be computed in

@@ -1,9 +1,19 @@
-"""Which backend serves a model, and the fallback from Triton (GPU) to onnxruntime (CPU).
+"""Which backend serves a model, and the fallback from Triton (GPU) to the CPU.
 
-`Dispatcher.backend()` applies the policy (`dispatch`, per model `dispatch_overrides`):
-`cpu` -> `OnnxRuntimeBackend`; `triton` -> `DispatchingBackend`; `auto` -> the latter
-when the hardware report has a GPU and `triton.url` answers ServerReady at load time,
-else the former. The decision is taken per load, so a reload re-decides.
+`Dispatcher.load()` applies the policy (`dispatch`, per model `dispatch_overrides`):
+`cpu` -> the CPU engine; `triton` -> `DispatchingBackend`; `auto` -> the latter when the
+hardware report has a GPU and `triton.url` answers ServerReady at load time, else the
+former. The decision is taken per load, so a reload re-decides.
+
+The CPU engine (onnxruntime or OpenVINO) is, in this order: the model's entry in
+`cpu_engine_overrides`, the engine its config.pbtxt names (`backend:` or `platform:`,
+as in Triton), or `cpu_engine`. `auto` loads the variant on every installed engine that
+can run it at its precision, times each on the warm-up inputs (median of several runs),
+serves with the fastest and unloads the others, all before the registry reads the
+memory the load cost. onnxruntime keeps the model unless another engine is faster by
+more than `engine_margin` (timing noise on a shared machine is of that order). With
+`measure_engines` off, `auto` takes onnxruntime unless only OpenVINO can run the
+variant (a bf16 variant, an OpenVINO IR `model.xml`).
 
 `DispatchingBackend` is itself a Backend, so the registry, batcher and data plane treat
 it like any other. It sends each execution to Triton while its circuit breaker is
@@ -22,7 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
+import statistics
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 
@@ -38,7 +50,8 @@ from sparseserve.backends.base import (
 from sparseserve.backends.hardware import HardwareReport
 from sparseserve.errors import BackendUnavailable, InvalidInput, ModelLoadError, SparseServeError
 from sparseserve.observability.stats import DispatchStats
-from sparseserve.settings import DispatchPolicy, Settings
+from sparseserve.repository.manifest import Precision
+from sparseserve.settings import CpuEngine, DispatchPolicy, Settings
 
 log = logging.getLogger(__name__)
 
@@ -183,24 +196,148 @@ class Dispatcher:
     def policy(self, model: str) -> DispatchPolicy:
         return self.settings.dispatch_overrides.get(model, self.settings.dispatch)
 
+    async def load(self, files: ModelFiles) -> tuple[Backend, ModelSignature]:
+        """Create the backend of one model version, load and warm it up; return it with
+        its signature. Raise `ModelLoadError` (or the backend's error)."""
+        engine, _ = self.cpu_engine(files)
+        if (
+            engine is CpuEngine.auto
+            and self.settings.measure_engines
+            and await self._policy(files) is DispatchPolicy.cpu
+        ):
+            return await self._load_fastest(files)
+        backend = await self.backend(files)
+        return backend, await backend.load()
+
+    def cpu_engine(self, files: ModelFiles) -> tuple[CpuEngine, str]:
+        """The CPU engine asked for, and who asked (see the module docstring)."""
+        override = self.settings.cpu_engine_overrides.get(files.name)
+        if override is not None:
+            return override, "cpu_engine_overrides"
+        configured = configured_engine(files)
+        if configured is not None:
+            return configured, "config.pbtxt"
+        return self.settings.cpu_engine, "cpu_engine"
+
     async def backend(self, files: ModelFiles) -> Backend:
-        policy = self.policy(files.name)
-        if policy is DispatchPolicy.auto:
-            policy = await self._resolve_auto()
+        """The backend (not loaded) of one model version; `auto` CPU engine unmeasured."""
+        policy = await self._policy(files)
         if policy is DispatchPolicy.cpu:
-            return self._onnxruntime(files)
+            return self._cpu_backend(files, self._unmeasured_engine(files))
         if self.settings.triton.url is None:
             raise ModelLoadError(
                 f"model {files.name!r} is dispatched to Triton but no triton.url is set"
             )
         triton = backend_class("triton")(files, self.settings.triton)  # type: ignore[call-arg]
-        fallback = self._onnxruntime(files) if self.settings.dispatch_fallback else None
+        fallback = (
+            self._cpu_backend(files, self._unmeasured_engine(files))
+            if self.settings.dispatch_fallback
+            else None
+        )
         return DispatchingBackend(
             triton,
             fallback,
             self.settings.triton.failure_threshold,
             self.settings.triton.probe_interval_seconds,
         )
+
+    async def _policy(self, files: ModelFiles) -> DispatchPolicy:
+        policy = self.policy(files.name)
+        return await self._resolve_auto() if policy is DispatchPolicy.auto else policy
+
+    def _unmeasured_engine(self, files: ModelFiles) -> CpuEngine:
+        """The engine asked for; for `auto` without measuring, and for the server-wide
+        default onnxruntime, onnxruntime unless only OpenVINO can run the variant."""
+        engine, source = self.cpu_engine(files)
+        if engine is CpuEngine.openvino or (
+            engine is CpuEngine.onnxruntime and source != "cpu_engine"
+        ):
+            return engine  # pinned for this model: no other engine, whatever it is
+        # The server-wide onnxruntime, or auto: a variant only OpenVINO can run (bf16, an
+        # IR model.xml) goes to OpenVINO rather than fail.
+        if onnxruntime_can_serve(files) or not openvino_installed():
+            return CpuEngine.onnxruntime
+        return CpuEngine.openvino
+
+    async def _load_fastest(self, files: ModelFiles) -> tuple[Backend, ModelSignature]:
+        """Load every engine that can run the variant, time them run after run in turn
+        on the warm-up inputs, keep the fastest (onnxruntime within `engine_margin`),
+        unload the others."""
+        loaded = await self._load_candidates(files)
+        loop = asyncio.get_running_loop()
+        backends = {engine.value: backend for engine, (backend, _) in loaded.items()}
+        seconds = await loop.run_in_executor(self._executor, interleaved_medians, backends)
+        winner = min(loaded, key=lambda engine: seconds[engine.value])
+        baseline = seconds.get(CpuEngine.onnxruntime.value)
+        if baseline is not None and seconds[winner.value] >= baseline * (
+            1 - self.settings.engine_margin
+        ):
+            winner = CpuEngine.onnxruntime
+        for engine, (backend, _) in loaded.items():
+            if engine is not winner:
+                await backend.unload()
+        chosen, signature = loaded[winner]
+        chosen.candidate_seconds = seconds
+        log.info(
+            "model %s version %d: warm-up median %s; serving with %s",
+            files.name, files.version,
+            ", ".join(f"{name} {value * 1e6:.0f} us" for name, value in seconds.items()),
+            winner.value,
+        )  # fmt: skip
+        return chosen, signature
+
+    async def prime(self, files: ModelFiles) -> None:
+        """Load and drop `files` on each CPU engine it would be loaded with, untimed, so
+        that the engines' one-time set-up is spent before any load is measured."""
+        if isinstance(await self.backend(files), DispatchingBackend):
+            return  # a dispatched model's cost is Triton's; do not load it twice
+        engine, _ = self.cpu_engine(files)
+        if engine is CpuEngine.auto and self.settings.measure_engines:
+            loaded = await self._load_candidates(files)
+            backends = [backend for backend, _ in loaded.values()]
+        else:
+            backend = await self.backend(files)
+            await backend.load()
+            backends = [backend]
+        for backend in backends:
+            await backend.unload()
+
+    async def _load_candidates(
+        self, files: ModelFiles
+    ) -> dict[CpuEngine, tuple[Backend, ModelSignature]]:
+        """Every installed engine that can run the variant, loaded and warmed up."""
+        engines = [CpuEngine.onnxruntime] if onnxruntime_can_serve(files) else []
+        if openvino_installed():
+            engines.append(CpuEngine.openvino)
+        if not engines:
+            engines = [CpuEngine.onnxruntime]  # its load error says why it cannot
+        loaded: dict[CpuEngine, tuple[Backend, ModelSignature]] = {}
+        failures: list[str] = []
+        for engine in engines:
+            backend = self._cpu_backend(files, engine)
+            try:
+                loaded[engine] = (backend, await backend.load())
+            except SparseServeError as exc:  # refused the variant, or failed its warm-up
+                log.info("model %s: %s cannot serve it: %s", files.name, engine.value, exc)
+                failures.append(str(exc))
+        if not loaded:
+            raise ModelLoadError("; ".join(failures))  # each names its engine
+        return loaded
+
+    def _cpu_backend(self, files: ModelFiles, engine: CpuEngine) -> Backend:
+        if engine is CpuEngine.openvino:
+            if not openvino_installed():
+                raise ModelLoadError(
+                    f"model {files.name!r} is to run on openvino, which is not installed "
+                    "here (pip install openvino, as pyproject.toml pins it)"
+                )
+            cls = backend_class("openvino")
+            ort = self.settings.onnxruntime
+            return cls(  # type: ignore[call-arg]
+                files, self.settings.openvino, ort.intra_op_threads, ort.inline_max_us,
+                self._executor,
+            )  # fmt: skip
+        return self._onnxruntime(files)
 
     async def _resolve_auto(self) -> DispatchPolicy:
         """auto: Triton when there is a GPU and a configured Triton that is ready."""
@@ -219,3 +356,60 @@ class Dispatcher:
     def _onnxruntime(self, files: ModelFiles) -> Backend:
         cls = backend_class("onnxruntime")
         return cls(files, self.settings.onnxruntime, self._executor)  # type: ignore[call-arg]
+
+
+# config.pbtxt `backend:` and `platform:` values that name a CPU engine, as in Triton.
+_CONFIG_BACKENDS = {"onnxruntime": CpuEngine.onnxruntime, "openvino": CpuEngine.openvino}
+_CONFIG_PLATFORMS = {"onnxruntime_onnx": CpuEngine.onnxruntime, "openvino": CpuEngine.openvino}
+
+
+def configured_engine(files: ModelFiles) -> CpuEngine | None:
+    """The engine the model's config.pbtxt names (None: it names none). A backend or
+    platform sparseserve does not run is a load error, never silently another engine."""
+    config = files.config
+    if config is None:
+        return None
+    named: list[CpuEngine] = []
+    for field, value, known in (
+        ("backend", config.backend, _CONFIG_BACKENDS),
+        ("platform", config.platform, _CONFIG_PLATFORMS),
+    ):
+        if not value:
+            continue
+        if value not in known:
+            raise ModelLoadError(
+                f"model {files.name!r}: config.pbtxt {field} {value!r} is not one sparseserve "
+                f"runs; known {field}s: {', '.join(known)}"
+            )
+        named.append(known[value])
+    if len(set(named)) > 1:
+        raise ModelLoadError(
+            f"model {files.name!r}: config.pbtxt backend {config.backend!r} and platform "
+            f"{config.platform!r} name different engines"
+        )
+    return named[0] if named else None
+
+
+def onnxruntime_can_serve(files: ModelFiles) -> bool:
+    """onnxruntime runs ONNX files in fp32 only (see `refuse_unservable`)."""
+    return files.precision is Precision.fp32 and files.path.suffix == ".onnx"
+
+
+def openvino_installed() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+# Rounds of `interleaved_medians`: each runs every candidate once, in turn.
+TIMING_ROUNDS = 9
+
+
+def interleaved_medians(backends: Mapping[str, Backend]) -> dict[str, float]:
+    """The median time of one warm-up run of each backend, run one after the other in
+    rounds, so that what else the machine does at that moment weighs on every engine
+    alike (timing them one after the other flipped a 20 ms model's choice on a shared
+    2-core machine)."""
+    times: dict[str, list[float]] = {name: [] for name in backends}
+    for _ in range(TIMING_ROUNDS):
+        for name, backend in backends.items():
+            times[name].append(backend.run_warmup_once())
+    return {name: statistics.median(values) for name, values in times.items()}

@@ -27,9 +27,11 @@ from sparseserve.backends.base import (
     ModelFiles,
     ModelSignature,
     TensorSpec,
+    warmup_inputs,
 )
 from sparseserve.codec import BY_ONNX, BYTES
 from sparseserve.errors import InferenceFailed, InvalidInput, ModelLoadError
+from sparseserve.repository.manifest import Precision
 from sparseserve.settings import GraphOptimization, OnnxRuntimeSettings
 
 _OPTIMIZATION = {
@@ -71,8 +73,10 @@ class OnnxRuntimeBackend(Backend):
         self._string_inputs: frozenset[str] = frozenset()
         # Run time per input element measured at warm-up; inf: never run inline.
         self._us_per_element = float("inf")
+        self._warmup: tuple[list[str], dict[str, np.ndarray]] = ([], {})
 
     async def load(self) -> ModelSignature:
+        refuse_unservable(self._files)
         loop = asyncio.get_running_loop()
         session = await loop.run_in_executor(self._executor, self._create_session)
         signature = session_signature(session, self._files)
@@ -82,11 +86,13 @@ class OnnxRuntimeBackend(Backend):
                 self._executor, self._find_unknown_ranks, session, signature
             )
         self._session = session
-        feeds = _warmup_inputs(signature)
+        feeds = warmup_inputs(signature)
         names = list(signature.output_names)
         await self.infer(feeds, names)
+        self._warmup = (names, feeds)
         seconds = await loop.run_in_executor(self._executor, _time_runs, session, names, feeds)
         self._us_per_element = seconds * 1e6 / max(1, _elements(feeds))
+        self.warmup_seconds = seconds
         return signature
 
     def _create_session(self) -> ort.InferenceSession:
@@ -140,6 +146,13 @@ class OnnxRuntimeBackend(Backend):
             dict(zip(names, results, strict=True)), self.name, time.perf_counter_ns() - started
         )
 
+    def run_warmup_once(self) -> float:
+        assert self._session is not None
+        names, feeds = self._warmup
+        started = time.perf_counter()
+        self._session.run(names, feeds)
+        return time.perf_counter() - started
+
     def _find_unknown_ranks(
         self, session: ort.InferenceSession, signature: ModelSignature
     ) -> ModelSignature:
@@ -176,6 +189,23 @@ class OnnxRuntimeBackend(Backend):
     async def unload(self) -> None:
         # Dropping the last reference frees the session; in-flight runs hold their own.
         self._session = None
+
+
+def refuse_unservable(files: ModelFiles) -> None:
+    """Raise `ModelLoadError` for a variant onnxruntime cannot serve as it is meant to
+    be: a bf16 variant (onnxruntime's CPU kernels compute fp32, so it would silently
+    answer other numbers) or an OpenVINO IR file."""
+    if files.precision is not Precision.fp32:
+        raise ModelLoadError(
+            f"model {files.name!r} is a {files.precision.value} variant and onnxruntime "
+            "computes only fp32 on the CPU; serve it with the openvino engine (cpu_engine "
+            'openvino or auto, or config.pbtxt backend: "openvino") on a CPU with bf16'
+        )
+    if files.path.suffix != ".onnx":
+        raise ModelLoadError(
+            f"onnxruntime cannot load {files.path.name} (model {files.name!r}): it reads "
+            "ONNX files; an OpenVINO IR model.xml needs the openvino engine"
+        )
 
 
 async def _run(job: Future[list[np.ndarray]], run_options: ort.RunOptions) -> list[np.ndarray]:
@@ -259,18 +289,6 @@ def session_signature(session: ort.InferenceSession, files: ModelFiles) -> Model
         return tuple(result)
 
     return ModelSignature(specs(session.get_inputs()), specs(session.get_outputs()))
-
-
-def _warmup_inputs(signature: ModelSignature) -> dict[str, np.ndarray]:
-    """One all-zero (or empty-string) sample per input; dynamic dimensions become 1."""
-    feeds = {}
-    for spec in signature.inputs:
-        shape = tuple(1 if d == -1 else d for d in spec.shape)
-        if spec.datatype is BYTES:
-            feeds[spec.name] = np.full(shape, b"", dtype=object)
-        else:
-            feeds[spec.name] = np.zeros(shape, dtype=spec.datatype.numpy)
-    return feeds
 
 
 def _as_text(name: str, array: np.ndarray) -> np.ndarray:

@@ -180,8 +180,21 @@ class _ModelFamilies:
             "sparseserve_model_info",
             "Always 1; from the variant's manifest: its family's baseline variant (empty "
             "for the baseline itself), whether it is the baseline, how it was made and its "
-            "quantization.",
-            labels=(*LABELS, "baseline", "is_baseline", "method", "quantization"),
+            "quantization; and the precision the engine (label backend) computes it in.",
+            labels=(*LABELS, "baseline", "is_baseline", "method", "quantization", "precision"),
+        )
+        self.sparse_kernel_layers = GaugeMetricFamily(
+            "sparseserve_model_sparse_kernel_layers",
+            "Layers the engine runs on a kernel that skips zero weights, read from the "
+            "compiled model at load (OpenVINO's sparse int8 kernel, which needs AMX; 0 for "
+            "onnxruntime, which has none).",
+            labels=LABELS,
+        )
+        self.candidate_latency = GaugeMetricFamily(
+            "sparseserve_engine_candidate_latency_seconds",
+            "With cpu_engine auto: the median warm-up run of the version on each candidate "
+            "CPU engine (label engine), measured at load; the fastest serves (label backend).",
+            labels=(*LABELS, "engine"),
         )
         self.file_bytes = GaugeMetricFamily(
             "sparseserve_model_file_bytes",
@@ -247,6 +260,7 @@ class _ModelFamilies:
             self.batch_size, self.requests, self.inferences, self.executions, self.inflight,
             self.ready, self.info, self.file_bytes, self.parameters,
             self.nonzero_parameters, self.weight_sparsity, self.memory_bytes,
+            self.sparse_kernel_layers, self.candidate_latency,
             self.backend_executions, self.fallbacks, self.circuit_open, self.backend_up,
         ]  # fmt: skip
 
@@ -292,9 +306,13 @@ class _ModelFamilies:
                 "true" if baseline is None else "false",
                 manifest.method if manifest else "",
                 (manifest.quantization or "") if manifest else "",
+                model.backend.precision.value,
             ),
             1,
         )
+        self.sparse_kernel_layers.add_metric(labels, model.backend.sparse_kernel_layers)
+        for engine, seconds in model.backend.candidate_seconds.items():
+            self.candidate_latency.add_metric((*labels, engine), seconds)
         self.file_bytes.add_metric(labels, model.footprint.file_bytes)
         self.memory_bytes.add_metric(labels, model.footprint.memory_bytes)
         if manifest is None:
@@ -308,6 +326,8 @@ class _ModelFamilies:
 
     def add_backends(self, serving: Sequence[LoadedModel]) -> None:
         self.backend_up.add_metric(("onnxruntime",), 1)
+        if any(model.backend.name == "openvino" for model in serving):
+            self.backend_up.add_metric(("openvino",), 1)  # in this process, like onnxruntime
         breakers = [
             stats.breaker_open
             for model in serving

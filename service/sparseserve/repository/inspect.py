@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sparseserve.errors import SparseServeError
 from sparseserve.repository.manifest import MANIFEST_FILENAME, VariantManifest
+from sparseserve.repository.store import HINT_BF16, ModelRepository
 from sparseserve.repository.weights import OnnxWeights, weights_of
 
 
@@ -20,7 +22,8 @@ def _kib(value: int | None) -> str:
 
 
 def model_files(directory: Path) -> list[Path]:
-    """The .onnx files of a model directory's numeric version folders, oldest first."""
+    """The .onnx files of a model directory's numeric version folders, oldest first
+    (an OpenVINO IR model.xml is not measured: its weights are in OpenVINO's format)."""
     versions = sorted(
         (p for p in directory.iterdir() if p.is_dir() and p.name.isdigit()),
         key=lambda p: int(p.name),
@@ -47,6 +50,7 @@ def describe_model(path: Path) -> str:
             "expected a model directory such as ./models/digits-mlp.pruned90, or an .onnx file"
         )
     lines = _describe_manifest(path, manifest)
+    lines.extend(describe_serving(path))
     for file in files:
         lines.append(f"  on disk:      {file.relative_to(path)} {_kib(file.stat().st_size)}")
     if files:
@@ -82,6 +86,32 @@ def _describe_manifest(directory: Path, m: VariantManifest | None) -> list[str]:
         lines.append(f"  sparsity:     {m.sparsity:.2%} of layer weights are zero (manifest)")
     lines.append(f"  file:         {_kib(m.file_bytes)}, gzip {_kib(m.gzip_bytes)} (manifest)")
     return [line for line in lines if line]
+
+
+def describe_serving(directory: Path) -> list[str]:
+    """What the repository says about how the model is served: its precision (and who
+    says so) and the CPU engine its config.pbtxt pins, if any."""
+    try:
+        source = ModelRepository(directory.parent).read(directory.name)
+    except SparseServeError as exc:
+        return [f"  serving:      cannot be loaded as it is: {exc}"]
+    config = source.config
+    if config is not None and HINT_BF16 in config.parameters:
+        said = f"config.pbtxt {HINT_BF16}"
+    elif source.manifest is not None and "precision" in source.manifest.model_fields_set:
+        said = "manifest"
+    else:
+        said = "the default"
+    named = [
+        f"config.pbtxt {field} {value!r}"
+        for field, value in (
+            ("backend", config.backend if config else ""),
+            ("platform", config.platform if config else ""),
+        )
+        if value
+    ]
+    engine = ", ".join(named) if named else "the server's cpu_engine (config.pbtxt names none)"
+    return [f"  precision:    {source.precision.value} ({said})", f"  engine:       {engine}"]
 
 
 def _manifest_layers(m: VariantManifest) -> list[str]:

@@ -36,6 +36,16 @@ class Task(StrEnum):
     other = "other"
 
 
+class Precision(StrEnum):
+    """The arithmetic a variant is meant to run in. fp32: every engine's exact float
+    arithmetic; bf16: bfloat16 where the engine computes it (OpenVINO on a CPU with
+    AVX512-BF16 or AMX), which changes the numbers (~1e-2 relative), so it is a variant of
+    its own with its own measured quality, never an engine's silent default."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -89,6 +99,11 @@ class VariantManifest(_Strict):
     sparsity: Fraction | None = Field(None, description="Global weight sparsity.")
     layers: list[LayerSparsity] = Field(default_factory=list)
     quantization: str | None = Field(None, description="e.g. int8 dynamic per-channel")
+    precision: Precision = Field(
+        Precision.fp32,
+        description="What the server must compute the variant in: fp32, or bf16 (served "
+        "only by an engine and CPU that compute bf16; the load fails elsewhere).",
+    )
     file_bytes: NonNegativeInt | None = None
     gzip_bytes: NonNegativeInt | None = Field(None, description="model.onnx after gzip -9")
     activation_sparsity: list[ActivationSparsity] = Field(default_factory=list)

@@ -3,6 +3,8 @@
     <repository>/<model>/config.pbtxt          optional (Triton's ModelConfig, text form)
     <repository>/<model>/sparseserve.yaml      optional variant manifest
     <repository>/<model>/<version>/model.onnx  numeric version folders
+    <repository>/<model>/<version>/model.xml   (and model.bin) OpenVINO IR, as Triton's
+                                               OpenVINO backend reads it
 
 This module only reads the disk; it knows nothing of backends or loaded models.
 """
@@ -18,12 +20,21 @@ from google.protobuf import text_format
 
 from sparseserve.errors import InvalidModelName, ModelLoadError, ModelNotFound
 from sparseserve.protocol import model_config_pb2
-from sparseserve.repository.manifest import MANIFEST_FILENAME, ManifestError, VariantManifest
+from sparseserve.repository.manifest import (
+    MANIFEST_FILENAME,
+    ManifestError,
+    Precision,
+    VariantManifest,
+)
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILENAME = "config.pbtxt"
 DEFAULT_MODEL_FILENAME = "model.onnx"
+# Triton's OpenVINO backend reads model.xml (with model.bin beside it) by default.
+OPENVINO_MODEL_FILENAME = "model.xml"
+# The config.pbtxt parameter of Triton's OpenVINO backend that asks for bf16 inference.
+HINT_BF16 = "HINT_BF16"
 # A model name is one plain directory name: no separators, no leading dot (so no `..`).
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}")
 
@@ -92,6 +103,7 @@ class ModelSource:
     config: model_config_pb2.ModelConfig | None
     policy: VersionPolicy
     settings_stamp: int  # changes when the manifest or config.pbtxt changes
+    precision: Precision = Precision.fp32  # from the manifest or config.pbtxt's HINT_BF16
 
     def served_versions(self) -> list[int]:
         return self.policy.select(list(self.versions))
@@ -144,13 +156,17 @@ class ModelRepository:
                 manifest = VariantManifest.read(manifest_path)
             except ManifestError as exc:
                 raise ModelLoadError(str(exc)) from exc
-        filename = (config.default_model_filename if config else "") or DEFAULT_MODEL_FILENAME
+        filenames = _model_filenames(config)
         versions = {
-            int(p.name): p / filename
+            int(p.name): file
             for p in directory.iterdir()
-            if p.is_dir() and p.name.isdigit() and int(p.name) > 0 and (p / filename).is_file()
+            if p.is_dir()
+            and p.name.isdigit()
+            and int(p.name) > 0
+            and (file := _first_file(p, filenames)) is not None
         }
         if not versions:
+            filename = " or ".join(filenames)
             raise ModelLoadError(
                 f"model {name!r} has no version: expected {directory}/<N>/{filename} "
                 "with N a positive integer"
@@ -170,7 +186,56 @@ class ModelRepository:
             config=config,
             policy=policy,
             settings_stamp=stamp,
+            precision=_precision(name, manifest, config),
         )
+
+
+def _model_filenames(config: model_config_pb2.ModelConfig | None) -> tuple[str, ...]:
+    """The names a version's model file may have, preferred first: config.pbtxt's
+    default_model_filename if it sets one; else model.onnx, or the OpenVINO IR model.xml
+    (first for a config that names the openvino backend, as in Triton)."""
+    if config is not None and config.default_model_filename:
+        return (config.default_model_filename,)
+    if config is not None and "openvino" in (config.backend, config.platform):
+        return (OPENVINO_MODEL_FILENAME, DEFAULT_MODEL_FILENAME)
+    return (DEFAULT_MODEL_FILENAME, OPENVINO_MODEL_FILENAME)
+
+
+def _first_file(directory: Path, names: tuple[str, ...]) -> Path | None:
+    for name in names:
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def _precision(
+    name: str, manifest: VariantManifest | None, config: model_config_pb2.ModelConfig | None
+) -> Precision:
+    """The variant's precision: bf16 if its manifest says so or its config.pbtxt sets
+    Triton's OpenVINO parameter HINT_BF16 to YES; fp32 otherwise. A manifest that says
+    fp32 in so many words and a config that asks for bf16 contradict each other."""
+    hint = (
+        config.parameters[HINT_BF16].string_value
+        if config and HINT_BF16 in config.parameters
+        else ""
+    )
+    if hint.strip().upper() not in ("", "YES", "NO"):
+        raise ModelLoadError(
+            f"model {name!r}: config.pbtxt parameter {HINT_BF16} is {hint!r}; expected YES or NO"
+        )
+    from_config = Precision.bf16 if hint.strip().upper() == "YES" else None
+    if manifest is None:
+        return from_config or Precision.fp32
+    if (
+        from_config
+        and manifest.precision is Precision.fp32
+        and "precision" in manifest.model_fields_set
+    ):
+        raise ModelLoadError(
+            f"model {name!r}: its manifest says precision fp32 but config.pbtxt sets "
+            f"{HINT_BF16}: YES; say one precision"
+        )
+    return from_config or manifest.precision
 
 
 def _mtime(path: Path) -> int:

@@ -275,8 +275,14 @@ def _model_config(model: LoadedModel) -> mc.ModelConfig:
     if model.source.config is not None:
         config.CopyFrom(model.source.config)
     config.name = model.name
-    config.platform = config.platform or model.backend.platform
-    config.backend = config.backend or model.backend.name
+    # The engine that serves, whatever config.pbtxt asked for (an override may differ).
+    backend = model.backend
+    config.platform = backend.platform
+    config.backend = backend.name
+    config.parameters["precision"].string_value = backend.precision.value
+    config.parameters["sparse_kernel_layers"].string_value = str(backend.sparse_kernel_layers)
+    for engine, seconds in backend.candidate_seconds.items():
+        config.parameters[f"engine_latency_seconds.{engine}"].string_value = f"{seconds:.6g}"
     describe_tensors(config, model.signature)
     return config
 
