@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -89,6 +89,11 @@ class VariantManifest(_Strict):
     sparsity: Fraction | None = Field(None, description="Global weight sparsity.")
     layers: list[LayerSparsity] = Field(default_factory=list)
     quantization: str | None = Field(None, description="e.g. int8 dynamic per-channel")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="The float precision the variant runs (and was measured) at: bf16 is "
+        "OpenVINO's, on a CPU that computes bf16; the file itself stays fp32.",
+    )
     file_bytes: NonNegativeInt | None = None
     gzip_bytes: NonNegativeInt | None = Field(None, description="model.onnx after gzip -9")
     activation_sparsity: list[ActivationSparsity] = Field(default_factory=list)
