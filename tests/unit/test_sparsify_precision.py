@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 pytest.importorskip("torch", reason="needs the [sparsify] extra")
 pytest.importorskip("openvino", reason="needs the [sparsify] extra")
@@ -126,3 +127,18 @@ def test_a_bf16_variant_is_measured_on_openvino_at_bf16(tmp_path: Path) -> None:
     accuracy = float((variant.outputs.argmax(axis=1) == split.y_test).mean())
     assert {q.metric: q.value for q in manifest.quality}["accuracy"] == accuracy
     assert {q.metric: q.value for q in manifest.quality}["top1_agreement"] > 0.95
+
+
+@lacks_bf16
+def test_sparsify_says_why_and_exits_1_on_a_cpu_without_bf16(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sparseserve.cli import main
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe(BF16)))
+    assert main(["sparsify", "--recipe", str(path), "--repository", str(tmp_path / "m")]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("sparseserve: error: t.bf16: cannot build a bf16 variant here")
+    assert "--debug" not in error  # a user's problem, not a bug to report
+    assert not (tmp_path / "m").exists()
