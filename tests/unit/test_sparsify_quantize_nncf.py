@@ -26,7 +26,8 @@ from sparseserve.sparsify.pipeline import build_family
 from sparseserve.sparsify.precision import run_openvino
 from sparseserve.sparsify.quality import fidelity
 from sparseserve.sparsify.quantize import NncfPreset, OverflowFix, QuantizeConfig, QuantMode
-from sparseserve.sparsify.recipe import dump_step, parse_recipe, parse_step
+from sparseserve.sparsify.recipe import RecipeError, apply_onnx, dump_step, parse_recipe, parse_step
+from sparseserve.testing import onnx_models
 from tests.unit.test_sparsify_embedding_recipe import token_batches
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -154,3 +155,9 @@ def test_a_static_nncf_step_survives_a_yaml_round_trip() -> None:
         calibration_samples=128,
     )
     assert parse_step(yaml.safe_load(yaml.safe_dump(dump_step(config)))) == config
+
+
+def test_static_nncf_needs_calibration_rows(tmp_path: Path) -> None:
+    model = onnx_models.mlp(tmp_path / "mlp.onnx").read_bytes()
+    with pytest.raises(RecipeError, match="static-nncf mode needs calibration rows"):
+        apply_onnx(model, QuantizeConfig(mode=QuantMode.static_nncf))

@@ -210,6 +210,8 @@ def _quantize_with_nncf(
     onnx_model: bytes, config: QuantizeConfig, calibration: Rows | None, input_name: str
 ) -> bytes:
     """NNCF post-training quantization of the ONNX model, calibrated on `calibration`."""
+    if calibration is None or row_count(calibration) == 0:
+        raise RecipeError("quantize: static-nncf mode needs calibration rows")
     # Imported here: NNCF takes seconds to import and only this mode needs it.
     import nncf
     from nncf.quantization.advanced_parameters import (
@@ -217,8 +219,6 @@ def _quantize_with_nncf(
     )
     from nncf.quantization.advanced_parameters import OverflowFix as NncfOverflowFix
 
-    if calibration is None or row_count(calibration) == 0:
-        raise RecipeError("quantize: static-nncf mode needs calibration rows")
     items = calibration_rows(head(calibration, config.calibration_samples), input_name)
     items = items[: config.calibration_samples]
     preset = config.nncf_preset
