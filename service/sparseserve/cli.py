@@ -458,6 +458,7 @@ def _sparsify(args: argparse.Namespace) -> int:
     # torch is imported here, and only here: `serve` must not pay for it.
     try:
         from sparseserve.sparsify.pipeline import build_family
+        from sparseserve.sparsify.precision import PrecisionUnavailable
         from sparseserve.sparsify.recipe import RecipeError
     except ImportError as exc:
         print(f"sparseserve: error: sparsify needs the [sparsify] extra: {exc}", file=sys.stderr)
@@ -481,6 +482,9 @@ def _sparsify(args: argparse.Namespace) -> int:
     except RecipeError as exc:
         print(f"sparseserve: error: {exc}", file=sys.stderr)
         return 2
+    except PrecisionUnavailable as exc:  # a fine recipe, on a CPU that cannot measure it
+        print(f"sparseserve: error: {exc}", file=sys.stderr)
+        return 1
     for variant in built:
         print(f"wrote {variant.directory}")
     return 0

@@ -38,7 +38,7 @@ from sparseserve.errors import (
     status_of,
 )
 from sparseserve.observability.memory import ResidentGrowth, directory_bytes
-from sparseserve.observability.stats import ModelFootprint, ModelStats
+from sparseserve.observability.stats import ModelFootprint, ModelStats, WeightCounts
 from sparseserve.repository.manifest import VariantManifest
 from sparseserve.repository.store import Fingerprint, ModelRepository, ModelSource
 from sparseserve.scheduling.batcher import BatchingPolicy, DynamicBatcher
@@ -219,6 +219,7 @@ class ModelRegistry:
     ):
         self.repository = repository
         self.settings = settings
+        self._executor = executor  # also counts weights at load (`_count_weights`)
         # The executor runs onnxruntime sessions, which the dispatcher creates.
         self.dispatcher = dispatcher or Dispatcher(
             settings, probe_hardware(settings.assume_gpus), executor
@@ -411,7 +412,10 @@ class ModelRegistry:
                     raise
                 except SparseServeError as exc:  # e.g. warm-up rejected by the model itself
                     raise ModelLoadError(f"{files.path}: warm-up failed: {exc}") from exc
-        footprint = ModelFootprint(directory_bytes(files.path.parent), growth.bytes)
+            # Under the load lock but after the measurement: reading the weights copies
+            # them, which must count against neither this model nor one loading beside it.
+            weights = await self._count_weights(files, source.manifest)
+        footprint = ModelFootprint(directory_bytes(files.path.parent), growth.bytes, weights)
         try:
             policy = BatchingPolicy.for_model(
                 source.name, source.config, signature, self.settings.batching
@@ -436,6 +440,40 @@ class ModelRegistry:
         if policy is not None:
             model.batcher = DynamicBatcher(source.name, backend, policy)
         return model
+
+    async def _count_weights(
+        self, files: ModelFiles, manifest: VariantManifest | None
+    ) -> WeightCounts | None:
+        """The version's parameters, zeros and weight sparsity counted from its ONNX file,
+        for a model whose manifest does not record all three (a model pruned elsewhere gets
+        the same metrics as one built by `sparsify`); None where the manifest has them or
+        the weights cannot be read (the model serves all the same)."""
+        if manifest is not None and None not in (
+            manifest.parameters,
+            manifest.nonzero_parameters,
+            manifest.sparsity,
+        ):
+            return None
+        if files.path.suffix != ".onnx":
+            return None  # another engine's format (OpenVINO IR): no ONNX weights to read
+        # Imported here: `onnx` stays out of the server's imports (test_lean_import.py).
+        from sparseserve.repository.weights import count_weights
+
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            counts = await loop.run_in_executor(self._executor, count_weights, files.path)
+        except Exception as exc:  # counting is for the metrics: it never fails a load
+            log.warning("model %s version %d: weights not counted: %s", files.name,
+                        files.version, exc)  # fmt: skip
+            return None
+        log.info(
+            "model %s version %d: %d parameters, %d non-zero, weight sparsity %.3f "
+            "(counted from its weights in %.2fs)",
+            files.name, files.version, counts.parameters, counts.nonzero_parameters,
+            counts.weight_sparsity, time.perf_counter() - started,
+        )  # fmt: skip
+        return counts
 
     async def _prime(self, files: ModelFiles) -> None:
         """Load the first model once, unmeasured, and drop it. A CPU engine's one-time

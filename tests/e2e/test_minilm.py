@@ -24,15 +24,20 @@ from sparseserve.repository.manifest import MANIFEST_FILENAME, Task, VariantMani
 from sparseserve.sparsify.export import run_onnx
 from sparseserve.sparsify.minilm import load_tokenizer
 from sparseserve.sparsify.pipeline import build_family
+from sparseserve.sparsify.precision import bf16_unavailable
 
 # 20 min 45 s under nice -n 19 on the shared 2-core machine at a load average of 8-10
 # (mostly reading the corpus and six exports); the timeout leaves room for a busier one.
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(2400)]
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "minilm.yaml"
+# The recipe's bf16 variant is optional: built only where the CPU computes bf16.
+HAS_BF16 = bf16_unavailable() is None
 VARIANTS = [
     "minilm.dense",
     "minilm.int8",
+    "minilm.int8-static",
+    *(["minilm.bf16"] if HAS_BF16 else []),
     "minilm.structured",
     "minilm.structured-int8",
     "minilm.shallow",
@@ -114,6 +119,12 @@ def test_build_writes_every_variant_with_honest_manifests(built: tuple) -> None:
     assert quality("minilm.dense")["cosine_min"] > 0.9999
     assert quality("minilm.dense", source=True)["cosine_min"] > 0.9999
     assert quality("minilm.int8")["cosine_mean"] > 0.98
+    # NNCF static int8, transformer preset (here on the short recipe's 32 calibration rows).
+    assert manifests["minilm.int8-static"].quantization == "int8 static QDQ (NNCF transformer)"
+    assert quality("minilm.int8-static")["cosine_mean"] > 0.97
+    if HAS_BF16:
+        assert manifests["minilm.bf16"].precision == "bf16"
+        assert quality("minilm.bf16")["cosine_mean"] > 0.999
     # Pruned in four rounds, each distilled; then distilled layer by layer.
     structured = manifests["minilm.structured"]
     rounds = structured.recipe["steps"][0]["report"]["rounds"]

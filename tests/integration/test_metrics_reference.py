@@ -152,7 +152,9 @@ def test_model_series_say_what_each_variant_is_and_costs(samples: list[Sample]) 
     # The heavy variant's weights alone are 8 MiB: its load grew the process by more.
     heavy = routing_repository.parameters(routing_repository.HEAVY_SIZES) * 4
     assert value(samples, "sparseserve_model_memory_bytes", model="fam.heavy") > heavy
-    assert not values(samples, "sparseserve_model_parameters", model="solo")  # no manifest
+    # No manifest: counted from its weights at load (one scalar initializer, no matrix).
+    assert value(samples, "sparseserve_model_parameters", model="solo") == 1
+    assert values(samples, "sparseserve_model_weight_sparsity", model="solo") == [0.0]
 
 
 def test_batch_sizes_and_backends(samples: list[Sample]) -> None:

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 
 MLP_VARIANTS = ("dense", "pruned90", "structured50", "l1-pruned90", "int8",
                 "structured50-int8", "nm24")  # fmt: skip
-CNN_VARIANTS = ("dense", "pruned90", "structured50", "int8", "structured50-int8", "nm24")
+CNN_VARIANTS = ("dense", "pruned90", "structured50", "int8", "int8-nncf", "structured50-int8",
+                "nm24")  # fmt: skip
 MODELS = [f"digits-mlp.{v}" for v in MLP_VARIANTS] + [f"digits-cnn.{v}" for v in CNN_VARIANTS]
 
 

@@ -69,6 +69,7 @@ EXAMPLES: dict[str, dict[str, object]] = {
         "initial_sparsity": 0.1, "final_sparsity": 0.85, "scope": "global",
         "frequency_steps": 5, "ramp_fraction": 0.6, "distill": DISTILL,
     },
+    "precision": {"dtype": "bf16", "optional": True},
 }  # fmt: skip
 
 
@@ -93,7 +94,8 @@ def test_the_shipped_recipes_validate_and_have_the_required_variants(name: str) 
 def test_the_minilm_recipe_validates_with_its_transformer_steps() -> None:
     from sparseserve.sparsify.distill import DistillConfig, DistillLoss
     from sparseserve.sparsify.encoder_gradual import EncoderGradualPruneConfig
-    from sparseserve.sparsify.quantize import QuantizeConfig
+    from sparseserve.sparsify.precision import PrecisionConfig
+    from sparseserve.sparsify.quantize import NncfPreset, QuantizeConfig, QuantMode
     from sparseserve.sparsify.transformer import (
         EncoderDropLayersConfig,
         EncoderPruneConfig,
@@ -103,7 +105,8 @@ def test_the_minilm_recipe_validates_with_its_transformer_steps() -> None:
     recipe = load_recipe(RECIPES / "minilm.yaml")
     variants = {v.name: v for v in recipe.variants}
     assert list(variants) == [
-        "dense", "int8", "structured", "structured-int8", "shallow", "sparse"
+        "dense", "int8", "int8-static", "bf16", "structured", "structured-int8", "shallow",
+        "sparse",
     ]  # fmt: skip
     assert (recipe.base.architecture, recipe.data.source, recipe.data.heldout_source) == (
         "all-minilm-l6-v2",
@@ -124,6 +127,10 @@ def test_the_minilm_recipe_validates_with_its_transformer_steps() -> None:
     assert distill.layerwise is not None
     assert variants["structured-int8"].parent == "structured"
     assert variants["structured-int8"].steps == [QuantizeConfig()]
+    (static,) = variants["int8-static"].steps
+    assert isinstance(static, QuantizeConfig)
+    assert (static.mode, static.preset) == (QuantMode.static_nncf, NncfPreset.transformer)
+    assert variants["bf16"].steps == [PrecisionConfig(dtype="bf16", optional=True)]
     drop, recovery = variants["shallow"].steps
     assert drop == EncoderDropLayersConfig(keep=(0, 2, 4, 5))
     assert recovery == distill
@@ -185,6 +192,10 @@ def test_every_step_survives_a_yaml_round_trip(name: str) -> None:
         ),
         (lambda d: d.update(baseline="sparse"), "baseline: 'sparse' is not one of the variants"),
         (
+            lambda d: d["variants"][0].update(steps=[{"precision": "bf16"}]),
+            "baseline: 'dense' has a precision step; the baseline is the fp32 reference",
+        ),
+        (
             lambda d: d["variants"][1]["steps"].insert(0, {"quantize": {}}),
             "torch steps must come before ONNX steps",
         ),
@@ -216,6 +227,19 @@ def test_a_bad_recipe_is_refused_naming_the_field(mutate, expected: str) -> None
         ("train", {"epochs": 0}, "train.epochs: Input should be greater than or equal to 1"),
         ("train", {"epochs": 1, "dropout": 1.0}, "train.dropout: Input should be less than 1"),
         ("quantize", {"mode": "int4"}, "quantize.mode: Input should be"),
+        (
+            "quantize",
+            {"mode": "dynamic", "preset": "mixed"},
+            "quantize: preset: only mode static-nncf takes it, not dynamic",
+        ),
+        ("quantize", {"mode": "static-nncf", "preset": "fast"}, "quantize.preset: Input should"),
+        (
+            "quantize",
+            {"mode": "static-nncf", "per_channel": False},
+            "per_channel: static-nncf quantizes weights per channel",
+        ),
+        ("precision", "fp16", "precision.dtype: Input should be 'bf16'"),
+        ("precision", {"optional": True}, "precision.dtype: Field required"),
         ("encoder_prune", {"ffn_fraction": 1.0}, "encoder_prune.ffn_fraction: Input should be"),
         ("encoder_prune", {"importance": "random"}, "encoder_prune.importance: Input should be"),
         ("encoder_prune", {"heads": 2}, "encoder_prune.heads: Extra inputs are not permitted"),
@@ -229,6 +253,16 @@ def test_a_bad_step_is_refused_naming_the_field(step: str, fields: dict, expecte
     with pytest.raises(ValueError) as caught:
         parse_step({step: fields})
     assert expected in str(caught.value)
+
+
+def test_a_step_may_be_written_as_its_one_value() -> None:
+    from sparseserve.sparsify.precision import PrecisionConfig
+
+    register_builtin_steps()
+    assert parse_step({"precision": "bf16"}) == PrecisionConfig(dtype="bf16")
+    assert parse_step({"precision": {"dtype": "bf16"}}) == PrecisionConfig(dtype="bf16")
+    with pytest.raises(ValueError, match="train: Input should be a valid dictionary"):
+        parse_step({"train": 3})  # a step without a shorthand takes a mapping only
 
 
 def test_a_recipe_file_that_is_not_yaml_says_so(tmp_path: Path) -> None:

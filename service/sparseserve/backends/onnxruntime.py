@@ -184,7 +184,8 @@ class OnnxRuntimeBackend(Backend):
         feeds: dict[str, np.ndarray],
         run_options: ort.RunOptions,
     ) -> list[np.ndarray]:
-        return session.run(names, self._with_text(feeds), run_options)
+        outputs: list[np.ndarray] = session.run(names, self._with_text(feeds), run_options)
+        return outputs
 
     async def unload(self) -> None:
         # Dropping the last reference frees the session; in-flight runs hold their own.

@@ -203,20 +203,20 @@ class _ModelFamilies:
         )
         self.parameters = GaugeMetricFamily(
             "sparseserve_model_parameters",
-            "Weight parameters, from the variant's manifest (counted when the variant was "
-            "built); absent for a model without parameters in its manifest.",
+            "Weight parameters: from the variant's manifest (counted when the variant was "
+            "built), else counted from the model file's weights at load.",
             labels=LABELS,
         )
         self.nonzero_parameters = GaugeMetricFamily(
             "sparseserve_model_nonzero_parameters",
-            "Weight parameters that are not zero, from the variant's manifest (counted when "
-            "the variant was built); absent for a model without them in its manifest.",
+            "Weight parameters that are not zero: from the variant's manifest, else counted "
+            "from the model file's weights at load.",
             labels=LABELS,
         )
         self.weight_sparsity = GaugeMetricFamily(
             "sparseserve_model_weight_sparsity",
-            "Fraction of weight parameters that are zero, from the variant's manifest "
-            "(measured when the variant was built); absent for a model without it.",
+            "Fraction of the layer weights (tensors of rank 2 or more) that are zero: from "
+            "the variant's manifest, else counted from the model file's weights at load.",
             labels=LABELS,
         )
         self.memory_bytes = GaugeMetricFamily(
@@ -315,14 +315,28 @@ class _ModelFamilies:
             self.candidate_latency.add_metric((*labels, engine), seconds)
         self.file_bytes.add_metric(labels, model.footprint.file_bytes)
         self.memory_bytes.add_metric(labels, model.footprint.memory_bytes)
-        if manifest is None:
-            return
-        if manifest.parameters is not None:
-            self.parameters.add_metric(labels, manifest.parameters)
-        if manifest.nonzero_parameters is not None:
-            self.nonzero_parameters.add_metric(labels, manifest.nonzero_parameters)
-        if manifest.sparsity is not None:
-            self.weight_sparsity.add_metric(labels, manifest.sparsity)
+        # The manifest's numbers where it records them; else those counted at load.
+        counted = model.footprint.weights
+        for family, recorded, measured in (
+            (
+                self.parameters,
+                manifest.parameters if manifest else None,
+                counted.parameters if counted else None,
+            ),
+            (
+                self.nonzero_parameters,
+                manifest.nonzero_parameters if manifest else None,
+                counted.nonzero_parameters if counted else None,
+            ),
+            (
+                self.weight_sparsity,
+                manifest.sparsity if manifest else None,
+                counted.weight_sparsity if counted else None,
+            ),
+        ):
+            number = recorded if recorded is not None else measured
+            if number is not None:
+                family.add_metric(labels, number)
 
     def add_backends(self, serving: Sequence[LoadedModel]) -> None:
         self.backend_up.add_metric(("onnxruntime",), 1)

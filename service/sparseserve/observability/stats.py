@@ -95,12 +95,26 @@ def batch_size_histogram() -> ValueHistogram:
     return ValueHistogram(BATCH_SIZE_BUCKETS)
 
 
+@dataclass(frozen=True, slots=True)
+class WeightCounts:
+    """A model's parameters counted from its own weights at load: every numeric
+    initializer (biases, scales and quantized weights included), the non-zero ones, and
+    the fraction of zeros in the layer weights (initializers of rank 2 or more), as
+    `sparseserve manifest` would record them."""
+
+    parameters: int
+    nonzero_parameters: int
+    weight_sparsity: float
+
+
 @dataclass(slots=True)
 class ModelFootprint:
     """What one loaded version costs, measured once at load (see `observability.memory`)."""
 
     file_bytes: int = 0  # the version's files on disk
     memory_bytes: int = 0  # resident memory growth across load and warm-up
+    # Counted only where the manifest does not record them (None: not counted).
+    weights: WeightCounts | None = None
 
 
 SHADOW_OUTCOMES = ("compared", "error", "dropped")

@@ -6,7 +6,9 @@ This is how `sparseserve inspect` and `sparseserve manifest` see a model made an
 
 It reads the file with the `onnx` package: onnxruntime exposes no initializers, and
 `onnx` is the reference reader of the format (external data files, sparse initializers,
-every element type). The serving path never imports this module.
+every element type). Importing the server never imports this module: the registry
+imports it at load, and only for a model whose manifest does not record its parameters
+(`count_weights`, for the metrics).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from sparseserve.observability.stats import WeightCounts
 from sparseserve.repository.manifest import LayerSparsity
 
 # Operators that only appear in quantized graphs: onnxruntime's QOperator format
@@ -161,6 +164,17 @@ def weights_of(path: Path) -> OnnxWeights:
         nonzero_parameters=nonzero,
         sparse_initializers=len(graph.sparse_initializer),
         quantized_ops=dict(quantized),
+    )
+
+
+def count_weights(path: Path) -> WeightCounts:
+    """The parameter counts of the ONNX file at `path`, as its manifest would record them
+    (raise `ValueError` if it is not a readable ONNX model)."""
+    weights = weights_of(path)
+    return WeightCounts(
+        parameters=weights.parameters,
+        nonzero_parameters=weights.nonzero_parameters,
+        weight_sparsity=weights.sparsity,
     )
 
 

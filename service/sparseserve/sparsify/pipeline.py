@@ -2,14 +2,16 @@
 
 Every variant is measured the way it will be served: the quality in its manifest
 (accuracy, or cosine to the baseline's embeddings) is computed on onnxruntime's outputs of
-the exported file, not torch's. Manifests are written last, once the baseline's numbers
-are known, each model file appearing after its manifest.
+the exported file, not torch's; a bf16 variant (a `precision` step) on OpenVINO's at bf16.
+Manifests are written last, once the baseline's numbers are known, each model file
+appearing after its manifest.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import shutil
 import time
 import zlib
@@ -17,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -36,6 +38,12 @@ from sparseserve.sparsify.export import (
     sparse_storage,
     weight_sparsity,
     write_variant,
+)
+from sparseserve.sparsify.precision import (
+    PrecisionConfig,
+    PrecisionUnavailable,
+    bf16_unavailable,
+    run_openvino,
 )
 from sparseserve.sparsify.prune import bake
 from sparseserve.sparsify.quality import (
@@ -60,6 +68,8 @@ from sparseserve.sparsify.recipe import (
     head,
     load_recipe,
 )
+
+log = logging.getLogger(__name__)
 
 # A correct export differs from torch only by float32 summation order (and BatchNorm
 # folded into the convolution): relative for outputs above 1 in magnitude, absolute below.
@@ -88,9 +98,12 @@ class _Variant:
     steps: list[dict[str, Any]] = field(default_factory=list)  # torch_steps + own ONNX steps
     labels: list[str] = field(default_factory=list)
     quantization: str | None = None
+    precision: Literal["fp32", "bf16"] = "fp32"  # what `outputs` were computed at
     sparse_tensors: list[str] = field(default_factory=list)
     export_difference: float = 0.0
     seconds: float = 0.0
+    # Why the variant is not written (an optional precision this CPU cannot run).
+    skipped: str | None = None
 
 
 @contextlib.contextmanager
@@ -177,9 +190,40 @@ class FamilyBuilder:
             x_heldout=self._shaped(self.labelled.x_test),
         )
         self.variants: dict[str, _Variant] = {}
+        # Variants this machine cannot measure at their precision, and why (optional ones).
+        self.unavailable: dict[str, str] = self._check_precisions()
         self._torch_models: dict[str, nn.Module] = {}
         self._base_steps: list[dict[str, Any]] = []
         self._base: nn.Module | None = None
+
+    def _check_precisions(self) -> dict[str, str]:
+        """Check, before anything is trained, that this CPU can run every variant at its
+        precision: a required one stops the build now (not after hours of distillation);
+        an optional one is skipped, with a warning. Returns the skipped ones, with why."""
+        unavailable: dict[str, str] = {}
+        reason: str | None = None
+        checked = False
+        for spec in self.recipe.variants:
+            for config in spec.steps:
+                if not isinstance(config, PrecisionConfig):
+                    continue
+                if not checked:
+                    reason, checked = bf16_unavailable(), True
+                if reason is None:
+                    continue
+                name = f"{self.recipe.family}.{spec.name}"
+                if not config.optional:
+                    raise PrecisionUnavailable(
+                        f"{name}: cannot build a {config.dtype} variant here: {reason}. Build "
+                        f"it on a CPU that computes {config.dtype}, or mark its step "
+                        f"`precision: {{dtype: {config.dtype}, optional: true}}` to skip it "
+                        "on CPUs that do not"
+                    )
+                unavailable[spec.name] = reason
+                warning = f"skipped, its precision step is optional: {reason}"
+                log.warning("%s: %s", name, warning)
+                self.progress(f"[{name}] WARNING: {warning}")
+        return unavailable
 
     def _shaped(self, rows: Rows) -> Rows:
         inputs = self.architecture.inputs
@@ -253,11 +297,16 @@ class FamilyBuilder:
         if difference > EXPORT_TOLERANCE:
             raise RuntimeError(f"{name}: onnxruntime differs from torch by {difference:.2e}")
 
+        skipped = self.unavailable.get(spec.name)
         quantization = None
+        precision: Literal["fp32", "bf16"] = "fp32"
         for config in spec.steps:
-            if config.stage is Stage.onnx:
+            if config.stage is Stage.onnx and skipped is None:
                 onnx_model, report = handler_for(config, Stage.onnx)(onnx_model, config, context)
                 steps.append({**dump_step(config), "report": report})
+                if isinstance(config, PrecisionConfig):
+                    precision = config.dtype  # the file is unchanged
+                    continue
                 quantization = config.label()
                 outputs = run_onnx(onnx_model, self.test_feeds)
         sparse_tensors: list[str] = []
@@ -267,9 +316,15 @@ class FamilyBuilder:
                 if not np.array_equal(run_onnx(compact, self.test_feeds), outputs):
                     raise RuntimeError(f"{name}: sparse storage changed the outputs")
                 onnx_model = compact
+        if precision != "fp32":  # measured as served: on OpenVINO, at that precision
+            outputs = run_openvino(onnx_model, self.test_feeds, precision)
         source_outputs = source_torch = None
         if self.source_feeds:
-            source_outputs = run_onnx(onnx_model, self.source_feeds)
+            source_outputs = (
+                run_onnx(onnx_model, self.source_feeds)
+                if precision == "fp32"
+                else run_openvino(onnx_model, self.source_feeds, precision)
+            )
             if spec.name == self.recipe.baseline:  # its rows say how exact the export is
                 source_torch = run_torch(exported, self.source_feeds)
         self.variants[spec.name] = _Variant(
@@ -284,10 +339,15 @@ class FamilyBuilder:
             steps=steps,
             labels=[c.label() for c in self._lineage_configs(spec)],
             quantization=quantization,
+            precision=precision,
             sparse_tensors=sparse_tensors,
             export_difference=difference,
             seconds=time.perf_counter() - started,
+            skipped=skipped,
         )
+        if skipped is not None:
+            self.progress(f"[{name}] not measured and not written: {skipped}")
+            return
         self.progress(
             f"[{name}] built in {time.perf_counter() - started:.1f} s, {len(onnx_model):,} "
             f"bytes, {summary(arch.task, outputs, self.labelled.y_test)}"
@@ -347,6 +407,7 @@ class FamilyBuilder:
             sparsity=sparsity,
             layers=layers,
             quantization=variant.quantization,
+            precision=variant.precision,
             file_bytes=len(variant.onnx_model),
             gzip_bytes=gzip_size(variant.onnx_model),
             activation_sparsity=[
@@ -391,6 +452,12 @@ class FamilyBuilder:
             )
         if variant.quantization and variant.quantization != "fp16":
             notes.append("per-layer sparsity is of the float weights before quantization")
+        if variant.precision != "fp32":
+            notes.append(
+                f"runs at {variant.precision} on OpenVINO (the precision step leaves the file "
+                f"unchanged): its quality was measured there, at {variant.precision}; "
+                f"onnxruntime has no {variant.precision} CPU kernels and would run it at fp32"
+            )
         return notes
 
     def write(self, repository: Path) -> list[BuiltVariant]:
@@ -398,6 +465,8 @@ class FamilyBuilder:
         repository.mkdir(parents=True, exist_ok=True)
         built = []
         for variant in self.variants.values():
+            if variant.skipped is not None:
+                continue
             manifest = self.manifest(variant)
             name = f"{manifest.family}.{manifest.variant}"
             directory = write_variant(repository, name, variant.onnx_model, manifest)

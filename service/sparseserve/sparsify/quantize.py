@@ -7,6 +7,12 @@
   (MinMax) on rows of the recipe's data source.
 - ``fp16``: weights and compute in float16; inputs and outputs stay float32, so clients
   do not change.
+- ``static-nncf``: int8 weights and activations as QDQ pairs placed and calibrated by
+  NNCF's post-training quantization (OpenVINO's toolkit), with its `preset`:
+  ``transformer`` (NNCF's transformer model type: attention's Softmax, LayerNorm and
+  the residual adds stay float), ``mixed`` (symmetric weights, asymmetric activations)
+  or ``performance`` (symmetric both). The QDQ file runs on onnxruntime and OpenVINO
+  alike; OpenVINO fuses the pairs into int8 kernels, where it is fastest.
 """
 
 from __future__ import annotations
@@ -14,13 +20,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
+import time
 from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 import onnx
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from sparseserve.sparsify.recipe import (
     Feed,
@@ -50,6 +57,23 @@ class QuantMode(StrEnum):
     dynamic = "dynamic"
     static = "static"
     fp16 = "fp16"
+    static_nncf = "static-nncf"
+
+
+class NncfPreset(StrEnum):
+    """How NNCF quantizes (mode ``static-nncf``)."""
+
+    transformer = "transformer"  # model_type TRANSFORMER with the mixed preset: encoders
+    mixed = "mixed"  # symmetric weights, asymmetric activations
+    performance = "performance"  # symmetric weights and activations: fastest kernels
+
+
+class OverflowFix(StrEnum):
+    """Which weights NNCF keeps to 7 bits (mode ``static-nncf``); see `REDUCE_RANGE`."""
+
+    enable = "enable"  # every Conv/MatMul: the same answers on every x86 CPU
+    first_layer = "first_layer"  # only the layers that read a model input (NNCF's default)
+    disable = "disable"  # full 8 bits: best on VNNI/AMX CPUs, saturates on AVX2 only
 
 
 class QuantizeConfig(StepConfig):
@@ -61,10 +85,36 @@ class QuantizeConfig(StepConfig):
     per_channel: bool = True
     calibration_samples: int = Field(256, ge=1, le=100_000)
     calibration_batch: int = Field(32, ge=1, le=4096)
+    preset: NncfPreset | None = Field(
+        None, description="static-nncf only: transformer, mixed (default) or performance."
+    )
+    overflow_fix: OverflowFix | None = Field(
+        None, description="static-nncf only: which weights stay 7-bit (default enable)."
+    )
+
+    @model_validator(mode="after")
+    def _nncf_fields_with_nncf(self) -> QuantizeConfig:
+        nncf = self.mode is QuantMode.static_nncf
+        for name in ("preset", "overflow_fix"):
+            if getattr(self, name) is not None and not nncf:
+                raise ValueError(f"{name}: only mode static-nncf takes it, not {self.mode}")
+        if nncf and not self.per_channel:
+            raise ValueError("per_channel: static-nncf quantizes weights per channel")
+        return self
+
+    @property
+    def nncf_preset(self) -> NncfPreset:
+        return self.preset or NncfPreset.mixed
+
+    @property
+    def nncf_overflow_fix(self) -> OverflowFix:
+        return self.overflow_fix or OverflowFix.enable
 
     def label(self) -> str:
         if self.mode is QuantMode.fp16:
             return "fp16"
+        if self.mode is QuantMode.static_nncf:
+            return f"int8 static QDQ (NNCF {self.nncf_preset})"
         granularity = "per-channel" if self.per_channel else "per-tensor"
         kind = "int8 dynamic" if self.mode is QuantMode.dynamic else "int8 static QDQ"
         return f"{kind} {granularity}"
@@ -116,6 +166,8 @@ def quantize_model(
             onnx.load_from_string(onnx_model), keep_io_types=True
         )
         return model.SerializeToString()
+    if config.mode is QuantMode.static_nncf:
+        return _quantize_with_nncf(onnx_model, config, calibration, input_name)
     with _quiet_root_logger(), tempfile.TemporaryDirectory(prefix="sparseserve-q-") as tmp:
         source, target = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         source.write_bytes(onnx_model)
@@ -145,13 +197,79 @@ def quantize_model(
         return target.read_bytes()
 
 
+def calibration_rows(rows: Rows, input_name: str) -> list[Feed]:
+    """Every calibration sample as its own one-row batch of named inputs. NNCF collects
+    its statistics per item; items of one row keep padded text batches of different
+    lengths apart and leave its batch-axis heuristics out of it."""
+    return [
+        {name: array[row : row + 1] for name, array in feed.items()}
+        for feed in feeds(rows, input_name)
+        for row in range(len(next(iter(feed.values()))))
+    ]
+
+
+def _quantize_with_nncf(
+    onnx_model: bytes, config: QuantizeConfig, calibration: Rows | None, input_name: str
+) -> bytes:
+    """NNCF post-training quantization of the ONNX model, calibrated on `calibration`."""
+    if calibration is None or row_count(calibration) == 0:
+        raise RecipeError("quantize: static-nncf mode needs calibration rows")
+    # Imported here: NNCF takes seconds to import and only this mode needs it.
+    import nncf
+    from nncf.quantization.advanced_parameters import (
+        AdvancedQuantizationParameters,
+    )
+    from nncf.quantization.advanced_parameters import OverflowFix as NncfOverflowFix
+
+    items = calibration_rows(head(calibration, config.calibration_samples), input_name)
+    items = items[: config.calibration_samples]
+    preset = config.nncf_preset
+    overflow_fix = {
+        OverflowFix.enable: NncfOverflowFix.ENABLE,
+        OverflowFix.first_layer: NncfOverflowFix.FIRST_LAYER,
+        OverflowFix.disable: NncfOverflowFix.DISABLE,
+    }[config.nncf_overflow_fix]
+    with _quiet_nncf():
+        quantized = nncf.quantize(
+            onnx.load_from_string(onnx_model),
+            nncf.Dataset(items),
+            preset=(
+                nncf.QuantizationPreset.PERFORMANCE
+                if preset is NncfPreset.performance
+                else nncf.QuantizationPreset.MIXED
+            ),
+            model_type=nncf.ModelType.TRANSFORMER if preset is NncfPreset.transformer else None,
+            subset_size=len(items),
+            advanced_parameters=AdvancedQuantizationParameters(overflow_fix=overflow_fix),
+        )
+    return bytes(quantized.SerializeToString())
+
+
+@contextlib.contextmanager
+def _quiet_nncf() -> Iterator[None]:
+    """NNCF logs its progress at INFO; the step's own report says what it did."""
+    nncf_log = logging.getLogger("nncf")
+    level = nncf_log.level
+    nncf_log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        nncf_log.setLevel(level)
+
+
 @register_step(QuantizeConfig)
 def _quantize(
     onnx_model: bytes, config: QuantizeConfig, context: StepContext
 ) -> tuple[bytes, StepReport]:
     calibration = context.data.x_calibration if context.data is not None else None
+    started = time.perf_counter()
     quantized = quantize_model(onnx_model, config, calibration, context.input_name)
     report: StepReport = {"bytes_before": len(onnx_model), "bytes_after": len(quantized)}
     if config.mode is QuantMode.static and calibration is not None:
         report["calibration_samples"] = row_count(head(calibration, config.calibration_samples))
+    if config.mode is QuantMode.static_nncf and calibration is not None:
+        report["calibration_samples"] = min(row_count(calibration), config.calibration_samples)
+        report["preset"] = str(config.nncf_preset)
+        report["overflow_fix"] = str(config.nncf_overflow_fix)
+    report["seconds"] = round(time.perf_counter() - started, 3)
     return quantized, report

@@ -42,6 +42,7 @@ STEP_MODULES = (
     "sparseserve.sparsify.transformer",
     "sparseserve.sparsify.distill",
     "sparseserve.sparsify.encoder_gradual",
+    "sparseserve.sparsify.precision",
 )
 
 Sparsity = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -65,6 +66,9 @@ class StepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
     step: ClassVar[str]
     stage: ClassVar[Stage] = Stage.torch
+    # The field a plain value stands for in YAML: with "dtype", ``precision: bf16`` is
+    # ``precision: {dtype: bf16}``. None: the step takes a mapping only.
+    shorthand: ClassVar[str | None] = None
 
     def label(self) -> str:
         """A short description for the manifest's `method` ("gradual_prune 90%", ...)."""
@@ -250,6 +254,8 @@ def parse_step(item: object) -> StepConfig:
     if config_type is None:
         known = ", ".join(sorted(_REGISTRY.types)) or "none registered"
         raise ValueError(f"unknown step {name!r} (known steps: {known})")
+    if config_type.shorthand is not None and not isinstance(fields, Mapping | None):
+        fields = {config_type.shorthand: fields}
     try:
         return config_type.model_validate(fields or {})
     except ValidationError as exc:
@@ -372,6 +378,12 @@ class Recipe(_Strict):
             seen.add(variant.name)
         if self.baseline not in seen:
             raise ValueError(f"baseline: {self.baseline!r} is not one of the variants")
+        (baseline,) = [v for v in self.variants if v.name == self.baseline]
+        if any(step.step == "precision" for step in baseline.steps):
+            raise ValueError(
+                f"baseline: {self.baseline!r} has a precision step; the baseline is the "
+                "fp32 reference every variant is measured against"
+            )
         return self
 
     def to_yaml(self) -> str:
