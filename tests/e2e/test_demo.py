@@ -28,6 +28,7 @@ def test_demo_trains_serves_compares_and_stops_cleanly(tmp_path: Path) -> None:
     variants = ("dense", "pruned90", "structured50", "int8", "structured50-int8", "nm24")
     expected = [
         "digits-mlp.l1-pruned90",
+        "digits-cnn.int8-nncf",
         *(f"{family}.{v}" for family in ("digits-mlp", "digits-cnn") for v in variants),
     ]
     assert f"models ready: {', '.join(sorted(expected))}" in out
