@@ -20,6 +20,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sparseserve.backends.hardware import cpu_features
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The versions every report records (environment()["packages"]).
 PACKAGES = ("sparseserve", "onnxruntime", "grpcio", "protobuf", "tritonclient", "numpy")
@@ -60,6 +62,7 @@ def environment() -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_features": list(cpu_features()),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "packages": {name: package_version(name) for name in PACKAGES},
@@ -128,6 +131,8 @@ def machine_lines(env: dict[str, Any], extra: Sequence[str] = ()) -> list[str]:
     return [
         f"- {env['timestamp']} on `{env['hostname']}`: {env['cpu_model']}, "
         f"{env['cpu_count']} cores, {env['platform']}",
+        "- CPU flags that matter for inference: "
+        + (", ".join(env.get("cpu_features", [])) or "none"),
         f"- Python {env['python']}; "
         + ", ".join(f"{name} {version}" for name, version in env["packages"].items()),
         *extra,
