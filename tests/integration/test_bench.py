@@ -42,7 +42,7 @@ def run_bench(script: str, output: Path, *args: str) -> dict:
 # The scripts that need neither torch nor the peers' venvs to import.
 IMPORTABLE_WITHOUT_TORCH = (
     "batching", "compare_servers", "engines", "grpc_floor", "profile_server", "request_memory",
-    "rest", "server_overhead", "shadow", "soak", "threads",
+    "rest", "server_overhead", "shadow", "soak", "threads", "versus_commit",
 )  # fmt: skip
 
 
@@ -85,6 +85,22 @@ def test_server_overhead_runs_both_protocols(tmp_path: Path) -> None:
     assert {run["protocol"] for run in runs} == {"unary", "stream"}
     assert all(run["requests"] > 0 and run["errors"] == 0 for run in runs)
     assert {run["caches"] for run in report["onnxruntime_runs"]} == {"hot", "cold"}
+
+
+def test_versus_commit_runs_both_servers_on_both_workloads(tmp_path: Path) -> None:
+    """Against HEAD: the baseline server imports the exported tree, the other this
+    checkout, and both are measured on both workloads."""
+    report = run_bench(
+        "versus_commit.py", tmp_path, "--baseline", "HEAD", "--rounds", "1",
+        "--warmup", "10", "--requests", "60",
+    )  # fmt: skip
+    assert len(report["baseline_commit"]) == 40 and report["candidate_commit"] is None
+    runs = {(run["arm"], run["workload"]) for run in report["runs"]}
+    assert runs == {
+        (arm, workload) for arm in ("this", "baseline") for workload in ("small", "large-batched")
+    }
+    assert all(run["requests"] == 60 for run in report["runs"])
+    assert set(report["summary"]) == {"small", "large-batched"}
 
 
 def test_batching_runs_on_and_off(tmp_path: Path) -> None:
