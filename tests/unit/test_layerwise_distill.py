@@ -298,6 +298,40 @@ def test_encoder_gradual_prune_reaches_the_target_sparsity_in_the_encoder_only()
     assert torch.equal(student.bert.embeddings.word_embeddings.weight, embeddings)
 
 
+@pytest.mark.slow  # a training run of the tiny BERT: 5-20 s on 2 busy cores
+def test_encoder_gradual_prune_by_activation_per_row() -> None:
+    """Wanda's scores (|w| times the input's norm on the calibration batches), with every
+    output row losing the same fraction: the masks differ from magnitude's and each row of
+    every encoder linear layer ends exactly at the target."""
+    teacher = embedder()
+    fields = {
+        "final_sparsity": 0.75,
+        "frequency_steps": 2,
+        "ramp_fraction": 0.5,
+        "scope": "per_row",
+        "distill": {"steps": 6, "learning_rate": 1e-3, "freeze": ["bert.embeddings"]},
+    }
+    masks = {}
+    for importance in ("magnitude", "activation"):
+        student = copy.deepcopy(teacher)
+        config = EncoderGradualPruneConfig.model_validate({**fields, "importance": importance})
+        assert importance in config.label()
+        report = apply(student, config, data=data(), teacher=teacher)
+        assert report["encoder_sparsity"] == pytest.approx(0.75, abs=0.002)
+        bake(student)
+        for layer in encoder_layers(student):
+            zeros = (layer.output.dense.weight == 0).sum(dim=1)
+            assert zeros.tolist() == [round(0.75 * FFN)] * len(zeros)
+        masks[importance] = encoder_layers(student)[0].output.dense.weight == 0
+    assert not torch.equal(masks["magnitude"], masks["activation"])
+    with pytest.raises(Exception, match="calibration"):
+        apply(
+            copy.deepcopy(teacher),
+            EncoderGradualPruneConfig.model_validate({**fields, "importance": "activation"}),
+            teacher=teacher,
+        )
+
+
 # Resume, precision, progress
 
 

@@ -22,6 +22,7 @@ from sparseserve.sparsify.prune import (
     PruneScope,
     bake,
     cubic_sparsity,
+    magnitude_masks,
     mask_of,
     nm_mask,
     prunable_layers,
@@ -78,6 +79,25 @@ def test_global_pruning_is_exact_overall_and_uneven_across_layers() -> None:
     total = sum(m.numel() for m in masks.values())
     assert sum(int(m.sum()) for m in masks.values()) == round(0.8 * total)
     assert float(masks["fc3"].float().mean()) < 0.5 < float(masks["fc1"].float().mean())
+
+
+def test_per_row_pruning_takes_the_same_fraction_from_every_output() -> None:
+    layer = nn.Linear(40, 6)
+    masks = magnitude_masks({"fc": layer}, 0.75, PruneScope.per_row)
+    assert masks["fc"].sum(dim=1).tolist() == [10.0] * 6
+
+
+def test_activation_aware_scores_keep_small_weights_on_large_inputs() -> None:
+    """Wanda's score |w| * ||x_j||: a small weight on an input with a large norm
+    outranks a larger weight on an input that is nearly always small."""
+    layer = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.1, 1.0]]))
+    by_magnitude = magnitude_masks({"fc": layer}, 0.5, PruneScope.per_layer)
+    norms = {"fc": torch.tensor([100.0, 1.0])}
+    by_activation = magnitude_masks({"fc": layer}, 0.5, PruneScope.per_layer, norms)
+    assert by_magnitude["fc"].tolist() == [[0.0, 1.0]]
+    assert by_activation["fc"].tolist() == [[1.0, 0.0]]
 
 
 def test_filter_fn_picks_the_layers_like_torchao() -> None:

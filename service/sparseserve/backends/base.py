@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sparseserve.codec import BYTES, Datatype, datatype_of
-from sparseserve.errors import InvalidInput
+from sparseserve.errors import InferenceFailed, InvalidInput, SparseServeError
 from sparseserve.repository.manifest import Precision
 
 if TYPE_CHECKING:
@@ -134,6 +134,15 @@ def warmup_inputs(signature: ModelSignature) -> dict[str, np.ndarray]:
 
 def _describe(specs: Sequence[TensorSpec]) -> str:
     return ", ".join(f"{s.name} {s.datatype.name}{list(s.shape)}" for s in specs)
+
+
+def engine_failure(model: str, message: str, client_faults: Sequence[str]) -> SparseServeError:
+    """What an engine's error during a run means for the client: its input shapes
+    (`InvalidInput`) when the engine's `message`, already stripped of source paths, names
+    one of `client_faults`, else a failure of the model (`InferenceFailed`)."""
+    if any(fault in message for fault in client_faults):
+        return InvalidInput(f"model {model!r} cannot run on these input shapes: {message}")
+    return InferenceFailed(f"model {model!r} failed: {message}")
 
 
 @dataclass(slots=True)  # not frozen: its __init__ runs once per execution, frozen's is slower

@@ -27,6 +27,7 @@ from sparseserve.backends.base import (
     ModelFiles,
     ModelSignature,
     TensorSpec,
+    engine_failure,
     warmup_inputs,
 )
 from sparseserve.codec import BY_ONNX, BYTES
@@ -136,12 +137,7 @@ class OnnxRuntimeBackend(Backend):
                 f"model {self._files.name!r} rejected the inputs: {_engine_message(exc)}"
             ) from exc
         except Exception as exc:
-            message = _engine_message(exc)
-            if any(fault in message for fault in _CLIENT_FAULTS):
-                raise InvalidInput(
-                    f"model {self._files.name!r} cannot run on these input shapes: {message}"
-                ) from exc
-            raise InferenceFailed(f"model {self._files.name!r} failed: {message}") from exc
+            raise engine_failure(self._files.name, _engine_message(exc), _CLIENT_FAULTS) from exc
         return ExecutionRecord(
             dict(zip(names, results, strict=True)), self.name, time.perf_counter_ns() - started
         )

@@ -45,6 +45,7 @@ from sparseserve.backends.base import (
     ModelFiles,
     ModelSignature,
     TensorSpec,
+    engine_failure,
     warmup_inputs,
 )
 from sparseserve.codec import BY_NAME, Datatype
@@ -214,12 +215,7 @@ class OpenVinoBackend(Backend):
                 job = self._executor.submit(_run_request, request, feeds, names)
                 results = await _wait(job)
         except Exception as exc:
-            message = _engine_message(exc)
-            if any(fault in message for fault in _CLIENT_FAULTS):
-                raise InvalidInput(
-                    f"model {self._files.name!r} cannot run on these input shapes: {message}"
-                ) from exc
-            raise InferenceFailed(f"model {self._files.name!r} failed: {message}") from exc
+            raise engine_failure(self._files.name, _engine_message(exc), _CLIENT_FAULTS) from exc
         finally:
             if self._compiled is not None:  # after unload, the request goes with the model
                 self._idle.append(request)

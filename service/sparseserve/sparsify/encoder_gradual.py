@@ -19,7 +19,8 @@ export, and the exported file stores the weights as ONNX sparse initializers
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -35,12 +36,16 @@ from sparseserve.sparsify.prune import (
     set_mask,
 )
 from sparseserve.sparsify.recipe import (
+    RecipeError,
     Sparsity,
     StepConfig,
     StepContext,
     StepReport,
+    feeds,
     register_step,
 )
+
+GradualImportance = Literal["magnitude", "activation"]
 
 
 class EncoderGradualPruneConfig(StepConfig):
@@ -51,6 +56,12 @@ class EncoderGradualPruneConfig(StepConfig):
     initial_sparsity: Sparsity = 0.0
     final_sparsity: Sparsity
     scope: PruneScope = PruneScope.per_layer
+    importance: GradualImportance = Field(
+        "magnitude",
+        description="magnitude: |w|; activation: |w| times the norm of the input it reads "
+        "on the calibration batches (Wanda), which keeps small weights on the few large "
+        "hidden dimensions BERT has.",
+    )
     frequency_steps: int = Field(
         10, ge=1, le=100_000, description="Distillation steps between tightenings."
     )
@@ -71,7 +82,7 @@ class EncoderGradualPruneConfig(StepConfig):
 
     def label(self) -> str:
         return (
-            f"encoder gradual magnitude {self.initial_sparsity:.0%}->"
+            f"encoder gradual {self.importance} {self.initial_sparsity:.0%}->"
             f"{self.final_sparsity:.0%} (cubic) while distilling {self.distill.steps} steps"
         )
 
@@ -95,6 +106,40 @@ def sparsity_at(config: EncoderGradualPruneConfig, step: int) -> float:
     return cubic_sparsity(step, ramp_steps(config), config.initial_sparsity, config.final_sparsity)
 
 
+def input_norms(
+    model: nn.Module,
+    layers: Mapping[str, nn.Linear],
+    batches: Sequence[Mapping[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """Per layer, the L2 norm of each input feature over the real (unpadded) tokens of
+    `batches` (tokenizer outputs with an ``attention_mask``)."""
+    sums = {
+        name: torch.zeros(layer.in_features, dtype=torch.float64) for name, layer in layers.items()
+    }
+    state: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Any:
+        def on_input(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            real = args[0][state["mask"]].double()
+            sums[name] += (real * real).sum(dim=0)
+
+        return on_input
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                state["mask"] = batch["attention_mask"].bool()
+                model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {name: total.sqrt().float() for name, total in sums.items()}
+
+
 @register_step(EncoderGradualPruneConfig)
 def _encoder_gradual_prune(
     model: nn.Module, config: EncoderGradualPruneConfig, context: StepContext
@@ -107,10 +152,22 @@ def _encoder_gradual_prune(
     if not layers:
         raise ValueError("encoder_gradual_prune: the model has no linear layers in encoder.layer")
     ramp = ramp_steps(config)
+    norms = None
+    if config.importance == "activation":
+        if context.data is None:
+            raise RecipeError(
+                "encoder_gradual_prune: activation importance needs calibration data "
+                "(pass data=TrainingData(...))"
+            )
+        calibration = [
+            {name: torch.from_numpy(value) for name, value in feed.items()}
+            for feed in feeds(context.data.x_calibration, context.input_name)
+        ]
+        norms = input_norms(model, layers, calibration)
 
     def prune_to(step: int) -> None:
         with torch.no_grad():
-            masks = magnitude_masks(layers, sparsity_at(config, step), config.scope)
+            masks = magnitude_masks(layers, sparsity_at(config, step), config.scope, norms)
             for name, mask in masks.items():
                 set_mask(layers[name], mask)
 

@@ -115,9 +115,13 @@ def bake(model: nn.Module) -> None:
         unparametrize(module)
 
 
-def _scores(module: PrunableLayer) -> torch.Tensor:
-    """|weight|, with already-pruned positions below every live one, so they stay pruned."""
+def _scores(module: PrunableLayer, input_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """|weight| (times the norm of the input it reads, if given: Wanda's score), with
+    already-pruned positions below every live one, so they stay pruned."""
     weight = module.weight.detach().abs()
+    if input_norm is not None:
+        shape = (1, -1, *([1] * (weight.dim() - 2)))
+        weight = weight * input_norm.to(weight.dtype).view(shape)
     mask = mask_of(module)
     return weight if mask is None else torch.where(mask.bool(), weight, torch.full_like(weight, -1))
 
@@ -132,18 +136,34 @@ def _keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
 class PruneScope(StrEnum):
     per_layer = "per_layer"  # every layer loses the same fraction
     global_ = "global"  # one threshold for all layers: big layers lose more
+    per_row = "per_row"  # every output (row) of every layer loses the same fraction
 
 
 def magnitude_masks(
-    layers: Mapping[str, PrunableLayer], sparsity: float, scope: PruneScope
+    layers: Mapping[str, PrunableLayer],
+    sparsity: float,
+    scope: PruneScope,
+    input_norms: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Masks that zero the smallest `sparsity` fraction of weights, per layer or overall."""
-    scores = {name: _scores(module) for name, module in layers.items()}
+    """Masks that zero the smallest `sparsity` fraction of weights, per layer, per row
+    or overall; scored by |weight|, or by |weight| times the norm of its input where
+    `input_norms` has the layer's (activation-aware, as Wanda: Sun et al. 2023)."""
+    norms = input_norms or {}
+    scores = {name: _scores(module, norms.get(name)) for name, module in layers.items()}
     if scope is PruneScope.per_layer:
         return {
             name: _keep_top(score, score.numel() - round(sparsity * score.numel()))
             for name, score in scores.items()
         }
+    if scope is PruneScope.per_row:
+        masks = {}
+        for name, score in scores.items():
+            rows = score.reshape(score.shape[0], -1)
+            kept = rows.shape[1] - round(sparsity * rows.shape[1])
+            mask = torch.zeros_like(rows)
+            mask.scatter_(1, rows.topk(kept, dim=1).indices, 1.0)
+            masks[name] = mask.view_as(score)
+        return masks
     flat = torch.cat([score.flatten() for score in scores.values()])
     keep = _keep_top(flat, flat.numel() - round(sparsity * flat.numel()))
     masks, start = {}, 0

@@ -22,13 +22,14 @@ Activation importance is measured on the recipe's calibration batches.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Annotated, Any
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from sparseserve.sparsify.distill import DistillConfig, distill_with_context
@@ -47,6 +48,13 @@ from sparseserve.sparsify.recipe import (
     feeds,
     register_step,
 )
+from sparseserve.sparsify.reconstruct import (
+    collect,
+    reconstruct,
+    refit,
+    select_groups,
+    teacher_targets,
+)
 
 
 class Importance(StrEnum):
@@ -61,6 +69,20 @@ class Importance(StrEnum):
 
     magnitude = "magnitude"
     activation = "activation"
+    reconstruction = "reconstruction"
+
+
+class ReconstructConfig(BaseModel):
+    """Refit each cut layer's output maps by least squares to the dense model's sums on
+    the calibration batches (`sparsify/reconstruct.py`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    ridge: float = Field(
+        1e-3,
+        gt=0.0,
+        le=1.0,
+        description="Ridge penalty, as a fraction of the mean diagonal of XᵀX.",
+    )
 
 
 class EncoderPruneConfig(StepConfig):
@@ -78,6 +100,11 @@ class EncoderPruneConfig(StepConfig):
         description="Cut in this many rounds, importance measured afresh before each, so "
         "the model adapts between cuts instead of losing everything at once.",
     )
+    reconstruct: ReconstructConfig | None = Field(
+        None,
+        description="After every cut, refit each layer's attention and FFN output maps by "
+        "least squares to the dense model (the teacher) on the calibration batches.",
+    )
     distill: DistillConfig | None = Field(
         None, description="The distillation after every round (the teacher: the base)."
     )
@@ -93,10 +120,11 @@ class EncoderPruneConfig(StepConfig):
 
     def label(self) -> str:
         rounds = f" in {self.rounds} rounds" if self.rounds > 1 else ""
+        refit = ", least-squares reconstruction" if self.reconstruct else ""
         distilled = f", each then distilled {self.distill.steps} steps" if self.distill else ""
         return (
             f"encoder prune {self.ffn_fraction:.0%} FFN neurons, {self.head_fraction:.0%} "
-            f"heads ({self.importance.value} importance){rounds}{distilled}"
+            f"heads ({self.importance.value} importance){rounds}{refit}{distilled}"
         )
 
 
@@ -109,6 +137,11 @@ class EncoderDropLayersConfig(StepConfig):
         None, min_length=1, max_length=128, description="Indices of the layers to keep."
     )
     layers: int | None = Field(None, ge=1, le=128, description="How many layers to keep.")
+    reconstruct: ReconstructConfig | None = Field(
+        None,
+        description="Then refit each kept layer's attention and FFN output maps by least "
+        "squares to the teacher layer it stood at, on the calibration batches.",
+    )
 
     @model_validator(mode="after")
     def _one_way_to_say_it(self) -> EncoderDropLayersConfig:
@@ -349,6 +382,7 @@ def prune_encoder(
     *,
     original: Sequence[LayerShape] | None = None,
     done: int = 1,
+    teacher: nn.Module | None = None,
 ) -> list[LayerShape]:
     """Remove the least important FFN neurons and heads of every layer (in place);
     `calibration` batches are required for `Importance.activation`.
@@ -358,6 +392,15 @@ def prune_encoder(
     """
     rounds = config.rounds if original is not None else 1
     original = list(original) if original is not None else layer_shapes(model)
+    if config.importance is Importance.reconstruction:
+        if calibration is None or teacher is None:
+            raise ValueError(
+                "importance 'reconstruction' needs calibration batches and the teacher"
+            )
+        ridge = (config.reconstruct or ReconstructConfig()).ridge
+        return _prune_by_reconstruction(
+            model, teacher, list(calibration), original, config, done, rounds, ridge
+        )
     if config.importance is Importance.activation:
         if calibration is None:
             raise ValueError("importance 'activation' needs calibration batches")
@@ -375,15 +418,57 @@ def prune_encoder(
     return layer_shapes(model)
 
 
+def _prune_by_reconstruction(
+    model: nn.Module,
+    teacher: nn.Module,
+    calibration: Sequence[Mapping[str, torch.Tensor]],
+    original: Sequence[LayerShape],
+    config: EncoderPruneConfig,
+    done: int,
+    rounds: int,
+    ridge: float,
+) -> list[LayerShape]:
+    """Layer by layer: collect the least-squares sums of the attention's output map on
+    the model as it is now, choose the heads to keep by them, cut, refit; then the same
+    for the FFN's neurons (`Importance.reconstruction`)."""
+    targets = teacher_targets(teacher, calibration)
+    layer_map = teacher_layers(model) or list(range(len(encoder_layers(model))))
+    for index, layer in enumerate(encoder_layers(model)):
+        source = layer_map[index]
+        first = original[index]
+        attention = layer.attention.self
+        heads = units_left(first.heads, config.head_fraction, done, rounds)
+        normal = collect(model, index, "attention", calibration, targets[source]["attention"])
+        size = attention.attention_head_size
+        keep = select_groups(normal, size, min(heads, attention.num_attention_heads), ridge)
+        if len(keep) < attention.num_attention_heads:
+            prune_attention_heads(layer, keep)
+        refit(layer.attention.output.dense, normal, ridge, _head_rows(size, keep.tolist()))
+        neurons = units_left(first.ffn_neurons, config.ffn_fraction, done, rounds)
+        normal = collect(model, index, "ffn", calibration, targets[source]["ffn"])
+        width = layer.intermediate.dense.out_features
+        keep = select_groups(normal, 1, min(neurons, width), ridge)
+        if len(keep) < width:
+            prune_ffn_neurons(layer, keep)
+        refit(layer.output.dense, normal, ridge, keep)
+    return layer_shapes(model)
+
+
 @register_step(EncoderPruneConfig)
 def _encoder_prune(
     model: nn.Module, config: EncoderPruneConfig, context: StepContext
 ) -> StepReport:
     calibration = None
-    if config.importance is Importance.activation:
+    refits = config.reconstruct is not None or config.importance is Importance.reconstruction
+    if refits and context.teacher is None:
+        raise RecipeError(
+            "encoder_prune: reconstruct and reconstruction importance need the dense model "
+            "to match (the family's base, passed as teacher=)"
+        )
+    if config.importance is not Importance.magnitude or refits:
         if context.data is None:
             raise RecipeError(
-                "encoder_prune: activation importance needs calibration data "
+                "encoder_prune: activation importance and reconstruct need calibration data "
                 "(pass data=TrainingData(...))"
             )
         calibration = [
@@ -394,7 +479,9 @@ def _encoder_prune(
     original = layer_shapes(model)
     rounds: list[dict[str, Any]] = []
     for done in range(1, config.rounds + 1):
-        shapes = prune_encoder(model, config, calibration, original=original, done=done)
+        shapes = prune_encoder(
+            model, config, calibration, original=original, done=done, teacher=context.teacher
+        )
         context.progress(
             f"encoder_prune round {done}/{config.rounds}: FFN {shapes[0].ffn_neurons} "
             f"neurons, {shapes[0].heads} heads per layer"
@@ -404,6 +491,9 @@ def _encoder_prune(
             "ffn_neurons": shapes[0].ffn_neurons,
             "heads": shapes[0].heads,
         }
+        if config.reconstruct is not None and config.importance is not Importance.reconstruction:
+            assert calibration is not None and context.teacher is not None  # checked above
+            entry["reconstruct"] = _reconstruct(model, config.reconstruct, calibration, context)
         if config.distill is not None:
             entry["distill"] = distill_with_context(
                 model, config.distill, context, name=f"round{done}"
@@ -417,9 +507,33 @@ def _encoder_prune(
             {"layer": s.layer, "ffn_neurons": s.ffn_neurons, "heads": s.heads} for s in shapes
         ],
     }
-    if config.rounds > 1 or config.distill is not None:
+    if config.rounds > 1 or config.distill is not None or config.reconstruct is not None:
         report["rounds"] = rounds
     return report
+
+
+def _reconstruct(
+    model: nn.Module,
+    config: ReconstructConfig,
+    calibration: Sequence[Mapping[str, torch.Tensor]],
+    context: StepContext,
+) -> dict[str, Any]:
+    assert context.teacher is not None
+    started = time.perf_counter()
+    fits = reconstruct(model, context.teacher, calibration, ridge=config.ridge)
+    seconds = time.perf_counter() - started
+    worst = max(fits, key=lambda fit: fit.error_after)
+    context.progress(
+        f"encoder_prune: reconstructed {len(fits)} output maps in {seconds:.0f} s; "
+        f"relative error mean {sum(f.error_before for f in fits) / len(fits):.3f} -> "
+        f"{sum(f.error_after for f in fits) / len(fits):.3f} (worst after: layer "
+        f"{worst.layer} {worst.site}, {worst.error_after:.3f})"
+    )
+    return {
+        "ridge": config.ridge,
+        "seconds": round(seconds, 1),
+        "fits": [asdict(fit) for fit in fits],
+    }
 
 
 def drop_layers(model: nn.Module, keep: Sequence[int]) -> list[int]:
@@ -456,12 +570,25 @@ def _encoder_drop_layers(
         assert config.layers is not None  # the validator saw to it
         keep = uniform_layer_map(config.layers, depth)
     before = sum(p.numel() for p in model.parameters())
+    if config.reconstruct is not None and (context.teacher is None or context.data is None):
+        raise RecipeError(
+            "encoder_drop_layers: reconstruct needs the dense model (teacher=) and "
+            "calibration data (data=)"
+        )
     kept = drop_layers(model, keep)
     context.progress(f"encoder_drop_layers: {depth} -> {len(keep)} layers, kept {keep}")
-    return {
+    report: StepReport = {
         "layers_before": depth,
         "kept": keep,
         "teacher_layers": kept,
         "parameters_before": before,
         "parameters_after": sum(p.numel() for p in model.parameters()),
     }
+    if config.reconstruct is not None:
+        assert context.data is not None
+        calibration = [
+            {name: torch.from_numpy(value) for name, value in feed.items()}
+            for feed in feeds(context.data.x_calibration, context.input_name)
+        ]
+        report["reconstruct"] = _reconstruct(model, config.reconstruct, calibration, context)
+    return report
