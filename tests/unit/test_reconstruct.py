@@ -15,7 +15,7 @@ import torch
 from pydantic import ValidationError
 
 from sparseserve.sparsify.minilm import SentenceEmbedder
-from sparseserve.sparsify.recipe import TrainingData, apply
+from sparseserve.sparsify.recipe import RecipeError, TrainingData, apply
 from sparseserve.sparsify.reconstruct import Normal, reconstruct, refit, select_groups
 from sparseserve.sparsify.transformer import (
     EncoderDropLayersConfig,
@@ -188,3 +188,14 @@ def test_the_drop_layers_step_can_refit_what_is_left() -> None:
     )
     with pytest.raises(Exception, match="teacher"):
         apply(copy.deepcopy(teacher), config, data=data)
+
+
+def test_too_few_calibration_tokens_for_a_fit_is_refused() -> None:
+    """A least-squares fit on fewer tokens than a few per input learns their noise
+    (MiniLM's shallow variant fell to cosine 0.17 that way): it is refused, naming the
+    setting to raise."""
+    teacher = tiny_bert()
+    student = copy.deepcopy(teacher)
+    few = tensors(feeds(1, seed=1, rows=2, tokens=12))  # at most 24 tokens, FFN: 97 inputs
+    with pytest.raises(RecipeError, match="calibration_samples"):
+        reconstruct(student, teacher, few)

@@ -493,7 +493,9 @@ def _encoder_prune(
         }
         if config.reconstruct is not None and config.importance is not Importance.reconstruction:
             assert calibration is not None and context.teacher is not None  # checked above
-            entry["reconstruct"] = _reconstruct(model, config.reconstruct, calibration, context)
+            entry["reconstruct"] = _reconstruct(
+                model, config.reconstruct, calibration, context, "encoder_prune"
+            )
         if config.distill is not None:
             entry["distill"] = distill_with_context(
                 model, config.distill, context, name=f"round{done}"
@@ -517,6 +519,7 @@ def _reconstruct(
     config: ReconstructConfig,
     calibration: Sequence[Mapping[str, torch.Tensor]],
     context: StepContext,
+    step: str,
 ) -> dict[str, Any]:
     assert context.teacher is not None
     started = time.perf_counter()
@@ -524,7 +527,7 @@ def _reconstruct(
     seconds = time.perf_counter() - started
     worst = max(fits, key=lambda fit: fit.error_after)
     context.progress(
-        f"encoder_prune: reconstructed {len(fits)} output maps in {seconds:.0f} s; "
+        f"{step}: reconstructed {len(fits)} output maps in {seconds:.0f} s; "
         f"relative error mean {sum(f.error_before for f in fits) / len(fits):.3f} -> "
         f"{sum(f.error_after for f in fits) / len(fits):.3f} (worst after: layer "
         f"{worst.layer} {worst.site}, {worst.error_after:.3f})"
@@ -590,5 +593,7 @@ def _encoder_drop_layers(
             {name: torch.from_numpy(value) for name, value in feed.items()}
             for feed in feeds(context.data.x_calibration, context.input_name)
         ]
-        report["reconstruct"] = _reconstruct(model, config.reconstruct, calibration, context)
+        report["reconstruct"] = _reconstruct(
+            model, config.reconstruct, calibration, context, "encoder_drop_layers"
+        )
     return report
