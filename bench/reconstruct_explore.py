@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-samples", type=int, default=500)
     parser.add_argument("--ridge", type=float, nargs="+", default=[1e-3])
     parser.add_argument(
+        "--refit-after",
+        action="store_true",
+        help="after each distillation, refit the output maps again and measure",
+    )
+    parser.add_argument(
         "--arms", nargs="+", default=["one-shot", "refit", "obs"],
         choices=["one-shot", "refit", "obs"], help="which starting points to build",
     )  # fmt: skip
@@ -142,6 +147,15 @@ def main(argv: list[str] | None = None) -> int:
                 label = f"{name}, then {args.steps} steps at lr {config.learning_rate:g}"
                 rows[label] = {"fidelity": measure(model), "seconds": time.perf_counter() - tic}
                 progress(f"{label}: {rows[label]['fidelity']}")
+                if args.refit_after:
+                    tic = time.perf_counter()
+                    reconstruct(model, teacher, calibration, ridge=args.ridge[0])
+                    label = f"{label}, refitted again"
+                    rows[label] = {
+                        "fidelity": measure(model),
+                        "seconds": time.perf_counter() - tic,
+                    }
+                    progress(f"{label}: {rows[label]['fidelity']}")
 
     report = {
         "environment": environment(),

@@ -13,11 +13,16 @@ replaced, without the recipe saying so twice.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from sparseserve.sparsify.recipe import StepContext
 
 # A plain list attribute of the encoder module: it travels with deepcopy, never into ONNX.
 TEACHER_LAYERS_ATTRIBUTE = "sparseserve_teacher_layers"
@@ -51,3 +56,41 @@ def uniform_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
             f"{teacher_layers}: it needs between 1 and {teacher_layers} layers"
         )
     return [math.ceil((j + 1) * teacher_layers / student_layers) - 1 for j in range(student_layers)]
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass of `run_batches` early (the layer of
+    interest has run; the rest of the model is not needed)."""
+
+
+def run_batches(
+    model: nn.Module,
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    state: dict[str, torch.Tensor],
+) -> None:
+    """Run `model` on each batch (tokenizer outputs), in eval mode and without gradients,
+    for the hooks it carries: before each, ``state["mask"]`` holds the batch's real tokens
+    (its ``attention_mask`` as booleans). A hook may raise `StopForward`."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                state["mask"] = batch["attention_mask"].bool()
+                with contextlib.suppress(StopForward):
+                    model(**batch)
+    finally:
+        model.train(was_training)
+
+
+def calibration_batches(context: StepContext, why: str) -> list[dict[str, torch.Tensor]]:
+    """The recipe's calibration batches as tensors; `why` ("encoder_prune: activation
+    importance needs") starts the error when the step was given no data."""
+    from sparseserve.sparsify.recipe import RecipeError, feeds
+
+    if context.data is None:
+        raise RecipeError(f"{why} calibration data (pass data=TrainingData(...))")
+    return [
+        {name: torch.from_numpy(value) for name, value in feed.items()}
+        for feed in feeds(context.data.x_calibration, context.input_name)
+    ]

@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from sparseserve.sparsify.distill import DistillConfig, distill_with_context
+from sparseserve.sparsify.encoder import calibration_batches, run_batches
 from sparseserve.sparsify.prune import (
     PruneScope,
     cubic_sparsity,
@@ -36,12 +37,10 @@ from sparseserve.sparsify.prune import (
     set_mask,
 )
 from sparseserve.sparsify.recipe import (
-    RecipeError,
     Sparsity,
     StepConfig,
     StepContext,
     StepReport,
-    feeds,
     register_step,
 )
 
@@ -126,17 +125,11 @@ def input_norms(
         return on_input
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            for batch in batches:
-                state["mask"] = batch["attention_mask"].bool()
-                model(**batch)
+        run_batches(model, batches, state)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     return {name: total.sqrt().float() for name, total in sums.items()}
 
 
@@ -154,15 +147,9 @@ def _encoder_gradual_prune(
     ramp = ramp_steps(config)
     norms = None
     if config.importance == "activation":
-        if context.data is None:
-            raise RecipeError(
-                "encoder_gradual_prune: activation importance needs calibration data "
-                "(pass data=TrainingData(...))"
-            )
-        calibration = [
-            {name: torch.from_numpy(value) for name, value in feed.items()}
-            for feed in feeds(context.data.x_calibration, context.input_name)
-        ]
+        calibration = calibration_batches(
+            context, "encoder_gradual_prune: activation importance needs"
+        )
         norms = input_norms(model, layers, calibration)
 
     def prune_to(step: int) -> None:

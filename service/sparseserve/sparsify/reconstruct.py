@@ -28,7 +28,6 @@ closer to the teacher.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparseserve.sparsify.encoder import encoder_layers, teacher_layers
+from sparseserve.sparsify.encoder import StopForward, encoder_layers, run_batches, teacher_layers
 from sparseserve.sparsify.recipe import RecipeError
 
 Batch = Mapping[str, torch.Tensor]
@@ -45,10 +44,6 @@ SITES = ("attention", "ffn")
 # the noise of those tokens: on MiniLM, dropping two layers and refitting on 2,800 tokens
 # (1,537 FFN inputs) left a cosine of 0.17 to the dense model, on 23,000 tokens 0.86.
 TOKENS_PER_INPUT = 4
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the layer of interest has run."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,26 +91,11 @@ def teacher_targets(
         for site in SITES
     ]
     try:
-        _forward_all(teacher, batches, state)
+        run_batches(teacher, batches, state)
     finally:
         for handle in handles:
             handle.remove()
     return targets
-
-
-def _forward_all(
-    model: nn.Module, batches: Sequence[Batch], state: dict[str, torch.Tensor]
-) -> None:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                state["mask"] = batch["attention_mask"].bool()
-                with contextlib.suppress(_Stop):
-                    model(**batch)
-    finally:
-        model.train(was_training)
 
 
 @dataclass
@@ -186,11 +166,11 @@ def collect(
         normal.y_sum.add_(y.sum(dim=0))
         normal.tokens += len(features)
         seen += 1
-        raise _Stop
+        raise StopForward
 
     handle = module.register_forward_pre_hook(hook)
     try:
-        _forward_all(student, batches, state)
+        run_batches(student, batches, state)
     finally:
         handle.remove()
     if normal.tokens < TOKENS_PER_INPUT * width:

@@ -36,6 +36,7 @@ from sparseserve.sparsify.distill import DistillConfig, distill_with_context
 from sparseserve.sparsify.encoder import (
     TEACHER_LAYERS_ATTRIBUTE,
     bert_of,
+    calibration_batches,
     encoder_layers,
     teacher_layers,
     uniform_layer_map,
@@ -45,7 +46,6 @@ from sparseserve.sparsify.recipe import (
     StepConfig,
     StepContext,
     StepReport,
-    feeds,
     register_step,
 )
 from sparseserve.sparsify.reconstruct import (
@@ -466,15 +466,9 @@ def _encoder_prune(
             "to match (the family's base, passed as teacher=)"
         )
     if config.importance is not Importance.magnitude or refits:
-        if context.data is None:
-            raise RecipeError(
-                "encoder_prune: activation importance and reconstruct need calibration data "
-                "(pass data=TrainingData(...))"
-            )
-        calibration = [
-            {name: torch.from_numpy(value) for name, value in feed.items()}
-            for feed in feeds(context.data.x_calibration, context.input_name)
-        ]
+        calibration = calibration_batches(
+            context, "encoder_prune: activation importance and reconstruct need"
+        )
     before = sum(p.numel() for p in model.parameters())
     original = layer_shapes(model)
     rounds: list[dict[str, Any]] = []
@@ -573,11 +567,11 @@ def _encoder_drop_layers(
         assert config.layers is not None  # the validator saw to it
         keep = uniform_layer_map(config.layers, depth)
     before = sum(p.numel() for p in model.parameters())
-    if config.reconstruct is not None and (context.teacher is None or context.data is None):
-        raise RecipeError(
-            "encoder_drop_layers: reconstruct needs the dense model (teacher=) and "
-            "calibration data (data=)"
-        )
+    calibration = None
+    if config.reconstruct is not None:
+        if context.teacher is None:
+            raise RecipeError("encoder_drop_layers: reconstruct needs the dense model (teacher=)")
+        calibration = calibration_batches(context, "encoder_drop_layers: reconstruct needs")
     kept = drop_layers(model, keep)
     context.progress(f"encoder_drop_layers: {depth} -> {len(keep)} layers, kept {keep}")
     report: StepReport = {
@@ -588,11 +582,7 @@ def _encoder_drop_layers(
         "parameters_after": sum(p.numel() for p in model.parameters()),
     }
     if config.reconstruct is not None:
-        assert context.data is not None
-        calibration = [
-            {name: torch.from_numpy(value) for name, value in feed.items()}
-            for feed in feeds(context.data.x_calibration, context.input_name)
-        ]
+        assert calibration is not None
         report["reconstruct"] = _reconstruct(
             model, config.reconstruct, calibration, context, "encoder_drop_layers"
         )
