@@ -167,9 +167,11 @@ def openvino_compile(
     The precision is always set, never left to OpenVINO (whose default on AMX CPUs is
     bf16), and read back: a bf16 request that compiled f32 raises EngineUnavailable.
     """
+    from sparseserve.backends.openvino import read_model  # sparse initializers: densified
+
     core = ov.Core()
     try:
-        model = core.read_model(str(path))
+        model = read_model(core, path)
         if engine.static:
             model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
         config = {

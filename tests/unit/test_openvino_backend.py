@@ -17,6 +17,8 @@ from sparseserve.backends.openvino import (
     compiled_signature,
     cpu_capabilities,
     describe_compiled,
+    has_sparse_initializers,
+    read_model,
     sparse_kernel_layers,
     weightless_copy,
 )
@@ -240,3 +242,40 @@ def test_inspect_says_the_precision_the_engine_pin_and_what_openvino_compiles(
         assert "cannot serve it: a bf16 variant, and the CPU lacks BF16" in describe_compiled(
             root / "m"
         )
+
+
+def test_a_file_of_sparse_initializers_is_read_through_a_dense_copy(tmp_path: Path) -> None:
+    """sparsify's `export.sparse_storage` writes pruned weights as ONNX sparse
+    initializers, which OpenVINO 2026.4's reader refuses: the server reads them densified
+    and answers as onnxruntime does on the sparse file itself."""
+    import onnx
+    import onnxruntime
+    import openvino
+    from onnx import numpy_helper
+
+    dense_path = onnx_models.mlp(tmp_path / "dense.onnx", sizes=(16, 32, 4))
+    proto = onnx.load(str(dense_path))
+    first = proto.graph.initializer[0]
+    weights = numpy_helper.to_array(first).copy()
+    weights[np.abs(weights) < np.quantile(np.abs(weights), 0.8)] = 0  # 80% zeros
+    where = np.flatnonzero(weights)
+    sparse = onnx.helper.make_sparse_tensor(
+        numpy_helper.from_array(weights.flatten()[where], first.name),
+        numpy_helper.from_array(where.astype(np.int64), ""),
+        list(weights.shape),
+    )
+    del proto.graph.initializer[0]
+    proto.graph.sparse_initializer.append(sparse)
+    path = tmp_path / "model.onnx"
+    onnx.save(proto, str(path))
+    assert has_sparse_initializers(path.read_bytes())
+    assert not has_sparse_initializers(dense_path.read_bytes())
+    core = openvino.Core()
+    with pytest.raises(RuntimeError):  # what the server would meet without the copy
+        core.read_model(str(path))
+    compiled = core.compile_model(read_model(core, path), "CPU")
+    x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+    expected = onnxruntime.InferenceSession(str(path)).run(None, {"input": x})[0]
+    got = compiled.create_infer_request().infer({"input": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert not list(tmp_path.glob("sparseserve-openvino-*"))

@@ -30,6 +30,7 @@ import asyncio
 import logging
 import re
 import statistics
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, Future
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sparseserve import protowire
 from sparseserve.backends.base import (
     Backend,
     ExecutionRecord,
@@ -165,7 +167,7 @@ class OpenVinoBackend(Backend):
     def _compile(self, config: dict[str, Any]) -> openvino.CompiledModel:
         core = _core()
         try:
-            model = core.read_model(str(self._files.path))
+            model = read_model(core, self._files.path)
             dynamic = [port for port in model.inputs if port.get_partial_shape().is_dynamic]
             if len(dynamic) > 1:
                 self._shape_model = weightless_copy(model)
@@ -410,6 +412,56 @@ def _time_runs(request: openvino.InferRequest, feeds: dict[str, np.ndarray]) -> 
     return statistics.median(times)
 
 
+# Field numbers of onnx.proto: ModelProto.graph, GraphProto.sparse_initializer.
+_MODEL_GRAPH, _GRAPH_SPARSE_INITIALIZER = 7, 15
+
+
+def read_model(core: openvino.Core, path: Path) -> openvino.Model:
+    """OpenVINO's model of the file `path`. An ONNX file holding sparse initializers (what
+    sparsify's `export.sparse_storage` writes for a pruned variant) is read through a
+    dense copy: OpenVINO 2026.4's ONNX reader refuses them ("Check 'false' failed at
+    src/frontends/common/src/frontend.cpp:47"), and its sparse kernel works on dense
+    weights with zeros anyway."""
+    if path.suffix != ".onnx" or not has_sparse_initializers(path.read_bytes()):
+        return core.read_model(str(path))
+    with tempfile.TemporaryDirectory(prefix="sparseserve-openvino-") as tmp:
+        dense = Path(tmp) / path.name
+        dense.write_bytes(densified(path.read_bytes()))
+        return core.read_model(str(dense))
+
+
+def has_sparse_initializers(model: bytes) -> bool:
+    """Whether an ONNX model's graph stores any weight as a sparse tensor."""
+    try:
+        for graph in protowire.messages(memoryview(model), _MODEL_GRAPH):
+            if any(True for _ in protowire.messages(graph, _GRAPH_SPARSE_INITIALIZER)):
+                return True
+    except ValueError:
+        return False  # not an ONNX file OpenVINO can read either: its reader will say why
+    return False
+
+
+def densified(model: bytes) -> bytes:
+    """The ONNX model with each sparse initializer stored as the dense tensor it stands
+    for (zeros where it has no value), under the same name."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load_model_from_string(model)
+    graph = proto.graph
+    for sparse in graph.sparse_initializer:
+        values = numpy_helper.to_array(sparse.values)
+        indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+        dims = tuple(sparse.dims)
+        dense = np.zeros(int(np.prod(dims)), dtype=values.dtype)
+        # Indices are either linear ([NNZ]) or one coordinate per dimension ([NNZ, rank]).
+        flat = indices if indices.ndim == 1 else np.ravel_multi_index(tuple(indices.T), dims)
+        dense[flat] = values
+        graph.initializer.append(numpy_helper.from_array(dense.reshape(dims), sparse.values.name))
+    del graph.sparse_initializer[:]
+    return bytes(proto.SerializeToString())
+
+
 def _engine_message(error: Exception) -> str:
     return " ".join(_ENGINE_SOURCE.sub("", str(error)).split())
 
@@ -437,7 +489,7 @@ def describe_compiled(path: Path) -> str:
         return "\n".join(lines)
     core = _core()
     try:
-        compiled = core.compile_model(core.read_model(str(files.path)), "CPU", config)
+        compiled = core.compile_model(read_model(core, files.path), "CPU", config)
     except Exception as exc:  # OpenVINO raises RuntimeError for everything
         lines.append(f"  cannot compile {files.path.name}: {_engine_message(exc)}")
         return "\n".join(lines)
