@@ -140,12 +140,14 @@ def test_server_latency_lies_in_the_scraped_median_bucket(run: dict) -> None:
 
 
 def test_model_figures_are_the_servers_gauges(run: dict) -> None:
-    """Size, parameters, sparsity and memory are the server's gauges; the manifest adds
-    only the accuracy it records."""
+    """Size, parameters, sparsity, sparse-kernel layers and memory are the server's
+    gauges; the manifest adds only the accuracy it records."""
     for model, figures in run["variants"].items():
         for name, metric in MODEL_GAUGES.items():
             (expected,) = values(run["after"], metric, model=model)
             assert figures[name] == {"value": expected, "source": "server metrics"}, (model, name)
+        # onnxruntime has no sparse kernel: a pruned variant's zeros are not skipped there.
+        assert figures["sparse_kernel_layers"]["value"] == 0
         manifest = VariantManifest.read(run["repository"] / model / "sparseserve.yaml")
         assert figures["manifest_quality"] == {q.metric: q.value for q in manifest.quality}
 

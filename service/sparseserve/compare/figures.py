@@ -67,6 +67,7 @@ class VariantFigures:
     nonzero_parameters: Sourced = field(default_factory=Sourced)
     weight_sparsity: Sourced = field(default_factory=Sourced)
     memory_bytes: Sourced = field(default_factory=Sourced)
+    sparse_kernel_layers: Sourced = field(default_factory=Sourced)
     # quality versus the baseline
     agreement: Sourced = field(default_factory=Sourced)
     agreement_rows: int = 0  # rows compared (shadow or probe)

@@ -42,7 +42,8 @@ def table_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
     header = [
         "variant", "req/s", "p50 ms", "p95 ms", "p99 ms", "server p50 ms", "server mean ms",
         "file KiB",
-        "parameters", "non-zero", "sparsity", "memory MiB", "agreement", "accuracy",
+        "parameters", "non-zero", "sparsity", "sparse-kernel layers", "memory MiB",
+        "agreement", "accuracy",
         "verdict",
     ]  # fmt: skip
     rows = []
@@ -54,6 +55,7 @@ def table_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
             _number(v.parameters, lambda x: f"{x:,.0f}"),
             _number(v.nonzero_parameters, lambda x: f"{x:,.0f}"),
             _number(v.weight_sparsity, lambda x: f"{x:.1%}"),
+            _number(v.sparse_kernel_layers, lambda x: f"{x:.0f}"),
             _number(v.memory_bytes, lambda x: f"{x / 2**20:.1f}"),
             _agreement(v, c.random_data),
             "—" if v.probe_accuracy is None else f"{v.probe_accuracy:.1%}",
@@ -87,7 +89,8 @@ def _sources(c: Comparison) -> list[str]:
         "Latency and req/s: measured at the client during the load run. Server p50: the "
         "server's own request-duration histogram over the run (bucket-interpolated, as "
         "PromQL's histogram_quantile); server mean: its sum over its count. File size, "
-        "parameters, sparsity, memory: the "
+        "parameters, sparsity, sparse-kernel layers (how many layers the engine runs "
+        "on a sparse kernel: OpenVINO's AMX int8 one; 0 on onnxruntime), memory: the "
         "server's per-model gauges; memory is measured to about 1 MiB.",
         "Speed verdict: the ratio of the baseline's server-side mean request duration to "
         "the variant's in each round (exact, from the histogram's sum and count: its "
@@ -131,7 +134,7 @@ def _details(v: VariantFigures) -> list[str]:
             f"{s.low:.3f}-{s.high:.3f}x over {s.rounds} rounds"
         )
     for name in ("file_bytes", "parameters", "nonzero_parameters", "weight_sparsity",
-                 "memory_bytes"):  # fmt: skip
+                 "sparse_kernel_layers", "memory_bytes"):  # fmt: skip
         x: Sourced = getattr(v, name)
         shown = "not known" if x.value is None else f"{x.value:,.6g} ({x.source})"
         out.append(f"{name.replace('_', ' ')}: {shown}")

@@ -26,6 +26,9 @@ MODEL_GAUGES = {
     "nonzero_parameters": "sparseserve_model_nonzero_parameters",
     "weight_sparsity": "sparseserve_model_weight_sparsity",
     "memory_bytes": "sparseserve_model_memory_bytes",
+    # Layers the engine runs on a sparse kernel (OpenVINO's AMX int8 one; 0 elsewhere):
+    # whether the zeros of a pruned variant were turned into speed at all.
+    "sparse_kernel_layers": "sparseserve_model_sparse_kernel_layers",
 }
 REQUEST_DURATION = "sparseserve_request_duration_seconds"
 
