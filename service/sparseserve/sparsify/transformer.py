@@ -38,6 +38,7 @@ from sparseserve.sparsify.encoder import (
     bert_of,
     calibration_batches,
     encoder_layers,
+    run_batches,
     teacher_layers,
     uniform_layer_map,
 )
@@ -334,19 +335,13 @@ def activation_scores(
     for index, layer in enumerate(layers):
         handles.append(layer.intermediate.register_forward_hook(on_ffn(index)))
         handles.append(layer.attention.output.dense.register_forward_pre_hook(on_context(index)))
-    tokens = 0
-    was_training = model.training
-    model.eval()
+    batches = list(batches)
+    tokens = sum(int(batch["attention_mask"].bool().sum()) for batch in batches)
     try:
-        with torch.no_grad():
-            for batch in batches:
-                state["mask"] = batch["attention_mask"].bool()
-                tokens += int(state["mask"].sum())
-                model(**batch)
+        run_batches(model, batches, state)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     if tokens == 0:
         raise ValueError("activation scores need at least one batch with real tokens")
     ffn = [
