@@ -118,10 +118,10 @@ def test_the_minilm_recipe_validates_with_its_transformer_steps() -> None:
     assert (prune.ffn_fraction, prune.head_fraction, prune.importance, prune.rounds) == (
         0.5,
         0.25,
-        Importance.activation,
-        4,
+        Importance.reconstruction,
+        1,
     )
-    assert prune.distill is not None and prune.distill.layerwise is not None
+    assert prune.reconstruct is not None and prune.reconstruct.ridge == 0.0001
     assert isinstance(distill, DistillConfig)
     assert (distill.loss, distill.freeze) == (DistillLoss.cosine_mse, ("bert.embeddings",))
     assert distill.layerwise is not None
@@ -132,8 +132,10 @@ def test_the_minilm_recipe_validates_with_its_transformer_steps() -> None:
     assert (static.mode, static.preset) == (QuantMode.static_nncf, NncfPreset.transformer)
     assert variants["bf16"].steps == [PrecisionConfig(dtype="bf16", optional=True)]
     drop, recovery = variants["shallow"].steps
-    assert drop == EncoderDropLayersConfig(keep=(0, 2, 4, 5))
-    assert recovery == distill
+    assert drop == EncoderDropLayersConfig.model_validate(
+        {"keep": [0, 2, 4, 5], "reconstruct": {"ridge": 0.0001}}
+    )
+    assert recovery == distill.model_copy(update={"steps": 400})
     (gradual,) = variants["sparse"].steps
     assert isinstance(gradual, EncoderGradualPruneConfig)
     assert 0.8 <= gradual.final_sparsity <= 0.9
@@ -175,7 +177,7 @@ def test_every_step_survives_a_yaml_round_trip(name: str) -> None:
         ),
         (
             lambda d: d["variants"][1]["steps"][0]["gradual_prune"].update(scope="diagonal"),
-            "gradual_prune.scope: Input should be 'per_layer' or 'global'",
+            "gradual_prune.scope: Input should be 'per_layer', 'global' or 'per_row'",
         ),
         (
             lambda d: d["variants"][1]["steps"].append({"prune_harder": {}}),
