@@ -422,11 +422,14 @@ def read_model(core: openvino.Core, path: Path) -> openvino.Model:
     dense copy: OpenVINO 2026.4's ONNX reader refuses them ("Check 'false' failed at
     src/frontends/common/src/frontend.cpp:47"), and its sparse kernel works on dense
     weights with zeros anyway."""
-    if path.suffix != ".onnx" or not has_sparse_initializers(path.read_bytes()):
+    if path.suffix != ".onnx":
+        return core.read_model(str(path))
+    data = path.read_bytes()  # read once: checked, and densified if it must be
+    if not has_sparse_initializers(data):
         return core.read_model(str(path))
     with tempfile.TemporaryDirectory(prefix="sparseserve-openvino-") as tmp:
         dense = Path(tmp) / path.name
-        dense.write_bytes(densified(path.read_bytes()))
+        dense.write_bytes(densified(data))
         return core.read_model(str(dense))
 
 

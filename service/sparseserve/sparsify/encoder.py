@@ -47,6 +47,12 @@ def teacher_layers(model: nn.Module) -> list[int] | None:
     return list(kept) if kept is not None else None
 
 
+def standing_layers(model: nn.Module) -> list[int]:
+    """The teacher layer each layer of `model` stands at: `teacher_layers`, or each its
+    own index when no layer was dropped."""
+    return teacher_layers(model) or list(range(len(encoder_layers(model))))
+
+
 def uniform_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
     """Student layer *j* of *m* learns from teacher layer ceil((j + 1) * n / m) - 1 of *n*:
     evenly spread, and the last layer always matches the teacher's last."""

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparseserve.sparsify.encoder import StopForward, encoder_layers, run_batches, teacher_layers
+from sparseserve.sparsify.encoder import StopForward, encoder_layers, run_batches, standing_layers
 from sparseserve.sparsify.recipe import RecipeError
 
 Batch = Mapping[str, torch.Tensor]
@@ -257,7 +257,7 @@ def reconstruct(
     targets = teacher_targets(teacher, batches)
     # A student with dropped layers matches, at each layer, the teacher layer it stood at
     # (its refit absorbs what the dropped layers before it added).
-    layer_map = teacher_layers(student) or list(range(len(encoder_layers(student))))
+    layer_map = standing_layers(student)
     if len(layer_map) != len(encoder_layers(student)) or max(layer_map) >= len(targets):
         raise ValueError(
             f"the student's layers map to teacher layers {layer_map}, but the teacher has "

@@ -39,7 +39,7 @@ from sparseserve.sparsify.encoder import (
     calibration_batches,
     encoder_layers,
     run_batches,
-    teacher_layers,
+    standing_layers,
     uniform_layer_map,
 )
 from sparseserve.sparsify.recipe import (
@@ -427,7 +427,7 @@ def _prune_by_reconstruction(
     the model as it is now, choose the heads to keep by them, cut, refit; then the same
     for the FFN's neurons (`Importance.reconstruction`)."""
     targets = teacher_targets(teacher, calibration)
-    layer_map = teacher_layers(model) or list(range(len(encoder_layers(model))))
+    layer_map = standing_layers(model)
     for index, layer in enumerate(encoder_layers(model)):
         source = layer_map[index]
         first = original[index]
@@ -538,7 +538,7 @@ def drop_layers(model: nn.Module, keep: Sequence[int]) -> list[int]:
             f"layers to keep must be increasing, distinct and in [0, {len(layers)}), "
             f"got {list(keep)}"
         )
-    earlier = teacher_layers(model) or list(range(len(layers)))
+    earlier = standing_layers(model)
     bert.encoder.layer = nn.ModuleList(layers[i] for i in keep)
     for index, layer in enumerate(bert.encoder.layer):
         # transformers numbers layers for its key/value cache; keep the numbers dense.
