@@ -16,7 +16,13 @@ from pydantic import ValidationError
 
 from sparseserve.sparsify.minilm import SentenceEmbedder
 from sparseserve.sparsify.recipe import RecipeError, TrainingData, apply
-from sparseserve.sparsify.reconstruct import Normal, reconstruct, refit, select_groups
+from sparseserve.sparsify.reconstruct import (
+    Normal,
+    reconstruct,
+    refit,
+    removal_order,
+    select_groups,
+)
 from sparseserve.sparsify.transformer import (
     EncoderDropLayersConfig,
     EncoderPruneConfig,
@@ -199,3 +205,26 @@ def test_too_few_calibration_tokens_for_a_fit_is_refused() -> None:
     few = tensors(feeds(1, seed=1, rows=2, tokens=12))  # at most 24 tokens, FFN: 97 inputs
     with pytest.raises(RecipeError, match="calibration_samples"):
         reconstruct(student, teacher, few)
+
+
+def test_removal_costs_add_up_to_the_refitted_error() -> None:
+    """Each removal's cost is what it adds to the squared error with the remaining groups
+    refitted: after any number of removals, the costs so far sum to the error of the
+    least-squares fit on the groups left (the full fit being exact here)."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(400, 8, generator=generator, dtype=torch.float64)
+    y = x @ torch.randn(8, 3, generator=generator, dtype=torch.float64) - 0.5
+    features = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+    normal = Normal(features.T @ features, features.T @ y, (y * y).sum(), y.sum(dim=0), len(x))
+    for group in (1, 2):
+        order, costs = removal_order(normal, group, 8 // group - 1, ridge=1e-12)
+        assert sorted(order) == sorted(set(order)) and len(order) == 8 // group - 1
+        assert all(cost >= -1e-9 for cost in costs)
+        for done in range(1, len(order) + 1):
+            kept = [g for g in range(8 // group) if g not in order[:done]]
+            columns = torch.tensor([g * group + i for g in kept for i in range(group)] + [8])
+            dense = torch.nn.Linear(len(columns) - 1, 3).double()
+            _, after = refit(dense, normal, 1e-12, columns[:-1])
+            assert after * normal.variance == pytest.approx(sum(costs[:done]), rel=1e-6, abs=1e-6)
+    with pytest.raises(ValueError, match="cannot remove"):
+        removal_order(normal, 1, 8, ridge=1e-9)

@@ -185,28 +185,34 @@ def collect(
     return normal
 
 
-def select_groups(normal: Normal, group: int, keep: int, ridge: float) -> torch.Tensor:
-    """Which of the map's input groups (heads: `group` = head size; neurons: 1) to keep,
-    `keep` of them, chosen greedily by least squares: remove, one at a time, the group
-    whose loss the refitted others make up for best (the Optimal Brain Surgeon step for
-    a group, as in ZipLM: the error grows by tr(W_Gᵀ [H⁻¹]_GG⁻¹ W_G), after which W and H⁻¹
-    are updated exactly). Returns the kept groups' indices, ascending."""
+def removal_order(
+    normal: Normal, group: int, remove: int, ridge: float
+) -> tuple[list[int], list[float]]:
+    """The map's input groups (heads: `group` = head size; neurons: 1) in the order greedy
+    least squares removes them, `remove` of them, with what each removal adds to the
+    squared error once the remaining groups are refitted: at each step the group whose
+    loss the others make up for best (the Optimal Brain Surgeon step for a group, as in
+    ZipLM: the error grows by tr(W_Gᵀ [H⁻¹]_GG⁻¹ W_G), after which W and H⁻¹ are updated
+    exactly)."""
     inputs = len(normal.xtx) - 1
     if inputs % group:
         raise ValueError(f"{inputs} inputs do not split into groups of {group}")
     groups = inputs // group
-    if not 1 <= keep <= groups:
-        raise ValueError(f"cannot keep {keep} of {groups} groups")
+    if not 0 <= remove < groups:
+        raise ValueError(f"cannot remove {remove} of {groups} groups")
     inverse = torch.linalg.inv(normal.regularized(ridge))
     weights = inverse @ normal.xty
     alive = torch.ones(groups, dtype=torch.bool)
-    for _ in range(groups - keep):
+    order: list[int] = []
+    costs: list[float] = []
+    for _ in range(remove):
         best, best_cost = -1, float("inf")
         if group == 1:
             diagonal = torch.diagonal(inverse)[:inputs]
-            costs = (weights[:inputs] ** 2).sum(dim=1) / diagonal
-            costs[~alive] = float("inf")
-            best = int(torch.argmin(costs))
+            scores = (weights[:inputs] ** 2).sum(dim=1) / diagonal
+            scores[~alive] = float("inf")
+            best = int(torch.argmin(scores))
+            best_cost = float(scores[best])
         else:
             for candidate in torch.nonzero(alive).flatten().tolist():
                 span = slice(candidate * group, (candidate + 1) * group)
@@ -220,6 +226,20 @@ def select_groups(normal: Normal, group: int, keep: int, ridge: float) -> torch.
         weights = weights - columns @ torch.linalg.solve(block, weights[rows])
         inverse = inverse - columns @ torch.linalg.solve(block, columns.T)
         alive[best] = False
+        order.append(best)
+        costs.append(best_cost)
+    return order, costs
+
+
+def select_groups(normal: Normal, group: int, keep: int, ridge: float) -> torch.Tensor:
+    """Which of the map's input groups to keep, `keep` of them, chosen greedily by least
+    squares (`removal_order`). Returns the kept groups' indices, ascending."""
+    groups = (len(normal.xtx) - 1) // group
+    if not 1 <= keep <= groups:
+        raise ValueError(f"cannot keep {keep} of {groups} groups")
+    removed, _ = removal_order(normal, group, groups - keep, ridge)
+    alive = torch.ones(groups, dtype=torch.bool)
+    alive[removed] = False
     return torch.nonzero(alive).flatten()
 
 

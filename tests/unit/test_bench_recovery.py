@@ -1,0 +1,36 @@
+"""bench/recovery_explore.py's arm settings and batch splitting (the run itself needs the
+real MiniLM and minutes of training: it is an exploration, its results in bench/results)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="needs the [sparsify] extra")
+
+from bench.recovery_explore import parse_arm, split  # noqa: E402
+
+
+def test_an_arm_fills_in_the_defaults_and_parses_each_setting() -> None:
+    assert parse_arm("", 150) == {
+        "lr": 3e-4, "steps": 150, "batch": 32, "hidden": 1.0, "relation": 1.0,
+    }  # fmt: skip
+    arm = parse_arm("lr=1e-3,batch=16,steps=300,hidden=0,relation=0.5", 150)
+    assert arm == {"lr": 1e-3, "steps": 300, "batch": 16, "hidden": 0.0, "relation": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("depth=3", "unknown setting 'depth'"), ("batch=12", "batch must be 8, 16 or 32")],
+)
+def test_a_bad_arm_is_refused_by_name(text: str, message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        parse_arm(text, 150)
+
+
+def test_split_cuts_every_batch_into_parts_keeping_rows_and_padding() -> None:
+    ids = torch.arange(32 * 5).reshape(32, 5)
+    batches = [{"input_ids": ids, "attention_mask": torch.ones(32, 5)}]
+    parts = split(batches, 16)
+    assert [tuple(p["input_ids"].shape) for p in parts] == [(16, 5), (16, 5)]
+    assert torch.equal(torch.cat([p["input_ids"] for p in parts]), ids)
+    assert all(p["attention_mask"].shape == (16, 5) for p in parts)
