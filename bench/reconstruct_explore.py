@@ -26,13 +26,11 @@ import torch
 if not __package__:  # `python bench/<script>.py`: import `bench` from the repository root
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from bench.minilm_setup import Fidelities, as_torch, recipe_data
 from bench.report import environment, machine_lines, markdown_table, progress, write_results
-from sparseserve.sparsify.catalog import architecture, load_data
 from sparseserve.sparsify.distill import DistillConfig, DistillLoss, distill
-from sparseserve.sparsify.export import run_torch
 from sparseserve.sparsify.layerwise import LayerwiseConfig
-from sparseserve.sparsify.quality import Fidelity, fidelity
-from sparseserve.sparsify.recipe import DataConfig, head
+from sparseserve.sparsify.recipe import head
 from sparseserve.sparsify.reconstruct import reconstruct
 from sparseserve.sparsify.transformer import (
     EncoderPruneConfig,
@@ -63,31 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    arch = architecture("all-minilm-l6-v2")
     started = time.perf_counter()
-    data = load_data(
-        DataConfig(
-            source="english-mix",
-            heldout_source="fortunes-literature",
-            test_fraction=0.1,
-            test_samples=args.test_samples,
-            batch_size=32,
-            sort_window_batches=16,
-        ),
-        arch,
-    )
+    teacher, data = recipe_data(args.test_samples)
     progress(f"data read in {time.perf_counter() - started:.0f} s")
-
-    def as_torch(feeds: list) -> list[dict[str, torch.Tensor]]:
-        return [{k: torch.from_numpy(v) for k, v in feed.items()} for feed in feeds]
-
-    teacher = arch.build()
-    teacher.eval()
-    tests = {"chunks": data.x_test, "literature": data.x_test_source}
-    dense = {name: run_torch(teacher, rows) for name, rows in tests.items()}
-
-    def measure(model: torch.nn.Module) -> dict[str, Fidelity]:
-        return {name: fidelity(dense[name], run_torch(model, rows)) for name, rows in tests.items()}
+    measure = Fidelities.of(teacher, data).measure
 
     calibration = as_torch(head(data.x_train, args.calibration))
     starts: dict[str, torch.nn.Module] = {}

@@ -25,13 +25,13 @@ import torch
 if not __package__:  # `python bench/<script>.py`: import `bench` from the repository root
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from bench.minilm_setup import as_torch, recipe_data
 from bench.report import environment, machine_lines, markdown_table, progress, write_results
-from sparseserve.sparsify.catalog import architecture, load_data
 from sparseserve.sparsify.encoder_gradual import encoder_linear_layers, input_norms
 from sparseserve.sparsify.export import run_torch
 from sparseserve.sparsify.prune import PruneScope, magnitude_masks, set_mask
 from sparseserve.sparsify.quality import fidelity
-from sparseserve.sparsify.recipe import DataConfig, head
+from sparseserve.sparsify.recipe import head
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARMS = (
@@ -49,24 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-samples", type=int, default=300)
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    arch = architecture("all-minilm-l6-v2")
-    data = load_data(
-        DataConfig(
-            source="english-mix",
-            heldout_source="fortunes-literature",
-            test_fraction=0.1,
-            test_samples=args.test_samples,
-            batch_size=32,
-            sort_window_batches=16,
-        ),
-        arch,
-    )
-    teacher = arch.build().eval()
+    teacher, data = recipe_data(args.test_samples)
     dense = run_torch(teacher, data.x_test)
-    calibration = [
-        {k: torch.from_numpy(v) for k, v in feed.items()}
-        for feed in head(data.x_train, args.calibration)
-    ]
+    calibration = as_torch(head(data.x_train, args.calibration))
     norms = input_norms(teacher, encoder_linear_layers(teacher), calibration)
     results = []
     for sparsity in args.sparsity:

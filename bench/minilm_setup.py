@@ -1,0 +1,61 @@
+"""What the MiniLM explorations share: the recipe's data, the dense model, and fidelity
+to it on the held-out chunks and on the never-trained source."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sparseserve.sparsify.catalog import LabelledData, architecture, load_data
+from sparseserve.sparsify.export import run_torch
+from sparseserve.sparsify.quality import Fidelity, fidelity
+from sparseserve.sparsify.recipe import DataConfig
+
+
+def recipe_data(test_samples: int) -> tuple[torch.nn.Module, LabelledData]:
+    """The dense all-MiniLM-L6-v2 (in eval mode) and recipes/minilm.yaml's data:
+    `english-mix` in batches of 32, `fortunes-literature` held out, `test_samples` of the
+    held-out chunks."""
+    arch = architecture("all-minilm-l6-v2")
+    data = load_data(
+        DataConfig(
+            source="english-mix",
+            heldout_source="fortunes-literature",
+            test_fraction=0.1,
+            test_samples=test_samples,
+            batch_size=32,
+            sort_window_batches=16,
+        ),
+        arch,
+    )
+    teacher = arch.build()
+    teacher.eval()
+    return teacher, data
+
+
+def as_torch(feeds: Sequence[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
+    """Tokenizer batches of numpy arrays -> of torch tensors."""
+    return [{k: torch.from_numpy(v) for k, v in feed.items()} for feed in feeds]
+
+
+@dataclass
+class Fidelities:
+    """The dense model's outputs on both held-out sets, to measure students against."""
+
+    tests: dict[str, Any]
+    dense: dict[str, Any]
+
+    @classmethod
+    def of(cls, teacher: torch.nn.Module, data: LabelledData) -> Fidelities:
+        tests = {"chunks": data.x_test, "literature": data.x_test_source}
+        return cls(tests, {name: run_torch(teacher, rows) for name, rows in tests.items()})
+
+    def measure(self, model: torch.nn.Module) -> dict[str, Fidelity]:
+        """`model`'s fidelity to the dense model on the chunks and on the literature."""
+        return {
+            name: fidelity(self.dense[name], run_torch(model, rows))
+            for name, rows in self.tests.items()
+        }
