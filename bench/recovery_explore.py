@@ -13,7 +13,8 @@ the never-trained `fortunes-literature`. An arm is a comma-separated list of set
     .venv/bin/python -m bench.recovery_explore --steps 150 \\
         --arm lr=3e-4 --arm lr=1e-3 --arm lr=3e-4,batch=16,steps=300
 
-The cut is cached under `--cache` (it takes minutes), keyed by its calibration size.
+The cut is cached under `--cache` (it takes minutes), keyed by its allocation and
+calibration size.
 Writes bench/results/recovery_explore.{json,md}. An exploration: one seed.
 """
 
