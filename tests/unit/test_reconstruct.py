@@ -228,3 +228,32 @@ def test_removal_costs_add_up_to_the_refitted_error() -> None:
             assert after * normal.variance == pytest.approx(sum(costs[:done]), rel=1e-6, abs=1e-6)
     with pytest.raises(ValueError, match="cannot remove"):
         removal_order(normal, 1, 8, ridge=1e-9)
+
+
+def test_each_removal_is_the_cheapest_refit_of_the_groups_left() -> None:
+    """Greedy least squares by brute force: at every step the group removed is the one
+    whose removal, with every other group left refitted from scratch, adds the least error,
+    and its cost is that increase. Enough steps that the rows of removed groups are dropped
+    from the running inverse several times."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(600, 24, generator=generator, dtype=torch.float64)
+    x[:, 1::2] += 0.5 * x[:, ::2]  # correlated inputs: removals change the others' worth
+    y = x @ torch.randn(24, 4, generator=generator, dtype=torch.float64)
+    y += torch.randn(y.shape, generator=generator, dtype=torch.float64)
+    features = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+    normal = Normal(features.T @ features, features.T @ y, (y * y).sum(), y.sum(dim=0), len(x))
+
+    def error(groups: list[int], group: int) -> float:
+        columns = torch.tensor([g * group + i for g in groups for i in range(group)])
+        dense = torch.nn.Linear(len(columns), 4).double()
+        return refit(dense, normal, 1e-12, columns)[1] * normal.variance
+
+    for group, remove in ((1, 20), (3, 6)):
+        order, costs = removal_order(normal, group, remove, ridge=1e-12)
+        left = list(range(24 // group))
+        for removed, cost in zip(order, costs, strict=True):
+            base = error(left, group)
+            increase = {g: error([h for h in left if h != g], group) - base for g in left}
+            assert removed == min(increase, key=increase.__getitem__)
+            assert cost == pytest.approx(increase[removed], rel=1e-6, abs=1e-6)
+            left.remove(removed)

@@ -202,32 +202,44 @@ def removal_order(
         raise ValueError(f"cannot remove {remove} of {groups} groups")
     inverse = torch.linalg.inv(normal.regularized(ridge))
     weights = inverse @ normal.xty
+    # The rows of `inverse` and `weights` are the groups still in play, in their original
+    # order, then the bias. A removed group's rows are zero after its update; they are
+    # dropped once an eighth of the rows are such (the updates touch every row, so a
+    # smaller matrix is a faster step: MiniLM's FFN cut removes 768 of 1,536 one by one).
+    groups_at = torch.arange(groups)
     alive = torch.ones(groups, dtype=torch.bool)
     order: list[int] = []
     costs: list[float] = []
     for _ in range(remove):
-        best, best_cost = -1, float("inf")
         if group == 1:
-            diagonal = torch.diagonal(inverse)[:inputs]
-            scores = (weights[:inputs] ** 2).sum(dim=1) / diagonal
-            scores[~alive] = float("inf")
-            best = int(torch.argmin(scores))
-            best_cost = float(scores[best])
+            scores = (weights[:-1] ** 2).sum(dim=1) / torch.diagonal(inverse)[:-1]
         else:
-            for candidate in torch.nonzero(alive).flatten().tolist():
-                span = slice(candidate * group, (candidate + 1) * group)
-                block = inverse[span, span]
-                cost = float((weights[span] * torch.linalg.solve(block, weights[span])).sum())
-                if cost < best_cost:
-                    best, best_cost = candidate, cost
-        rows = torch.arange(best * group, (best + 1) * group)
-        block = inverse[rows][:, rows]
-        columns = inverse[:, rows]
-        weights = weights - columns @ torch.linalg.solve(block, weights[rows])
-        inverse = inverse - columns @ torch.linalg.solve(block, columns.T)
+            scores = torch.full((len(alive),), float("inf"), dtype=torch.float64)
+            for position in torch.nonzero(alive).flatten().tolist():
+                span = slice(position * group, (position + 1) * group)
+                solved = torch.linalg.solve(inverse[span, span], weights[span])
+                scores[position] = (weights[span] * solved).sum()
+        scores[~alive] = float("inf")
+        best = int(torch.argmin(scores))
+        span = slice(best * group, (best + 1) * group)
+        columns = inverse[:, span].clone()
+        block = columns[span]
+        weights.sub_(columns @ torch.linalg.solve(block, weights[span]))
+        if group == 1:  # a rank-1 update in place
+            inverse.addr_(columns[:, 0], columns[:, 0], alpha=-1.0 / float(block))
+        else:
+            inverse.sub_(columns @ torch.linalg.solve(block, columns.T))
         alive[best] = False
-        order.append(best)
-        costs.append(best_cost)
+        order.append(int(groups_at[best]))
+        costs.append(float(scores[best]))
+        if int((~alive).sum()) * 8 >= len(alive):
+            kept = torch.nonzero(alive).flatten()
+            rows = torch.cat(
+                [(kept[:, None] * group + torch.arange(group)).flatten(), torch.tensor([-1])]
+            ) % len(inverse)
+            inverse = inverse[rows][:, rows]
+            weights = weights[rows]
+            groups_at, alive = groups_at[kept], alive[kept]
     return order, costs
 
 
