@@ -13,6 +13,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -457,6 +458,7 @@ def _sparsify_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 def _sparsify(args: argparse.Namespace) -> int:
     # torch is imported here, and only here: `serve` must not pay for it.
     try:
+        from sparseserve.sparsify.distill import format_duration
         from sparseserve.sparsify.pipeline import build_family
         from sparseserve.sparsify.precision import PrecisionUnavailable
         from sparseserve.sparsify.recipe import RecipeError
@@ -468,6 +470,7 @@ def _sparsify(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(line, flush=True)
 
+    started = time.monotonic()
     try:
         built = build_family(
             args.recipe,
@@ -487,6 +490,8 @@ def _sparsify(args: argparse.Namespace) -> int:
         return 1
     for variant in built:
         print(f"wrote {variant.directory}")
+    took = format_duration(time.monotonic() - started)
+    print(f"built {len(built)} variants into {args.repository} in {took}")
     return 0
 
 

@@ -4,6 +4,9 @@ recorded, and `sparseserve inspect` reports it."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,10 +71,17 @@ MODELS = [
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("sparsified")
-    for name, text in (("mlp.yaml", MLP_RECIPE), ("cnn.yaml", CNN_RECIPE)):
+    for name, text, count in (("mlp.yaml", MLP_RECIPE, 6), ("cnn.yaml", CNN_RECIPE, 4)):
         recipe = root.parent / f"{root.name}-{name}"
         recipe.write_text(text)
-        assert main(["sparsify", "--recipe", str(recipe), "--repository", str(root / "m")]) == 0
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["sparsify", "--recipe", str(recipe), "--repository", str(root / "m")]) == 0
+        # The build ends with how long it took, the last line a person sees.
+        last = out.getvalue().splitlines()[-1]
+        assert re.fullmatch(
+            rf"built {count} variants into {re.escape(str(root / 'm'))} in \d+ s", last
+        ), last
     return root / "m"
 
 
