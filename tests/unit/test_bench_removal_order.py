@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("torch", reason="needs the [sparsify] extra")
 
-from bench.removal_order_speed import plain_removal_order, problem  # noqa: E402
-from sparseserve.sparsify.reconstruct import removal_order  # noqa: E402
+from bench.removal_order_speed import plain_removal_order, problem
+from sparseserve.sparsify.reconstruct import removal_order
 
 
 @pytest.mark.parametrize(("group", "remove"), [(1, 40), (4, 10)])
