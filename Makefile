@@ -21,7 +21,7 @@ DEMO_REPOSITORY ?= models
 help:
 	@echo "make demo    build the digits models + sparse variants into ./models, serve, query, compare"
 	@echo "make report-screenshot  compare digits-mlp on the demo models, screenshot report.html (headless Chromium)"
-	@echo "make minilm  build the minilm family (real all-MiniLM-L6-v2; slow: 1 h 46 min measured on 2 shared AVX2 cores)"
+	@echo "make minilm  build the minilm family (real all-MiniLM-L6-v2; slow: 38 min on 2 idle AVX2 cores)"
 	@echo "make corpus-text  install Debian's fortunes (everyday English for the minilm corpus; root)"
 	@echo "make bench-minilm  latency, size and fidelity of the minilm variants (after make minilm)"
 	@echo "make bench-engines onnxruntime vs OpenVINO on the minilm variants and two MLPs"
