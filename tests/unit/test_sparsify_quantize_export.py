@@ -15,7 +15,7 @@ import torch
 from sparseserve.sparsify.digits import cnn, load_digits_split, mlp
 from sparseserve.sparsify.export import export_onnx, run_onnx, sparse_storage, write_variant
 from sparseserve.sparsify.prune import MagnitudePruneConfig, NMPruneConfig, bake
-from sparseserve.sparsify.quantize import QuantizeConfig, QuantMode
+from sparseserve.sparsify.quantize import QuantizeConfig, QuantMode, float_node_types
 from sparseserve.sparsify.recipe import Exporter, RecipeError, TrainingData, apply, apply_onnx
 from sparseserve.sparsify.train import TrainConfig
 
@@ -148,3 +148,54 @@ def test_write_variant_lays_out_the_model_in_triton_layout(tmp_path, trained: di
         "f.v", "f.v/1", "f.v/1/model.onnx", "f.v/sparseserve.yaml",
     ]  # fmt: skip
     assert VariantManifest.read(directory / "sparseserve.yaml") == manifest
+
+
+class Tokens(torch.nn.Module):
+    """Two linear layers over [batch, tokens, 16]: exported as MatMul + Add, as BERT's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.fc2 = torch.nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("mode", [QuantMode.dynamic, QuantMode.static])
+def test_keep_float_leaves_the_named_nodes_float(mode: QuantMode) -> None:
+    """`keep_float` keeps the nodes whose names contain a pattern in float (here the first
+    layer's MatMul) and quantizes the rest; the label and the report say so."""
+    torch.manual_seed(0)
+    float_model = export_onnx(Tokens().eval(), {"input": torch.zeros(2, 5, 16)}, "out")
+    names = {n.name: n.op_type for n in onnx.load_from_string(float_model).graph.node}
+    assert names["/fc1/MatMul"] == names["/fc2/MatMul"] == "MatMul"
+    x = np.random.default_rng(0).standard_normal((64, 5, 16)).astype(np.float32)
+    data = TrainingData(x, None, x)
+    config = QuantizeConfig(mode=mode, keep_float=("/fc1/",))
+    quantized, report = apply_onnx(float_model, config, data=data, input_name="input")
+    floats = float_node_types(onnx.load_from_string(quantized))
+    assert floats["/fc1/MatMul"] == "MatMul"
+    assert "/fc2/MatMul" not in floats  # quantized
+    assert report["float_nodes"] == 2  # fc1's MatMul and its bias Add
+    assert config.label().endswith(", float: /fc1/")
+    whole, _ = apply_onnx(float_model, QuantizeConfig(mode=mode), data=data, input_name="input")
+    assert "/fc1/MatMul" not in float_node_types(onnx.load_from_string(whole))
+
+
+def test_keep_float_on_a_gemm_that_dynamic_mode_rewrites_is_refused(trained: dict) -> None:
+    model, _ = trained["mlp"]
+    float_model, _, _ = float_export(model, "mlp")
+    with pytest.raises(RecipeError, match="rewrote /fc1/Gemm"):
+        apply_onnx(float_model, QuantizeConfig(keep_float=("/fc1/",)))
+
+
+def test_keep_float_names_a_node_and_only_onnxruntime_modes_take_it(trained: dict) -> None:
+    model, _ = trained["mlp"]
+    float_model, _, _ = float_export(model, "mlp")
+    with pytest.raises(RecipeError, match=r"keep_float '/fc9/' matches no node.*/fc1/Gemm"):
+        apply_onnx(float_model, QuantizeConfig(keep_float=("/fc9/",)))
+    with pytest.raises(ValueError, match="only modes dynamic and static"):
+        QuantizeConfig(mode=QuantMode.static_nncf, keep_float=("/fc1/",))
+    with pytest.raises(ValueError, match="empty string"):
+        QuantizeConfig(keep_float=("",))

@@ -91,6 +91,11 @@ class QuantizeConfig(StepConfig):
     overflow_fix: OverflowFix | None = Field(
         None, description="static-nncf only: which weights stay 7-bit (default enable)."
     )
+    keep_float: tuple[str, ...] = Field(
+        (),
+        description="dynamic and static only: nodes whose ONNX name contains one of these "
+        "strings stay float (e.g. '/layer.0/': a BERT layer); each must match a node.",
+    )
 
     @model_validator(mode="after")
     def _nncf_fields_with_nncf(self) -> QuantizeConfig:
@@ -100,6 +105,10 @@ class QuantizeConfig(StepConfig):
                 raise ValueError(f"{name}: only mode static-nncf takes it, not {self.mode}")
         if nncf and not self.per_channel:
             raise ValueError("per_channel: static-nncf quantizes weights per channel")
+        if self.keep_float and self.mode not in (QuantMode.dynamic, QuantMode.static):
+            raise ValueError(f"keep_float: only modes dynamic and static take it, not {self.mode}")
+        if any(not pattern for pattern in self.keep_float):
+            raise ValueError("keep_float: an empty string would match every node")
         return self
 
     @property
@@ -117,7 +126,8 @@ class QuantizeConfig(StepConfig):
             return f"int8 static QDQ (NNCF {self.nncf_preset})"
         granularity = "per-channel" if self.per_channel else "per-tensor"
         kind = "int8 dynamic" if self.mode is QuantMode.dynamic else "int8 static QDQ"
-        return f"{kind} {granularity}"
+        kept = f", float: {', '.join(self.keep_float)}" if self.keep_float else ""
+        return f"{kind} {granularity}{kept}"
 
 
 class _CalibrationRows:
@@ -168,6 +178,7 @@ def quantize_model(
         return model.SerializeToString()
     if config.mode is QuantMode.static_nncf:
         return _quantize_with_nncf(onnx_model, config, calibration, input_name)
+    exclude = float_nodes(onnx.load_from_string(onnx_model), config.keep_float)
     with _quiet_root_logger(), tempfile.TemporaryDirectory(prefix="sparseserve-q-") as tmp:
         source, target = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         source.write_bytes(onnx_model)
@@ -178,6 +189,7 @@ def quantize_model(
                 per_channel=config.per_channel,
                 reduce_range=REDUCE_RANGE,
                 weight_type=QuantType.QInt8,
+                nodes_to_exclude=exclude,
             )
         else:
             if calibration is None or row_count(calibration) == 0:
@@ -193,8 +205,59 @@ def quantize_model(
                 weight_type=QuantType.QInt8,
                 reduce_range=REDUCE_RANGE,
                 calibrate_method=CalibrationMethod.MinMax,
+                nodes_to_exclude=exclude,
             )
-        return target.read_bytes()
+        quantized = target.read_bytes()
+    _check_kept_float(onnx_model, quantized, exclude)
+    return quantized
+
+
+def _check_kept_float(original: bytes, quantized: bytes, kept: list[str]) -> None:
+    """onnxruntime's quantizer skips `nodes_to_exclude` by name, after its own rewrites:
+    in dynamic mode a Gemm becomes a renamed MatMul and Add first and is quantized
+    anyway. A node meant to stay float must come out as it went in."""
+    if not kept:
+        return
+    before = {node.name: node.op_type for node in onnx.load_from_string(original).graph.node}
+    floats = float_node_types(onnx.load_from_string(quantized))
+    lost = [name for name in kept if floats.get(name) != before[name]]
+    if lost:
+        raise RecipeError(
+            f"quantize: keep_float: onnxruntime's quantizer rewrote {', '.join(lost[:4])} "
+            "instead of keeping it float (in dynamic mode it splits Gemm nodes before it "
+            "looks at names); name MatMul or Conv nodes, or use mode static"
+        )
+
+
+def float_node_types(model: onnx.ModelProto) -> dict[str, str]:
+    """The op type of each of `model`'s nodes that computes in float: not a quantized
+    op, and none of its inputs from a DequantizeLinear (a QDQ pair's float side)."""
+    dequantized = {
+        output
+        for node in model.graph.node
+        if node.op_type == "DequantizeLinear"
+        for output in node.output
+    }
+    return {
+        node.name: node.op_type
+        for node in model.graph.node
+        if not node.op_type.endswith(("Integer", "QuantizeLinear"))
+        and not any(name in dequantized for name in node.input)
+    }
+
+
+def float_nodes(model: onnx.ModelProto, patterns: tuple[str, ...]) -> list[str]:
+    """The names of `model`'s nodes that contain one of `patterns`; a pattern that
+    matches none is a recipe error, so a typo never quantizes what it meant to keep."""
+    names = [node.name for node in model.graph.node]
+    for pattern in patterns:
+        if not any(pattern in name for name in names):
+            sample = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            raise RecipeError(
+                f"quantize: keep_float {pattern!r} matches no node name of the model "
+                f"(its {len(names)} nodes: {sample})"
+            )
+    return [name for name in names if any(pattern in name for pattern in patterns)]
 
 
 def calibration_rows(rows: Rows, input_name: str) -> list[Feed]:
@@ -265,6 +328,10 @@ def _quantize(
     started = time.perf_counter()
     quantized = quantize_model(onnx_model, config, calibration, context.input_name)
     report: StepReport = {"bytes_before": len(onnx_model), "bytes_after": len(quantized)}
+    if config.keep_float:
+        report["float_nodes"] = len(
+            float_nodes(onnx.load_from_string(onnx_model), config.keep_float)
+        )
     if config.mode is QuantMode.static and calibration is not None:
         report["calibration_samples"] = row_count(head(calibration, config.calibration_samples))
     if config.mode is QuantMode.static_nncf and calibration is not None:
