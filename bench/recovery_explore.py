@@ -13,8 +13,10 @@ the never-trained `fortunes-literature`. An arm is a comma-separated list of set
     .venv/bin/python -m bench.recovery_explore --steps 150 \\
         --arm lr=3e-4 --arm lr=1e-3 --arm lr=3e-4,batch=16,steps=300
 
-The cut is cached under `--cache` (it takes minutes), keyed by its allocation and
-calibration size.
+`--measure-every N` also measures each arm every N steps while it trains: a learning
+curve (the learning rate still decays over the arm's whole length, so a point on a long
+curve is not a short arm). The cut is cached under `--cache` (it takes minutes), keyed by
+its allocation and calibration size.
 Writes bench/results/recovery_explore.{json,md}. An exploration: one seed.
 """
 
@@ -38,6 +40,7 @@ from bench.report import environment, machine_lines, markdown_table, progress, w
 from sparseserve.sparsify.distill import DistillConfig, DistillLoss, distill
 from sparseserve.sparsify.encoder import encoder_layers
 from sparseserve.sparsify.layerwise import LayerwiseConfig
+from sparseserve.sparsify.quality import Fidelity
 from sparseserve.sparsify.recipe import head
 from sparseserve.sparsify.reconstruct import (
     collect,
@@ -126,6 +129,30 @@ def global_cut(
     return removed
 
 
+def curve_lines(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """A table per arm that was measured while it trained (`--measure-every`)."""
+    lines: list[str] = []
+    for label, row in rows.items():
+        if not row.get("curve"):
+            continue
+        table = [
+            (
+                str(step),
+                f"{f['chunks']['cosine_mean']:.4f} / {f['literature']['cosine_mean']:.4f}",
+                f"{f['chunks']['cosine_min']:.3f} / {f['literature']['cosine_min']:.3f}",
+                f"{f['chunks']['top1_agreement']:.3f} / {f['literature']['top1_agreement']:.3f}",
+            )
+            for step, f in row["curve"]
+        ]
+        lines += [
+            f"While it trained: {label}",
+            "",
+            *markdown_table(("step", "cosine mean", "cosine min", "top-1"), table),
+            "",
+        ]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=150, help="default steps per arm")
@@ -137,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         help="uniform: every layer cut alike (the recipe); global: see global_cut",
     )  # fmt: skip
     parser.add_argument("--cache", type=Path, default=Path("/tmp/sparseserve-obs-start"))
+    parser.add_argument(
+        "--measure-every",
+        type=int,
+        default=0,
+        help="also measure each arm every N steps while it trains (a learning curve)",
+    )
     parser.add_argument("--name", default="recovery_explore", help="results file stem")
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -187,13 +220,23 @@ def main(argv: list[str] | None = None) -> int:
         model = copy.deepcopy(start)
         tic = time.perf_counter()
         batches = train if arm["batch"] == 32 else split(train, arm["batch"])
-        result = distill(teacher, model, batches, config, progress=progress)
+        curve: list[tuple[int, dict[str, Fidelity], float]] = []
+
+        def after_step(step: int, model: torch.nn.Module = model, curve: list = curve) -> None:
+            if args.measure_every and step % args.measure_every == 0:
+                tic = time.perf_counter()
+                curve.append((step, measure(model), time.perf_counter() - tic))
+                progress(f"step {step}: {curve[-1][1]}")
+
+        result = distill(teacher, model, batches, config, progress=progress, after_step=after_step)
         label = ", ".join(f"{key} {value:g}" for key, value in arm.items())
+        measuring = sum(spent for _, _, spent in curve)  # not training: off the arm's time
         rows[label] = {
             "arm": arm,
             "fidelity": measure(model),
-            "seconds": time.perf_counter() - tic,
+            "seconds": time.perf_counter() - tic - measuring,
             "final_loss": result.mean_loss(first=False),
+            "curve": [[step, {k: asdict(v) for k, v in f.items()}] for step, f, _ in curve],
         }
         progress(f"{label}: {rows[label]['fidelity']}")
 
@@ -237,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 table,
             ),
             "",
+            *curve_lines(rows),
             *machine_lines(report["environment"]),
             "",
         ]

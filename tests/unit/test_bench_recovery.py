@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="needs the [sparsify] extra")
 
-from bench.recovery_explore import parse_arm, split  # noqa: E402
+from bench.recovery_explore import curve_lines, parse_arm, split  # noqa: E402
 
 
 def test_an_arm_fills_in_the_defaults_and_parses_each_setting() -> None:
@@ -34,3 +34,18 @@ def test_split_cuts_every_batch_into_parts_keeping_rows_and_padding() -> None:
     assert [tuple(p["input_ids"].shape) for p in parts] == [(16, 5), (16, 5)]
     assert torch.equal(torch.cat([p["input_ids"] for p in parts]), ids)
     assert all(p["attention_mask"].shape == (16, 5) for p in parts)
+
+
+def test_a_learning_curve_is_a_table_per_arm_that_has_one() -> None:
+    def fidelity(mean: float) -> dict[str, float]:
+        return {"cosine_mean": mean, "cosine_min": mean - 0.2, "top1_agreement": 0.5}
+
+    rows = {
+        "cut": {"fidelity": {}},
+        "lr 0.0003": {"curve": [[250, {"chunks": fidelity(0.91), "literature": fidelity(0.9)}]]},
+        "lr 0.001": {"curve": []},
+    }
+    lines = curve_lines(rows)
+    assert lines[0] == "While it trained: lr 0.0003"
+    assert "| 250 | 0.9100 / 0.9000 | 0.710 / 0.700 | 0.500 / 0.500 |" in lines
+    assert not any("lr 0.001" in line for line in lines)
