@@ -178,7 +178,8 @@ def quantize_model(
         return model.SerializeToString()
     if config.mode is QuantMode.static_nncf:
         return _quantize_with_nncf(onnx_model, config, calibration, input_name)
-    exclude = float_nodes(onnx.load_from_string(onnx_model), config.keep_float)
+    original = onnx.load_from_string(onnx_model) if config.keep_float else None
+    exclude = float_nodes(original, config.keep_float) if original is not None else []
     with _quiet_root_logger(), tempfile.TemporaryDirectory(prefix="sparseserve-q-") as tmp:
         source, target = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         source.write_bytes(onnx_model)
@@ -208,17 +209,16 @@ def quantize_model(
                 nodes_to_exclude=exclude,
             )
         quantized = target.read_bytes()
-    _check_kept_float(onnx_model, quantized, exclude)
+    if original is not None:
+        _check_kept_float(original, quantized, exclude)
     return quantized
 
 
-def _check_kept_float(original: bytes, quantized: bytes, kept: list[str]) -> None:
+def _check_kept_float(original: onnx.ModelProto, quantized: bytes, kept: list[str]) -> None:
     """onnxruntime's quantizer skips `nodes_to_exclude` by name, after its own rewrites:
     in dynamic mode a Gemm becomes a renamed MatMul and Add first and is quantized
     anyway. A node meant to stay float must come out as it went in."""
-    if not kept:
-        return
-    before = {node.name: node.op_type for node in onnx.load_from_string(original).graph.node}
+    before = {node.name: node.op_type for node in original.graph.node}
     floats = float_node_types(onnx.load_from_string(quantized))
     lost = [name for name in kept if floats.get(name) != before[name]]
     if lost:
