@@ -43,7 +43,13 @@ if not __package__:  # `python bench/<script>.py`: import `bench` from the repos
 from bench.report import environment, package_version, write_results
 from sparseserve.backends.hardware import cpu_features, cpu_has_bf16
 from sparseserve.sparsify.corpus import RECIPE_CHUNK_WORDS, length_sorted, stdlib_corpus
-from sparseserve.sparsify.distill import DistillConfig, DistillLoss, Precision, distill
+from sparseserve.sparsify.distill import (
+    DistillConfig,
+    DistillLoss,
+    Precision,
+    TrainDevice,
+    distill,
+)
 from sparseserve.sparsify.layerwise import LayerwiseConfig
 from sparseserve.sparsify.minilm import SentenceEmbedder, encode, load_bert, load_tokenizer
 from sparseserve.sparsify.transformer import EncoderPruneConfig, prune_encoder
@@ -99,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         loss=DistillLoss.cosine_mse,
         freeze=("bert.embeddings",),
         precision=Precision.fp32,
+        device=TrainDevice.cpu,  # a CPU benchmark, also on a machine with a GPU
         cache_teacher=False,
         log_every=10_000,
     )

@@ -3,8 +3,11 @@ to it on the held-out chunks and on the never-trained source."""
 
 from __future__ import annotations
 
+import gzip
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,11 +18,31 @@ from sparseserve.sparsify.quality import Fidelity, fidelity
 from sparseserve.sparsify.recipe import DataConfig
 
 
-def recipe_data(test_samples: int) -> tuple[torch.nn.Module, LabelledData]:
+def save_data_bundle(data: LabelledData, path: Path) -> None:
+    """`data` in one gzipped file, for a machine that cannot build it
+    (bench/device_bundle.py)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wb") as file:
+        pickle.dump(data, file, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def recipe_data(
+    test_samples: int, bundle: Path | None = None
+) -> tuple[torch.nn.Module, LabelledData]:
     """The dense all-MiniLM-L6-v2 (in eval mode) and recipes/minilm.yaml's data:
     `english-mix` in batches of 32, `fortunes-literature` held out, `test_samples` of the
-    held-out chunks."""
+    held-out chunks; read from `bundle` instead where one is given (a file this project
+    wrote: it is unpickled)."""
     arch = architecture("all-minilm-l6-v2")
+    teacher = arch.build()
+    teacher.eval()
+    if bundle is not None:
+        with gzip.open(bundle, "rb") as file:
+            data = pickle.load(file)
+        rows = sum(len(feed["input_ids"]) for feed in getattr(data, "x_test", []))
+        if not isinstance(data, LabelledData) or rows != test_samples:
+            raise SystemExit(f"{bundle}: not a data bundle of {test_samples} test samples")
+        return teacher, data
     data = load_data(
         DataConfig(
             source="english-mix",
@@ -31,8 +54,6 @@ def recipe_data(test_samples: int) -> tuple[torch.nn.Module, LabelledData]:
         ),
         arch,
     )
-    teacher = arch.build()
-    teacher.eval()
     return teacher, data
 
 

@@ -8,7 +8,8 @@ the never-trained `fortunes-literature`. An arm is a comma-separated list of set
 - ``lr=3e-4``: the learning rate (warm-up 10%, then linear decay);
 - ``steps=150``: optimizer steps (default `--steps`);
 - ``batch=16``: rows per step; the recipe's batches of 32 are split (or kept at 32);
-- ``hidden=1``, ``relation=1``: the layer-wise weights (0 and 0: output only).
+- ``hidden=1``, ``relation=1``: the layer-wise weights (0 and 0: output only);
+- ``precision=fp32``: the forward passes' arithmetic (distill.precision; default auto).
 
     .venv/bin/python -m bench.recovery_explore --steps 150 \\
         --arm lr=3e-4 --arm lr=1e-3 --arm lr=3e-4,batch=16,steps=300
@@ -60,20 +61,44 @@ from sparseserve.sparsify.transformer import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SETTINGS = {"lr": float, "steps": int, "batch": int, "hidden": float, "relation": float}
+SETTINGS = {
+    "lr": float,
+    "steps": int,
+    "batch": int,
+    "hidden": float,
+    "relation": float,
+    "precision": str,
+}
 
 
 def parse_arm(text: str, steps: int) -> dict[str, Any]:
     """``lr=1e-3,batch=16`` -> the arm's settings, defaults filled in."""
-    arm: dict[str, Any] = {"lr": 3e-4, "steps": steps, "batch": 32, "hidden": 1.0, "relation": 1.0}
+    arm: dict[str, Any] = {
+        "lr": 3e-4,
+        "steps": steps,
+        "batch": 32,
+        "hidden": 1.0,
+        "relation": 1.0,
+        "precision": "auto",
+    }
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
         if key not in SETTINGS:
             raise SystemExit(f"--arm {text!r}: unknown setting {key!r}; known: {sorted(SETTINGS)}")
         arm[key] = SETTINGS[key](value)
+    if arm["precision"] not in ("auto", "fp32", "bf16"):
+        raise SystemExit(f"--arm {text!r}: precision must be auto, fp32 or bf16")
     if arm["batch"] not in (8, 16, 32):
         raise SystemExit(f"--arm {text!r}: batch must be 8, 16 or 32")
     return arm
+
+
+def arm_label(arm: dict[str, Any]) -> str:
+    """``lr 0.0003, steps 150, ...``: an arm's settings as its row's name."""
+    return ", ".join(
+        f"{key} {value}" if isinstance(value, str) else f"{key} {value:g}"
+        for key, value in arm.items()
+    )
 
 
 def split(batches: list[dict[str, torch.Tensor]], rows: int) -> list[dict[str, torch.Tensor]]:
@@ -170,13 +195,22 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="also measure each arm every N steps while it trains (a learning curve)",
     )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="cpu",
+        help="where the arms train (distill.device); the cut is made on the CPU",
+    )
+    parser.add_argument(
+        "--data-bundle", type=Path, help="read the data from this file (bench/device_bundle.py)"
+    )
     parser.add_argument("--name", default="recovery_explore", help="results file stem")
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     arms = [parse_arm(text, args.steps) for text in args.arm or [""]]
     torch.manual_seed(0)
     started = time.perf_counter()
-    teacher, data = recipe_data(args.test_samples)
+    teacher, data = recipe_data(args.test_samples, args.data_bundle)
     progress(f"data read in {time.perf_counter() - started:.0f} s")
     measure = Fidelities.of(teacher, data).measure
 
@@ -211,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             loss=DistillLoss.cosine_mse,
             log_every=50,
             freeze=("bert.embeddings",),
+            device=args.device,
+            precision=arm["precision"],
             layerwise=(
                 LayerwiseConfig(hidden_weight=arm["hidden"], relation_weight=arm["relation"])
                 if arm["hidden"] or arm["relation"]
@@ -229,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress(f"step {step}: {curve[-1][1]}")
 
         result = distill(teacher, model, batches, config, progress=progress, after_step=after_step)
-        label = ", ".join(f"{key} {value:g}" for key, value in arm.items())
+        label = arm_label(arm)
         measuring = sum(spent for _, _, spent in curve)  # not training: off the arm's time
         rows[label] = {
             "arm": arm,
@@ -243,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "environment": environment(),
         "torch_threads": torch.get_num_threads(),
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "data_bundle": str(args.data_bundle) if args.data_bundle else None,
         "prune": prune.model_dump(mode="json"),
         "allocation": args.allocation,
         "calibration_chunks": args.calibration,
@@ -274,6 +313,13 @@ def main(argv: list[str] | None = None) -> int:
             "given; embeddings frozen). Fidelity to the dense model on "
             f"{args.test_samples} held-out chunks / the never-trained fortunes-literature. "
             "One seed.",
+            "",
+            f"Arms trained on: {report['gpu'] or 'the CPU'} (--device {args.device})"
+            + (
+                f"; data and fp16-rounded teacher from {args.data_bundle}."
+                if args.data_bundle
+                else "."
+            ),
             "",
             *markdown_table(
                 ("arm", "cosine mean (chunks / literature)", "cosine min", "top-1", "s"),

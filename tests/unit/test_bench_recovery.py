@@ -7,20 +7,27 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="needs the [sparsify] extra")
 
-from bench.recovery_explore import curve_lines, parse_arm, split  # noqa: E402
+from bench.recovery_explore import arm_label, curve_lines, parse_arm, split  # noqa: E402
 
 
 def test_an_arm_fills_in_the_defaults_and_parses_each_setting() -> None:
     assert parse_arm("", 150) == {
-        "lr": 3e-4, "steps": 150, "batch": 32, "hidden": 1.0, "relation": 1.0,
+        "lr": 3e-4, "steps": 150, "batch": 32, "hidden": 1.0, "relation": 1.0, "precision": "auto",
     }  # fmt: skip
-    arm = parse_arm("lr=1e-3,batch=16,steps=300,hidden=0,relation=0.5", 150)
-    assert arm == {"lr": 1e-3, "steps": 300, "batch": 16, "hidden": 0.0, "relation": 0.5}
+    arm = parse_arm("lr=1e-3,batch=16,steps=300,hidden=0,relation=0.5,precision=fp32", 150)
+    assert arm == {
+        "lr": 1e-3, "steps": 300, "batch": 16, "hidden": 0.0, "relation": 0.5, "precision": "fp32",
+    }  # fmt: skip
+    assert arm_label(arm) == "lr 0.001, steps 300, batch 16, hidden 0, relation 0.5, precision fp32"
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("depth=3", "unknown setting 'depth'"), ("batch=12", "batch must be 8, 16 or 32")],
+    [
+        ("depth=3", "unknown setting 'depth'"),
+        ("batch=12", "batch must be 8, 16 or 32"),
+        ("precision=fp16", "precision must be auto, fp32 or bf16"),
+    ],
 )
 def test_a_bad_arm_is_refused_by_name(text: str, message: str) -> None:
     with pytest.raises(SystemExit, match=message):

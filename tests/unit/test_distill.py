@@ -15,9 +15,12 @@ from torch import nn
 from sparseserve.sparsify.distill import (
     DistillConfig,
     DistillLoss,
+    TrainDevice,
     distill,
     distillation_loss,
+    resolve_device,
 )
+from sparseserve.sparsify.recipe import RecipeError
 
 
 class Embedder(nn.Module):
@@ -147,3 +150,27 @@ def test_bad_inputs_are_refused_with_what_was_expected() -> None:
 def test_config_is_bounded_and_strict(fields: dict[str, object], problem: str) -> None:
     with pytest.raises(ValidationError, match=problem):
         DistillConfig.model_validate(fields)
+
+
+def test_device_auto_is_the_gpu_where_torch_sees_one_and_cuda_without_one_is_refused() -> None:
+    """The decision itself, both ways (this machine has no GPU: `cuda_available` stands in
+    for the probe; a real GPU run is in docs/minilm.md, not in this suite)."""
+    assert resolve_device(TrainDevice.auto, cuda_available=False) == "cpu"
+    assert resolve_device(TrainDevice.auto, cuda_available=True) == "cuda"
+    assert resolve_device(TrainDevice.cpu, cuda_available=True) == "cpu"
+    assert resolve_device(TrainDevice.cuda, cuda_available=True) == "cuda"
+    with pytest.raises(RecipeError, match=r"distill\.device is cuda, but torch .* sees no CUDA"):
+        resolve_device(TrainDevice.cuda, cuda_available=False)
+    with pytest.raises(ValidationError, match="device"):
+        DistillConfig(device="tpu")
+
+
+def test_training_on_the_cpu_reports_it_and_leaves_the_models_where_they_were() -> None:
+    teacher, student = models(Embedder)
+    config = DistillConfig(steps=3, device="cpu")
+    result = distill(teacher, student, batches(2), config)
+    assert result.device == "cpu"
+    assert {p.device.type for p in [*teacher.parameters(), *student.parameters()]} == {"cpu"}
+    if not torch.cuda.is_available():
+        with pytest.raises(RecipeError, match="sees no CUDA GPU"):
+            distill(teacher, student, batches(2), config.model_copy(update={"device": "cuda"}))

@@ -92,12 +92,49 @@ class Precision(StrEnum):
     bf16 = "bf16"
 
 
-def resolve_precision(precision: Precision, has_bf16: bool | None = None) -> Precision:
-    """`precision` with ``auto`` decided for this CPU (`has_bf16` overrides the probe)."""
+def resolve_precision(
+    precision: Precision, has_bf16: bool | None = None, device: str = "cpu"
+) -> Precision:
+    """`precision` with ``auto`` decided for `device` (`has_bf16` overrides the probe):
+    on a CPU, bf16 where it multiplies bf16 natively; on a CUDA GPU, bf16 where torch says
+    the GPU supports it (Ampere and later)."""
     if precision is not Precision.auto:
         return precision
-    native = cpu_has_bf16() if has_bf16 is None else has_bf16
+    if has_bf16 is not None:
+        native = has_bf16
+    elif device == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = cpu_has_bf16()
     return Precision.bf16 if native else Precision.fp32
+
+
+class TrainDevice(StrEnum):
+    """Where both models run while distilling.
+
+    ``auto``: the first CUDA GPU when torch sees one, else the CPU. ``cpu`` and ``cuda``
+    force one; ``cuda`` without a GPU is an error, never a silent fall-back. The models are
+    moved there for the training and back afterwards; nothing else changes.
+    """
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def resolve_device(device: TrainDevice, cuda_available: bool | None = None) -> str:
+    """``cpu`` or ``cuda``: `device` with ``auto`` decided (`cuda_available` overrides
+    torch's probe)."""
+    device = TrainDevice(device)  # a model_copy(update=...) passes the plain string
+    available = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if device is TrainDevice.cuda and not available:
+        raise RecipeError(
+            f"distill.device is cuda, but torch {torch.__version__} sees no CUDA GPU "
+            "(set device: cpu or auto)"
+        )
+    if device is TrainDevice.auto:
+        return "cuda" if available else "cpu"
+    return device.value
 
 
 class DistillConfig(StepConfig):
@@ -141,6 +178,7 @@ class DistillConfig(StepConfig):
         None, description="Also match each layer's hidden states and value relations."
     )
     precision: Precision = Precision.auto
+    device: TrainDevice = TrainDevice.auto
     checkpoint_every: int = Field(
         50, ge=1, le=1_000_000, description="Steps between resumable checkpoints."
     )
@@ -159,6 +197,7 @@ class DistillResult:
     precision: Precision = Precision.fp32
     resumed_at: int = 0  # steps that came from a checkpoint
     cached_batches: int = 0  # teacher outputs held in memory
+    device: str = "cpu"  # where it trained: cpu or cuda
 
     @property
     def steps(self) -> int:
@@ -275,8 +314,23 @@ def distill(
     """
     if checkpoint is not None and not isinstance(batches, Sequence):
         raise ValueError("a resumable distillation needs its batches as a Sequence")
+    device = resolve_device(config.device)
+    homes = [_device_of(model) for model in (teacher, student)]
     with _frozen(student, config.freeze):
-        return _train(teacher, student, batches, config, progress, after_step, checkpoint, bar)
+        try:
+            teacher.to(device)
+            student.to(device)
+            return _train(
+                teacher, student, batches, config, progress, after_step, checkpoint, bar, device
+            )
+        finally:
+            teacher.to(homes[0])
+            student.to(homes[1])
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """Where `model`'s parameters are (the CPU for a model without any)."""
+    return next(model.parameters(), torch.empty(0)).device
 
 
 @contextmanager
@@ -315,9 +369,9 @@ class _Target:
 
 
 def _forward(
-    model: nn.Module, batch: Batch, layerwise: bool, bf16: bool
+    model: nn.Module, batch: Batch, layerwise: bool, bf16: bool, device: str = "cpu"
 ) -> tuple[torch.Tensor, LayerStates | None]:
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if bf16 else nullcontext()
     with autocast:
         if not layerwise:
             return model(*batch.values()), None
@@ -351,7 +405,7 @@ def _load_checkpoint(path: Path | None, fingerprint: str | None) -> dict[str, An
     if path is None or not path.exists():
         return None
     try:
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, weights_only=True, map_location="cpu")
     except (OSError, RuntimeError, EOFError):
         return None  # unreadable: start over rather than fail the build
     return state if state.get("fingerprint") == fingerprint else None
@@ -366,8 +420,9 @@ def _train(
     after_step: AfterStep | None,
     checkpoint: Path | None,
     bar: ProgressBar | None,
+    device: str,
 ) -> DistillResult:
-    precision = resolve_precision(config.precision)
+    precision = resolve_precision(config.precision, device=device)
     bf16 = precision is Precision.bf16
     layerwise = config.layerwise
     layer_map = resolve_layer_map(student, teacher, layerwise) if layerwise is not None else []
@@ -402,7 +457,7 @@ def _train(
         if index is not None and index in cache:
             return cache[index]
         with torch.no_grad():
-            output, layers = _forward(teacher, batch, layerwise is not None, bf16)
+            output, layers = _forward(teacher, batch, layerwise is not None, bf16, device)
         target = _Target(output.float(), layers.to(torch.float16) if layers else None)
         if cacheable and index is not None and target.nbytes() <= cache_budget:
             cache[index] = target
@@ -427,8 +482,9 @@ def _train(
         for index, batch in indexed:
             if len(losses) >= config.steps:
                 break
+            batch = {name: tensor.to(device) for name, tensor in batch.items()}
             target = target_for(index, batch)
-            output, layers = _forward(student, batch, layerwise is not None, bf16)
+            output, layers = _forward(student, batch, layerwise is not None, bf16, device)
             loss = distillation_loss(output, target.output, config)
             if layerwise is not None and layers is not None and target.layers is not None:
                 mask = batch.get("attention_mask")
@@ -475,7 +531,8 @@ def _train(
         teacher.train(teacher_was_training)
         student.train(student_was_training)
         torch.random.set_rng_state(generator_state)
-    return DistillResult(losses, time.perf_counter() - started, precision, resumed_at, len(cache))
+    seconds = time.perf_counter() - started
+    return DistillResult(losses, seconds, precision, resumed_at, len(cache), device)
 
 
 def _closeness(teacher: np.ndarray, student: np.ndarray, loss: DistillLoss) -> dict[str, float]:
@@ -539,6 +596,7 @@ def distill_with_context(
     report["loss_last"] = round(result.mean_loss(first=False, window=window), 6)
     report["distill_seconds"] = round(result.seconds, 1)
     report["precision"] = result.precision.value
+    report["device"] = result.device
     if result.resumed_at:
         report["resumed_at_step"] = result.resumed_at
     if heldout:

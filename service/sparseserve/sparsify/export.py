@@ -127,12 +127,17 @@ def run_onnx(onnx_model: bytes | Path, batches: Feed | Sequence[Feed]) -> np.nda
 @torch.no_grad()
 def run_torch(model: nn.Module, batches: Feed | Sequence[Feed]) -> np.ndarray:
     """`model`'s output (eval mode) for every batch, inputs passed positionally in the
-    order of each batch (as the export passes them), concatenated."""
+    order of each batch (as the export passes them), concatenated; run where the model's
+    parameters are (a CPU or a GPU), returned on the CPU."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters(), torch.empty(0)).device  # a GPU-trained student's
     try:
         batches = [batches] if isinstance(batches, Mapping) else batches
-        outputs = [model(*(torch.from_numpy(value) for value in feed.values())) for feed in batches]
+        outputs = [
+            model(*(torch.from_numpy(value).to(device) for value in feed.values())).cpu()
+            for feed in batches
+        ]
     finally:
         model.train(was_training)
     return torch.cat(outputs).numpy()

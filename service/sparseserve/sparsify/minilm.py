@@ -62,8 +62,9 @@ def load_bert() -> nn.Module:
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # transformers: untyped
     # Eager attention: plain MatMul/Softmax in ONNX, which onnxruntime fuses; it also
     # takes any head count per layer, which pruning needs.
+    # fp32 said explicitly: transformers may otherwise keep a checkpoint's own dtype.
     model: nn.Module = AutoModel.from_pretrained(
-        model_directory(), local_files_only=True, attn_implementation="eager"
+        model_directory(), local_files_only=True, attn_implementation="eager", dtype=torch.float32
     )
     return model.eval()
 
