@@ -1,7 +1,8 @@
 """Which recovery training gets the most out of MiniLM's structured cut per step?
 
 The `minilm.structured` start (50% of FFN neurons and 25% of heads cut at once, chosen and
-refitted by least squares: `importance: reconstruction`) on the recipe's data, then one
+refitted by least squares: `importance: reconstruction`; `--ffn-fraction` and
+`--head-fraction` cut otherwise) on the recipe's data, then one
 distillation per `--arm`, each from the same start, measured on held-out chunks and on
 the never-trained `fortunes-literature`. An arm is a comma-separated list of settings:
 
@@ -184,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arm", action="append", default=[], help="see the module docstring")
     parser.add_argument("--calibration", type=int, default=512, help="calibration chunks")
     parser.add_argument("--test-samples", type=int, default=500)
+    parser.add_argument("--ffn-fraction", type=float, default=0.5, help="of FFN neurons cut")
+    parser.add_argument("--head-fraction", type=float, default=0.25, help="of heads cut")
     parser.add_argument(
         "--allocation", choices=["uniform", "global"], default="uniform",
         help="uniform: every layer cut alike (the recipe); global: see global_cut",
@@ -214,13 +217,18 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"data read in {time.perf_counter() - started:.0f} s")
     measure = Fidelities.of(teacher, data).measure
 
+    if args.allocation == "global" and (args.ffn_fraction, args.head_fraction) != (0.5, 0.25):
+        raise SystemExit("--allocation global makes the recipe's cut: 0.5 of FFN, 0.25 of heads")
     prune = EncoderPruneConfig(
-        ffn_fraction=0.5,
-        head_fraction=0.25,
+        ffn_fraction=args.ffn_fraction,
+        head_fraction=args.head_fraction,
         importance=Importance.reconstruction,
         reconstruct=ReconstructConfig(ridge=1e-4),
     )
-    cached = args.cache.with_name(f"{args.cache.name}-{args.allocation}-{args.calibration}.pt")
+    fractions = f"{args.ffn_fraction:g}-{args.head_fraction:g}"
+    cached = args.cache.with_name(
+        f"{args.cache.name}-{args.allocation}-{args.calibration}-{fractions}.pt"
+    )
     tic = time.perf_counter()
     if cached.exists():
         start = torch.load(cached, weights_only=False)
@@ -306,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         [
             "# Recovery training after MiniLM's structured cut",
             "",
-            f"50% FFN neurons + 25% heads cut at once ({args.allocation} over the layers), "
+            f"{args.ffn_fraction:.0%} of FFN neurons + {args.head_fraction:.0%} of heads cut "
+            f"at once ({args.allocation} over the layers), "
             "chosen and refitted by least squares "
             f"({args.calibration} calibration chunks); each arm distils a copy of that cut "
             "(cosine + MSE on the embedding, plus the layer-wise terms at the weights "
