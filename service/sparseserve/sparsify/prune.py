@@ -121,7 +121,7 @@ def _scores(module: PrunableLayer, input_norm: torch.Tensor | None = None) -> to
     weight = module.weight.detach().abs()
     if input_norm is not None:
         shape = (1, -1, *([1] * (weight.dim() - 2)))
-        weight = weight * input_norm.to(weight.dtype).view(shape)
+        weight = weight * input_norm.to(weight.device, weight.dtype).view(shape)  # GPU training
     mask = mask_of(module)
     return weight if mask is None else torch.where(mask.bool(), weight, torch.full_like(weight, -1))
 
