@@ -32,7 +32,7 @@ DISTILL: dict[str, object] = {
     "steps": 40, "learning_rate": 0.001, "weight_decay": 0.01, "warmup_fraction": 0.2,
     "loss": "kl", "temperature": 3.0, "max_grad_norm": 2.0, "student_dropout": True,
     "cache_teacher": False, "teacher_cache_mb": 64, "log_every": 5, "seed": 7,
-    "freeze": ["bert.embeddings"], "batch_size": 16, "precision": "bf16",
+    "freeze": ["bert.embeddings"], "batch_size": 16, "precision": "bf16", "device": "cpu",
     "checkpoint_every": 20,
     "layerwise": {
         "hidden_weight": 0.5, "relation_weight": 2.0, "relation_heads": 8,
