@@ -1,15 +1,7 @@
 #!/usr/bin/env bash
 # Where MiniLM's structured cut loses its fidelity: the same recovery training (GPU) from
 # cuts of each size, FFN and heads apart. Same setup as bench/gpu_recovery.sh.
-set -uo pipefail
-OUT=${OUT:-bench/results}
-export PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=service:.gpu/site${PYTHONPATH:+:$PYTHONPATH}
+source "$(dirname "$0")/gpu_env.sh"
 for cut in ${CUTS:-0.5:0.25 0.5:0 0:0.25 0.25:0}; do
     ffn=${cut%:*} heads=${cut#*:}
     timeout "${CUT_SECONDS:-100}" python3 -m bench.recovery_explore --data-bundle .gpu/data.pt \

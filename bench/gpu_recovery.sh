@@ -4,15 +4,7 @@
 # speed at fp32 and bf16. Run on the GPU machine from the repository root, with
 # .gpu (bench/device_bundle.py) and .whl (pydantic's wheels for its Python) beside it;
 # results go to $OUT (default bench/results).
-set -uo pipefail
-OUT=${OUT:-bench/results}
-export PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=service:.gpu/site${PYTHONPATH:+:$PYTHONPATH}
+source "$(dirname "$0")/gpu_env.sh"
 grep -m1 "model name" /proc/cpuinfo; nproc
 grep -o -w 'amx_bf16\|amx_int8\|avx512_bf16\|avx512_vnni\|avx512f' /proc/cpuinfo | sort | uniq -c
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
