@@ -16,7 +16,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH := torch==2.13.0
 DEMO_REPOSITORY ?= models
 
-.PHONY: help venv prometheus corpus-text demo report-screenshot minilm bench-minilm bench-engines test test-fast protos check-protos helm-schema lint typecheck bench clean clean-models
+.PHONY: help venv prometheus browser corpus-text demo report-screenshot minilm bench-minilm bench-engines test test-fast protos check-protos helm-schema lint typecheck bench clean clean-models
 
 help:
 	@echo "make demo    build the digits models + sparse variants into ./models, serve, query, compare"
@@ -80,6 +80,12 @@ bench-minilm: $(DEV_STAMP)
 bench-engines: $(DEV_STAMP)
 	$(BIN)/python -m bench.engines --repository $(MINILM_REPOSITORY)
 
+# apt-get install of Debian packages (quiet, no recommends; the lists refreshed once if
+# the first try fails): what corpus-text, prometheus and browser run as root.
+APT := DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300
+apt_install = $(APT) install -y -qq --no-install-recommends $(1) >/dev/null \
+	|| { $(APT) update -qq && $(APT) install -y -qq --no-install-recommends $(1) >/dev/null; }
+
 # Everyday English for the minilm corpus (sparsify/corpus.py): Debian's fortune
 # quotations (package `fortunes`, data files only, under /usr/share/games/fortunes).
 # Installed when missing and we are root; without them the corpus has no fortunes
@@ -88,9 +94,7 @@ corpus-text:
 	@if [ -e /usr/share/games/fortunes/fortunes ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "installing Debian's fortunes (everyday English for the minilm corpus) ..."; \
-		DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends fortunes >/dev/null \
-		|| { apt-get -o DPkg::Lock::Timeout=300 update -qq && \
-		     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends fortunes >/dev/null; }; \
+		$(call apt_install,fortunes); \
 	else echo "fortunes not installed and not root: the minilm corpus goes without them"; fi
 
 # The monitoring tests run a real Prometheus (Debian's package: prometheus + promtool).
@@ -100,15 +104,24 @@ prometheus:
 	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "installing Debian's prometheus (for the monitoring tests) ..."; \
-		DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends prometheus >/dev/null \
-		|| { apt-get -o DPkg::Lock::Timeout=300 update -qq && \
-		     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends prometheus >/dev/null; }; \
+		$(call apt_install,prometheus); \
 	else echo "prometheus not installed and not root: the real-Prometheus tests will skip"; fi
 
-test: $(DEV_STAMP) prometheus
+# The report-screenshot test renders report.html in a headless Chromium (Debian's
+# package). Installed when missing and we are root; without it (and not root) that test
+# skips, unless SPARSESERVE_REQUIRE_BROWSER=1 (as in .ci/run).
+browser:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null \
+		|| command -v google-chrome >/dev/null || command -v chrome >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's chromium (for the report-screenshot test) ..."; \
+		$(call apt_install,chromium); \
+	else echo "no Chromium and not root: the report-screenshot test will skip"; fi
+
+test: $(DEV_STAMP) prometheus browser
 	$(BIN)/python -m pytest
 
-test-fast: $(DEV_STAMP) prometheus
+test-fast: $(DEV_STAMP) prometheus browser
 	$(BIN)/python -m pytest -m "not slow"
 
 # Stubs are generated into the package and committed: the Open Inference Protocol in

@@ -245,6 +245,75 @@ def main(argv: list[str] | None = None) -> int:
         "cut": {"fidelity": measure(start), "seconds": time.perf_counter() - tic}
     }
     progress(f"cut: {rows['cut']['fidelity']}")
+
+    def write(pending: int) -> None:
+        """The report so far: after the cut and after each arm, so that a run stopped
+        by a time limit keeps what it measured (`pending`: arms not yet run)."""
+        report = {
+            "environment": environment(),
+            "torch_threads": torch.get_num_threads(),
+            "device": args.device,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "data_bundle": str(args.data_bundle) if args.data_bundle else None,
+            "prune": prune.model_dump(mode="json"),
+            "allocation": args.allocation,
+            "calibration_chunks": args.calibration,
+            "arms_pending": pending,
+            "rows": {
+                name: {**row, "fidelity": {k: asdict(v) for k, v in row["fidelity"].items()}}
+                for name, row in rows.items()
+            },
+        }
+        table = []
+        for name, row in rows.items():
+            c, lit = row["fidelity"]["chunks"], row["fidelity"]["literature"]
+            table.append(
+                (
+                    name,
+                    f"{c.cosine_mean:.4f} / {lit.cosine_mean:.4f}",
+                    f"{c.cosine_min:.3f} / {lit.cosine_min:.3f}",
+                    f"{c.top1_agreement:.3f} / {lit.top1_agreement:.3f}",
+                    f"{row['seconds']:.0f}",
+                )
+            )
+        markdown = "\n".join(
+            [
+                "# Recovery training after MiniLM's structured cut",
+                "",
+                f"{args.ffn_fraction:.0%} of FFN neurons + {args.head_fraction:.0%} of heads cut "
+                f"at once ({args.allocation} over the layers), "
+                "chosen and refitted by least squares "
+                f"({args.calibration} calibration chunks); each arm distils a copy of that cut "
+                "(cosine + MSE on the embedding, plus the layer-wise terms at the weights "
+                "given; embeddings frozen). Fidelity to the dense model on "
+                f"{args.test_samples} held-out chunks / the never-trained fortunes-literature. "
+                "One seed.",
+                "",
+                f"Arms trained on: {report['gpu'] or 'the CPU'} (--device {args.device})"
+                + (
+                    f"; data and fp16-rounded teacher from {args.data_bundle}."
+                    if args.data_bundle
+                    else "."
+                ),
+                "",
+                *markdown_table(
+                    ("arm", "cosine mean (chunks / literature)", "cosine min", "top-1", "s"),
+                    table,
+                ),
+                "",
+                *(
+                    [f"{pending} of {len(arms)} arm(s) had not run when this was written.", ""]
+                    if pending
+                    else []
+                ),
+                *curve_lines(rows),
+                *machine_lines(report["environment"]),
+                "",
+            ]
+        )
+        write_results(args.output_dir, args.name, report, markdown)
+
+    write(len(arms))
     train = as_torch(data.x_train)
     for arm in arms:
         config = DistillConfig(
@@ -283,64 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             "curve": [[step, {k: asdict(v) for k, v in f.items()}] for step, f, _ in curve],
         }
         progress(f"{label}: {rows[label]['fidelity']}")
+        write(len(arms) - len(rows) + 1)
 
-    report = {
-        "environment": environment(),
-        "torch_threads": torch.get_num_threads(),
-        "device": args.device,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "data_bundle": str(args.data_bundle) if args.data_bundle else None,
-        "prune": prune.model_dump(mode="json"),
-        "allocation": args.allocation,
-        "calibration_chunks": args.calibration,
-        "rows": {
-            name: {**row, "fidelity": {k: asdict(v) for k, v in row["fidelity"].items()}}
-            for name, row in rows.items()
-        },
-    }
-    table = []
-    for name, row in rows.items():
-        c, lit = row["fidelity"]["chunks"], row["fidelity"]["literature"]
-        table.append(
-            (
-                name,
-                f"{c.cosine_mean:.4f} / {lit.cosine_mean:.4f}",
-                f"{c.cosine_min:.3f} / {lit.cosine_min:.3f}",
-                f"{c.top1_agreement:.3f} / {lit.top1_agreement:.3f}",
-                f"{row['seconds']:.0f}",
-            )
-        )
-    markdown = "\n".join(
-        [
-            "# Recovery training after MiniLM's structured cut",
-            "",
-            f"{args.ffn_fraction:.0%} of FFN neurons + {args.head_fraction:.0%} of heads cut "
-            f"at once ({args.allocation} over the layers), "
-            "chosen and refitted by least squares "
-            f"({args.calibration} calibration chunks); each arm distils a copy of that cut "
-            "(cosine + MSE on the embedding, plus the layer-wise terms at the weights "
-            "given; embeddings frozen). Fidelity to the dense model on "
-            f"{args.test_samples} held-out chunks / the never-trained fortunes-literature. "
-            "One seed.",
-            "",
-            f"Arms trained on: {report['gpu'] or 'the CPU'} (--device {args.device})"
-            + (
-                f"; data and fp16-rounded teacher from {args.data_bundle}."
-                if args.data_bundle
-                else "."
-            ),
-            "",
-            *markdown_table(
-                ("arm", "cosine mean (chunks / literature)", "cosine min", "top-1", "s"),
-                table,
-            ),
-            "",
-            *curve_lines(rows),
-            *machine_lines(report["environment"]),
-            "",
-        ]
-    )
-    write_results(args.output_dir, args.name, report, markdown)
     return 0
 
 
