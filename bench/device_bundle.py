@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(package, ignore_errors=True)
     shutil.copytree(source, package / "model", ignore=shutil.ignore_patterns("*.safetensors"))
     (package / "__init__.py").write_text(STAND_IN)
-    weights = {name: t.half() for name, t in load_file(source / "model.safetensors").items()}
+    weights = {
+        name: t.half() if t.is_floating_point() else t  # position ids stay integers
+        for name, t in load_file(source / "model.safetensors").items()
+    }
     save_file(weights, package / "model" / "model.safetensors", metadata={"format": "pt"})
     _, data = recipe_data(args.test_samples)
     bundle = args.directory / "data.pkl.gz"

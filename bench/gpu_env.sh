@@ -4,6 +4,7 @@
 # on the path. Results go to $OUT (default bench/results).
 set -uo pipefail
 OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             log_every=25,
             freeze=("bert.embeddings",),
             layerwise=LayerwiseConfig(relation_heads=16),
+            device="cpu",  # its timings are of the CPU, also on a machine with a GPU
         )
         for rate in args.learning_rate
     ]

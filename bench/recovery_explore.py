@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         reconstruct=ReconstructConfig(ridge=1e-4),
     )
     fractions = f"{args.ffn_fraction:g}-{args.head_fraction:g}"
+    if args.data_bundle:  # another teacher (fp16-rounded) and perhaps other data
+        fractions += "-" + args.data_bundle.name
     cached = args.cache.with_name(
         f"{args.cache.name}-{args.allocation}-{args.calibration}-{fractions}.pt"
     )
@@ -315,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
 
     write(len(arms))
     train = as_torch(data.x_train)
-    for arm in arms:
+    for done, arm in enumerate(arms, start=1):
         config = DistillConfig(
             steps=arm["steps"],
             learning_rate=arm["lr"],
@@ -352,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             "curve": [[step, {k: asdict(v) for k, v in f.items()}] for step, f, _ in curve],
         }
         progress(f"{label}: {rows[label]['fidelity']}")
-        write(len(arms) - len(rows) + 1)
+        write(len(arms) - done)
 
     return 0
 

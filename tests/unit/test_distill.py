@@ -12,6 +12,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from sparseserve.sparsify import distill as distill_module
 from sparseserve.sparsify.distill import (
     DistillConfig,
     DistillLoss,
@@ -165,7 +166,7 @@ def test_device_auto_is_the_gpu_where_torch_sees_one_and_cuda_without_one_is_ref
         DistillConfig(device="tpu")
 
 
-def test_training_on_the_cpu_reports_it_and_leaves_the_models_where_they_were() -> None:
+def test_training_on_the_cpu_reports_it_and_refuses_cuda_without_a_gpu() -> None:
     teacher, student = models(Embedder)
     config = DistillConfig(steps=3, device="cpu")
     result = distill(teacher, student, batches(2), config)
@@ -174,3 +175,32 @@ def test_training_on_the_cpu_reports_it_and_leaves_the_models_where_they_were() 
     if not torch.cuda.is_available():
         with pytest.raises(RecipeError, match="sees no CUDA GPU"):
             distill(teacher, student, batches(2), config.model_copy(update={"device": "cuda"}))
+
+
+def test_the_models_go_back_to_their_device_and_unfrozen_even_when_training_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The moves are recorded, not made (there is no GPU here): `distill` asks for the
+    training device, then for each model's own, also when the training raises."""
+    teacher, student = models(Embedder)
+    moves: list[tuple[str, str]] = []
+    for name, model in (("teacher", teacher), ("student", student)):
+        monkeypatch.setattr(
+            model, "to", lambda target, name=name: moves.append((name, str(target)))
+        )
+    monkeypatch.setattr(distill_module, "resolve_device", lambda device: "cuda")
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(distill_module, "_train", broken)
+    config = DistillConfig(steps=3, freeze=("net.0",))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        distill(teacher, student, batches(2), config)
+    assert moves == [
+        ("teacher", "cuda"),
+        ("student", "cuda"),
+        ("teacher", "cpu"),
+        ("student", "cpu"),
+    ]
+    assert all(p.requires_grad for p in student.parameters())

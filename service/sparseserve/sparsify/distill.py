@@ -103,7 +103,7 @@ def resolve_precision(
     if has_bf16 is not None:
         native = has_bf16
     elif device == "cuda":
-        native = torch.cuda.is_bf16_supported()
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
     else:
         native = cpu_has_bf16()
     return Precision.bf16 if native else Precision.fp32
@@ -380,12 +380,23 @@ def _forward(
         return output, states
 
 
-def _fingerprint(config: DistillConfig, student: nn.Module, batches: Sequence[Batch]) -> str:
+def _fingerprint(
+    config: DistillConfig,
+    student: nn.Module,
+    batches: Sequence[Batch],
+    device: str,
+    precision: Precision,
+) -> str:
     """What a checkpoint must have started from to be resumed: the same config (its
-    logging aside), the same starting weights and the same batches."""
+    logging aside), trained on the same kind of device at the same precision (``auto``
+    decided: a GPU run does not resume on a CPU, nor bf16 at fp32), the same starting
+    weights and the same batches."""
     digest = hashlib.sha256(
-        config.model_dump_json(exclude={"log_every", "checkpoint_every"}).encode()
+        config.model_dump_json(
+            exclude={"log_every", "checkpoint_every", "device", "precision"}
+        ).encode()
     )
+    digest.update(f"{device}/{precision.value}".encode())
     tensors = [*student.state_dict().items()]
     tensors += [(f"batch{i}.{k}", v) for i, b in enumerate(batches) for k, v in b.items()]
     for name, tensor in tensors:
@@ -435,7 +446,11 @@ def _train(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     sequence = batches if isinstance(batches, Sequence) else None
-    fingerprint = _fingerprint(config, student, sequence) if checkpoint and sequence else None
+    fingerprint = (
+        _fingerprint(config, student, sequence, device, precision)
+        if checkpoint and sequence
+        else None
+    )
     losses: list[float] = []
     resumed = _load_checkpoint(checkpoint, fingerprint)
     if resumed is not None:
@@ -443,6 +458,8 @@ def _train(
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         torch.random.set_rng_state(resumed["rng"])
+        if device == "cuda" and "cuda_rng" in resumed:  # the student's dropout there
+            torch.cuda.set_rng_state_all(resumed["cuda_rng"])
         losses = list(resumed["losses"])
         if progress is not None:
             progress(f"distill: resumed at step {len(losses)}/{config.steps} from {checkpoint}")
@@ -521,6 +538,9 @@ def _train(
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "rng": torch.random.get_rng_state(),
+                        **(
+                            {"cuda_rng": torch.cuda.get_rng_state_all()} if device == "cuda" else {}
+                        ),
                     },
                 )
         if not losses:
