@@ -3,13 +3,18 @@ numbers that do not depend on which other variants a recipe builds."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 
 pytest.importorskip("torch", reason="needs the [sparsify] extra")
 
-from sparseserve.sparsify.pipeline import FamilyBuilder
-from sparseserve.sparsify.recipe import parse_recipe
+import torch
+
+from sparseserve.sparsify.pipeline import FamilyBuilder, _distill_configs, build_family
+from sparseserve.sparsify.recipe import RecipeError, load_recipe, parse_recipe
 
 
 def recipe(*variants: dict) -> dict:
@@ -76,3 +81,23 @@ def test_the_baseline_gets_an_evaluation_sample_for_compare(tmp_path) -> None:
                                   builder.labelled.x_test.reshape(rows, -1))  # fmt: skip
     np.testing.assert_array_equal(data.labels, builder.labelled.y_test)
     assert data.description == builder.labelled.test_description
+
+
+def test_every_distill_config_is_found_the_nested_ones_too() -> None:
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "minilm.yaml")
+    configs = list(_distill_configs(recipe))
+    # structured's and shallow's distill steps, and the one inside sparse's gradual pruning
+    assert [config.steps for config in configs] == [500, 500, 400]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without one")
+def test_a_recipe_that_asks_for_a_gpu_fails_before_anything_is_built(tmp_path: Path) -> None:
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "digits-mlp.yaml")
+    data = yaml.safe_load(recipe.to_yaml())
+    data["variants"][1]["steps"].append({"distill": {"steps": 5, "loss": "kl", "device": "cuda"}})
+    lines: list[str] = []
+    with pytest.raises(
+        RecipeError, match=r"distill\.device is cuda, but torch .* sees no CUDA GPU"
+    ):
+        build_family(parse_recipe(data), tmp_path / "models", progress=lines.append)
+    assert lines == [] and not (tmp_path / "models").exists()

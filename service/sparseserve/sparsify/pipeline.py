@@ -23,12 +23,14 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from sparseserve.repository.eval_data import EVAL_DATA_FILENAME, write_eval_data
 from sparseserve.repository.manifest import ActivationSparsity, Quality, Task, VariantManifest
 from sparseserve.sparsify.activations import activation_sparsity
 from sparseserve.sparsify.catalog import Architecture, LabelledData, architecture, load_data
+from sparseserve.sparsify.distill import DistillConfig, resolve_device
 from sparseserve.sparsify.export import (
     export_onnx,
     gzip_size,
@@ -515,6 +517,8 @@ def build_family(
         recipe = load_recipe(recipe)
     if seed is not None:
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"seed": seed})})
+    for config in _distill_configs(recipe):
+        resolve_device(config.device)  # `device: cuda` without a GPU fails now, not at minute 20
     builder = FamilyBuilder(
         recipe,
         progress,
@@ -529,3 +533,15 @@ def build_family(
         # Written: the checkpoints of this family have served their purpose.
         shutil.rmtree(checkpoints / recipe.family, ignore_errors=True)
     return built
+
+
+def _distill_configs(value: object) -> Iterator[DistillConfig]:
+    """Every distill config in a recipe, the ones nested in other steps too."""
+    if isinstance(value, DistillConfig):
+        yield value
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            yield from _distill_configs(getattr(value, name))
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _distill_configs(item)
