@@ -80,3 +80,13 @@ class Fidelities:
             name: fidelity(self.dense[name], run_torch(model, rows))
             for name, rows in self.tests.items()
         }
+
+
+def fidelity_cells(fidelities: dict[str, Fidelity]) -> tuple[str, str, str]:
+    """Cosine mean, cosine min and top-1 as "chunks / literature" table cells."""
+    c, lit = fidelities["chunks"], fidelities["literature"]
+    return (
+        f"{c.cosine_mean:.4f} / {lit.cosine_mean:.4f}",
+        f"{c.cosine_min:.3f} / {lit.cosine_min:.3f}",
+        f"{c.top1_agreement:.3f} / {lit.top1_agreement:.3f}",
+    )

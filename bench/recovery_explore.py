@@ -37,7 +37,7 @@ import torch
 if not __package__:  # `python bench/<script>.py`: import `bench` from the repository root
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.minilm_setup import Fidelities, as_torch, recipe_data
+from bench.minilm_setup import Fidelities, as_torch, fidelity_cells, recipe_data
 from bench.report import environment, machine_lines, markdown_table, progress, write_results
 from sparseserve.sparsify.distill import DistillConfig, DistillLoss, distill
 from sparseserve.sparsify.encoder import encoder_layers
@@ -266,18 +266,10 @@ def main(argv: list[str] | None = None) -> int:
                 for name, row in rows.items()
             },
         }
-        table = []
-        for name, row in rows.items():
-            c, lit = row["fidelity"]["chunks"], row["fidelity"]["literature"]
-            table.append(
-                (
-                    name,
-                    f"{c.cosine_mean:.4f} / {lit.cosine_mean:.4f}",
-                    f"{c.cosine_min:.3f} / {lit.cosine_min:.3f}",
-                    f"{c.top1_agreement:.3f} / {lit.top1_agreement:.3f}",
-                    f"{row['seconds']:.0f}",
-                )
-            )
+        table = [
+            (name, *fidelity_cells(row["fidelity"]), f"{row['seconds']:.0f}")
+            for name, row in rows.items()
+        ]
         markdown = "\n".join(
             [
                 "# Recovery training after MiniLM's structured cut",

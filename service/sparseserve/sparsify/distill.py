@@ -42,7 +42,7 @@ from pydantic import Field
 from torch import nn
 
 from sparseserve.backends.hardware import cpu_has_bf16
-from sparseserve.sparsify.export import run_torch
+from sparseserve.sparsify.export import device_of, run_torch
 from sparseserve.sparsify.layerwise import (
     LayerStates,
     LayerwiseConfig,
@@ -315,7 +315,7 @@ def distill(
     if checkpoint is not None and not isinstance(batches, Sequence):
         raise ValueError("a resumable distillation needs its batches as a Sequence")
     device = resolve_device(config.device)
-    homes = [_device_of(model) for model in (teacher, student)]
+    homes = [device_of(model) for model in (teacher, student)]
     with _frozen(student, config.freeze):
         try:
             teacher.to(device)
@@ -326,11 +326,6 @@ def distill(
         finally:
             teacher.to(homes[0])
             student.to(homes[1])
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    """Where `model`'s parameters are (the CPU for a model without any)."""
-    return next(model.parameters(), torch.empty(0)).device
 
 
 @contextmanager

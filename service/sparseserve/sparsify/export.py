@@ -124,6 +124,11 @@ def run_onnx(onnx_model: bytes | Path, batches: Feed | Sequence[Feed]) -> np.nda
     return np.concatenate([session.run(None, dict(feed))[0] for feed in batches])
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where `model`'s parameters are (the CPU for a model without any)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
 @torch.no_grad()
 def run_torch(model: nn.Module, batches: Feed | Sequence[Feed]) -> np.ndarray:
     """`model`'s output (eval mode) for every batch, inputs passed positionally in the
@@ -131,7 +136,7 @@ def run_torch(model: nn.Module, batches: Feed | Sequence[Feed]) -> np.ndarray:
     parameters are (a CPU or a GPU), returned on the CPU."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters(), torch.empty(0)).device  # a GPU-trained student's
+    device = device_of(model)  # a GPU-trained student's
     try:
         batches = [batches] if isinstance(batches, Mapping) else batches
         outputs = [
