@@ -259,8 +259,10 @@ def test_refused_large_requests_do_not_ratchet_memory(
 ) -> None:
     """Eight 20 MB requests refused one after the other (FP64 where the model takes FP32,
     so each is received and decoded first): the server's RSS after the last is within
-    40 MB of after the second. Before, every refused request's message stayed in memory
-    (about 2x its size each)."""
+    80 MB of after the second. Before, every refused request's message stayed in memory
+    (about 2x its size each: 240 MB over these six). The bound was 40 MB until allocator
+    noise reached 44 MB in one run of four on an idle 2-core AMD EPYC (2026-12-04); 80 MB
+    is still a third of what a ratchet would add."""
     server = start_server(repository)
     rows = 20 * MiB // (64 * 8)
     tensor = triton.InferInput("input", [rows, 64], "FP64")
@@ -281,4 +283,4 @@ def test_refused_large_requests_do_not_ratchet_memory(
         time.sleep(0.1)
         settled.append(rss_bytes(server.pid))
     growth = min(settled) - after[1]
-    assert growth < 40 * MiB, f"RSS grew {growth / MiB:.0f} MiB over 6 refused requests"
+    assert growth < 80 * MiB, f"RSS grew {growth / MiB:.0f} MiB over 6 refused requests"
