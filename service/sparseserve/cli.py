@@ -375,7 +375,9 @@ def _export_triton_parser(sub: argparse._SubParsersAction[argparse.ArgumentParse
         "platform onnxruntime_onnx, its inputs and outputs, max_batch_size (--max-batch-size) "
         "and dynamic_batching {} for models whose inputs and outputs all have a dynamic "
         "leading dimension, instance_group KIND_GPU x --gpu-instances, and TensorRT for "
-        "int8 and 2:4 variants. The source repository is not changed. A model's existing "
+        "int8 and 2:4 variants (each line says what TensorRT computes in). bf16 variants and "
+        "OpenVINO models are skipped, with the reason: Triton would not compute them as they "
+        "were measured. The source repository is not changed. A model's existing "
         "config.pbtxt is copied as it is unless --force (which keeps its version_policy and "
         "default_model_filename).",
     )

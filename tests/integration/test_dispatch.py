@@ -218,3 +218,89 @@ def test_without_fallback_the_client_sees_unavailable(
 
     wait_for(serves, 20, "the model to serve from Triton again")
     assert value(scrape(server), "sparseserve_fallbacks_total") == 0
+
+
+@pytest.fixture(scope="module")
+def mixed_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fp32 MLP, and three variants Triton would compute otherwise: an OpenVINO IR, an
+    ONNX file whose config.pbtxt names the openvino backend, and a bf16 variant."""
+    import openvino
+
+    root = tmp_path_factory.mktemp("dispatch-mixed")
+    source = onnx_models.mlp(root / MODEL / "1" / "model.onnx")
+    (root / "ir" / "1").mkdir(parents=True)
+    openvino.save_model(
+        openvino.convert_model(str(source)), str(root / "ir" / "1" / "model.xml"),
+        compress_to_fp16=False,
+    )  # fmt: skip
+    onnx_models.mlp(root / "openvino_config" / "1" / "model.onnx")
+    (root / "openvino_config" / "config.pbtxt").write_text('backend: "openvino"\n')
+    onnx_models.mlp(root / "bf16" / "1" / "model.onnx")
+    (root / "bf16" / "sparseserve.yaml").write_text("family: m\nvariant: bf16\nprecision: bf16\n")
+    return root
+
+
+def reasons(url: str) -> dict[str, str]:
+    """Each model's state and reason, from the repository index."""
+    with triton.InferenceServerClient(url) as client:
+        index = client.get_model_repository_index().models
+    return {m.name: f"{m.state}: {m.reason}" for m in index}
+
+
+def cpu_computes_bf16() -> bool:
+    import openvino
+
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def test_auto_keeps_on_the_cpu_what_triton_would_compute_in_another_precision(
+    mixed_repository: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """GPU (injected) and a ready Triton: the fp32 ONNX model goes to Triton, while the IR,
+    the openvino-configured model and the bf16 variant stay on this server's OpenVINO,
+    never sent upstream (where they would run on Triton's CPU, or in fp32)."""
+    upstream = start_server(mixed_repository, "--no-metrics")
+    server = start_server(
+        mixed_repository,
+        "--triton-url", upstream.grpc_url, "--assume-gpus", "1", "--dispatch", "auto",
+    )  # fmt: skip
+    for model in ("ir", "openvino_config"):
+        with triton.InferenceServerClient(server.grpc_url) as client:
+            tensor = triton.InferInput("input", list(PIXELS.shape), "FP32")
+            tensor.set_data_from_numpy(PIXELS)
+            client.infer(model, [tensor])
+        with triton.InferenceServerClient(upstream.grpc_url) as client:
+            (stats,) = client.get_inference_statistics(model).model_stats
+            assert stats.inference_count == 0, model
+    infer(server.grpc_url)
+    samples = scrape(server)
+    for model in ("ir", "openvino_config"):
+        assert value(samples, "sparseserve_requests_total", model=model, backend="openvino",
+                     code="OK") == 1, model  # fmt: skip
+    assert value(samples, "sparseserve_requests_total", model=MODEL, backend="triton") == 1
+    bf16 = reasons(server.grpc_url)["bf16"]
+    if cpu_computes_bf16():
+        assert bf16.startswith("READY"), bf16
+    else:  # refused by OpenVINO for want of bf16, not sent to Triton to run in fp32
+        assert "OPTIMIZATION_CAPABILITIES" in bf16 and "Triton" not in bf16, bf16
+
+
+def test_dispatch_triton_refuses_what_triton_would_compute_in_another_precision(
+    mixed_repository: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """`--dispatch triton`: the three are not loaded; each reason says why Triton would
+    not compute it as measured, and names the setting that serves it on the CPU."""
+    upstream = start_server(mixed_repository, "--no-metrics")
+    server = start_server(mixed_repository, "--triton-url", upstream.grpc_url, "--dispatch",
+                          "triton")  # fmt: skip
+    found = reasons(server.grpc_url)
+    assert found[MODEL].startswith("READY")
+    for model, why in (
+        ("bf16", "a bf16 variant, and Triton's onnxruntime backend would compute it in fp32"),
+        ("ir", "an OpenVINO model (model.xml)"),
+        ("openvino_config", "configured for the openvino backend"),
+    ):
+        assert not found[model].startswith("READY"), found[model]
+        assert f"is dispatched to Triton, but it is {why}" in found[model], found[model]
+        assert f"dispatch_overrides: {{{model}: cpu}}" in found[model], found[model]
+    np.testing.assert_array_equal(infer(server.grpc_url), infer(upstream.grpc_url))

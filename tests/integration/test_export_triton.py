@@ -177,3 +177,39 @@ def test_demo_variants_export_to_valid_triton_configs(
     assert accelerator("digits-cnn.int8")["precision_mode"] == "INT8"
     assert accelerator("digits-mlp.structured50-int8")["precision_mode"] == "INT8"
     assert accelerator("digits-mlp.nm24")["trt_sparsity_enable"] == "1"
+
+
+def test_what_triton_would_compute_otherwise_is_skipped_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bf16 variant (Triton's onnxruntime has no bf16 mode) and an OpenVINO IR (Triton
+    runs it on its CPU) are left out, each with why; the command still succeeds. Each
+    TensorRT line says the precision, FP16 being one the variant was not measured in."""
+    import openvino
+
+    from sparseserve.testing import onnx_models
+
+    root = tmp_path / "repository"
+    onnx_models.mlp(root / "mlp" / "1" / "model.onnx")
+    variant(root, "mlp.bf16", precision="bf16")
+    variant(root, "mlp.int8", method="magnitude", quantization="int8-dynamic")
+    variant(root, "mlp.sparse24", method="2:4 semi-structured")
+    (root / "ir" / "1").mkdir(parents=True)
+    openvino.save_model(
+        openvino.convert_model(str(root / "mlp" / "1" / "model.onnx")),
+        str(root / "ir" / "1" / "model.xml"),
+        compress_to_fp16=False,
+    )
+    output = tmp_path / "triton"
+    assert main(["export-triton", "--repository", str(root), "--output", str(output)]) == 0
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["mlp.bf16"].startswith("skipped (it is a bf16 variant, and Triton's "
+                                        "onnxruntime backend would compute it in fp32")  # fmt: skip
+    assert lines["ir"].startswith("skipped (it is an OpenVINO model (model.xml)")
+    assert "sparseserve serves it on the CPU" in lines["ir"]
+    assert lines["mlp.int8"].endswith("(TensorRT INT8)")
+    assert lines["mlp.sparse24"].endswith(
+        "(TensorRT FP16: computes in fp16, not the fp32 the variant was measured in)"
+    )
+    assert lines["mlp"].endswith("config.pbtxt")  # no accelerator, nothing to say
+    assert sorted(p.name for p in output.iterdir()) == ["mlp", "mlp.int8", "mlp.sparse24"]

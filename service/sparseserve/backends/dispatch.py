@@ -15,6 +15,14 @@ more than `engine_margin` (timing noise on a shared machine is of that order). W
 `measure_engines` off, `auto` takes onnxruntime unless only OpenVINO can run the
 variant (a bf16 variant, an OpenVINO IR `model.xml`).
 
+Triton is asked only for what it computes as the variant was measured: an fp32 ONNX file
+whose config.pbtxt does not name the openvino backend (`triton_refusal`). A bf16 variant
+would run in fp32 on Triton's onnxruntime backend (it has no bf16 mode), and an OpenVINO
+model (IR, or `backend: "openvino"`) on Triton's OpenVINO backend, on its host's CPU in
+whatever precision that CPU defaults to: another variant either way. `auto` keeps such a
+model on the CPU (and logs why); `triton` refuses to load it, naming the model and the
+setting that serves it on the CPU.
+
 `DispatchingBackend` is itself a Backend, so the registry, batcher and data plane treat
 it like any other. It sends each execution to Triton while its circuit breaker is
 closed. An execution that Triton fails (unreachable, timed out, or an upstream error
@@ -243,7 +251,18 @@ class Dispatcher:
 
     async def _policy(self, files: ModelFiles) -> DispatchPolicy:
         policy = self.policy(files.name)
-        return await self._resolve_auto() if policy is DispatchPolicy.auto else policy
+        if policy is DispatchPolicy.cpu:
+            return policy
+        refusal = triton_refusal(files)
+        if refusal is None:
+            return await self._resolve_auto() if policy is DispatchPolicy.auto else policy
+        if policy is DispatchPolicy.triton:
+            raise ModelLoadError(
+                f"model {files.name!r} is dispatched to Triton, but it is {refusal}; serve "
+                f"it on the CPU (dispatch_overrides: {{{files.name}: cpu}})"
+            )
+        log.info("model %s stays on the CPU (dispatch auto): it is %s", files.name, refusal)
+        return DispatchPolicy.cpu
 
     def _unmeasured_engine(self, files: ModelFiles) -> CpuEngine:
         """The engine asked for; for `auto` without measuring, and for the server-wide
@@ -388,6 +407,27 @@ def configured_engine(files: ModelFiles) -> CpuEngine | None:
             f"{config.platform!r} name different engines"
         )
     return named[0] if named else None
+
+
+def triton_refusal(files: ModelFiles) -> str | None:
+    """Why Triton would not compute this variant as it was measured (None: it would);
+    the text completes "model X is ..." (see the module docstring)."""
+    if files.precision is not Precision.fp32:
+        return (
+            f"a {files.precision.value} variant, and Triton's onnxruntime backend would "
+            f"compute it in fp32 (it has no {files.precision.value} mode)"
+        )
+    if files.path.suffix != ".onnx":
+        return (
+            f"an OpenVINO model ({files.path.name}), which Triton runs only with its "
+            "OpenVINO backend, on its host's CPU rather than the GPU"
+        )
+    if configured_engine(files) is CpuEngine.openvino:
+        return (
+            "configured for the openvino backend (config.pbtxt), which Triton runs on its "
+            "host's CPU rather than the GPU, in that CPU's default precision"
+        )
+    return None
 
 
 def onnxruntime_can_serve(files: ModelFiles) -> bool:

@@ -25,6 +25,13 @@ What each config says, and why:
   the two cases where a GPU turns compression into speed. Unstructured sparsity gets no
   accelerator: dense kernels run its zeros like any other number.
 
+A variant Triton would not compute as it was measured is skipped, with the reason
+(`dispatch.triton_refusal`): a bf16 variant (Triton's onnxruntime backend has no bf16
+mode), an OpenVINO IR or a model configured for the openvino backend (Triton runs those
+on its CPU). sparseserve serves them on its own CPU engines. Each written model's line
+says what TensorRT will compute in, where it is set: FP16 for 2:4 variants is a precision
+the variant was not measured in, and the line says so.
+
 An existing `config.pbtxt` is kept (a hand-written config is the user's decision; in a
 separate export it is copied as it is) unless `force`; then it is rewritten, keeping
 only its `version_policy` and `default_model_filename`, which decide which files are
@@ -43,6 +50,7 @@ import onnxruntime as ort
 from google.protobuf import text_format
 
 from sparseserve.backends.base import ModelFiles, ModelSignature
+from sparseserve.backends.dispatch import triton_refusal
 from sparseserve.backends.onnxruntime import session_signature
 from sparseserve.errors import ModelLoadError
 from sparseserve.protocol import model_config_pb2 as mc
@@ -55,7 +63,7 @@ DEFAULT_MAX_BATCH_SIZE = 64
 @dataclass(frozen=True, slots=True)
 class ExportResult:
     model: str
-    action: str  # "written", "kept" (exists, no --force) or "failed"
+    action: str  # "written", "kept" (exists, no --force), "skipped" (see above) or "failed"
     detail: str = ""
 
 
@@ -97,6 +105,11 @@ def export_repository(
         keep = source_config.exists() and not force
         try:
             source = repository.read(name)
+            refusal = triton_refusal(newest_files(source))
+            if refusal is not None:
+                detail = f"(it is {refusal}; sparseserve serves it on the CPU)"
+                results.append(ExportResult(name, "skipped", detail))
+                continue
             config = None if keep else triton_config(source, gpu_instances, max_batch_size)
         except ModelLoadError as exc:
             results.append(ExportResult(name, "failed", str(exc)))
@@ -110,7 +123,7 @@ def export_repository(
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text_format.MessageToString(config), encoding="utf-8")
         tmp.replace(path)  # atomic: a polling server never reads half a config
-        results.append(ExportResult(name, "written", str(path)))
+        results.append(ExportResult(name, "written", f"{path} {computes_in(config)}".rstrip()))
     return results
 
 
@@ -130,10 +143,28 @@ def _link_or_copy(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
+def newest_files(source: ModelSource) -> ModelFiles:
+    """The newest served version of a model, with its config and precision."""
+    version = max(source.served_versions())
+    return ModelFiles(
+        source.name, version, source.versions[version], source.config, source.precision
+    )
+
+
+def computes_in(config: mc.ModelConfig) -> str:
+    """What a written config's TensorRT accelerator computes in, for its output line."""
+    for accelerator in config.optimization.execution_accelerators.gpu_execution_accelerator:
+        mode = accelerator.parameters.get("precision_mode")
+        if mode == "FP16":
+            return "(TensorRT FP16: computes in fp16, not the fp32 the variant was measured in)"
+        if mode:
+            return f"(TensorRT {mode})"
+    return ""
+
+
 def triton_config(source: ModelSource, gpu_instances: int, max_batch_size: int) -> mc.ModelConfig:
     """The Triton ModelConfig for one model directory (see the module docstring)."""
-    version = max(source.served_versions())
-    signature = _read_signature(ModelFiles(source.name, version, source.versions[version]))
+    signature = _read_signature(newest_files(source))
     config = mc.ModelConfig(name=source.name, platform="onnxruntime_onnx")
     if source.config is not None:  # keep which files are served
         if source.config.HasField("version_policy"):
