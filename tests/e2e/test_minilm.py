@@ -59,6 +59,8 @@ def short_recipe(path: Path) -> Path:
     recipe["data"].update(batch_size=16, train_samples=160, test_samples=48,
                           calibration_samples=160)  # fmt: skip
     variants = {variant["name"]: variant for variant in recipe["variants"]}
+    # NNCF's statistics on 32 chunks rather than the recipe's 512 (here all 160): 10 s less.
+    variants["int8-static"]["steps"][0]["quantize"]["calibration_samples"] = 32
     structured = variants["structured"]["steps"]
     structured[1]["distill"] = {**structured[1]["distill"], "steps": 10, "log_every": 5}
     shallow = variants["shallow"]["steps"]

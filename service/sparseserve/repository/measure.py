@@ -37,6 +37,13 @@ class MeasureError(ValueError):
     """The manifest cannot be measured as asked (no model file, data that does not fit)."""
 
 
+def gzip_size(data: bytes) -> int:
+    """Bytes after gzip at its default level (6, what `gzip model.onnx` gives): what zeros
+    save when a file is shipped compressed. Level 9 took 5x as long on a sparse MiniLM
+    (19 s against 3.6 s) for 0.07% fewer bytes."""
+    return len(gzip.compress(data, compresslevel=6, mtime=0))
+
+
 def newest_model_file(directory: Path) -> Path:
     """The .onnx file of the highest version of a model directory."""
     if not directory.is_dir():
@@ -88,7 +95,7 @@ def measure_manifest(
         layers=[layer.as_layer() for layer in weights.layers],
         quantization=weights.quantization,
         file_bytes=weights.file_bytes,
-        gzip_bytes=len(gzip.compress(path.read_bytes(), compresslevel=9, mtime=0)),
+        gzip_bytes=gzip_size(path.read_bytes()),
         notes=_notes(weights, path.relative_to(directory)),
         quality=quality,
     )

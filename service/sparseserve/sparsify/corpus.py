@@ -33,6 +33,7 @@ of `data.batch_size`.
 from __future__ import annotations
 
 import ast
+import functools
 import gzip
 import hashlib
 import random
@@ -116,10 +117,22 @@ def _is_prose(
 
 def sentences(root: Path | None = None, *, min_words: int = 6, max_chars: int = 400) -> list[str]:
     """Deduplicated prose sentences from the docstrings under `root` (the stdlib by
-    default), in a deterministic order."""
+    default), in a deterministic order. The standard library's are read once per process
+    (parsing it takes about 5 s; it does not change under a running interpreter)."""
+    if root is None:
+        return list(_stdlib_sentences(min_words, max_chars))
+    return _read_sentences(root, min_words, max_chars)
+
+
+@functools.lru_cache(maxsize=4)
+def _stdlib_sentences(min_words: int, max_chars: int) -> tuple[str, ...]:
+    return tuple(_read_sentences(stdlib_directory(), min_words, max_chars))
+
+
+def _read_sentences(root: Path, min_words: int, max_chars: int) -> list[str]:
     seen: set[str] = set()
     found: list[str] = []
-    for path in _source_files(root or stdlib_directory()):
+    for path in _source_files(root):
         for docstring in _docstrings(path):
             # Paragraphs first: a blank line never sits inside a sentence.
             for paragraph in re.split(r"\n\s*\n", docstring):

@@ -10,7 +10,6 @@ bench/results/exporters.md; on MiniLM the legacy export also ran ~10% faster.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import io
 import logging
 import os
@@ -197,11 +196,6 @@ def weight_sparsity(model: nn.Module) -> list[LayerSparsity]:
                 )
             )
     return layers
-
-
-def gzip_size(data: bytes) -> int:
-    """Bytes after gzip at level 9: what zeros save when a file is shipped compressed."""
-    return len(gzip.compress(data, compresslevel=9, mtime=0))
 
 
 def write_variant(

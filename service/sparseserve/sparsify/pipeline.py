@@ -28,12 +28,12 @@ from torch import nn
 
 from sparseserve.repository.eval_data import EVAL_DATA_FILENAME, write_eval_data
 from sparseserve.repository.manifest import ActivationSparsity, Quality, Task, VariantManifest
+from sparseserve.repository.measure import gzip_size
 from sparseserve.sparsify.activations import activation_sparsity
 from sparseserve.sparsify.catalog import Architecture, LabelledData, architecture, load_data
 from sparseserve.sparsify.distill import DistillConfig, resolve_device
 from sparseserve.sparsify.export import (
     export_onnx,
-    gzip_size,
     max_relative_difference,
     run_onnx,
     run_torch,
