@@ -39,3 +39,29 @@ def test_quick_server_run_times_each_engine_the_server_really_has(tmp_path: Path
             assert row["requests_per_second"] > 0, row
             assert row["relative_difference_to_onnxruntime"] <= 1e-4, row
     assert "## Through the server" in (output / "engines.md").read_text()
+
+
+def test_quick_auto_engine_run_reports_the_choice_and_the_ratio(tmp_path: Path) -> None:
+    """bench/auto_engine.py in miniature: a one-model repository of the demo's kind and an
+    MLP, each served pinned to onnxruntime and with auto; the report names what auto
+    chose (from the server's metrics), the warm-up medians it chose by, and the ratio."""
+    from sparseserve.testing import onnx_models
+
+    repository = tmp_path / "repository"
+    onnx_models.mlp(repository / "digits" / "1" / "model.onnx")
+    output = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.auto_engine", "--quick", "--repository", str(repository),
+         "--mlp", "16-32-4", "--output-dir", str(output)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((output / "auto_engine.json").read_text())
+    rows = {row["model"]: row for row in report["rows"]}
+    assert sorted(rows) == ["digits", "mlp-16-32-4"]
+    for row in rows.values():
+        assert row["auto_chose"] in ("onnxruntime", "openvino"), row
+        assert set(row["candidate_warmup_ms"]) == {"onnxruntime", "openvino"}, row
+        assert row["auto_vs_onnxruntime"]["median"] > 0, row
+        assert row["p50_ms"]["onnxruntime"] > 0 and row["p50_ms"]["auto"] > 0, row
+    assert "worst median ratio" in (output / "auto_engine.md").read_text()
