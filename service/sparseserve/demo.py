@@ -12,6 +12,7 @@ below. A client of these models sends pixels / 16 too.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import time
@@ -186,16 +187,17 @@ def run(repository: Path, rebuild: bool = False) -> int:
 def _what_next(repository: Path) -> None:
     """A few commands to try after the demo, on the repository it built."""
     here = _shown(repository)
+    cli = _cli()
     steps = [
         (
-            f"sparseserve serve --repository {here}",
+            f"{cli} serve --repository {here}",
             "serve it yourself: gRPC 8001, REST 8000, metrics 8002",
         ),
-        (f"sparseserve inspect {here}/digits-mlp.pruned90", "per-layer sparsity, 2:4, size"),
-        (f"sparseserve compare --family digits-cnn --repository {here}", "a longer comparison"),
-        ("sparseserve inspect your-model.onnx", "any ONNX model, wherever it was made"),
+        (f"{cli} inspect {here}/digits-mlp.pruned90", "per-layer sparsity, 2:4, size"),
+        (f"{cli} compare --family digits-cnn --repository {here}", "a longer comparison"),
+        (f"{cli} inspect your-model.onnx", "any ONNX model, wherever it was made"),
         (
-            f"sparseserve manifest {here}/NAME --family F --variant V --baseline B",
+            f"{cli} manifest {here}/NAME --family F --variant V --baseline B",
             "add your own pruned model to a family",
         ),
     ]
@@ -204,6 +206,16 @@ def _what_next(repository: Path) -> None:
     for command, why in steps:
         print(f"  {command:<{width}}  # {why}")
     print("  README.md and docs/ (sparsify, traffic, monitoring, deploy) say more")
+
+
+def _cli() -> str:
+    """The CLI as the user can type it: `sparseserve` where that is this environment's
+    (its bin folder on PATH), else the path of the one beside this Python."""
+    beside = Path(sys.executable).parent / "sparseserve"
+    found = shutil.which("sparseserve")
+    if not beside.exists() or (found is not None and Path(found).resolve() == beside.resolve()):
+        return "sparseserve"
+    return _shown(beside)
 
 
 def _shown(path: Path) -> str:

@@ -43,8 +43,8 @@ def test_clearly_slower_says_slower_than_the_baseline() -> None:
 def test_a_difference_within_the_noise_is_not_measurable() -> None:
     """About 1.3x overall, but the rounds disagree: the interval includes 1."""
     said = words([1.0, 1.0, 1.0, 1.0, 1.0], [0.5, 1.2, 0.6, 1.1, 0.7])
-    assert said.startswith("speed not measurable (server-side mean ratio 1.29")
-    assert "95% CI" in said and "over 5 rounds" in said
+    assert said.startswith("speed undecided (1.29x dense's, 95% CI ")
+    assert said.endswith(" over 5 rounds, server-side mean)")
 
 
 def test_equal_within_ten_percent_is_as_fast() -> None:
@@ -61,7 +61,7 @@ def test_a_small_but_certain_difference_is_as_fast() -> None:
 def test_one_round_cannot_measure_its_noise() -> None:
     estimate = speed_estimate([2.0], [1.0], SERVER_MEAN)
     assert estimate is not None and estimate.low == 0 and math.isinf(estimate.high)
-    assert estimate.words("dense").startswith("speed not measurable")
+    assert estimate.words("dense").startswith("speed undecided")
 
 
 def test_the_rule_is_deterministic_and_ignores_round_order() -> None:
@@ -111,5 +111,15 @@ def test_memory_within_its_resolution_is_the_same() -> None:
     near = figures(memory_ratio=0.6, memory_resolved=False)
     assert verdict(near, "dense", random_data=False) == "same memory (within 1 MiB)"
     far = figures(memory_ratio=2.0, memory_resolved=True)
-    assert verdict(far, "dense", random_data=False) == "2.0x less memory"
+    assert verdict(far, "dense", random_data=False) == "2.0x less memory"  # amounts unknown
+
+
+def test_a_memory_ratio_comes_with_the_amounts() -> None:
+    """16x more memory sounds alarming; 1.6 MiB against 0.1 MiB says what it is."""
+    tiny = figures(memory_ratio=0.0625, memory_resolved=True,
+                   memory_bytes=Sourced(1.6 * 2**20, "sparseserve_model_memory_bytes"))  # fmt: skip
+    assert verdict(tiny, "dense", random_data=False) == "16.0x more memory (1.6 vs 0.1 MiB)"
+    half = figures(memory_ratio=2.0, memory_resolved=True,
+                   memory_bytes=Sourced(4 * 2**20, "sparseserve_model_memory_bytes"))  # fmt: skip
+    assert verdict(half, "dense", random_data=False) == "2.0x less memory (4.0 vs 8.0 MiB)"
     assert MEMORY_RESOLUTION_BYTES == 2**20

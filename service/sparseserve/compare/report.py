@@ -99,7 +99,7 @@ def _sources(c: Comparison) -> list[str]:
         "confidence interval over the "
         f"rounds. Faster or slower only when the interval excludes 1 and the ratio is "
         f"beyond {SAME_WITHIN - 1:.0%}; as fast when the whole interval is within "
-        f"{SAME_WITHIN - 1:.0%}; otherwise not measurable in this run.",
+        f"{SAME_WITHIN - 1:.0%}; otherwise undecided in this run.",
         "Agreement and cosine: top-1 agreement and mean cosine similarity with the "
         "baseline from the server's shadow series over this run when a shadow policy "
         "compared rows, else on the probe rows this run sent to every variant (the "

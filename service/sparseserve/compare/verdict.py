@@ -5,8 +5,9 @@ baseline's latency to the variant's, measured over the same stretch of the machi
 The estimate is the geometric mean of those ratios and its 95% confidence interval is
 Student's t on their logarithms. A difference is claimed only when the interval
 excludes "as fast" and the estimate is at least 10% away from it; "as fast" only when
-the whole interval lies within 10%; anything else is "not measurable" in this run,
-with the interval shown, rather than a word that flips between runs.
+the whole interval lies within 10%; anything else is "undecided" in this run, with the
+ratio (0.91x dense's: slower) and its interval shown, rather than a word that flips
+between runs.
 
 The latency is the server's own: the mean request duration of each round, from its
 histogram's `_sum` and `_count` (exact), not the histogram's p50. The buckets are 2 to
@@ -47,8 +48,8 @@ class SpeedEstimate:
     latency: str  # which latency: SERVER_MEAN or CLIENT_P50
 
     def words(self, baseline: str) -> str:
-        """ "2.3x faster (server-side mean)", "as fast as dense (...)", or "speed not
-        measurable (...)" by the rule in this module's docstring."""
+        """ "2.3x faster (server-side mean)", "as fast as dense (...)", or "speed
+        undecided (0.91x dense's, 95% CI ...)" by the rule in this module's docstring."""
         if self.low > 1 and self.ratio >= SAME_WITHIN:
             return f"{self.ratio:.1f}x faster ({self.latency})"
         if self.high < 1 and self.ratio <= 1 / SAME_WITHIN:
@@ -56,8 +57,8 @@ class SpeedEstimate:
         if self.low >= 1 / SAME_WITHIN and self.high <= SAME_WITHIN:
             return f"as fast as {baseline} (within 10%, {self.latency})"
         return (
-            f"speed not measurable ({self.latency} ratio {self.ratio:.2f}, "
-            f"95% CI {_interval(self.low, self.high)} over {self.rounds} rounds)"
+            f"speed undecided ({self.ratio:.2f}x {baseline}'s, 95% CI "
+            f"{_interval(self.low, self.high)} over {self.rounds} rounds, {self.latency})"
         )
 
 
@@ -134,6 +135,8 @@ class VerdictFigures(Protocol):
     @property
     def memory_resolved(self) -> bool: ...
     @property
+    def memory_bytes(self) -> _Value: ...
+    @property
     def agreement(self) -> _Value: ...
 
 
@@ -149,7 +152,7 @@ def verdict(figures: VerdictFigures, baseline: str, random_data: bool) -> str:
     if figures.memory_ratio is not None:
         # Resident memory is measured to about 1 MiB: a smaller difference is no difference.
         parts.append(
-            ratio_words(figures.memory_ratio, "less memory", "more memory", "same memory")
+            _memory_words(figures.memory_ratio, figures.memory_bytes.value)
             if figures.memory_resolved
             else "same memory (within 1 MiB)"
         )
@@ -157,3 +160,13 @@ def verdict(figures: VerdictFigures, baseline: str, random_data: bool) -> str:
         caveat = f" {RANDOM_CAVEAT}" if random_data else ""
         parts.append(f"{figures.agreement.value:.1%} agreement{caveat}")
     return ", ".join(p for p in parts if p) or "no measurements"
+
+
+def _memory_words(ratio: float, variant_bytes: float | None) -> str | None:
+    """ "4.0x less memory (2.1 vs 8.4 MiB)": the amounts beside the ratio, which alone
+    makes 1.3 MiB against 0.1 MiB sound like a problem."""
+    said = ratio_words(ratio, "less memory", "more memory", "same memory")
+    if said is None or said == "same memory" or not variant_bytes:
+        return said
+    mib = variant_bytes / (1 << 20)
+    return f"{said} ({mib:.1f} vs {mib * ratio:.1f} MiB)"
