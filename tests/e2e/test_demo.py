@@ -54,7 +54,7 @@ def test_demo_trains_serves_compares_and_stops_cleanly(tmp_path: Path) -> None:
         # The target: 90% of the weights gone within one point of dense accuracy.
         assert float(pruned["served"]) >= float(dense["served"]) - 1.0
     # It ends with `sparseserve compare` of each family: a verdict per sparse variant.
-    verdict = re.search(r"^digits-mlp\.pruned90\s.*\s(\S+) agreement$", out, re.MULTILINE)
+    verdict = re.search(r"^  digits-mlp\.pruned90\s.*\s(\S+) agreement$", out, re.MULTILINE)
     assert verdict, out
     # Its agreement, on the same test digits through the same server, is the table's.
     assert verdict.group(1) == rows["digits-mlp.pruned90"]["agree"]

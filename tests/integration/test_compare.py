@@ -203,8 +203,10 @@ def test_verdicts_say_what_the_numbers_say(run: dict) -> None:
     assert pruned["verdict"].endswith(
         f"{pruned['agreement']['value']:.1%} agreement {RANDOM_CAVEAT}"
     )
-    assert re.search(rf"^{re.escape(PRUNED)}\s.*{re.escape(pruned['verdict'])}$",
+    # The terminal table, then a verdict per variant on a line of its own.
+    assert re.search(rf"^  {re.escape(PRUNED)}\s+{re.escape(pruned['verdict'])}$",
                      run["stdout"], re.MULTILINE)  # fmt: skip
+    assert max(len(line) for line in run["stdout"].splitlines() if "|" not in line) < 200
 
 
 def test_random_rows_are_named_in_the_table_and_the_report(run: dict) -> None:

@@ -64,18 +64,34 @@ def table_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+# The columns a terminal shows (about 130 characters); report.md has them all.
+TERMINAL_COLUMNS = ("variant", "req/s", "p50 ms", "p99 ms", "server mean ms", "file KiB",
+                    "non-zero", "sparsity", "sparse-kernel layers", "memory MiB", "agreement",
+                    "accuracy")  # fmt: skip
+
+
 def text_table(c: Comparison) -> str:
-    """The summary as aligned plain text, for a terminal."""
+    """The summary as aligned plain text, for a terminal: the main columns, then each
+    variant's verdict on a line of its own (a verdict is a sentence: at the end of a row
+    it pushed the table past 250 characters)."""
     header, rows = table_rows(c)
-    cells = [header, *rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header) - 1)]
+    keep = [header.index(name) for name in TERMINAL_COLUMNS]
+    cells = [[row[i] for i in keep] for row in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(keep))]
     lines = []
     for r in cells:
-        lines.append("  ".join(x.rjust(w) if i else x.ljust(w)
-                               for i, (x, w) in enumerate(zip(r, widths, strict=False)))
-                     + "  " + r[-1])  # fmt: skip
-        if r is header:
+        padded = (
+            x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(r, widths, strict=True))
+        )
+        lines.append("  ".join(padded))
+        if r is cells[0]:
             lines.append("-" * len(lines[0]))
+    verdict = header.index("verdict")
+    baseline = next((row[0] for row in rows if row[verdict] == "baseline"), c.baseline)
+    lines.append(f"verdicts against {baseline}:")
+    for row in rows:
+        if row[verdict] != "baseline":
+            lines.append(f"  {row[0]:<{widths[0]}}  {row[verdict]}")
     return "\n".join(lines)
 
 
