@@ -242,6 +242,13 @@ def decode_contents(
             f"input {name!r}: {dtype.name} tensors travel only as raw_input_contents"
         )
     values = getattr(contents, dtype.contents_field)
+    others = [field.name for field, _ in contents.ListFields()  # type: ignore[attr-defined]
+              if field.name != dtype.contents_field]  # fmt: skip
+    if others:
+        raise InvalidInput(
+            f"input {name!r} is {dtype.name}, whose values go in {dtype.contents_field}, "
+            f"but the request also sets {', '.join(others)}"
+        )
     count = element_count(shape)
     if len(values) != count:
         raise InvalidInput(
@@ -274,11 +281,19 @@ def encode_raw(array: np.ndarray) -> tuple[Datatype, bytes]:
     return dtype, array.tobytes()
 
 
+# numpy's (and so every engine's here) limit on an array's dimensions.
+MAX_RANK = 64
+
+
 def validate_shape(name: str, shape: Sequence[int], itemsize: int = 1) -> tuple[int, ...]:
     """`shape` as a tuple, or `InvalidInput` if a dimension is negative or the array could
     not exist (its non-zero dimensions times `itemsize` pass 2**63-1 bytes, which numpy
     refuses even when another dimension is 0 and the array is empty)."""
     dims = tuple(shape)
+    if len(dims) > MAX_RANK:
+        raise InvalidInput(
+            f"input {name!r}: shape has {len(dims)} dimensions; at most {MAX_RANK} are supported"
+        )
     if any(d < 0 for d in dims):
         raise InvalidInput(f"input {name!r}: shape {list(dims)} has a negative dimension")
     if math.prod(d for d in dims if d) * max(itemsize, 1) > _MAX_ARRAY_BYTES:
@@ -314,6 +329,7 @@ def decode_inputs(
     `max_bytes_elements` BYTES elements over all inputs, or `RequestTooLarge`."""
     tensors = request.inputs  # type: ignore[attr-defined]
     raws = request.raw_input_contents  # type: ignore[attr-defined]
+    _refuse_extensions(request)
     if raws and len(raws) != len(tensors):
         raise InvalidInput(
             f"request has {len(tensors)} inputs but {len(raws)} raw_input_contents; "
@@ -340,6 +356,29 @@ def decode_inputs(
             bytes_left -= array.size
         arrays[name] = array
     return arrays
+
+
+def _refuse_extensions(request: object) -> None:
+    """Triton protocol extensions this server does not implement, named rather than
+    ignored: an ignored `classification` returns raw scores where the client expects
+    labels, an ignored shared-memory region reads as an empty tensor."""
+    for tensor in request.inputs:  # type: ignore[attr-defined]
+        if "shared_memory_region" in tensor.parameters:
+            raise InvalidInput(
+                f"input {tensor.name!r} names a shared-memory region; the shared-memory "
+                "extension is not supported: send the data in the request"
+            )
+    for output in request.outputs:  # type: ignore[attr-defined]
+        if "classification" in output.parameters:
+            raise InvalidInput(
+                f"output {output.name!r}: the classification extension is not supported; "
+                "request the output itself"
+            )
+        if "shared_memory_region" in output.parameters:
+            raise InvalidInput(
+                f"output {output.name!r} names a shared-memory region; the shared-memory "
+                "extension is not supported: the output comes in the response"
+            )
 
 
 def encode_outputs(response: object, outputs: Mapping[str, np.ndarray]) -> None:

@@ -589,6 +589,8 @@ def _parse_version(version: str) -> int:
     other scripts' digits (Arabic-Indic one, U+0661)."""
     if not (version.isascii() and version.isdigit()) or (version[0] == "0" and version != "0"):
         return -1
+    if len(version) > 19:  # past int64, as Triton's versions are; `int` refuses 4,301 digits
+        return -1
     return int(version)
 
 

@@ -416,6 +416,12 @@ class Settings(BaseSettings):
         "JSON tensors cost far more memory than their bytes once parsed; send large "
         "tensors as binary data.",
     )
+    max_http_connections: int = Field(
+        1000,
+        ge=1,
+        description="REST connections open at once; more are answered 503 and closed, so "
+        "that idle or slow clients cannot take every file descriptor (and gRPC with them).",
+    )
     metrics_port: int | None = Field(
         8002, ge=0, le=65535, description="Prometheus metrics port; 0 picks one, null disables."
     )
@@ -432,8 +438,10 @@ class Settings(BaseSettings):
         512 * MiB,
         ge=1024,
         description="Bytes of inference requests (ModelInfer and ModelStreamInfer messages "
-        "of 64 KiB and more) the server holds at once; a request that would pass it is "
-        "refused with RESOURCE_EXHAUSTED (one is always admitted when none is in flight).",
+        "of 64 KiB and more, and REST inference bodies, their JSON counted 8 times for what "
+        "decoding it costs) the server holds at once; a request that would pass it is "
+        "refused with RESOURCE_EXHAUSTED (HTTP 429; one is always admitted when none is in "
+        "flight).",
     )
     max_bytes_elements: int = Field(
         1_000_000,

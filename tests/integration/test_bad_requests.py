@@ -228,7 +228,38 @@ INVALID = [
         ["'in_BYTES'", "UTF-8"],
         id="BYTES not UTF-8",
     ),
+    pytest.param(
+        via_stub(tensor(fp32_contents=[0.5] * 64, int_contents=[1])),
+        ["'input'", "FP32", "fp32_contents", "int_contents"],
+        id="typed contents of another type too",
+    ),
+    pytest.param(
+        via_stub(tensor(shape=[1] * 65), raw=[ROW[0, :1].tobytes()]),
+        ["'input'", "65 dimensions", "at most 64"],
+        id="rank past numpy's 64",
+    ),
+    pytest.param(
+        lambda client, stub: client.infer(
+            "mlp", [_mlp_input()], outputs=[triton.InferRequestedOutput("output", class_count=3)]
+        ),
+        ["'output'", "classification extension is not supported"],
+        id="classification extension",
+    ),
+    pytest.param(
+        lambda client, stub: stub.ModelInfer(_shared_memory_request(), timeout=10),
+        ["'input'", "shared-memory extension is not supported"],
+        id="shared-memory extension",
+    ),
 ]
+
+
+def _shared_memory_request() -> service_pb2.ModelInferRequest:
+    """An input whose data is in a shared-memory region, as tritonclient's
+    `set_shared_memory` asks."""
+    request = service_pb2.ModelInferRequest(model_name="mlp", inputs=[tensor()])
+    request.inputs[0].parameters["shared_memory_region"].string_param = "region"
+    request.inputs[0].parameters["shared_memory_byte_size"].int64_param = 256
+    return request
 
 
 @pytest.mark.parametrize(("send", "keywords"), INVALID)
@@ -347,6 +378,38 @@ def test_version_is_plain_ascii_decimal(
         1,
         10,
     )
+
+
+def test_a_version_of_thousands_of_digits_is_not_found(
+    client: triton.InferenceServerClient, stub: Stub
+) -> None:
+    """Python's int() refuses a string of more than 4,300 digits: such a version was
+    answered INTERNAL, on every call that takes a version."""
+    version = "9" * 4301
+    code, message = refusal(via_triton("mlp", {"input": ROW}, version=version), client, stub)
+    assert code == "NOT_FOUND", message
+    assert "serving: 1" in message
+    with pytest.raises(InferenceServerException) as caught:
+        client.get_model_metadata("mlp", version)
+    assert caught.value.status() == "StatusCode.NOT_FOUND"
+    assert client.is_model_ready("mlp", version) is False
+    assert_mlp_still_serves(client)
+
+
+def test_a_name_of_twenty_thousand_characters_is_refused_readably(
+    client: triton.InferenceServerClient, stub: Stub
+) -> None:
+    """Messages echo what the client sent; gRPC's trailer holds 16 KiB, past which the
+    client saw RESOURCE_EXHAUSTED "Stream removed" instead of the status. The middle of a
+    long message is cut."""
+    name = "a" * 20_000
+    code, message = refusal(via_triton(name, {"input": ROW}), client, stub)
+    assert code in ("NOT_FOUND", "INVALID_ARGUMENT"), message
+    assert "characters cut" in message and len(message) <= 1100, message[:300]
+    with pytest.raises(InferenceServerException) as caught:
+        client.get_model_metadata(name)
+    assert caught.value.status() in ("StatusCode.NOT_FOUND", "StatusCode.INVALID_ARGUMENT")
+    assert_mlp_still_serves(client)
 
 
 def _mlp_input() -> triton.InferInput:

@@ -7,6 +7,7 @@ serves `/metrics` and nothing else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import shlex
@@ -14,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -430,6 +432,93 @@ def test_limits_body_size_and_inflight(
     for status, _, raw in answers:
         if status == 429:
             assert "limit 1" in json.loads(raw)["error"]
+    assert_serves(server)
+
+
+def test_json_nested_too_deeply_is_400(server: ServerProcess) -> None:
+    """Python's JSON reader gives up on deep nesting with RecursionError: it was a 500."""
+    for body in ('{"inputs": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                 '{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1], "data": '
+                 + "[" * 100_000 + "]" * 100_000 + "}]}"):  # fmt: skip
+        status, message = error_of(server, "POST", MLP_INFER, body)
+        assert status == 400 and "nested too deeply" in message, message
+    assert_serves(server)
+
+
+def raw_http(server: ServerProcess, head: bytes) -> socket.socket:
+    """A connection to the REST port that has sent `head` (and nothing more)."""
+    host, port = server.http_url.rsplit(":", 1)
+    connection = socket.create_connection((host, int(port)), timeout=10)
+    connection.sendall(head)
+    return connection
+
+
+def read_status(connection: socket.socket) -> tuple[int, bytes]:
+    """The status and whatever came with it, until the server closes or goes quiet."""
+    data = b""
+    with contextlib.suppress(TimeoutError):
+        while chunk := connection.recv(65536):
+            data += chunk
+            if b"\r\n\r\n" in data and b'"error"' in data:
+                break
+    return int(data.split(b" ", 2)[1]), data
+
+
+def test_the_rest_body_counts_against_the_request_budget(
+    repository: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """A REST inference body is counted from its headers until it is answered, its JSON
+    8 times: a second body while the first is still arriving passes the budget and is
+    refused with 429; a Content-Length past max_http_body_bytes is refused with 413
+    before any body is sent; once the first is answered, all is as before."""
+    server = start_server(repository, "--max-inflight-request-bytes", "1024",
+                          "--max-http-body-bytes", "100000")  # fmt: skip
+    body = json.dumps(mlp_body()).encode()  # ~400 bytes of JSON: ~3.2 kB against the budget
+    head = (f"POST {MLP_INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    first = raw_http(server, head + body[:10])  # admitted, its body still arriving
+    time.sleep(0.5)
+    with raw_http(server, head + body) as second:
+        status, data = read_status(second)
+    assert status == 429 and b"max_inflight_request_bytes" in data, data
+    huge = (f"POST {MLP_INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: 99999999999\r\n\r\n").encode()  # fmt: skip
+    with raw_http(server, huge) as third:
+        status, data = read_status(third)
+    assert status == 413 and b"max_http_body_bytes" in data, data
+    with first:
+        first.sendall(body[10:])
+        status, data = read_status(first)
+    assert status == 200, data
+    status, _, _ = request(server, "POST", MLP_INFER, body)
+    assert status == 200
+    assert_serves(server)
+
+
+def test_connections_past_the_limit_are_refused_and_grpc_serves_on(
+    repository: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """Idle connections (a client sending a header line now and then never finishes a
+    request) used to stay open in any number, until the process ran out of file
+    descriptors and gRPC with it. Past max_http_connections a new one is answered 503
+    and closed; gRPC is untouched; a freed slot serves again."""
+    server = start_server(repository, "--max-http-connections", "3")
+    idle = [raw_http(server, b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n") for _ in range(3)]
+    time.sleep(0.3)
+    with raw_http(server, b"") as extra:
+        status, data = read_status(extra)
+    assert status == 503 and b"max_http_connections" in data, data
+    with triton_grpc.InferenceServerClient(server.grpc_url) as client:
+        assert client.is_server_ready()
+    for connection in idle:
+        connection.close()
+    deadline = time.monotonic() + 10
+    while True:
+        status, _, _ = request(server, "GET", "/v2/health/ready")
+        if status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert status == 200
     assert_serves(server)
 
 

@@ -155,6 +155,41 @@ def test_sigint_stops_cleanly(start_server: StartServer, repository: Path) -> No
     assert "Traceback" not in log and "KeyboardInterrupt" not in log
 
 
+def test_sighup_drains_the_request_in_flight_and_exits_0(
+    start_server: StartServer, repository: Path, pool: ThreadPoolExecutor
+) -> None:
+    """A closed terminal sends SIGHUP, whose default ended the process at once with every
+    call in flight reset: it drains as SIGTERM does."""
+    server = start_server(repository, "--shutdown-grace", "10")
+    rows = rows_lasting(server, 1.0)
+    running = start_slow_request(pool, server, rows)  # returns once it is running
+    server.signal(signal.SIGHUP)
+    assert running.result(timeout=30).as_numpy("y").shape == (rows, WIDTH)
+    assert server.process is not None
+    assert server.process.wait(timeout=15) == 0
+    assert "sparseserve stopped" in server.log()
+
+
+def test_requests_cut_by_their_deadline_leave_no_error_in_the_log(
+    start_server: StartServer, repository: Path
+) -> None:
+    """A client whose deadline passes mid-run: onnxruntime's run is told to terminate,
+    and its "Exiting due to terminate flag" is expected, not an error. It was logged as
+    asyncio's "Future exception was never retrieved", with a traceback."""
+    server = start_server(repository)
+    rows = rows_lasting(server, 0.5)
+    with triton.InferenceServerClient(server.grpc_url) as client:
+        for _ in range(6):
+            with pytest.raises(InferenceServerException) as cut:
+                client.infer("slow", slow_input(rows), client_timeout=0.1)
+            assert "Deadline" in str(cut.value) or "DEADLINE" in str(cut.value.status())
+            wait_for(lambda: inflight(server, "slow") == 0, "the cut run to stop")
+        assert client.infer("slow", slow_input(8)).as_numpy("y").shape == (8, WIDTH)
+    assert server.stop() == 0
+    log = server.log()
+    assert "never retrieved" not in log and "Traceback" not in log, log[-3000:]
+
+
 def test_short_grace_period_bounds_the_drain(
     start_server: StartServer, repository: Path, pool: ThreadPoolExecutor
 ) -> None:

@@ -8,7 +8,8 @@ former. The decision is taken per load, so a reload re-decides.
 The CPU engine (onnxruntime or OpenVINO) is, in this order: the model's entry in
 `cpu_engine_overrides`, the engine its config.pbtxt names (`backend:` or `platform:`,
 as in Triton), or `cpu_engine`. `auto` loads the variant on every installed engine that
-can run it at its precision, times each on the warm-up inputs (median of several runs),
+can run it at its precision, times each on one sample with its dynamic dimensions at 128
+(`timing_inputs`: a sequence of 128 tokens; median of several runs),
 serves with the fastest and unloads the others, all before the registry reads the
 memory the load cost. onnxruntime keeps the model unless another engine is faster by
 more than `engine_margin` (timing noise on a shared machine is of that order). With
@@ -54,6 +55,8 @@ from sparseserve.backends.base import (
     ModelFiles,
     ModelSignature,
     backend_class,
+    timing_inputs,
+    warmup_inputs,
 )
 from sparseserve.backends.hardware import HardwareReport
 from sparseserve.errors import BackendUnavailable, InvalidInput, ModelLoadError, SparseServeError
@@ -285,7 +288,10 @@ class Dispatcher:
         loaded = await self._load_candidates(files)
         loop = asyncio.get_running_loop()
         backends = {engine.value: backend for engine, (backend, _) in loaded.items()}
-        seconds = await loop.run_in_executor(self._executor, interleaved_medians, backends)
+        signature = next(iter(loaded.values()))[1]
+        seconds = await loop.run_in_executor(
+            self._executor, time_engines, backends, signature, files.name
+        )
         winner = min(loaded, key=lambda engine: seconds[engine.value])
         baseline = seconds.get(CpuEngine.onnxruntime.value)
         if baseline is not None and seconds[winner.value] >= baseline * (
@@ -443,13 +449,31 @@ def openvino_installed() -> bool:
 TIMING_ROUNDS = 9
 
 
-def interleaved_medians(backends: Mapping[str, Backend]) -> dict[str, float]:
-    """The median time of one warm-up run of each backend, run one after the other in
+def interleaved_medians(
+    backends: Mapping[str, Backend], feeds: Mapping[str, np.ndarray]
+) -> dict[str, float]:
+    """The median time of one run of each backend on `feeds`, run one after the other in
     rounds, so that what else the machine does at that moment weighs on every engine
     alike (timing them one after the other flipped a 20 ms model's choice on a shared
-    2-core machine)."""
+    2-core machine). A first run of each at this shape is not timed."""
+    for backend in backends.values():
+        backend.run_once(feeds)
     times: dict[str, list[float]] = {name: [] for name in backends}
     for _ in range(TIMING_ROUNDS):
         for name, backend in backends.items():
-            times[name].append(backend.run_warmup_once())
+            times[name].append(backend.run_once(feeds))
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def time_engines(
+    backends: Mapping[str, Backend], signature: ModelSignature, model: str
+) -> dict[str, float]:
+    """`interleaved_medians` on `timing_inputs` (dynamic dimensions at 128: the size
+    requests have, not the warm-up's 1), or on the warm-up inputs where an engine
+    cannot run those (a model whose dynamic dimensions must be small, or related)."""
+    try:
+        return interleaved_medians(backends, timing_inputs(signature))
+    except Exception as exc:  # each engine raises its own types
+        log.info("model %s: timing at 128 per dynamic dimension failed (%s); timing on "
+                 "the warm-up inputs", model, exc)  # fmt: skip
+        return interleaved_medians(backends, warmup_inputs(signature))

@@ -27,6 +27,7 @@ from sparseserve.backends.base import (
     ModelFiles,
     ModelSignature,
     TensorSpec,
+    await_run,
     engine_failure,
     warmup_inputs,
 )
@@ -142,11 +143,11 @@ class OnnxRuntimeBackend(Backend):
             dict(zip(names, results, strict=True)), self.name, time.perf_counter_ns() - started
         )
 
-    def run_warmup_once(self) -> float:
+    def run_once(self, feeds: Mapping[str, np.ndarray]) -> float:
         assert self._session is not None
-        names, feeds = self._warmup
+        names, _ = self._warmup
         started = time.perf_counter()
-        self._session.run(names, feeds)
+        self._session.run(names, dict(feeds))
         return time.perf_counter() - started
 
     def _find_unknown_ranks(
@@ -206,17 +207,9 @@ def refuse_unservable(files: ModelFiles) -> None:
 
 
 async def _run(job: Future[list[np.ndarray]], run_options: ort.RunOptions) -> list[np.ndarray]:
-    """Await a `session.run` on the thread pool. If the caller is cancelled (deadline
-    passed, client gone, shutdown grace over), a run that has not started is dropped and
-    one that has is told to terminate; we wait for it to stop, so that the model's
-    in-flight count only ever falls when its thread is free again."""
-    try:
-        return await asyncio.shield(asyncio.wrap_future(job))
-    except asyncio.CancelledError:
-        if not job.cancel():
-            run_options.terminate = True
-            await asyncio.wait([asyncio.wrap_future(job)])
-        raise
+    """Await a `session.run` on the thread pool; a cancelled caller's run is told to
+    terminate (`base.await_run`)."""
+    return await await_run(job, lambda: setattr(run_options, "terminate", True))
 
 
 # Field numbers of onnx.proto: ModelProto.graph, GraphProto.input, ValueInfoProto.name

@@ -47,6 +47,7 @@ from sparseserve.backends.base import (
     ModelFiles,
     ModelSignature,
     TensorSpec,
+    await_run,
     engine_failure,
     warmup_inputs,
 )
@@ -225,11 +226,11 @@ class OpenVinoBackend(Backend):
             dict(zip(names, results, strict=True)), self.name, time.perf_counter_ns() - started
         )
 
-    def run_warmup_once(self) -> float:
+    def run_once(self, feeds: Mapping[str, np.ndarray]) -> float:
         assert self._timer is not None
-        request, feeds = self._timer
+        request, _ = self._timer
         started = time.perf_counter()
-        request.infer(feeds)
+        request.infer(dict(feeds))
         return time.perf_counter() - started
 
     def _check_shapes(self, feeds: Mapping[str, np.ndarray]) -> None:
@@ -394,12 +395,7 @@ async def _wait(job: Future[list[np.ndarray]]) -> list[np.ndarray]:
     started is dropped; one that has cannot be stopped (a synchronous InferRequest has
     no cancel), so we wait for it: the request goes back to the pool, and the model's
     in-flight count falls, only once its thread is free again."""
-    try:
-        return await asyncio.shield(asyncio.wrap_future(job))
-    except asyncio.CancelledError:
-        if not job.cancel():
-            await asyncio.wait([asyncio.wrap_future(job)])
-        raise
+    return await await_run(job)
 
 
 def _time_runs(request: openvino.InferRequest, feeds: dict[str, np.ndarray]) -> float:

@@ -1,6 +1,8 @@
 """The server process: build the parts, serve gRPC, REST and metrics, and shut down cleanly.
 
-Shutdown (SIGTERM on every Kubernetes rollout, or SIGINT), see `SparseServeServer.stop`:
+Shutdown (SIGTERM on every Kubernetes rollout, SIGINT, or SIGHUP when the terminal
+that started it closes: its default would kill the process with requests in flight), see
+`SparseServeServer.stop`:
 the drain begins (new gRPC calls are answered UNAVAILABLE "server is shutting down",
 health turns NOT_SERVING and REST readiness false, streams end once their requests are
 answered) while the gRPC port stays open; calls in flight finish within the grace
@@ -221,6 +223,8 @@ class SparseServeServer:
                     Restrictions.for_http(settings.http_restricted_apis)
                 ),
                 ssl_context=None if self._http_tls is None else self._http_tls.context,
+                budget=self.request_budget,
+                max_connections=settings.max_http_connections,
             )
             try:
                 self.http_port = await self._http_server.start(
@@ -424,11 +428,11 @@ def _add_reflection(server: RestrictingServer) -> None:
 
 
 async def serve(settings: Settings, ready_file: Path | None = None) -> int:
-    """Run until SIGTERM or SIGINT; return the process exit code."""
+    """Run until SIGTERM, SIGINT or SIGHUP; return the process exit code."""
     server = SparseServeServer(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, stop.set)
     try:
         await server.start()

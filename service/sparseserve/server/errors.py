@@ -69,6 +69,23 @@ HTTP_STATUS: dict[str, int] = {
 }
 
 
+# An error's details travel in the grpc-message trailer, percent-encoded (a non-ASCII
+# character up to 9 bytes), and a trailer past 16 KiB makes the client drop the status
+# for RESOURCE_EXHAUSTED "Stream removed". Messages echo what the client sent (a model
+# name of 20,000 characters): the middle of a longer one is cut, keeping how it starts
+# and what it says was expected.
+MAX_DETAILS = 1000
+
+
+def status_details(message: str) -> str:
+    """`message`, its middle cut to keep it within MAX_DETAILS characters."""
+    if len(message) <= MAX_DETAILS:
+        return message
+    head, tail = MAX_DETAILS * 3 // 5, MAX_DETAILS * 2 // 5
+    cut = len(message) - head - tail
+    return f"{message[:head]}[... {cut} characters cut ...]{message[-tail:]}"
+
+
 def grpc_status(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode[status_of(error)]
 
@@ -203,12 +220,12 @@ def _mapping_errors(behavior: Behavior, method: str, drain: Drain | None) -> Beh
                 raise request.error
             return await behavior(request, context)
         except SparseServeError as exc:
-            code, details = grpc_status(exc), str(exc)
+            code, details = grpc_status(exc), status_details(str(exc))
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
             log.exception("unexpected error in %s", method)
-            code, details = grpc.StatusCode.INTERNAL, f"internal error: {exc}"
+            code, details = grpc.StatusCode.INTERNAL, status_details(f"internal error: {exc}")
         finally:
             release(request)
             if drain is not None and admitted:
@@ -236,7 +253,7 @@ def _mapping_stream_errors(
             try:
                 drain.admit()
             except ShuttingDown as exc:
-                await context.abort(grpc_status(exc), str(exc))
+                await context.abort(grpc_status(exc), status_details(str(exc)))
             requests = drain.requests_until_drain(requests)
         try:
             async for response in behavior(requests, context):
@@ -244,12 +261,12 @@ def _mapping_stream_errors(
             if drain is not None and requests.cut:
                 raise ShuttingDown(SHUTTING_DOWN)
         except SparseServeError as exc:
-            await context.abort(grpc_status(exc), str(exc))
+            await context.abort(grpc_status(exc), status_details(str(exc)))
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
             log.exception("unexpected error in %s", method)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+            await context.abort(grpc.StatusCode.INTERNAL, status_details(f"internal error: {exc}"))
         finally:
             if drain is not None:
                 drain.release()

@@ -21,9 +21,11 @@ be plugged in without touching the routes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -46,6 +48,7 @@ from sparseserve.server.security import (
     header_allows,
 )
 from sparseserve.server.v2_servicer import V2Servicer
+from sparseserve.server.wire import RequestBytesBudget
 from sparseserve.settings import RestrictedGroup
 
 if TYPE_CHECKING:
@@ -114,7 +117,12 @@ class HttpServer:
         max_body_bytes: int,
         route_checks: Mapping[RouteGroup, RouteCheck] | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        budget: RequestBytesBudget | None = None,
+        max_connections: int = 1000,
     ):
+        self._budget = budget
+        self._max_connections = max_connections
+        self._listener: asyncio.Server | None = None
         self._dataplane = dataplane
         self._servicer = servicer
         self._is_ready = is_ready
@@ -170,13 +178,30 @@ class HttpServer:
             self.app, access_log=None, shutdown_timeout=max(shutdown_timeout, 1e-3)
         )
         await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=self._ssl_context)
-        await site.start()
+        handlers = runner.server
+        assert handlers is not None  # set up above
+        limit = self._max_connections
+
+        def connection() -> asyncio.Protocol:
+            # aiohttp's own Site has no bound on connections: a client holding thousands
+            # open (each sending a header line now and then) would take every file
+            # descriptor of the process, and gRPC's port with them.
+            if len(handlers.connections) >= limit:
+                return _Refused(limit)
+            return handlers()
+
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(
+            connection, host or None, port, ssl=self._ssl_context, reuse_address=True
+        )
         self._runner = runner
-        return int(runner.addresses[0][1])
+        return int(self._listener.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
         """Stop listening, let in-flight requests finish (up to the shutdown timeout)."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -283,24 +308,49 @@ class HttpServer:
     # -- inference --------------------------------------------------------------------
 
     async def infer(self, request: web.Request) -> web.StreamResponse:
+        """An inference request. Its body counts against the server's request budget
+        (`max_inflight_request_bytes`, shared with gRPC) from the moment it is read until
+        it is answered, its JSON part at JSON_WEIGHT times its size; a Content-Length
+        past `max_http_body_bytes` is refused before any of the body is read."""
+        length = request.content_length
+        if length is not None and length > self._max_body_bytes:
+            raise web.HTTPRequestEntityTooLarge(max_size=self._max_body_bytes, actual_size=length)
+        header_length = request.headers.get(http_infer.HEADER_LENGTH)
+        cost = 0
+        if self._budget is not None and length is not None:
+            cost = request_cost(length, header_length)
+            self._budget.reserve(cost)
+        try:
+            body = await request.read()
+            if self._budget is not None and length is None:  # chunked: known once read
+                self._budget.reserve(request_cost(len(body), header_length))
+                cost = request_cost(len(body), header_length)
+            return await self._infer(request, body, header_length)
+        finally:
+            if cost:
+                assert self._budget is not None
+                self._budget.give_back(cost)
+
+    async def _infer(
+        self, request: web.Request, body: bytes, header_length: str | None
+    ) -> web.StreamResponse:
         name, version = _model(request)
-        body = await request.read()
-        parsed = http_infer.parse_request(body, request.headers.get(http_infer.HEADER_LENGTH))
+        parsed = http_infer.parse_request(body, header_length)
         answer = await self._dataplane.infer(
             name, version, lambda: http_infer.decode_inputs(parsed), parsed.outputs
         )
         model = answer.model
         # The variant that answered, also when the request named its family.
-        payload, header_length = http_infer.encode_response(
+        payload, answer_header_length = http_infer.encode_response(
             parsed, model.name, model.version_label, answer.outputs
         )
-        if header_length is None:
+        if answer_header_length is None:
             response = web.Response(body=payload, content_type=http_infer.JSON_CONTENT_TYPE)
         else:
             response = web.Response(
                 body=payload,
                 content_type=http_infer.BINARY_CONTENT_TYPE,
-                headers={http_infer.HEADER_LENGTH: str(header_length)},
+                headers={http_infer.HEADER_LENGTH: str(answer_header_length)},
             )
         if answer.shadow is not None:
             # Shadow runs start once the answer has been sent, never before.
@@ -308,6 +358,46 @@ class HttpServer:
             await response.write_eof()
             self._dataplane.after_sent(answer)
         return response
+
+
+# Decoding a JSON tensor costs several times its text: a number of two characters
+# ("0,") becomes a Python object in a list, then an array element (a 59 MB body of zeros
+# took the process from 126 to 773 MB). The budget counts a body's JSON at this weight.
+JSON_WEIGHT = 8
+
+
+def request_cost(body_bytes: int, header_length: str | None) -> int:
+    """What a REST inference body counts against the request budget: its JSON part at
+    JSON_WEIGHT, binary tensor data (after `Inference-Header-Content-Length`) as is."""
+    json_bytes = body_bytes
+    if header_length is not None and header_length.isdigit():
+        json_bytes = min(int(header_length), body_bytes)
+    return json_bytes * JSON_WEIGHT + (body_bytes - json_bytes)
+
+
+class _Refused(asyncio.Protocol):
+    """A connection past `max_http_connections`: answered 503 and closed at once."""
+
+    _logged_at = 0.0
+
+    def __init__(self, limit: int):
+        self._limit = limit
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        error = f"server has {self._limit} HTTP connections open (max_http_connections)"
+        body = f'{{"error": "{error}"}}'
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+        )
+        transport.close()
+        now = time.monotonic()
+        if now - _Refused._logged_at > 60:  # once a minute, not once a connection
+            _Refused._logged_at = now
+            log.warning("REST: %d connections open (max_http_connections); refusing more",
+                        self._limit)  # fmt: skip
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -329,6 +419,8 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         body = json.loads(text)
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInput("request body is JSON nested too deeply to read") from None
     if not isinstance(body, dict):
         raise InvalidInput(f"request body must be a JSON object, got {type(body).__name__}")
     return body

@@ -62,6 +62,8 @@ def parse_request(body: bytes, header_length: str | None) -> RestInferRequest:
         header = json.loads(json_part)
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInput("request body is JSON nested too deeply to read") from None
     if not isinstance(header, dict):
         raise InvalidInput(
             f"request body must be a JSON object with 'inputs', got {type(header).__name__}"

@@ -150,6 +150,26 @@ class RequestBytesBudget:
         self.inflight_bytes = 0
         self._large_inflight = 0
 
+    def reserve(self, size: int) -> None:
+        """Count `size` bytes a request outside gRPC holds (a REST body, weighted by what
+        decoding it costs), or raise `Overloaded` as `admit` refuses. Give them back with
+        `give_back(size)` once the request is answered."""
+        with self._lock:
+            held = self.inflight_bytes
+            if held and held + size > self.limit_bytes:
+                raise Overloaded(
+                    f"request of {size} bytes refused: the server already holds {held} "
+                    f"bytes of requests, and its budget (max_inflight_request_bytes) is "
+                    f"{self.limit_bytes}; retry later"
+                )
+            self.inflight_bytes += size
+            if size >= self.trim_after_bytes:
+                self._large_inflight += 1
+
+    def give_back(self, size: int) -> None:
+        """The bytes of a request counted by `reserve`, answered."""
+        self._give_back(size)
+
     def admit(self, data: bytes) -> pb.ModelInferRequest | InferRequestMessage | RefusedMessage:
         """Parse `data` as a ModelInferRequest and count it, or refuse it. A message under
         `ZERO_COPY_MIN_BYTES` is parsed by protobuf and not counted: the per-request
