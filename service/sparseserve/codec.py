@@ -226,6 +226,9 @@ def decode_raw(
             f"input {name!r}: raw data has {len(raw)} bytes, but shape {list(shape)} of "
             f"{dtype.name} needs {expected}"
         )
+    if dtype.numpy == np.bool_ and np.frombuffer(raw, dtype=np.uint8).max(initial=0) > 1:
+        # numpy would keep the byte: a "true" of 7 would reach the model and come back as 7.
+        raise InvalidInput(f"input {name!r}: BOOL raw data holds a byte other than 0 and 1")
     return np.frombuffer(raw, dtype=dtype.numpy).reshape(shape)
 
 

@@ -332,7 +332,10 @@ class ModelRegistry:
             if entry.error or entry.failed:
                 serving = ", ".join(str(v) for v in sorted(entry.ready))
                 still = f"; still serving version {serving}" if serving else ""
-                raise ModelLoadError(f"model {name!r}: {entry.why_not_ready()}{still}")
+                why = entry.why_not_ready()
+                # The store's own messages name the model already.
+                said = why if why.startswith(f"model {name!r}") else f"model {name!r}: {why}"
+                raise ModelLoadError(f"{said}{still}")
 
     def _name_lock(self, name: str) -> asyncio.Lock:
         lock = self._name_locks.get(name)

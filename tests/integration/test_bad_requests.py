@@ -234,6 +234,11 @@ INVALID = [
         id="typed contents of another type too",
     ),
     pytest.param(
+        via_stub(tensor("in_BOOL", "BOOL", [1, 2]), raw=[b"\x01\x07"], model="identity"),
+        ["'in_BOOL'", "other than 0 and 1"],
+        id="BOOL byte that is not 0 or 1",
+    ),
+    pytest.param(
         via_stub(tensor(shape=[1] * 65), raw=[ROW[0, :1].tobytes()]),
         ["'input'", "65 dimensions", "at most 64"],
         id="rank past numpy's 64",
