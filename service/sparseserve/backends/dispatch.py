@@ -256,6 +256,10 @@ class Dispatcher:
         policy = self.policy(files.name)
         if policy is DispatchPolicy.cpu:
             return policy
+        if policy is DispatchPolicy.auto and (
+            self.hardware.gpu_count == 0 or self.settings.triton.url is None
+        ):
+            return DispatchPolicy.cpu  # Triton is no option: nothing to say per model
         refusal = triton_refusal(files)
         if refusal is None:
             return await self._resolve_auto() if policy is DispatchPolicy.auto else policy
@@ -465,14 +469,22 @@ def interleaved_medians(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+# Past this many elements in one input (a model with three or more dynamic dimensions
+# after the batch), the engines are timed on the warm-up inputs instead.
+MAX_TIMING_ELEMENTS = 1 << 20
+
+
 def time_engines(
     backends: Mapping[str, Backend], signature: ModelSignature, model: str
 ) -> dict[str, float]:
     """`interleaved_medians` on `timing_inputs` (dynamic dimensions at 128: the size
     requests have, not the warm-up's 1), or on the warm-up inputs where an engine
     cannot run those (a model whose dynamic dimensions must be small, or related)."""
+    feeds = timing_inputs(signature)
+    if max((array.size for array in feeds.values()), default=0) > MAX_TIMING_ELEMENTS:
+        return interleaved_medians(backends, warmup_inputs(signature))  # 128 x 128 x ...
     try:
-        return interleaved_medians(backends, timing_inputs(signature))
+        return interleaved_medians(backends, feeds)
     except Exception as exc:  # each engine raises its own types
         log.info("model %s: timing at 128 per dynamic dimension failed (%s); timing on "
                  "the warm-up inputs", model, exc)  # fmt: skip

@@ -1,7 +1,8 @@
 """The server process: build the parts, serve gRPC, REST and metrics, and shut down cleanly.
 
 Shutdown (SIGTERM on every Kubernetes rollout, SIGINT, or SIGHUP when the terminal
-that started it closes: its default would kill the process with requests in flight), see
+that started it closes: its default would kill the process with requests in flight; a
+process started under `nohup` keeps ignoring it), see
 `SparseServeServer.stop`:
 the drain begins (new gRPC calls are answered UNAVAILABLE "server is shutting down",
 health turns NOT_SERVING and REST readiness false, streams end once their requests are
@@ -432,8 +433,10 @@ async def serve(settings: Settings, ready_file: Path | None = None) -> int:
     server = SparseServeServer(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # not under nohup, which ignores it
+        loop.add_signal_handler(signal.SIGHUP, stop.set)
     try:
         await server.start()
         if ready_file is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import resource
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -48,7 +49,7 @@ from sparseserve.server.security import (
     header_allows,
 )
 from sparseserve.server.v2_servicer import V2Servicer
-from sparseserve.server.wire import RequestBytesBudget
+from sparseserve.server.wire import ZERO_COPY_MIN_BYTES, RequestBytesBudget
 from sparseserve.settings import RestrictedGroup
 
 if TYPE_CHECKING:
@@ -190,10 +191,14 @@ class HttpServer:
                 return _Refused(limit)
             return handlers()
 
+        _descriptor_room(limit)
         loop = asyncio.get_running_loop()
+        # A TLS handshake may not hold a connection longer than this (asyncio's: 60 s).
+        handshake = None if self._ssl_context is None else 10.0
         self._listener = await loop.create_server(
-            connection, host or None, port, ssl=self._ssl_context, reuse_address=True
-        )
+            connection, host or None, port, ssl=self._ssl_context, reuse_address=True,
+            ssl_handshake_timeout=handshake,
+        )  # fmt: skip
         self._runner = runner
         return int(self._listener.sockets[0].getsockname()[1])
 
@@ -308,23 +313,21 @@ class HttpServer:
     # -- inference --------------------------------------------------------------------
 
     async def infer(self, request: web.Request) -> web.StreamResponse:
-        """An inference request. Its body counts against the server's request budget
-        (`max_inflight_request_bytes`, shared with gRPC) from the moment it is read until
-        it is answered, its JSON part at JSON_WEIGHT times its size; a Content-Length
-        past `max_http_body_bytes` is refused before any of the body is read."""
+        """An inference request. A body of 64 KiB or more (as gRPC counts messages)
+        counts against the server's request budget (`max_inflight_request_bytes`, shared
+        with gRPC) once it has arrived, decompressed, until it is answered, its JSON part
+        at JSON_WEIGHT times its size. A Content-Length past `max_http_body_bytes` is
+        refused before any of the body is read."""
         length = request.content_length
         if length is not None and length > self._max_body_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=self._max_body_bytes, actual_size=length)
         header_length = request.headers.get(http_infer.HEADER_LENGTH)
+        body = await request.read()
         cost = 0
-        if self._budget is not None and length is not None:
-            cost = request_cost(length, header_length)
+        if self._budget is not None and len(body) >= ZERO_COPY_MIN_BYTES:
+            cost = request_cost(len(body), header_length)
             self._budget.reserve(cost)
         try:
-            body = await request.read()
-            if self._budget is not None and length is None:  # chunked: known once read
-                self._budget.reserve(request_cost(len(body), header_length))
-                cost = request_cost(len(body), header_length)
             return await self._infer(request, body, header_length)
         finally:
             if cost:
@@ -370,9 +373,32 @@ def request_cost(body_bytes: int, header_length: str | None) -> int:
     """What a REST inference body counts against the request budget: its JSON part at
     JSON_WEIGHT, binary tensor data (after `Inference-Header-Content-Length`) as is."""
     json_bytes = body_bytes
-    if header_length is not None and header_length.isdigit():
-        json_bytes = min(int(header_length), body_bytes)
+    if header_length is not None and header_length.isascii() and header_length.isdigit():
+        json_bytes = min(int(header_length[:19]), body_bytes)  # int() refuses 4,301 digits
     return json_bytes * JSON_WEIGHT + (body_bytes - json_bytes)
+
+
+# File descriptors the rest of the server needs beside its REST connections: gRPC's
+# connections, model files, logs, the metrics port.
+OTHER_DESCRIPTORS = 1024
+
+
+def _descriptor_room(connections: int) -> None:
+    """Raise the soft limit on open files (up to the hard one) so that `connections`
+    REST connections leave the rest of the server OTHER_DESCRIPTORS; warn where the hard
+    limit does not allow it. (A connection counts once aiohttp has set it up, so a burst
+    of accepts may pass the cap by one loop pass's worth, at most 100 here.)"""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + OTHER_DESCRIPTORS
+    if soft < want and (hard == resource.RLIM_INFINITY or hard > soft):
+        soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft < want:
+        log.warning(
+            "this process may open %d files (ulimit -n), and max_http_connections %d would "
+            "leave gRPC and the models fewer than %d: raise the limit or lower the setting",
+            soft, connections, OTHER_DESCRIPTORS,
+        )  # fmt: skip
 
 
 class _Refused(asyncio.Protocol):

@@ -87,6 +87,11 @@ def parse_request(body: bytes, header_length: str | None) -> RestInferRequest:
         if not isinstance(name, str):
             raise InvalidInput(f"each requested output needs a 'name' string, got {output!r}")
         output_parameters = _parameters(output, f"output {name!r}")
+        if "shared_memory_region" in output_parameters:
+            raise InvalidInput(
+                f"output {name!r} names a shared-memory region; the shared-memory extension "
+                "is not supported: the output comes in the response"
+            )
         if output_parameters.get("classification"):
             raise InvalidInput(
                 f"output {name!r}: the classification extension is not supported; request "
@@ -122,7 +127,13 @@ def decode_inputs(request: RestInferRequest) -> dict[str, np.ndarray]:
         ):
             raise InvalidInput(f"input {name!r} needs a 'shape': a JSON array of integers")
         shape = codec.validate_shape(name, shape)
-        size = _parameters(tensor, f"input {name!r}").get("binary_data_size")
+        parameters = _parameters(tensor, f"input {name!r}")
+        if "shared_memory_region" in parameters:
+            raise InvalidInput(
+                f"input {name!r} names a shared-memory region; the shared-memory extension "
+                "is not supported: send the data in the request"
+            )
+        size = parameters.get("binary_data_size")
         if size is None:
             if "data" not in tensor:
                 raise InvalidInput(
