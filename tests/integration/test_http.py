@@ -476,25 +476,22 @@ def read_status(connection: socket.socket) -> tuple[int, bytes]:
 
 
 def test_the_rest_body_counts_against_the_request_budget(
-    repository: Path, start_server: Callable[..., ServerProcess]
+    server: ServerProcess, repository: Path, start_server: Callable[..., ServerProcess]
 ) -> None:
     """A REST inference body of 64 KiB or more counts against max_inflight_request_bytes
     (shared with gRPC) from its arrival until its answer, its JSON at 8 times its size:
     while a slow binary request holds most of the budget, a 100 KB JSON body is refused
     with 429; alone it is served. A Content-Length past max_http_body_bytes is refused
     with 413 before any body is sent."""
-    server = start_server(repository, "--max-http-body-bytes", "20000000",
-                          "--inference-threads", "2")  # fmt: skip
-    rows = rows_lasting(server, 2.0)
+    rows = rows_lasting(server, 1.0)  # on the session's server
     slow = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [rows, WIDTH],
                         "parameters": {"binary_data_size": rows * WIDTH * 4}}]}  # fmt: skip
     header = json.dumps(slow).encode()
     slow_body = header + np.ones((rows, WIDTH), np.float32).tobytes()
     json_body = json.dumps(mlp_body(shape=[300, 64], data=[0.5] * 300 * 64)).encode()
     assert len(json_body) > 64 * 1024
-    server.stop()
     budget = len(slow_body) + 4 * len(json_body)  # the slow body and half the JSON's 8x
-    server = start_server(repository, "--max-http-body-bytes", "20000000",
+    server = start_server(repository, "--max-http-body-bytes", str(len(slow_body) + 2**20),
                           "--inference-threads", "2",
                           "--max-inflight-request-bytes", str(budget))  # fmt: skip
     with ThreadPoolExecutor(1) as pool:

@@ -36,6 +36,7 @@ IDENTITY_CASES = {
     "FP16 as typed contents",
     "typed value out of range",
     "BYTES not UTF-8",
+    "BOOL byte that is not 0 or 1",
 }
 ON_MLP = [case for case in INVALID if case.id not in IDENTITY_CASES]
 
