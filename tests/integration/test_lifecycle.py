@@ -194,7 +194,9 @@ def test_short_grace_period_bounds_the_drain(
     start_server: StartServer, repository: Path, pool: ThreadPoolExecutor
 ) -> None:
     """--shutdown-grace 0.5 with a request that needs ~6 s: the process does not wait
-    for it, and still exits 0 (a rollout must not hang on one long request)."""
+    for it, and still exits 0 (a rollout must not hang on one long request). The request
+    ends UNAVAILABLE, saying the grace period ended, which clients retry on another
+    replica (grpc.aio's own stop ended it CANCELLED, or a stream INTERNAL)."""
     server = start_server(repository, "--shutdown-grace", "0.5")
     running = start_slow_request(pool, server, rows_lasting(server, 6.0))
     signalled = time.monotonic()
@@ -204,8 +206,10 @@ def test_short_grace_period_bounds_the_drain(
     took = time.monotonic() - signalled
     assert code == 0
     assert took < 3.0, f"exit took {took:.1f}s with a 0.5s grace period:\n{server.log()}"
-    with pytest.raises(InferenceServerException):
+    with pytest.raises(InferenceServerException) as cut:
         running.result(timeout=30)  # cut off, not answered with a result
+    assert cut.value.status() == "StatusCode.UNAVAILABLE", cut.value
+    assert "grace period ended" in (cut.value.message() or ""), cut.value
 
 
 def test_json_logs_are_one_object_per_line_and_not_per_request(

@@ -77,6 +77,10 @@ TRANSPORT_GRACE_SECONDS = 0.5
 # had taken but no handler yet would otherwise be cancelled by the stop (Drain.settle).
 DRAIN_QUIET_SECONDS = 0.1
 DRAIN_SETTLE_SECONDS = 1.0
+# How long calls cut at the end of the grace period may take to send their UNAVAILABLE
+# (an onnxruntime run stops within a few ms of being told to; an OpenVINO run cannot be
+# stopped and is waited for by grpc.aio's stop instead).
+CUT_SECONDS = 1.0
 
 
 class SparseServeServer:
@@ -341,6 +345,9 @@ class SparseServeServer:
                     "%d calls still running after the %.1fs grace period; cancelling them",
                     self._drain.active, grace,
                 )  # fmt: skip
+                # Ours first: each ends UNAVAILABLE (retryable), its engine run stopped.
+                self._drain.cut()
+                await self._drain.wait(CUT_SECONDS)
             left = max(0.0, grace - (loop.time() - began))
             if not await self._drain.settle(DRAIN_QUIET_SECONDS, min(left, DRAIN_SETTLE_SECONDS)):
                 log.info(

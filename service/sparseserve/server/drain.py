@@ -26,6 +26,10 @@ from typing import Any
 from sparseserve.errors import ShuttingDown
 
 SHUTTING_DOWN = "server is shutting down; send the request to another replica"
+GRACE_ENDED = (
+    "server is shutting down, and its grace period ended before this call finished; "
+    "send the request to another replica"
+)
 
 
 class Drain:
@@ -38,6 +42,8 @@ class Drain:
         self._idle: asyncio.Event | None = None  # made by `wait`, so calls cost no Event
         self._started = False
         self._on_start: set[Callable[[], None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()  # the calls' tasks, for `cut`
+        self._cut = False
 
     @property
     def started(self) -> bool:
@@ -54,10 +60,16 @@ class Drain:
             self._refused += 1
             raise ShuttingDown(SHUTTING_DOWN)
         self._active += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
 
     def release(self) -> None:
-        """A call counted in by `admit` has ended."""
+        """A call counted in by `admit` has ended (in the task that was admitted)."""
         self._active -= 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.discard(task)
         if self._active == 0 and self._idle is not None:
             self._idle.set()
 
@@ -68,6 +80,21 @@ class Drain:
         self._started = True
         for callback in list(self._on_start):
             callback()
+
+    @property
+    def was_cut(self) -> bool:
+        """Whether `cut` ended the calls still running: a call cancelled now ends with
+        UNAVAILABLE (GRACE_ENDED), which clients retry elsewhere, rather than the
+        CANCELLED or INTERNAL that grpc.aio's stop would give it."""
+        return self._cut
+
+    def cut(self) -> int:
+        """Cancel the calls still running (the grace period is over); return how many."""
+        self._cut = True
+        tasks = [task for task in self._tasks if not task.done()]
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
 
     async def wait(self, timeout: float) -> bool:
         """Wait until no call runs; False if `timeout` seconds ran out first. Meant for

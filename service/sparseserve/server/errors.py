@@ -18,6 +18,7 @@ budget (`sparseserve.server.wire`) once it is answered."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -26,7 +27,7 @@ from typing import Any, Protocol, TypeAlias, cast
 import grpc
 
 from sparseserve.errors import ShuttingDown, SparseServeError, status_of
-from sparseserve.server.drain import SHUTTING_DOWN, Drain
+from sparseserve.server.drain import GRACE_ENDED, SHUTTING_DOWN, Drain
 from sparseserve.server.wire import RefusedMessage, release, safe_deserializer
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,10 @@ def _mapping_errors(behavior: Behavior, method: str, drain: Drain | None) -> Beh
             code, details = grpc_status(exc), status_details(str(exc))
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:
+            if drain is None or not drain.was_cut:
+                raise  # the client went away, or grpc.aio stops
+            code, details = grpc.StatusCode.UNAVAILABLE, GRACE_ENDED
         except Exception as exc:
             log.exception("unexpected error in %s", method)
             code, details = grpc.StatusCode.INTERNAL, status_details(f"internal error: {exc}")
@@ -264,6 +269,10 @@ def _mapping_stream_errors(
             await context.abort(grpc_status(exc), status_details(str(exc)))
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:
+            if drain is None or not drain.was_cut:
+                raise
+            await context.abort(grpc.StatusCode.UNAVAILABLE, GRACE_ENDED)
         except Exception as exc:
             log.exception("unexpected error in %s", method)
             await context.abort(grpc.StatusCode.INTERNAL, status_details(f"internal error: {exc}"))
