@@ -126,14 +126,7 @@ class ModelSignature:
 
 def warmup_inputs(signature: ModelSignature) -> dict[str, np.ndarray]:
     """One all-zero (or empty-string) sample per input; dynamic dimensions become 1."""
-    feeds = {}
-    for spec in signature.inputs:
-        shape = tuple(1 if d == -1 else d for d in spec.shape)
-        if spec.datatype is BYTES:
-            feeds[spec.name] = np.full(shape, b"", dtype=object)
-        else:
-            feeds[spec.name] = np.zeros(shape, dtype=spec.datatype.numpy)
-    return feeds
+    return timing_inputs(signature, dynamic_size=1)
 
 
 # What `timing_inputs` gives each dynamic dimension after the first: a text model's
@@ -144,10 +137,11 @@ TIMING_DYNAMIC_SIZE = 128
 def timing_inputs(
     signature: ModelSignature, dynamic_size: int = TIMING_DYNAMIC_SIZE
 ) -> dict[str, np.ndarray]:
-    """The inputs `auto` times engines on: as `warmup_inputs`, one sample, but every
-    dynamic dimension after the first is `dynamic_size`. Timed at the warm-up's single
-    token, OpenVINO ran MiniLM's static-int8 variant 2.7x faster than onnxruntime; at
-    128 tokens it ran 0.85x as fast, and `auto` had served it on the slower engine."""
+    """The inputs `auto` times engines on: one all-zero (or empty-string) sample per input,
+    every dynamic dimension after the first `dynamic_size` (1: `warmup_inputs`). Timed
+    at the warm-up's single token, OpenVINO ran MiniLM's static-int8 variant 2.7x faster
+    than onnxruntime; at 128 tokens it ran 0.85x as fast, and `auto` had served it on
+    the slower engine."""
     feeds = {}
     for spec in signature.inputs:
         shape = tuple(

@@ -151,9 +151,10 @@ class RequestBytesBudget:
         self._large_inflight = 0
 
     def reserve(self, size: int) -> None:
-        """Count `size` bytes a request outside gRPC holds (a REST body, weighted by what
-        decoding it costs), or raise `Overloaded` as `admit` refuses. Give them back with
-        `give_back(size)` once the request is answered."""
+        """Count `size` bytes of a request (a gRPC message in `admit`; a REST body, weighted
+        by what decoding it costs), or raise `Overloaded` if they would pass the budget
+        while other requests are held. Give them back with `give_back(size)` once the
+        request is answered."""
         with self._lock:
             held = self.inflight_bytes
             if held and held + size > self.limit_bytes:
@@ -181,23 +182,10 @@ class RequestBytesBudget:
                 return pb.ModelInferRequest.FromString(data)
             except Exception as exc:
                 return _not_a_request(size, exc)
-        with self._lock:
-            if self.inflight_bytes and self.inflight_bytes + size > self.limit_bytes:
-                held = self.inflight_bytes
-                refused = True
-            else:
-                self.inflight_bytes += size
-                if size >= self.trim_after_bytes:
-                    self._large_inflight += 1
-                refused = False
-        if refused:
-            return RefusedMessage(
-                Overloaded(
-                    f"request of {size} bytes refused: the server already holds {held} "
-                    f"bytes of requests, and its budget (max_inflight_request_bytes) is "
-                    f"{self.limit_bytes}; retry later"
-                )
-            )
+        try:
+            self.reserve(size)
+        except Overloaded as exc:
+            return RefusedMessage(exc)
         try:
             request = parse_infer_request(data)
         except Exception as exc:
