@@ -205,6 +205,69 @@ def test_layers_on_the_sparse_kernel_are_counted_by_their_primitive_type() -> No
     assert sparse_kernel_layers(compiled) == 2  # type: ignore[arg-type]
 
 
+def int8_mlp(path: Path) -> Path:
+    """An MLP of int8 weights and activations (onnxruntime's static QDQ quantization),
+    its batch dimension dynamic: the kind of model OpenVINO's int8 kernels run."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Rows(CalibrationDataReader):
+        def __init__(self) -> None:
+            rng = np.random.default_rng(0)
+            self.feeds = iter([{"input": rng.standard_normal((4, 64)).astype(np.float32)}])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.feeds, None)
+
+    float_model = onnx_models.mlp(path.with_name("float.onnx"), sparsity=0.9)
+    quantize_static(str(float_model), str(path), Rows(), quant_format=QuantFormat.QDQ)
+    return path
+
+
+def test_the_sparse_kernel_count_is_read_after_a_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a dynamic batch, OpenVINO names a layer's kernel only once a shape has run
+    ("undef_i8" before): counted at compile time, the sparse kernel would read 0 even
+    where it runs. The server's backend and `inspect` count after a run."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openvino
+
+    from sparseserve.backends import openvino as backend_module
+
+    def int8_compute(kernels: list[str]) -> list[str]:  # not "unknown_i8": constants
+        return [k for k in kernels if k.lower().endswith("_i8") and not k.startswith("unknown")]
+
+    path = int8_mlp(tmp_path / "1" / "model.onnx")
+    compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    int8_layers = int8_compute(backend_module.layer_kernels(compiled))
+    assert int8_layers and all(k.startswith("undef") for k in int8_layers)
+
+    counted: list[list[str]] = []  # the kernels each count saw
+
+    def recording(compiled: openvino.CompiledModel) -> int:
+        counted.append(backend_module.layer_kernels(compiled))
+        return sparse_kernel_layers(compiled)
+
+    monkeypatch.setattr(backend_module, "sparse_kernel_layers", recording)
+
+    async def load() -> None:
+        with ThreadPoolExecutor(1) as executor:
+            backend = backend_module.OpenVinoBackend(
+                ModelFiles("m", 1, path), OpenVinoSettings(), 1, 0.0, executor
+            )
+            await backend.load()
+            await backend.unload()
+
+    asyncio.run(load())
+    assert "sparse kernel: 0 layers" in describe_compiled(path)
+    assert len(counted) == 2  # the backend's load, then inspect's
+    for kernels in counted:
+        assert len(int8_compute(kernels)) >= len(int8_layers)
+        assert not any(k.startswith("undef") for k in kernels), kernels
+
+
 def test_the_shape_checking_copy_keeps_no_weights(tmp_path: Path) -> None:
     import openvino
 

@@ -134,12 +134,14 @@ class OpenVinoBackend(Backend):
         loop = asyncio.get_running_loop()
         compiled = await loop.run_in_executor(self._executor, self._compile, config)
         self.precision = self._compiled_precision(compiled)
-        self.sparse_kernel_layers = sparse_kernel_layers(compiled)
         signature = compiled_signature(compiled, self._files)
         self._compiled = compiled
         feeds = warmup_inputs(signature)
         names = list(signature.output_names)
         await self.infer(feeds, names)
+        # Read after a run: where an input shape is dynamic, OpenVINO picks each layer's
+        # kernel when it first sees a shape, and until then names it "undef".
+        self.sparse_kernel_layers = sparse_kernel_layers(compiled)
         # A request of its own for timing: `auto` times it on a worker thread while the
         # pool belongs to the event loop.
         self._timer = (compiled.create_infer_request(), feeds)
@@ -334,16 +336,24 @@ def weightless_copy(model: openvino.Model) -> openvino.Model:
     return copy
 
 
-def sparse_kernel_layers(compiled: openvino.CompiledModel) -> int:
-    """Layers of the compiled model that run on a kernel skipping zero weights. OpenVINO's
-    runtime model names each layer's kernel in its rt_info `primitiveType`; the sparse one
-    is `brgemm_sparse_avx512_amx` (int8 FullyConnected with enough zeros, AMX only)."""
-    count = 0
+def layer_kernels(compiled: openvino.CompiledModel) -> list[str]:
+    """The kernel OpenVINO's CPU plugin runs each layer of the compiled model on (its
+    runtime model's rt_info `primitiveType`, "brgemm_avx512_amx_I8" say). Where an input
+    shape is dynamic, a layer's kernel is chosen when the model first runs: until then it
+    is named "undef..."."""
+    kernels = []
     for op in compiled.get_runtime_model().get_ops():
         info = op.get_rt_info()
-        if "primitiveType" in info and "sparse" in str(info["primitiveType"].astype(str)):
-            count += 1
-    return count
+        if "primitiveType" in info:
+            kernels.append(str(info["primitiveType"].astype(str)))
+    return kernels
+
+
+def sparse_kernel_layers(compiled: openvino.CompiledModel) -> int:
+    """Layers of the compiled model that run on a kernel skipping zero weights: the sparse
+    one is `brgemm_sparse_avx512_amx` (int8 FullyConnected with enough zeros, AMX only).
+    Read it after a run (`layer_kernels`)."""
+    return sum("sparse" in kernel for kernel in layer_kernels(compiled))
 
 
 # OpenVINO element type name -> protocol datatype. BYTES is left out: OpenVINO takes
@@ -493,6 +503,13 @@ def describe_compiled(path: Path) -> str:
         lines.append(f"  cannot compile {files.path.name}: {_engine_message(exc)}")
         return "\n".join(lines)
     precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    try:  # one run first: the kernels of a dynamic shape are chosen when it runs
+        compiled.create_infer_request().infer(
+            warmup_inputs(compiled_signature(compiled, files))
+        )
+    except Exception as exc:  # OpenVINO raises RuntimeError for everything
+        lines.append(f"  cannot run it: {_engine_message(exc)}")
+        return "\n".join(lines)
     sparse = sparse_kernel_layers(compiled)
     lines.append(f"  computes in:  {precision} (asked: {config['INFERENCE_PRECISION_HINT']})")
     rate = config.get(SPARSE_RATE)
