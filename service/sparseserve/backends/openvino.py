@@ -504,9 +504,7 @@ def describe_compiled(path: Path) -> str:
         return "\n".join(lines)
     precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
     try:  # one run first: the kernels of a dynamic shape are chosen when it runs
-        compiled.create_infer_request().infer(
-            warmup_inputs(compiled_signature(compiled, files))
-        )
+        compiled.create_infer_request().infer(warmup_inputs(compiled_signature(compiled, files)))
     except Exception as exc:  # OpenVINO raises RuntimeError for everything
         lines.append(f"  cannot run it: {_engine_message(exc)}")
         return "\n".join(lines)
