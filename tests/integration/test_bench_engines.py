@@ -68,3 +68,40 @@ def test_quick_auto_engine_run_reports_the_choice_and_the_ratio(tmp_path: Path) 
         "auto against onnxruntime on 2 models; auto chose"
         in (output / "auto_engine.md").read_text()
     )
+
+
+def test_quick_served_speedups_run_reports_each_route_and_the_targets(tmp_path: Path) -> None:
+    """bench/served_speedups.py in miniature (the small MLP): every route is either timed
+    against the reference with the engine, precision and sparse-kernel count the server
+    reported, or says why it did not load (a bf16 route on a CPU without bf16); the
+    issue's MLP target is checked either way."""
+    output = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.served_speedups", "--quick", "--output-dir", str(output)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((output / "served_speedups.json").read_text())
+    timed = [row for row in report["rows"] if "unavailable" not in row]
+    assert {(row["route"], row["concurrency"]) for row in timed} >= {
+        ("mlp--onnxruntime", 1), ("mlp--onnxruntime", 32),
+        ("mlp.sparse90-int8--openvino-sparse", 32),
+    }  # fmt: skip
+    for row in timed:
+        assert row["served_by"] in ("onnxruntime", "openvino"), row
+        assert row["precision"] in ("fp32", "bf16"), row
+        assert row["sparse_kernel_layers"] >= 0, row
+        assert row["speedup"]["median"] > 0 and row["requests_per_second"] > 0, row
+        if row["route"] in ("mlp--onnxruntime", "mlp--auto"):
+            assert row["quality"]["relative_error"] <= 1e-5, row
+    pinned = {row["route"]: row["served_by"] for row in timed}
+    assert pinned["mlp.sparse90-int8--openvino"] == "openvino"
+    assert pinned["mlp.sparse90-int8--onnxruntime"] == "onnxruntime"
+    bf16 = [row for row in report["rows"] if row["route"] == "mlp.bf16--auto"]
+    (target,) = report["targets"]
+    assert target["route"] == "mlp.bf16--auto"
+    if "unavailable" in bf16[0]:
+        assert "bf16" in bf16[0]["unavailable"] and target["met"] is False
+    else:
+        assert {row["precision"] for row in bf16} == {"bf16"}
+    assert "## The issue's targets" in (output / "served_speedups.md").read_text()
