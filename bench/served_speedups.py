@@ -81,6 +81,7 @@ SPARSE_RATE = 0.8
 TARGETS = (
     ("minilm", "minilm.bf16--auto", 1, 3.0, ("cosine_mean", 0.999)),
     ("minilm", "minilm.int8-static--auto", 1, 3.5, ("cosine_mean", 0.995)),
+    ("minilm", "minilm.int8-static-bf16--auto", 1, 3.5, ("cosine_mean", 0.995)),
     ("mlp", "mlp.bf16--auto", 32, 2.0, None),
 )
 
@@ -121,6 +122,8 @@ def minilm_routes(directory: Path) -> list[Route]:
             Route("minilm.int8-static--onnxruntime", "minilm", static,
                   'backend: "onnxruntime"\n', "NNCF static int8, pinned to onnxruntime"),
             Route("minilm.int8-static--auto", "minilm", static, "", "NNCF static int8, auto"),
+            Route("minilm.int8-static-bf16--auto", "minilm", static, BF16,
+                  "NNCF static int8 as a bf16 variant (bf16 where it is not int8), auto"),
         ]  # fmt: skip
     else:
         progress(f"{directory}/minilm.int8-static: no model.onnx (skipped)")
@@ -334,7 +337,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     settings = [
         f"- one server: `sparseserve serve --cpu-engine auto --intra-op-threads "
-        f"{report['threads']} --inference-threads 1 --dispatch cpu`; {report['rounds']} rounds; "
+        f"{report['threads']} --inference-threads 1 --dispatch cpu`"
+        + (
+            f" on CPUs {report['server_cpus']} (the load generator on others)"
+            if report["server_cpus"]
+            else ""
+        )
+        + f"; {report['rounds']} rounds; "
         f"c=1: {report['requests']} requests per route per round; c>1: "
         f"{report['batched_seconds']} s per route per round",
         f"- load average at start {report['load_average'][0]:.2f} "
@@ -392,6 +401,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--minilm", type=Path, help="a repository with minilm.dense "
                         "(and minilm.int8-static)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="--intra-op-threads")
+    parser.add_argument("--server-cpus", help="taskset -c list for the server (default: "
+                        "where this process may run, with the load generator)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=60, help="c=1: per route per round")
     parser.add_argument("--seconds", type=float, default=10.0, help="c=1: at most, per route")
@@ -432,7 +443,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         started = time.perf_counter()
         server_args = ["--cpu-engine", "auto", "--intra-op-threads", str(args.threads),
                        "--inference-threads", "1", "--dispatch", "cpu"]  # fmt: skip
-        with ServerProcess(workdir / "models", *server_args, startup_timeout=900.0) as server:
+        with ServerProcess(
+            workdir / "models", *server_args, cpu=args.server_cpus, startup_timeout=900.0
+        ) as server:
             progress(f"ready in {time.perf_counter() - started:.0f} s")
             read_serving(server.metrics_url, routes)
             failures = load_failures(server.grpc_url)
@@ -453,6 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = {
         "environment": env,
         "threads": args.threads,
+        "server_cpus": args.server_cpus,
         "rounds": args.rounds,
         "requests": args.requests,
         "batched_seconds": args.batched_seconds,

@@ -32,7 +32,7 @@ class ServerProcess:
         *extra_args: str,
         env: dict[str, str] | None = None,
         log_path: Path | None = None,
-        cpu: int | None = None,
+        cpu: int | str | None = None,
         startup_timeout: float = 60.0,
     ):
         self.repository = repository
