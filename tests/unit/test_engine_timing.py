@@ -4,6 +4,8 @@ OpenVINO looked 2.7x faster on MiniLM's static-int8 variant; at 128 it is slower
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from sparseserve.backends.base import (
@@ -59,3 +61,49 @@ def test_engines_are_timed_at_128_or_on_the_warm_up_where_they_cannot_run_it() -
     limited = Engine(1)  # a model whose dynamic dimension must stay small
     time_engines({"a": Engine(10_000), "b": limited}, text, "m")  # type: ignore[dict-item]
     assert set(limited.sizes) == {1}
+
+
+def test_a_batched_model_is_timed_at_its_largest_batch_too() -> None:
+    """A model the server batches (dynamic_batching, max_batch_size 32) is timed at one
+    row and at 32; others at one row. Rows that would pass the element cap are not
+    timed (None), and neither are sizes an engine cannot run."""
+    from google.protobuf import text_format
+
+    from sparseserve.backends.base import ModelFiles
+    from sparseserve.backends.dispatch import timing_batches
+    from sparseserve.protocol import model_config_pb2
+
+    def files(text: str | None) -> ModelFiles:
+        config = None
+        if text is not None:
+            config = model_config_pb2.ModelConfig()
+            text_format.Parse(text, config)
+        return ModelFiles("m", 1, Path("m/1/model.onnx"), config)
+
+    batched = "max_batch_size: 32\ndynamic_batching { max_queue_delay_microseconds: 500 }\n"
+    assert timing_batches(files(batched)) == (1, 32)
+    assert timing_batches(files("max_batch_size: 32\n")) == (1,)  # the client's batches
+    assert timing_batches(files("dynamic_batching {}\n")) == (1,)  # max_batch_size 0
+    assert timing_batches(files(None)) == (1,)
+
+    text = signature(("input_ids", "INT64", (-1, -1)))
+    assert timing_inputs(text, batch=32)["input_ids"].shape == (32, TIMING_DYNAMIC_SIZE)
+    engine = Engine(10_000)
+    assert time_engines({"a": engine}, text, "m", batch=32) is not None  # type: ignore[dict-item]
+    assert set(engine.sizes) == {32 * 128}
+    assert time_engines({"a": Engine(100)}, text, "m", batch=32) is None  # type: ignore[dict-item]
+    images = signature(("pixels", "FP32", (-1, 3, -1, -1)))  # 32 x 3 x 128 x 128: too many
+    assert time_engines({"a": Engine(1 << 30)}, images, "m", batch=32) is None  # type: ignore[dict-item]
+
+
+def test_another_engine_serves_only_if_it_beats_onnxruntime_at_every_size() -> None:
+    from sparseserve.backends.dispatch import choose_engine
+
+    ort, ov = "onnxruntime", "openvino"
+    assert choose_engine({1: {ort: 1.0, ov: 0.7}}, 0.03) == ov
+    assert choose_engine({1: {ort: 1.0, ov: 0.98}}, 0.03) == ort  # within the margin
+    # Faster at one row, slower at 32 rows (the AMX Xeon's fp32 MLP): onnxruntime.
+    assert choose_engine({1: {ort: 1.0, ov: 0.77}, 32: {ort: 10.0, ov: 10.4}}, 0.03) == ort
+    assert choose_engine({1: {ort: 1.0, ov: 0.77}, 32: {ort: 10.0, ov: 7.0}}, 0.03) == ov
+    assert choose_engine({1: {ort: 0.5, ov: 0.7}, 32: {ort: 10.0, ov: 7.0}}, 0.03) == ort
+    assert choose_engine({1: {ov: 0.7}}, 0.03) == ov  # a bf16 variant: OpenVINO alone

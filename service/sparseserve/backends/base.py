@@ -135,17 +135,17 @@ TIMING_DYNAMIC_SIZE = 128
 
 
 def timing_inputs(
-    signature: ModelSignature, dynamic_size: int = TIMING_DYNAMIC_SIZE
+    signature: ModelSignature, dynamic_size: int = TIMING_DYNAMIC_SIZE, batch: int = 1
 ) -> dict[str, np.ndarray]:
-    """The inputs `auto` times engines on: one all-zero (or empty-string) sample per input,
-    every dynamic dimension after the first `dynamic_size` (1: `warmup_inputs`). Timed
-    at the warm-up's single token, OpenVINO ran MiniLM's static-int8 variant 2.7x faster
-    than onnxruntime; at 128 tokens it ran 0.85x as fast, and `auto` had served it on
-    the slower engine."""
+    """The inputs `auto` times engines on: all-zero (or empty-string) inputs, a dynamic
+    first dimension at `batch`, every dynamic dimension after it `dynamic_size` (1:
+    `warmup_inputs`). Timed at the warm-up's single token, OpenVINO ran MiniLM's
+    static-int8 variant 2.7x faster than onnxruntime; at 128 tokens it ran 0.85x as
+    fast, and `auto` had served it on the slower engine."""
     feeds = {}
     for spec in signature.inputs:
         shape = tuple(
-            d if d != -1 else (1 if i == 0 else dynamic_size) for i, d in enumerate(spec.shape)
+            d if d != -1 else (batch if i == 0 else dynamic_size) for i, d in enumerate(spec.shape)
         )
         if spec.datatype is BYTES:
             feeds[spec.name] = np.full(shape, b"", dtype=object)
