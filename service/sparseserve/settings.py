@@ -516,7 +516,8 @@ class Settings(BaseSettings):
         ge=0.0,
         le=1.0,
         description="With cpu_engine auto: another engine replaces onnxruntime only when its "
-        "measured warm-up latency is lower by more than this fraction (timing noise).",
+        "median run at load is lower by more than this fraction (timing noise), at one row "
+        "and, for a model with dynamic batching, at max_batch_size rows too.",
     )
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     dispatch: DispatchPolicy = Field(
