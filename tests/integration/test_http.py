@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
 import re
 import shlex
@@ -378,6 +379,31 @@ def test_binary_framing_errors(server: ServerProcess) -> None:
             assert status == 200, answer
         else:
             assert status == 400 and expected in json.loads(answer)["error"], answer
+
+
+def test_a_repeated_header_length_is_refused(server: ServerProcess) -> None:
+    """Two Inference-Header-Content-Length fields could each frame the body differently:
+    400 naming the header, rather than serving by whichever one is read first."""
+    tensor = {"name": "input", "datatype": "FP32", "shape": [1, 64],
+              "parameters": {"binary_data_size": 256}}  # fmt: skip
+    header = json.dumps({"inputs": [tensor]}).encode()
+    body = header + np.zeros((1, 64), np.float32).tobytes()
+    host, port = server.http_url.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.putrequest("POST", MLP_INFER)
+        connection.putheader("Content-Type", "application/octet-stream")
+        connection.putheader("Content-Length", str(len(body)))
+        connection.putheader("Inference-Header-Content-Length", str(len(header)))
+        connection.putheader("Inference-Header-Content-Length", str(len(header) + 4))
+        connection.endheaders(body)
+        response = connection.getresponse()
+        error = json.loads(response.read())["error"]
+    finally:
+        connection.close()
+    assert response.status == 400, error
+    assert "Inference-Header-Content-Length is given 2 times" in error
+    assert_serves(server)
 
 
 def test_wrong_method_is_405_with_a_json_error(server: ServerProcess) -> None:

@@ -321,7 +321,13 @@ class HttpServer:
         length = request.content_length
         if length is not None and length > self._max_body_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=self._max_body_bytes, actual_size=length)
-        header_length = request.headers.get(http_infer.HEADER_LENGTH)
+        lengths = request.headers.getall(http_infer.HEADER_LENGTH, [])
+        if len(lengths) > 1:  # each could frame the body differently: pick none
+            raise InvalidInput(
+                f"{http_infer.HEADER_LENGTH} is given {len(lengths)} times; give it once: "
+                "the length of the JSON header at the start of the body"
+            )
+        header_length = lengths[0] if lengths else None
         body = await request.read()
         cost = 0
         if self._budget is not None and len(body) >= ZERO_COPY_MIN_BYTES:
