@@ -361,27 +361,38 @@ def decode_inputs(
     return arrays
 
 
-def _refuse_extensions(request: object) -> None:
+def refuse_extensions(
+    kind: str, name: str, shared_memory: bool, classification: bool = False
+) -> None:
     """Triton protocol extensions this server does not implement, named rather than
-    ignored: an ignored `classification` returns raw scores where the client expects
-    labels, an ignored shared-memory region reads as an empty tensor."""
+    ignored (gRPC and REST alike): an ignored `classification` returns raw scores where
+    the client expects labels, an ignored shared-memory region reads as an empty tensor.
+    `kind` is "input" or "output"."""
+    if shared_memory:
+        instead = (
+            "send the data in the request"
+            if kind == "input"
+            else ("the output comes in the response")
+        )
+        raise InvalidInput(
+            f"{kind} {name!r} names a shared-memory region; the shared-memory extension is "
+            f"not supported: {instead}"
+        )
+    if classification:
+        raise InvalidInput(
+            f"{kind} {name!r}: the classification extension is not supported; request the "
+            "output itself"
+        )
+
+
+def _refuse_extensions(request: object) -> None:
     for tensor in request.inputs:  # type: ignore[attr-defined]
-        if "shared_memory_region" in tensor.parameters:
-            raise InvalidInput(
-                f"input {tensor.name!r} names a shared-memory region; the shared-memory "
-                "extension is not supported: send the data in the request"
-            )
+        refuse_extensions("input", tensor.name, "shared_memory_region" in tensor.parameters)
     for output in request.outputs:  # type: ignore[attr-defined]
-        if "classification" in output.parameters:
-            raise InvalidInput(
-                f"output {output.name!r}: the classification extension is not supported; "
-                "request the output itself"
-            )
-        if "shared_memory_region" in output.parameters:
-            raise InvalidInput(
-                f"output {output.name!r} names a shared-memory region; the shared-memory "
-                "extension is not supported: the output comes in the response"
-            )
+        refuse_extensions(
+            "output", output.name, "shared_memory_region" in output.parameters,
+            "classification" in output.parameters,
+        )  # fmt: skip
 
 
 def encode_outputs(response: object, outputs: Mapping[str, np.ndarray]) -> None:

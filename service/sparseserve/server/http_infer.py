@@ -87,16 +87,10 @@ def parse_request(body: bytes, header_length: str | None) -> RestInferRequest:
         if not isinstance(name, str):
             raise InvalidInput(f"each requested output needs a 'name' string, got {output!r}")
         output_parameters = _parameters(output, f"output {name!r}")
-        if "shared_memory_region" in output_parameters:
-            raise InvalidInput(
-                f"output {name!r} names a shared-memory region; the shared-memory extension "
-                "is not supported: the output comes in the response"
-            )
-        if output_parameters.get("classification"):
-            raise InvalidInput(
-                f"output {name!r}: the classification extension is not supported; request "
-                "the output itself"
-            )
+        codec.refuse_extensions(
+            "output", name, "shared_memory_region" in output_parameters,
+            bool(output_parameters.get("classification")),
+        )  # fmt: skip
         as_binary = output_parameters.get("binary_data", binary_by_default)
         if not isinstance(as_binary, bool):
             raise InvalidInput(f"output {name!r}: parameter 'binary_data' must be true or false")
@@ -128,11 +122,7 @@ def decode_inputs(request: RestInferRequest) -> dict[str, np.ndarray]:
             raise InvalidInput(f"input {name!r} needs a 'shape': a JSON array of integers")
         shape = codec.validate_shape(name, shape)
         parameters = _parameters(tensor, f"input {name!r}")
-        if "shared_memory_region" in parameters:
-            raise InvalidInput(
-                f"input {name!r} names a shared-memory region; the shared-memory extension "
-                "is not supported: send the data in the request"
-            )
+        codec.refuse_extensions("input", name, "shared_memory_region" in parameters)
         size = parameters.get("binary_data_size")
         if size is None:
             if "data" not in tensor:
