@@ -212,6 +212,32 @@ def test_short_grace_period_bounds_the_drain(
     assert "grace period ended" in (cut.value.message() or ""), cut.value
 
 
+def test_short_grace_period_ends_a_stream_unavailable_too(
+    start_server: StartServer, repository: Path
+) -> None:
+    """The same cut on a ModelStreamInfer stream: its request in flight when the grace
+    period ends closes the stream UNAVAILABLE, saying so (grpc.aio's own stop ended a
+    stream INTERNAL "Internal error from Core", which clients do not retry)."""
+    server = start_server(repository, "--shutdown-grace", "0.5")
+    rows = rows_lasting(server, 6.0)
+    errors: list[InferenceServerException] = []
+    client = triton.InferenceServerClient(server.grpc_url)
+    try:
+        client.start_stream(callback=lambda result, error: errors.append(error))
+        client.async_stream_infer("slow", slow_input(rows))
+        wait_for(lambda: inflight(server, "slow") >= 1, "the streamed request to run")
+        server.signal(signal.SIGTERM)
+        assert server.process is not None
+        assert server.process.wait(timeout=60) == 0
+        wait_for(lambda: bool(errors), "the stream to end")
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    error = errors[0]
+    assert error is not None and error.status() == "StatusCode.UNAVAILABLE", error
+    assert "grace period ended" in (error.message() or ""), error
+
+
 def test_json_logs_are_one_object_per_line_and_not_per_request(
     start_server: StartServer, repository: Path
 ) -> None:
