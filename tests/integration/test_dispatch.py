@@ -283,6 +283,9 @@ def test_auto_keeps_on_the_cpu_what_triton_would_compute_in_another_precision(
         assert bf16.startswith("READY"), bf16
     else:  # refused by OpenVINO for want of bf16, not sent to Triton to run in fp32
         assert "OPTIMIZATION_CAPABILITIES" in bf16 and "Triton" not in bf16, bf16
+    kept = [line for line in server.log().splitlines() if "stays on the CPU" in line]
+    for model in ("ir", "openvino_config", "bf16"):  # once per load, not per step of it
+        assert sum(f"model {model} stays" in line for line in kept) == 1, kept
 
 
 def test_dispatch_triton_refuses_what_triton_would_compute_in_another_precision(

@@ -203,6 +203,9 @@ class Dispatcher:
         self.settings = settings
         self.hardware = hardware
         self._executor = executor
+        # (model, version) whose staying on the CPU was logged: a load asks two or three
+        # times (its backend, the untimed first load, the timed one).
+        self._kept_on_cpu: set[tuple[str, int]] = set()
 
     def policy(self, model: str) -> DispatchPolicy:
         return self.settings.dispatch_overrides.get(model, self.settings.dispatch)
@@ -268,7 +271,9 @@ class Dispatcher:
                 f"model {files.name!r} is dispatched to Triton, but it is {refusal}; serve "
                 f"it on the CPU (dispatch_overrides: {{{files.name}: cpu}})"
             )
-        log.info("model %s stays on the CPU (dispatch auto): it is %s", files.name, refusal)
+        if (files.name, files.version) not in self._kept_on_cpu:
+            self._kept_on_cpu.add((files.name, files.version))
+            log.info("model %s stays on the CPU (dispatch auto): it is %s", files.name, refusal)
         return DispatchPolicy.cpu
 
     def _unmeasured_engine(self, files: ModelFiles) -> CpuEngine:
