@@ -406,6 +406,24 @@ def test_a_repeated_header_length_is_refused(server: ServerProcess) -> None:
     assert_serves(server)
 
 
+def test_a_client_closing_mid_body_leaves_no_error_in_the_log(server: ServerProcess) -> None:
+    """Clients that send half a body and hang up (at will, and many times) cost the log
+    nothing louder than a debug line: no ERROR, no traceback; the server serves on."""
+    before = len(server.log())
+    host, port = server.http_url.rsplit(":", 1)
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=10) as connection:
+            connection.sendall(
+                f"POST {MLP_INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                "\r\nContent-Length: 100000\r\n\r\n".encode()
+                + b'{"inputs": ['
+            )
+            time.sleep(0.1)
+    assert_serves(server)
+    added = server.log()[before:]
+    assert "Traceback" not in added and "ERROR" not in added, added
+
+
 def test_wrong_method_is_405_with_a_json_error(server: ServerProcess) -> None:
     status, message = error_of(server, "GET", MLP_INFER)
     assert status == 405 and "GET" in message

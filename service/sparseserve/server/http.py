@@ -235,8 +235,10 @@ class HttpServer:
             if exc.status == 404:
                 return error_response(404, f"no v2 REST route {request.method} {request.path}")
             return error_response(exc.status, f"{exc.reason}: {request.method} {request.path}")
-        except ConnectionResetError:  # the client went away: nobody to answer
-            raise
+        except ConnectionResetError:  # the client went away mid-request: nobody to answer
+            # A line, not aiohttp's ERROR and traceback: a client may do this at will.
+            log.debug("client closed the connection during %s %s", request.method, request.path)
+            return web.Response(status=400)  # for aiohttp's bookkeeping; never delivered
         except Exception as exc:
             log.exception("unexpected error in %s %s", request.method, request.path)
             return error_response(500, f"internal error: {exc}")
