@@ -27,12 +27,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +52,7 @@ from bench.engines import (
     minilm_texts,
     server_inputs,
 )
-from bench.measure import LatencySummary, check_errors, drive_unary
+from bench.measure import LatencySummary, check_errors, drive_unary, metric_samples
 from bench.report import (
     REPO_ROOT,
     environment,
@@ -152,20 +150,14 @@ def build_repository(root: Path, models: Sequence[Model]) -> None:
 
 def read_choices(metrics_url: str, models: Sequence[Model]) -> None:
     """Which engine serves each auto route, and the candidates' warm-up medians."""
-    with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        text = response.read().decode()
     by_name = {route_name(m.name, "auto"): m for m in models}
-    for line in text.splitlines():
-        if not line.startswith(("sparseserve_model_ready{", "sparseserve_engine_candidate")):
-            continue
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+    for name, labels, value in metric_samples(metrics_url):
         model = by_name.get(labels.get("model", ""))
         if model is None:
             continue
-        value = float(line.rsplit(" ", 1)[1])
-        if line.startswith("sparseserve_model_ready{") and value == 1.0:
+        if name == "sparseserve_model_ready" and value == 1.0:
             model.chosen = labels["backend"]
-        elif line.startswith("sparseserve_engine_candidate"):
+        elif name == "sparseserve_engine_candidate_latency_seconds":
             model.candidates[labels["engine"]] = value
 
 

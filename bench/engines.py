@@ -35,12 +35,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +56,7 @@ from tritonclient.grpc import InferenceServerClient, InferInput
 if not __package__:  # `python bench/<script>.py`: import `bench` from the repository root
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.measure import LatencySummary, check_errors, drive_unary
+from bench.measure import LatencySummary, check_errors, drive_unary, metric_samples
 from bench.report import (
     REPO_ROOT,
     environment,
@@ -492,14 +490,11 @@ def build_server_repository(root: Path, models: dict[str, Path]) -> None:
 
 def served_backends(metrics_url: str) -> dict[str, str]:
     """Model name -> the backend serving it, from `sparseserve_model_ready`'s labels."""
-    with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    served = {}
-    for line in text.splitlines():
-        if line.startswith("sparseserve_model_ready{") and line.rstrip().endswith(" 1.0"):
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
-            served[labels["model"]] = labels["backend"]
-    return served
+    return {
+        labels["model"]: labels["backend"]
+        for name, labels, value in metric_samples(metrics_url)
+        if name == "sparseserve_model_ready" and value == 1.0
+    }
 
 
 def load_failures(url: str) -> dict[str, str]:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,3 +310,17 @@ def tree_cpu_ticks(pid: int) -> tuple[int, int]:
         except OSError:  # ended meanwhile
             continue
     return total, count
+
+
+def metric_samples(url: str) -> list[tuple[str, dict[str, str], float]]:
+    """The server's `sparseserve_*` samples with labels, from its /metrics at `url`: one
+    (metric name, labels, value) per line."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    samples = []
+    for line in text.splitlines():
+        if line.startswith("sparseserve_") and "{" in line:
+            name, _, rest = line.partition("{")
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+            samples.append((name, labels, float(line.rsplit(" ", 1)[1])))
+    return samples

@@ -33,12 +33,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +55,7 @@ from bench.engines import (
     minilm_texts,
     server_inputs,
 )
-from bench.measure import LatencySummary, check_errors, drive_unary
+from bench.measure import LatencySummary, check_errors, drive_unary, metric_samples
 from bench.report import (
     REPO_ROOT,
     environment,
@@ -179,18 +177,6 @@ def build_repository(root: Path, routes: Sequence[Route]) -> None:
         (root / route.name / "1").mkdir(parents=True)
         (root / route.name / "1" / "model.onnx").symlink_to(route.path.resolve())
         (root / route.name / "config.pbtxt").write_text(route.config)
-
-
-def metric_samples(url: str) -> list[tuple[str, dict[str, str], float]]:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    samples = []
-    for line in text.splitlines():
-        if line.startswith("sparseserve_") and "{" in line:
-            name, _, rest = line.partition("{")
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', rest))
-            samples.append((name, labels, float(line.rsplit(" ", 1)[1])))
-    return samples
 
 
 def read_serving(url: str, routes: Sequence[Route]) -> None:
