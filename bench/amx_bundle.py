@@ -8,7 +8,7 @@ transfers are capped at 64 MiB a call.
 
 `pack` writes two folders, one per transfer:
 
-- `.amx/env` (~34 MB): the wheels the server needs that the machine lacks, for CPython
+- `.amx/env` (~55 MB): the wheels the server needs that the machine lacks, for CPython
   3.12 (pip download: pydantic's, grpc's, tritonclient's); OpenVINO's wheel unpacked
   without its GPU and NPU plugins and the frontends of formats other than ONNX and IR
   (59 MB -> 21 MB as .tar.xz; the CPU plugin is whole); the all-MiniLM-L6-v2 tokenizer
@@ -16,7 +16,8 @@ transfers are capped at 64 MiB a call.
 - `.amx/models` (~41 MB): `minilm.dense` as its graph with the weights taken out, and the
   weights rounded to **fp16** (half the size; fp32 does not fit one transfer). `restore`
   puts them back as fp32: every MiniLM figure there is against that rounded dense model
-  (cosine 0.99999+ to the real one, measured by `pack` and written in manifest.json).
+  (its embeddings' cosine to the real one's, measured by `pack`, is in
+  `.amx/models/manifest.json`: 0.9999999 for the 2026-12-04 run).
 
 `restore` (there) unpacks both into `/tmp/amx`: `site/` (on PYTHONPATH), `minilm/`
 (minilm.dense, minilm.int8-static), `demo/`.
@@ -129,17 +130,14 @@ def rounding_fidelity(dense: Path, rounded: onnx.ModelProto) -> dict[str, float]
     texts the engine benchmarks use."""
     import onnxruntime as ort
 
-    from bench.engines import minilm_feeds, minilm_texts
+    from bench.engines import cosine_to, minilm_feeds, minilm_texts
     from sparseserve.sparsify.minilm import load_tokenizer
 
     (feed,) = minilm_feeds(load_tokenizer(), minilm_texts(32), 32)
     real = ort.InferenceSession(str(dense), providers=["CPUExecutionProvider"]).run(None, feed)[0]
     other = ort.InferenceSession(rounded.SerializeToString(),
                                  providers=["CPUExecutionProvider"]).run(None, feed)[0]  # fmt: skip
-    cosines = (real * other).sum(axis=1) / (
-        np.linalg.norm(real, axis=1) * np.linalg.norm(other, axis=1)
-    )
-    return {"cosine_mean": float(cosines.mean()), "cosine_min": float(cosines.min())}
+    return cosine_to(real, other)
 
 
 def pack_models(out: Path, dense: Path) -> dict[str, float]:

@@ -46,8 +46,9 @@ from bench.report import (
     rotated,
     write_results,
 )
-from bench.served_speedups import MLP_SIZES, sparse_int8_mlp
+from bench.served_speedups import MLP_SIZES
 from sparseserve.backends.openvino import SPARSE_RATE, read_model, sparse_kernel_layers
+from sparseserve.testing import onnx_models
 
 PACKAGES = ("openvino", "numpy")
 
@@ -98,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     env["packages"] = {name: package_version(name) for name in PACKAGES}
     core = ov.Core()
     with tempfile.TemporaryDirectory(prefix="openvino-kernels-") as tmp:
-        files = args.onnx or [sparse_int8_mlp(Path(tmp), MLP_SIZES, args.mlp_sparsity)]
+        mlp = Path(tmp) / "mlp-sparse-int8.onnx"
+        files = args.onnx or [onnx_models.static_int8_mlp(mlp, MLP_SIZES, args.mlp_sparsity)]
         cases: list[dict[str, Any]] = []
         for path in files:
             for batch in args.batch:

@@ -49,6 +49,7 @@ if not __package__:  # `python bench/<script>.py`: import `bench` from the repos
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.engines import (
+    cosine_to,
     latest_model_file,
     load_failures,
     minilm_feeds,
@@ -128,31 +129,9 @@ def minilm_routes(directory: Path) -> list[Route]:
     return routes
 
 
-def sparse_int8_mlp(workdir: Path, sizes: Sequence[int], sparsity: float) -> Path:
-    """The MLP with `sparsity` of each weight matrix zero (the smallest), then static int8
-    weights and activations (onnxruntime's QDQ quantization, calibrated on random rows)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
-    class Rows(CalibrationDataReader):
-        def __init__(self) -> None:
-            rng = np.random.default_rng(1)
-            self.feeds = iter(
-                [{"input": rng.standard_normal((16, sizes[0])).astype(np.float32)}
-                 for _ in range(4)]
-            )  # fmt: skip
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.feeds, None)
-
-    pruned = onnx_models.mlp(workdir / "mlp-sparse.onnx", sizes=sizes, sparsity=sparsity)
-    path = workdir / "mlp-sparse-int8.onnx"
-    quantize_static(str(pruned), str(path), Rows(), quant_format=QuantFormat.QDQ)
-    return path
-
-
 def mlp_routes(workdir: Path, sizes: Sequence[int]) -> list[Route]:
     dense = onnx_models.mlp(workdir / "mlp.onnx", sizes=sizes)
-    sparse = sparse_int8_mlp(workdir, sizes, 0.9)
+    sparse = onnx_models.static_int8_mlp(workdir / "mlp-sparse-int8.onnx", sizes, 0.9)
     rate = (
         'parameters: { key: "CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE" '
         f'value: {{ string_value: "{SPARSE_RATE}" }} }}\n'
@@ -209,13 +188,7 @@ async def first_outputs(
 
 def quality(family: str, reference: np.ndarray, answers: np.ndarray) -> dict[str, float]:
     if family == "minilm":
-
-        def unit(x: np.ndarray) -> np.ndarray:
-            x = x.astype(np.float64)
-            return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-        cosines = (unit(reference) * unit(answers)).sum(axis=1)
-        return {"cosine_mean": float(cosines.mean()), "cosine_min": float(cosines.min())}
+        return cosine_to(reference, answers)
     scale = max(float(np.abs(reference).max()), 1e-30)
     return {"relative_error": float(np.abs(answers - reference).max()) / scale}
 
@@ -462,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rows": rows,
         "targets": check_targets(rows),
         "server_load_lines": [line for line in server_log.splitlines()
-                              if "compiled" in line or "engine" in line][:100],
+                              if "compiled" in line or "serving with" in line][:100],
     }  # fmt: skip
     write_results(args.output_dir, args.name, report, render_markdown(report))
     return 0

@@ -318,6 +318,33 @@ def test_auto_measures_both_engines_and_keeps_onnxruntime_within_the_margin(
     assert "serving with onnxruntime" in server.log()
 
 
+def test_auto_times_a_batched_model_at_its_batch_too(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """A model with dynamic batching is timed at one row and at the 32 rows its batcher
+    aims for, and the choice (logged with both figures) is made on both; a model without
+    batching at one row only. The exported candidate latencies stay the one-row medians."""
+    add_model(tmp_path, "batched", "max_batch_size: 32\ndynamic_batching { }\n")
+    add_model(tmp_path, "single")
+    server = start_server(tmp_path, "--cpu-engine", "auto")
+    log = server.log()
+    (batched,) = [line for line in log.splitlines() if "model batched version 1: median" in line]
+    assert "1 row(s) onnxruntime" in batched and "; 32 row(s) onnxruntime" in batched, batched
+    assert "serving with" in batched
+    (single,) = [line for line in log.splitlines() if "model single version 1: median" in line]
+    assert "1 row(s)" in single and "32 row(s)" not in single, single
+    samples = scrape(server)
+    engines = {
+        s.labels["engine"]
+        for s in series(samples, "sparseserve_engine_candidate_latency_seconds", model="batched")
+    }
+    assert engines == {"onnxruntime", "openvino"}
+    with triton.InferenceServerClient(server.grpc_url) as client:
+        x = rows(4)
+        np.testing.assert_allclose(infer(client, "batched", x), infer(client, "single", x),
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
 @pytest.mark.slow  # two servers
 def test_engine_pinning_and_the_measurement_switch(
     pinned_root: Path, start_server: Callable[..., ServerProcess]

@@ -63,15 +63,16 @@ def test_engines_are_timed_at_128_or_on_the_warm_up_where_they_cannot_run_it() -
     assert set(limited.sizes) == {1}
 
 
-def test_a_batched_model_is_timed_at_its_largest_batch_too() -> None:
-    """A model the server batches (dynamic_batching, max_batch_size 32) is timed at one
-    row and at 32; others at one row. Rows that would pass the element cap are not
-    timed (None), and neither are sizes an engine cannot run."""
+def test_a_batched_model_is_timed_at_the_rows_its_batcher_aims_for_too() -> None:
+    """A model the server batches (its config.pbtxt's dynamic_batching, or batching on
+    for every model) is timed at one row and at the batcher's target rows; others at one
+    row. Rows past the element cap are not timed (None), nor sizes an engine cannot run."""
     from google.protobuf import text_format
 
     from sparseserve.backends.base import ModelFiles
     from sparseserve.backends.dispatch import timing_batches
     from sparseserve.protocol import model_config_pb2
+    from sparseserve.settings import BatchingSettings
 
     def files(text: str | None) -> ModelFiles:
         config = None
@@ -80,11 +81,19 @@ def test_a_batched_model_is_timed_at_its_largest_batch_too() -> None:
             text_format.Parse(text, config)
         return ModelFiles("m", 1, Path("m/1/model.onnx"), config)
 
+    rows = signature(("x", "FP32", (-1, 64)))
+    off, on = BatchingSettings(), BatchingSettings(enabled=True, max_batch_size=16)
     batched = "max_batch_size: 32\ndynamic_batching { max_queue_delay_microseconds: 500 }\n"
-    assert timing_batches(files(batched)) == (1, 32)
-    assert timing_batches(files("max_batch_size: 32\n")) == (1,)  # the client's batches
-    assert timing_batches(files("dynamic_batching {}\n")) == (1,)  # max_batch_size 0
-    assert timing_batches(files(None)) == (1,)
+    assert timing_batches(files(batched), rows, off) == (1, 32)
+    preferred = "max_batch_size: 32\ndynamic_batching { preferred_batch_size: [8, 16] }\n"
+    assert timing_batches(files(preferred), rows, off) == (1, 16)
+    assert timing_batches(files("max_batch_size: 32\n"), rows, off) == (1,)  # client batches
+    assert timing_batches(files("max_batch_size: 32\n"), rows, on) == (1, 32)
+    assert timing_batches(files(None), rows, on) == (1, 16)  # the settings' size
+    assert timing_batches(files(None), rows, off) == (1,)
+    assert timing_batches(files("dynamic_batching {}\n"), rows, off) == (1,)  # refused
+    fixed = signature(("x", "FP32", (1, 64)))  # no batch dimension: never batched
+    assert timing_batches(files(batched), fixed, on) == (1,)
 
     text = signature(("input_ids", "INT64", (-1, -1)))
     assert timing_inputs(text, batch=32)["input_ids"].shape == (32, TIMING_DYNAMIC_SIZE)
@@ -94,6 +103,20 @@ def test_a_batched_model_is_timed_at_its_largest_batch_too() -> None:
     assert time_engines({"a": Engine(100)}, text, "m", batch=32) is None  # type: ignore[dict-item]
     images = signature(("pixels", "FP32", (-1, 3, -1, -1)))  # 32 x 3 x 128 x 128: too many
     assert time_engines({"a": Engine(1 << 30)}, images, "m", batch=32) is None  # type: ignore[dict-item]
+
+
+def test_batched_timing_is_bounded_by_what_one_row_costs() -> None:
+    """Timing at N rows costs about N one-row runs per engine and round: the rows are cut
+    to what BATCH_TIMING_SECONDS allows (a 2 s MiniLM row at 64 rows would add a minute
+    to every load)."""
+    from sparseserve.backends.dispatch import BATCH_TIMING_SECONDS, TIMING_ROUNDS, affordable_rows
+
+    two = {"onnxruntime": 0.001, "openvino": 0.0008}
+    assert affordable_rows(two, 32) == 32  # 1 ms a row: 32 rows cost 0.64 s
+    per_row = 0.025 * (TIMING_ROUNDS + 1) * 2
+    minilm = {"onnxruntime": 0.025, "openvino": 0.02}
+    assert affordable_rows(minilm, 64) == int(BATCH_TIMING_SECONDS / per_row) < 64
+    assert affordable_rows({"onnxruntime": 2.0, "openvino": 2.0}, 64) == 0  # not timed
 
 
 def test_another_engine_serves_only_if_it_beats_onnxruntime_at_every_size() -> None:

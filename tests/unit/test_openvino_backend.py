@@ -209,24 +209,6 @@ def test_layers_on_the_sparse_kernel_are_counted_by_their_primitive_type() -> No
     assert sparse_kernel_layers(compiled) == 2  # type: ignore[arg-type]
 
 
-def int8_mlp(path: Path) -> Path:
-    """An MLP of int8 weights and activations (onnxruntime's static QDQ quantization),
-    its batch dimension dynamic: the kind of model OpenVINO's int8 kernels run."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
-    class Rows(CalibrationDataReader):
-        def __init__(self) -> None:
-            rng = np.random.default_rng(0)
-            self.feeds = iter([{"input": rng.standard_normal((4, 64)).astype(np.float32)}])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.feeds, None)
-
-    float_model = onnx_models.mlp(path.with_name("float.onnx"), sparsity=0.9)
-    quantize_static(str(float_model), str(path), Rows(), quant_format=QuantFormat.QDQ)
-    return path
-
-
 def test_the_sparse_kernel_count_is_read_after_a_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -243,7 +225,7 @@ def test_the_sparse_kernel_count_is_read_after_a_run(
     def int8_compute(kernels: list[str]) -> list[str]:  # not "unknown_i8": constants
         return [k for k in kernels if k.lower().endswith("_i8") and not k.startswith("unknown")]
 
-    path = int8_mlp(tmp_path / "1" / "model.onnx")
+    path = onnx_models.static_int8_mlp(tmp_path / "1" / "model.onnx", sparsity=0.9)
     compiled = openvino.Core().compile_model(str(path), "CPU", FP32)
     int8_layers = int8_compute(backend_module.layer_kernels(compiled))
     assert int8_layers and all(k.startswith("undef") for k in int8_layers)
@@ -265,7 +247,7 @@ def test_the_sparse_kernel_count_is_read_after_a_run(
             await backend.unload()
 
     asyncio.run(load())
-    assert "sparse kernel: 0 layers" in describe_compiled(path)
+    assert "sparse kernel: 0 layers" in describe_compiled(path)  # the setting is off by default
     assert len(counted) == 2  # the backend's load, then inspect's
     for kernels in counted:
         assert len(int8_compute(kernels)) >= len(int8_layers)

@@ -214,7 +214,7 @@ class Backend(ABC):
     sparse_kernel_layers: int = 0
     # Median time of one warm-up run after load, in seconds (None: not measured).
     warmup_seconds: float | None = None
-    # With cpu_engine auto: each candidate engine's warm-up median, in seconds.
+    # With cpu_engine auto: each candidate engine's median run at one row, in seconds.
     candidate_seconds: Mapping[str, float] = MappingProxyType({})
 
     @abstractmethod

@@ -62,7 +62,8 @@ from sparseserve.backends.hardware import HardwareReport
 from sparseserve.errors import BackendUnavailable, InvalidInput, ModelLoadError, SparseServeError
 from sparseserve.observability.stats import DispatchStats
 from sparseserve.repository.manifest import Precision
-from sparseserve.settings import CpuEngine, DispatchPolicy, Settings
+from sparseserve.scheduling.batcher import BatchingPolicy
+from sparseserve.settings import BatchingSettings, CpuEngine, DispatchPolicy, Settings
 
 log = logging.getLogger(__name__)
 
@@ -300,12 +301,27 @@ class Dispatcher:
         backends = {engine.value: backend for engine, (backend, _) in loaded.items()}
         signature = next(iter(loaded.values()))[1]
         timings: dict[int, dict[str, float]] = {}
-        for batch in timing_batches(files) if len(backends) > 1 else (1,):
-            seconds = await loop.run_in_executor(
-                self._executor, time_engines, backends, signature, files.name, batch
-            )
-            if seconds is not None:
-                timings[batch] = seconds
+        single = await loop.run_in_executor(
+            self._executor, time_engines, backends, signature, files.name
+        )
+        assert single is not None  # one row is always timed
+        timings[1] = single
+        if len(backends) > 1:
+            for wanted in timing_batches(files, signature, self.settings.batching)[1:]:
+                rows = affordable_rows(single, wanted)
+                if rows < 2:
+                    log.info("model %s: not timed at %d rows (one row takes %.0f ms); "
+                             "choosing on one row", files.name, wanted,
+                             max(single.values()) * 1e3)  # fmt: skip
+                    continue
+                seconds = await loop.run_in_executor(
+                    self._executor, time_engines, backends, signature, files.name, rows
+                )
+                if seconds is None:
+                    log.info("model %s: not timed at %d rows; choosing on one row",
+                             files.name, rows)  # fmt: skip
+                else:
+                    timings[rows] = seconds
         winner = CpuEngine(choose_engine(timings, self.settings.engine_margin))
         for engine, (backend, _) in loaded.items():
             if engine is not winner:
@@ -497,21 +513,44 @@ def time_engines(
     try:
         return interleaved_medians(backends, feeds)
     except Exception as exc:  # each engine raises its own types
-        log.info("model %s: timing %d row(s) at 128 per dynamic dimension failed (%s)",
-                 model, batch, exc)  # fmt: skip
-        return interleaved_medians(backends, warmup_inputs(signature)) if batch == 1 else None
+        if batch > 1:
+            log.info("model %s: timing %d rows failed (%s)", model, batch, exc)
+            return None
+        log.info("model %s: timing at 128 per dynamic dimension failed (%s); timing on "
+                 "the warm-up inputs", model, exc)  # fmt: skip
+        return interleaved_medians(backends, warmup_inputs(signature))
 
 
-def timing_batches(files: ModelFiles) -> tuple[int, ...]:
+def timing_batches(
+    files: ModelFiles, signature: ModelSignature, batching: BatchingSettings
+) -> tuple[int, ...]:
     """The batch sizes `auto` times the engines at: one row, and where the server batches
-    the model (config.pbtxt `dynamic_batching`), its `max_batch_size` rows too. An engine
-    can win at one row and lose at 32: on an AMX Xeon, OpenVINO fp32 ran the
-    1024-4096-4096-1000 MLP at 1.3x onnxruntime's speed at one row and 0.96x at 32, and
-    `auto`, timing one row, served it batched at 0.91x (bench/served_speedups.py)."""
-    config = files.config
-    if config is not None and config.max_batch_size > 1 and config.HasField("dynamic_batching"):
-        return (1, config.max_batch_size)
-    return (1,)
+    the model (config.pbtxt `dynamic_batching`, or `batching.enabled` for every model that
+    can batch), the rows its batcher aims for. An engine can win at one row and lose at
+    32: on an AMX Xeon, OpenVINO fp32 ran the 1024-4096-4096-1000 MLP at 1.1-1.3x
+    onnxruntime's speed at one row and 0.97-0.99x at 32, and `auto`, timing one row,
+    served it batched at 0.91x (bench/served_speedups.py)."""
+    explicit = files.config is not None and files.config.HasField("dynamic_batching")
+    if not (explicit or batching.enabled) or signature.batch_dimension_problem():
+        return (1,)
+    try:
+        policy = BatchingPolicy.for_model(files.name, files.config, signature, batching)
+    except ModelLoadError:
+        return (1,)  # the batcher refuses it too, and its load says why
+    rows = policy.target_rows if policy is not None else 1
+    return (1, rows) if rows > 1 else (1,)
+
+
+# What timing a batched size may cost at load, at most, judged from the one-row runs.
+BATCH_TIMING_SECONDS = 3.0
+
+
+def affordable_rows(single: Mapping[str, float], wanted: int) -> int:
+    """The most rows, up to `wanted`, that every engine's timing runs can take within
+    BATCH_TIMING_SECONDS, taking a run to grow with its rows (larger batches usually cost
+    less per row): MiniLM at 25 ms a row times 6 rows, a 7 ms MLP 21."""
+    per_row = max(single.values()) * (TIMING_ROUNDS + 1) * len(single)
+    return min(wanted, int(BATCH_TIMING_SECONDS / per_row)) if per_row > 0 else wanted
 
 
 def choose_engine(timings: Mapping[int, Mapping[str, float]], margin: float) -> str:

@@ -503,13 +503,13 @@ def describe_compiled(path: Path) -> str:
         lines.append(f"  cannot compile {files.path.name}: {_engine_message(exc)}")
         return "\n".join(lines)
     precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    lines.append(f"  computes in:  {precision} (asked: {config['INFERENCE_PRECISION_HINT']})")
     try:  # one run first: the kernels of a dynamic shape are chosen when it runs
         compiled.create_infer_request().infer(warmup_inputs(compiled_signature(compiled, files)))
     except Exception as exc:  # OpenVINO raises RuntimeError for everything
         lines.append(f"  cannot run it: {_engine_message(exc)}")
         return "\n".join(lines)
     sparse = sparse_kernel_layers(compiled)
-    lines.append(f"  computes in:  {precision} (asked: {config['INFERENCE_PRECISION_HINT']})")
     rate = config.get(SPARSE_RATE)
     lines.append(
         f"  sparse kernel: {sparse} layers"

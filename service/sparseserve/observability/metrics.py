@@ -192,8 +192,8 @@ class _ModelFamilies:
         )
         self.candidate_latency = GaugeMetricFamily(
             "sparseserve_engine_candidate_latency_seconds",
-            "With cpu_engine auto: the median warm-up run of the version on each candidate "
-            "CPU engine (label engine), measured at load; the fastest serves (label backend).",
+            "With cpu_engine auto: the median run of the version at one row on each candidate "
+            "CPU engine (label engine), measured at load; the chosen one serves (label backend).",
             labels=(*LABELS, "engine"),
         )
         self.file_bytes = GaugeMetricFamily(

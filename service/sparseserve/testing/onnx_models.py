@@ -89,6 +89,32 @@ def mlp(
     return _save(graph, path)
 
 
+def static_int8_mlp(
+    path: Path, sizes: Sequence[int] = (64, 256, 256, 10), sparsity: float = 0.0, seed: int = 0
+) -> Path:
+    """`mlp` (with `sparsity` of each weight matrix zero), then static int8 weights and
+    activations by onnxruntime's QDQ quantization, calibrated on random rows: the kind
+    of file OpenVINO runs on its int8 kernels. Its batch dimension stays dynamic."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Rows(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime has no stubs
+        def __init__(self) -> None:
+            rng = np.random.default_rng(seed + 1)
+            self.feeds = iter(
+                [{"input": rng.standard_normal((16, sizes[0])).astype(np.float32)}
+                 for _ in range(4)]
+            )  # fmt: skip
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.feeds, None)
+
+    float_model = mlp(path.with_name(path.stem + "-float.onnx"), sizes, seed, sparsity)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    quantize_static(str(float_model), str(path), Rows(), quant_format=QuantFormat.QDQ)
+    float_model.unlink()
+    return path
+
+
 def add_constant(path: Path, value: float, width: int | None = 4, batch: int | None = None) -> Path:
     """y = x + value, FP32 [batch, width]: tells which version of a model answered.
     `width` or `batch` None: that dimension is dynamic."""
