@@ -8,7 +8,8 @@
 #                                     kernels (kernels_mlp)
 #   bench/amx_run.sh bench [STEP...]  carry .amx/models: the targets through the
 #                                     server, the load generator beside it (served) and on
-#                                     other cores (served_apart), MiniLM's kernels
+#                                     other cores (served_apart), the int8 file through
+#                                     each way of calling OpenVINO (paths), MiniLM's kernels
 #                                     (kernels_minilm) and in process (engines_minilm),
 #                                     `auto` against onnxruntime on every model (auto)
 #
@@ -98,6 +99,10 @@ bench)
         --minilm /tmp/amx/minilm --server-cpus "$CPUS" --rounds 4 --batched-seconds 2 \
         --output-dir "$RESULTS" --name served_speedups_apart_amx \
         --note "$NOTE; server on CPUs $CPUS, load generator on $CLIENT_CPUS"
+    step paths 90 taskset -c "$CPUS" python3 -m bench.openvino_paths \
+        --onnx /tmp/amx/minilm/minilm.int8-static/1/model.onnx \
+        --beside /tmp/amx/minilm/minilm.dense/1/model.onnx --output-dir "$RESULTS" \
+        --name openvino_paths_minilm_amx --note "$NOTE; CPUs $CPUS"
     step kernels_minilm 60 taskset -c "$CPUS" python3 -m bench.openvino_kernels --batch 1 \
         --onnx /tmp/amx/minilm/minilm.int8-static/1/model.onnx --output-dir "$RESULTS" \
         --name openvino_kernels_minilm_amx --note "$NOTE; CPUs $CPUS"

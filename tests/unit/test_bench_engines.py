@@ -109,3 +109,32 @@ def test_quick_run_on_tiny_models(tmp_path: Path) -> None:
             assert row["compiled_with"]["INFERENCE_PRECISION_HINT"] == "bf16", row
     # minilm.int8 is another model: its cosine to minilm.dense is measured, not 1.
     assert rows[("minilm.int8", 8, "onnxruntime fp32")]["cosine_mean"] < 0.99
+
+
+@pytest.mark.slow
+def test_openvino_paths_and_kernels_in_miniature(tmp_path: Path) -> None:
+    """bench/openvino_paths.py and bench/openvino_kernels.py on a small static int8 MLP:
+    every call path is timed (the same file, the same inputs), and the kernel list names
+    each FullyConnected layer's kernel after a run (never "undef")."""
+    path = onnx_models.static_int8_mlp(tmp_path / "int8.onnx", sparsity=0.9)
+    beside = onnx_models.mlp(tmp_path / "beside.onnx")
+    output = tmp_path / "results"
+    for command in (
+        ["bench.openvino_paths", "--onnx", str(path), "--beside", str(beside)],
+        ["bench.openvino_kernels", "--onnx", str(path), "--batch", "1"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", *command, "--rounds", "1", "--runs", "2",
+             "--output-dir", str(output)],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    paths = json.loads((output / "openvino_paths.json").read_text())
+    assert set(paths["median_ms"]) == {"bare", "server-config", "backend", "backend-beside"}
+    assert all(ms > 0 for ms in paths["median_ms"].values())
+    kernels = json.loads((output / "openvino_kernels.json").read_text())["rows"]
+    assert len(kernels) == 4  # dynamic and fixed shape, each without and with the rate
+    for row in kernels:
+        assert sum(row["kernels"].values()) == 3, row  # the MLP's three layers
+        assert not any(name.startswith("undef") for name in row["kernels"]), row
+        assert row["sparse_kernel_layers"] >= 0
