@@ -292,11 +292,11 @@ class Dispatcher:
         return CpuEngine.openvino
 
     async def _load_fastest(self, files: ModelFiles) -> tuple[Backend, ModelSignature]:
-        """Load every engine that can run the variant, time them run after run in turn
-        at one row (and, for a model the server batches, at the rows its batcher aims
-        for, as many as about 3 s of timing allows), keep the
-        fastest at one row unless it fails to beat onnxruntime by `engine_margin` at
-        every size (`choose_engine`), unload the others."""
+        """Load every engine that can run the variant, time them run after run in turn at
+        one row (and, for a model the server batches, at the rows its batcher aims for,
+        as many as about 3 s of timing allows), keep the fastest at one row unless it
+        fails to beat onnxruntime by `engine_margin` at every size (`choose_engine`),
+        unload the others."""
         loaded = await self._load_candidates(files)
         loop = asyncio.get_running_loop()
         backends = {engine.value: backend for engine, (backend, _) in loaded.items()}

@@ -350,9 +350,11 @@ def layer_kernels(compiled: openvino.CompiledModel) -> list[str]:
 
 
 def sparse_kernel_layers(compiled: openvino.CompiledModel) -> int:
-    """Layers of the compiled model that run on a kernel skipping zero weights: the sparse
-    one is `brgemm_sparse_avx512_amx` (int8 FullyConnected with enough zeros, AMX only).
-    Read it after a run (`layer_kernels`)."""
+    """Layers of the compiled model that run on a kernel skipping zero weights: one whose
+    name says "sparse" (int8 FullyConnected with enough zeros, AMX only). Never seen to
+    run: on an AMX Xeon OpenVINO 2026.4.1 ran a 90%-zero int8 MLP on the dense
+    `brgemm_avx512_amx_i8` with the sparse setting on (bench/openvino_kernels.py). Read
+    it after a run (`layer_kernels`)."""
     return sum("sparse" in kernel for kernel in layer_kernels(compiled))
 
 
