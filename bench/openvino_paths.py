@@ -41,6 +41,7 @@ import openvino.properties.streams as streams
 if not __package__:  # `python bench/<script>.py`: import `bench` from the repository root
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from bench.openvino_kernels import feeds_for
 from bench.report import (
     REPO_ROOT,
     environment,
@@ -62,7 +63,7 @@ Feed = dict[str, np.ndarray]
 def inputs_for(path: Path) -> Feed:
     """One row: MiniLM's tokenizer on real text if the file takes MiniLM's inputs, else
     random values (dynamic dimensions after the first at 128)."""
-    model = ov.Core().read_model(str(path))
+    model = read_model(ov.Core(), path)  # sparse initializers too
     names = {port.get_any_name() for port in model.inputs}
     from sparseserve.sparsify.minilm import INPUT_NAMES
 
@@ -72,15 +73,7 @@ def inputs_for(path: Path) -> Feed:
 
         (feed,) = minilm_feeds(load_tokenizer(), minilm_texts(1), 1)
         return feed
-    rng = np.random.default_rng(0)
-    feed = {}
-    for port in model.inputs:
-        shape = [1, *(d.get_length() if d.is_static else 128
-                      for d in list(port.get_partial_shape())[1:])]  # fmt: skip
-        feed[port.get_any_name()] = rng.standard_normal(shape).astype(
-            port.get_element_type().to_dtype()
-        )
-    return feed
+    return feeds_for(model, 1)
 
 
 def bare(path: Path, threads: int) -> Callable[[Feed], Any]:
