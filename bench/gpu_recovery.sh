@@ -11,6 +11,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 timeout "${RECOVERY_SECONDS:-420}" python3 -m bench.recovery_explore --data-bundle .gpu/data.pkl.gz \
     --calibration 2048 --device cuda --measure-every "${MEASURE_EVERY:-1500}" \
+    --measure-train "${MEASURE_TRAIN:-500}" \
     --arm "steps=${LONG_STEPS:-12000},precision=fp32" --arm steps=1500,precision=fp32 \
     --output-dir "$OUT" --name recovery_gpu 2>&1 | tee "$OUT/recovery_gpu.log"
 if grep -q -w amx_bf16 /proc/cpuinfo; then

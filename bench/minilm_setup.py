@@ -64,18 +64,25 @@ def as_torch(feeds: Sequence[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
 
 @dataclass
 class Fidelities:
-    """The dense model's outputs on both held-out sets, to measure students against."""
+    """The dense model's outputs on both held-out sets (and, with `training` > 0, on that
+    many of the training chunks: how much better a student fits what it was trained on
+    says whether more or broader text would help), to measure students against."""
 
     tests: dict[str, Any]
     dense: dict[str, Any]
 
     @classmethod
-    def of(cls, teacher: torch.nn.Module, data: LabelledData) -> Fidelities:
+    def of(cls, teacher: torch.nn.Module, data: LabelledData, training: int = 0) -> Fidelities:
         tests = {"chunks": data.x_test, "literature": data.x_test_source}
+        if training:
+            from sparseserve.sparsify.recipe import head
+
+            tests["training"] = head(data.x_train, training)
         return cls(tests, {name: run_torch(teacher, rows) for name, rows in tests.items()})
 
     def measure(self, model: torch.nn.Module) -> dict[str, Fidelity]:
-        """`model`'s fidelity to the dense model on the chunks and on the literature."""
+        """`model`'s fidelity to the dense model on the chunks and on the literature (and
+        on the training chunks measured, if any)."""
         return {
             name: fidelity(self.dense[name], run_torch(model, rows))
             for name, rows in self.tests.items()

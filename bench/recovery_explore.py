@@ -15,6 +15,8 @@ the never-trained `fortunes-literature`. An arm is a comma-separated list of set
     .venv/bin/python -m bench.recovery_explore --steps 150 \\
         --arm lr=3e-4 --arm lr=1e-3 --arm lr=3e-4,batch=16,steps=300
 
+`--measure-train N` also measures on N training chunks: a student that fits what it
+trained on far better than held-out text is short of text, not of capacity.
 `--measure-every N` also measures each arm every N steps while it trains: a learning
 curve (the learning rate still decays over the arm's whole length, so a point on a long
 curve is not a short arm). The cut is cached under `--cache` (it takes minutes), keyed by
@@ -161,21 +163,20 @@ def curve_lines(rows: dict[str, dict[str, Any]]) -> list[str]:
     for label, row in rows.items():
         if not row.get("curve"):
             continue
+        trained = "training" in row["curve"][0][1]
         table = [
             (
                 str(step),
                 f"{f['chunks']['cosine_mean']:.4f} / {f['literature']['cosine_mean']:.4f}",
                 f"{f['chunks']['cosine_min']:.3f} / {f['literature']['cosine_min']:.3f}",
                 f"{f['chunks']['top1_agreement']:.3f} / {f['literature']['top1_agreement']:.3f}",
+                *([f"{f['training']['cosine_mean']:.4f}"] if trained else []),
             )
             for step, f in row["curve"]
         ]
-        lines += [
-            f"While it trained: {label}",
-            "",
-            *markdown_table(("step", "cosine mean", "cosine min", "top-1"), table),
-            "",
-        ]
+        header = ("step", "cosine mean", "cosine min", "top-1",
+                  *(["cosine mean, training chunks"] if trained else []))  # fmt: skip
+        lines += [f"While it trained: {label}", "", *markdown_table(header, table), ""]
     return lines
 
 
@@ -199,6 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure each arm every N steps while it trains (a learning curve)",
     )
     parser.add_argument(
+        "--measure-train",
+        type=int,
+        default=0,
+        help="also measure on this many training chunks (does the student fit what it "
+        "trained on much better than held-out text? then text, not capacity, limits it)",
+    )
+    parser.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
         default="cpu",
@@ -215,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     teacher, data = recipe_data(args.test_samples, args.data_bundle)
     progress(f"data read in {time.perf_counter() - started:.0f} s")
-    measure = Fidelities.of(teacher, data).measure
+    measure = Fidelities.of(teacher, data, args.measure_train).measure
 
     if args.allocation == "global" and (args.ffn_fraction, args.head_fraction) != (0.5, 0.25):
         raise SystemExit("--allocation global makes the recipe's cut: 0.5 of FFN, 0.25 of heads")
@@ -266,8 +274,17 @@ def main(argv: list[str] | None = None) -> int:
                 for name, row in rows.items()
             },
         }
+        trained = args.measure_train > 0
+        training = [f"cosine mean, {args.measure_train} training chunks"] if trained else []
+        header = ("arm", "cosine mean (chunks / literature)", "cosine min", "top-1",
+                  *training, "s")  # fmt: skip
         table = [
-            (name, *fidelity_cells(row["fidelity"]), f"{row['seconds']:.0f}")
+            (
+                name,
+                *fidelity_cells(row["fidelity"]),
+                *([f"{row['fidelity']['training'].cosine_mean:.4f}"] if trained else []),
+                f"{row['seconds']:.0f}",
+            )
             for name, row in rows.items()
         ]
         markdown = "\n".join(
@@ -290,10 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                     else "."
                 ),
                 "",
-                *markdown_table(
-                    ("arm", "cosine mean (chunks / literature)", "cosine min", "top-1", "s"),
-                    table,
-                ),
+                *markdown_table(header, table),
                 "",
                 *(
                     [f"{pending} of {len(arms)} arm(s) had not run when this was written.", ""]
