@@ -47,6 +47,7 @@ from bench.engines import (
     DEFAULT_MLPS,
     Feed,
     latest_model_file,
+    link_model,
     load_failures,
     minilm_feeds,
     minilm_texts,
@@ -141,11 +142,8 @@ def build_repository(root: Path, models: Sequence[Model]) -> None:
     """Each model twice: pinned to onnxruntime, and with no engine named (auto)."""
     for model in models:
         for route in ROUTES:
-            directory = root / route_name(model.name, route)
-            (directory / "1").mkdir(parents=True)
-            (directory / "1" / "model.onnx").symlink_to(model.path.resolve())
-            if route == "onnxruntime":
-                (directory / "config.pbtxt").write_text('backend: "onnxruntime"\n')
+            config = 'backend: "onnxruntime"\n' if route == "onnxruntime" else None
+            link_model(root, route_name(model.name, route), model.path, config)
 
 
 def read_choices(metrics_url: str, models: Sequence[Model]) -> None:

@@ -477,15 +477,21 @@ def server_model_name(model: str, engine: str) -> str:
     return f"{model.replace(' ', '-')}-{engine}"
 
 
+def link_model(root: Path, name: str, path: Path, config: str | None = None) -> None:
+    """Model directory `root/name`: version 1 links `path`; `config` its config.pbtxt."""
+    (root / name / "1").mkdir(parents=True)
+    (root / name / "1" / "model.onnx").symlink_to(path.resolve())
+    if config is not None:
+        (root / name / "config.pbtxt").write_text(config)
+
+
 def build_server_repository(root: Path, models: dict[str, Path]) -> None:
     """One directory per model and engine: the same model.onnx (linked), a config.pbtxt
     selecting the engine with `backend:` and batching up to 32 rows."""
     for model, path in models.items():
         for engine in SERVER_ENGINES:
-            directory = root / server_model_name(model, engine)
-            (directory / "1").mkdir(parents=True)
-            (directory / "1" / "model.onnx").symlink_to(path.resolve())
-            (directory / "config.pbtxt").write_text(f'backend: "{engine}"\n' + SERVER_BATCHING)
+            config = f'backend: "{engine}"\n' + SERVER_BATCHING
+            link_model(root, server_model_name(model, engine), path, config)
 
 
 def served_backends(metrics_url: str) -> dict[str, str]:

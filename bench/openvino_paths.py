@@ -34,13 +34,11 @@ from typing import Any
 
 import numpy as np
 import openvino as ov
-import openvino.properties as props
-import openvino.properties.hint as hints
-import openvino.properties.streams as streams
 
 if not __package__:  # `python bench/<script>.py`: import `bench` from the repository root
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from bench.engines import Engine, openvino_compile
 from bench.openvino_kernels import feeds_for
 from bench.report import (
     REPO_ROOT,
@@ -77,15 +75,8 @@ def inputs_for(path: Path) -> Feed:
 
 
 def bare(path: Path, threads: int) -> Callable[[Feed], Any]:
-    core = ov.Core()
-    config = {
-        hints.inference_precision: ov.Type.f32,
-        hints.performance_mode: hints.PerformanceMode.LATENCY,
-        props.inference_num_threads: threads,
-        streams.num: 1,
-    }
-    request = core.compile_model(read_model(core, path), "CPU", config).create_infer_request()
-    return lambda feed: request.infer(feed, share_inputs=True)
+    runner, _ = openvino_compile(path, Engine("openvino", "fp32"), threads, {})
+    return runner
 
 
 def server_config(path: Path, threads: int) -> Callable[[Feed], Any]:

@@ -51,6 +51,7 @@ if not __package__:  # `python bench/<script>.py`: import `bench` from the repos
 from bench.engines import (
     cosine_to,
     latest_model_file,
+    link_model,
     load_failures,
     minilm_feeds,
     minilm_texts,
@@ -153,9 +154,7 @@ def mlp_routes(workdir: Path, sizes: Sequence[int]) -> list[Route]:
 
 def build_repository(root: Path, routes: Sequence[Route]) -> None:
     for route in routes:
-        (root / route.name / "1").mkdir(parents=True)
-        (root / route.name / "1" / "model.onnx").symlink_to(route.path.resolve())
-        (root / route.name / "config.pbtxt").write_text(route.config)
+        link_model(root, route.name, route.path, route.config)
 
 
 def read_serving(url: str, routes: Sequence[Route]) -> None:
