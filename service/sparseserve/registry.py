@@ -95,38 +95,39 @@ class LoadedModel:
         model's when none were)."""
         started = time.perf_counter_ns()
         stats = self.stats
+        # In flight from the first line, before any await: a reload that publishes a new
+        # version while this request decodes must wait for it before unloading this one.
+        self.begin()
         try:
             inputs = decode() if offload is None else await offload(decode)
             signature = self.signature
             signature.validate(self.name, inputs)
             outputs = signature.select_outputs(self.name, requested_outputs)
-            if self.inflight >= max_inflight:
+            if self.inflight > max_inflight:  # this request is one of them
                 raise Overloaded(
-                    f"model {self.name!r} already has {self.inflight} requests in flight "
+                    f"model {self.name!r} already has {self.inflight - 1} requests in flight "
                     f"(limit {max_inflight}); retry later"
                 )
-            self.begin()
-            try:
-                if self.batcher is None:
-                    record = await self.backend.infer(inputs, outputs)
-                    rows = _batch_rows(inputs)
-                    queue_ns = None
-                    stats.record_execution(record.backend, record.compute_ns, rows)
-                else:
-                    share = await self.batcher.infer(inputs, outputs)
-                    record = share.record
-                    rows = _batch_rows(inputs)
-                    queue_ns = share.queue_ns
-                    if share.counts_execution:
-                        stats.record_execution(
-                            record.backend, record.compute_ns, share.execution_rows
-                        )
-            finally:
-                self.end()
+            if self.batcher is None:
+                record = await self.backend.infer(inputs, outputs)
+                rows = _batch_rows(inputs)
+                queue_ns = None
+                stats.record_execution(record.backend, record.compute_ns, rows)
+            else:
+                share = await self.batcher.infer(inputs, outputs)
+                record = share.record
+                rows = _batch_rows(inputs)
+                queue_ns = share.queue_ns
+                if share.counts_execution:
+                    stats.record_execution(
+                        record.backend, record.compute_ns, share.execution_rows
+                    )
         except SparseServeError as exc:
             # Counted against the route: who would have run it is not the question.
             stats.record_failure(status_of(exc), time.perf_counter_ns() - started)
             raise
+        finally:
+            self.end()
         stats.record_success(record.backend, time.perf_counter_ns() - started, rows, queue_ns)
         return inputs, record
 
@@ -395,7 +396,9 @@ class ModelRegistry:
                     "model %s: version %d keeps serving until a version the policy %s "
                     "wants loads", entry.name, version, source.policy.describe(),
                 )  # fmt: skip
-        retired = [m for v, m in entry.ready.items() if v not in serving]
+        # By identity: a version whose files changed keeps its number, and its old copy
+        # must be drained and unloaded like any other.
+        retired = [m for v, m in entry.ready.items() if serving.get(v) is not m]
         self._publish(entry, serving)
         await self._retire(entry, retired)
 

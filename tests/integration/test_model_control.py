@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 from sparseserve.client.server_process import ServerProcess
 from sparseserve.repository.manifest import Task, VariantManifest
 from sparseserve.testing import onnx_models
-from tests.scrape import inflight
+from tests.scrape import inflight, scrape, value
 
 pytestmark = pytest.mark.integration
 
@@ -323,6 +323,48 @@ def test_explicit_reload_serves_the_new_version(
     assert [k for k in index(client) if k[0] == "adder"] == [("adder", "2")]
 
 
+def test_reloads_while_large_requests_decode_lose_no_request(
+    start_server: StartServer, repo: Path, connect: Callable[..., triton.InferenceServerClient]
+) -> None:
+    """Requests of 1.2 MB of BYTES (decoded on the codec thread, off the event loop)
+    while new versions are loaded one after another: each reload retires the version
+    these requests were routed to, and must wait for the ones still decoding. (It once
+    unloaded the version under them: INTERNAL "model 'strings' is not loaded".)"""
+    onnx_models.bytes_identity(repo / "strings" / "1" / "model.onnx")
+    server = start_server(repo, "--model-control", "explicit", "--load-model", "strings")
+    data = np.array([b"abcdefgh"] * 100_000, dtype=object)
+    stop = threading.Event()
+
+    def client_loop() -> tuple[int, list[str]]:
+        answered, errors = 0, []
+        with triton.InferenceServerClient(server.grpc_url) as client:
+            tensor = triton.InferInput("s", [len(data)], "BYTES")
+            tensor.set_data_from_numpy(data)
+            while not stop.is_set() and not errors:
+                try:
+                    result = client.infer("strings", [tensor], client_timeout=20)
+                    assert result.as_numpy("t").shape == data.shape
+                    answered += 1
+                except InferenceServerException as exc:
+                    errors.append(f"{exc.status()}: {exc.message()}")
+        return answered, errors
+
+    control = connect(server)
+    with ThreadPoolExecutor(3) as pool:
+        clients = [pool.submit(client_loop) for _ in range(3)]
+        for version in range(2, 22):
+            onnx_models.bytes_identity(repo / "strings" / str(version) / "model.onnx")
+            control.load_model("strings")
+            time.sleep(0.05)
+            if any(c.done() for c in clients):
+                break
+        stop.set()
+        outcomes = [c.result(timeout=60) for c in clients]
+    assert [e for _, errors in outcomes for e in errors] == []
+    assert all(answered > 0 for answered, _ in outcomes)
+    assert control.is_model_ready("strings", str(version))
+
+
 # -- poll mode ------------------------------------------------------------------------
 
 
@@ -439,16 +481,8 @@ def test_request_in_flight_finishes_across_a_version_swap(
     """A ~1.2 s request on `slow` version 1 is running when version 2 appears: the
     request completes with version 1's answer, and the next request gets version 2."""
     client = connect(polling)
-    rng = np.random.default_rng(0)
-    probe = rng.standard_normal((8, 512)).astype(np.float32)
-    expected_v1, _ = infer(client, "slow", probe)
-
-    # Size the request to last ~1.2 s on this machine.
-    timing = np.zeros((1024, 512), np.float32)
-    elapsed = min(_timed(lambda: infer(client, "slow", timing)) for _ in range(2))
-    rows = max(1024, min(int(1024 * 1.2 / elapsed), 100_000))
-    big = np.zeros((rows, 512), np.float32)
-    big[: len(probe)] = probe
+    probe, expected_v1, big = slow_request(client)
+    rows = len(big)
 
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(infer, connect(polling), "slow", big)
@@ -472,10 +506,60 @@ def test_request_in_flight_finishes_across_a_version_swap(
     )
 
 
+def slow_request(client: triton.InferenceServerClient) -> tuple[np.ndarray, ...]:
+    """A probe for `slow`, its answer now, and a request that lasts ~1.2 s on this
+    machine whose first rows are the probe."""
+    probe = np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32)
+    expected, _ = infer(client, "slow", probe)
+    timing = np.zeros((1024, 512), np.float32)
+    elapsed = min(_timed(lambda: infer(client, "slow", timing)) for _ in range(2))
+    rows = max(1024, min(int(1024 * 1.2 / elapsed), 100_000))
+    big = np.zeros((rows, 512), np.float32)
+    big[: len(probe)] = probe
+    return probe, expected, big
+
+
 def _timed(call: Callable[[], object]) -> float:
     started = time.perf_counter()
     call()
     return time.perf_counter() - started
+
+
+def test_reload_of_changed_files_under_the_same_version_drains_and_unloads_the_old_copy(
+    start_server: StartServer,
+    repo: Path,
+    staging: Path,
+    connect: Callable[..., triton.InferenceServerClient],
+) -> None:
+    """Version 1's file replaced, then load_model: the request running on the old copy
+    finishes with the old answer, the next one gets the new file's, the metrics never
+    show version 1 twice, and the old copy is unloaded once its request ends (it was
+    once dropped without an unload: its engine, and a Triton breaker's probes, lived on)."""
+    server = start_server(repo, "--model-control", "explicit", "--load-model", "slow")
+    client = connect(server)
+    probe, expected_old, big = slow_request(client)
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(infer, connect(server), "slow", big)
+        wait_until(lambda: inflight(server, "slow") >= 1, "the slow request is running")
+        staged = staging / "slow.onnx"
+        onnx_models.slow(staged, width=512, depth=32, seed=1)
+        os.replace(staged, repo / "slow" / "1" / "model.onnx")
+        client.load_model("slow")
+        assert not running.done(), "the request ended before the reload; it must span it"
+        samples = scrape(server)
+        assert value(samples, "sparseserve_model_ready", model="slow", version="1") == 1
+        after, answered = infer(client, "slow", probe)
+        assert answered == "1"
+        assert not np.allclose(after, expected_old)
+        y, version = running.result(timeout=60)
+    assert version == "1"
+    np.testing.assert_allclose(y[: len(probe)], expected_old, rtol=1e-4, atol=1e-5)
+    wait_until(
+        lambda: "unloaded model slow version 1" in server.log(),
+        "the old copy of version 1 unloaded once its request finished",
+    )
+    assert server.log().count("loaded model slow version 1 with") == 2
 
 
 # -- a bad new version never takes down the one that serves -----------------------------

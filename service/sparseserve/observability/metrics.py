@@ -125,8 +125,12 @@ class ModelCollector(Collector):
         families = _ModelFamilies(variants)
         for model in serving:
             families.add(model, ready=True)
+        # An old copy of a version reloaded under the same number drains unseen: its
+        # series are the serving copy's (whose counters start again from zero).
+        labelled = {(model.name, model.version) for model in serving}
         for model in draining:
-            families.add(model, ready=False)
+            if (model.name, model.version) not in labelled:
+                families.add(model, ready=False)
         families.add_backends(serving)
         return iter(families.all())
 

@@ -154,6 +154,17 @@ def multi_io(path: Path) -> Path:
     return _save(graph, path)
 
 
+def bytes_identity(path: Path) -> Path:
+    """s BYTES [n] -> Identity -> t: a request whose cost is all decoding and encoding."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["s"], ["t"])],
+        "bytes_identity",
+        [helper.make_tensor_value_info("s", TensorProto.STRING, ["n"])],
+        [helper.make_tensor_value_info("t", TensorProto.STRING, ["n"])],
+    )
+    return _save(graph, path)
+
+
 def identity_all_types(path: Path) -> Path:
     """For every datatype DT: input "in_DT" [any, any] -> Identity -> output "out_DT"."""
     nodes, inputs, outputs = [], [], []
