@@ -22,7 +22,8 @@ from tritonclient.utils import InferenceServerException
 from sparseserve.client.server_process import ServerProcess
 from sparseserve.repository.manifest import Task, VariantManifest
 from sparseserve.testing import onnx_models
-from tests.scrape import inflight, scrape, value
+from tests import scrape
+from tests.scrape import inflight
 
 pytestmark = pytest.mark.integration
 
@@ -547,8 +548,8 @@ def test_reload_of_changed_files_under_the_same_version_drains_and_unloads_the_o
         os.replace(staged, repo / "slow" / "1" / "model.onnx")
         client.load_model("slow")
         assert not running.done(), "the request ended before the reload; it must span it"
-        samples = scrape(server)
-        assert value(samples, "sparseserve_model_ready", model="slow", version="1") == 1
+        samples = scrape.scrape(server)
+        assert scrape.value(samples, "sparseserve_model_ready", model="slow", version="1") == 1
         after, answered = infer(client, "slow", probe)
         assert answered == "1"
         assert not np.allclose(after, expected_old)
