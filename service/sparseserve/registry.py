@@ -119,9 +119,7 @@ class LoadedModel:
                 rows = _batch_rows(inputs)
                 queue_ns = share.queue_ns
                 if share.counts_execution:
-                    stats.record_execution(
-                        record.backend, record.compute_ns, share.execution_rows
-                    )
+                    stats.record_execution(record.backend, record.compute_ns, share.execution_rows)
         except SparseServeError as exc:
             # Counted against the route: who would have run it is not the question.
             stats.record_failure(status_of(exc), time.perf_counter_ns() - started)
