@@ -18,6 +18,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import service_pb2
 
 from sparseserve.client.server_process import ServerProcess
+from sparseserve.server.v2_servicer import STREAM_WINDOW
 from tests.scrape import inflight
 
 pytestmark = pytest.mark.integration
@@ -134,3 +135,46 @@ def test_an_undecodable_message_is_answered_in_its_place_and_the_stream_goes_on(
         assert answers[index].infer_response.id == "good"
     for index in (1, 3):
         assert "not a valid ModelInferRequest" in answers[index].error_message
+
+
+def test_a_stream_cancelled_with_its_window_full_frees_every_request_byte(
+    start_server, repository
+) -> None:
+    """A client sends 400 requests on one stream (more than the server's window of 256
+    reads ahead) to a slow model and cancels the stream. Every request the server read
+    leaves the in-flight byte budget, including the one that waited for room in the
+    full window (it once stayed counted for ever: from then on a request larger than
+    what was left of the budget, admitted only on an idle server, was refused even
+    there)."""
+    budget = 32 * 1024 * 1024
+    server = start_server(
+        repository, "--max-inflight-request-bytes", str(budget), "--max-inflight-per-model", "1000"
+    )
+    over_budget = _input(np.zeros((budget // 16 + 1024, 4), np.float32), "x")
+
+    def probe(client: triton.InferenceServerClient) -> str:
+        try:
+            client.infer("latest", [over_budget], client_timeout=30)
+            return "OK"
+        except triton.InferenceServerException as exc:
+            return f"{exc.status()}: {exc.message()}"
+
+    with triton.InferenceServerClient(server.grpc_url) as client:
+        assert probe(client) == "OK"  # admitted: nothing else is in flight
+        answers: list[object] = []
+        client.start_stream(callback=lambda result, error: answers.append(error or result))
+        rows = _input(np.ones((40, 512), np.float32), "x")  # 80 KiB: counted
+        for _ in range(400):
+            client.async_stream_infer("slow", [rows])
+        # The server reads until its window is full: the window's requests, the one
+        # whose answer it awaits, and the one waiting for room all run.
+        full = STREAM_WINDOW + 2
+        deadline = time.monotonic() + 30
+        while (running := inflight(server, "slow")) < full and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running == full, "the window never filled"
+        client.stop_stream(cancel_requests=True)
+        deadline = time.monotonic() + 30  # the runs already started finish first
+        while (outcome := probe(client)) != "OK" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert outcome == "OK", outcome

@@ -147,7 +147,12 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
                 async for request in request_iterator:
                     # A full window blocks reading, so gRPC flow control slows the client.
                     answer = asyncio.ensure_future(self._stream_answer(request))
-                    await pending.put((request, answer))
+                    try:
+                        await pending.put((request, answer))
+                    except asyncio.CancelledError:  # the stream ended while the window was
+                        answer.cancel()  # full: this request is in no queue, so it is
+                        release(request)  # dropped (and its bytes freed) here
+                        raise
             finally:
                 await pending.put(None)
 
