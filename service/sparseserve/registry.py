@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 import numpy as np
 
@@ -229,6 +230,7 @@ class ModelRegistry:
         # of directories that were in the repository, so this stays small.)
         self._name_locks: dict[str, asyncio.Lock] = {}
         self._retiring: set[asyncio.Task[None]] = set()
+        self._changes: set[asyncio.Task[None]] = set()  # loads and unloads under way
         self._draining: set[LoadedModel] = set()
         # One load at a time, so that each version's measured memory growth is its own.
         self._load_lock = asyncio.Lock()
@@ -316,9 +318,24 @@ class ModelRegistry:
         Raise `ModelLoadError` if a version it should serve could not be loaded.
 
         With `retry_failed` False (polling), a version that failed to load is tried again
-        only once its files change."""
+        only once its files change.
+
+        A caller that is cancelled (a client's deadline on RepositoryModelLoad) stops
+        waiting, not the load: as in Triton, it runs to its end, and a half-loaded
+        engine is never left behind."""
         if not self.repository.exists(name):  # also refuses names like "../x"
             raise ModelNotFound(f"model {name!r} is not in the repository")
+        await self._to_the_end(self._load(name, retry_failed))
+
+    async def _to_the_end(self, change: Coroutine[Any, Any, None]) -> None:
+        """Run a load or unload to its end even if the caller stops waiting for it."""
+        task = asyncio.ensure_future(change)
+        self._changes.add(task)
+        task.add_done_callback(self._changes.discard)
+        task.add_done_callback(_retrieved)
+        await asyncio.shield(task)
+
+    async def _load(self, name: str, retry_failed: bool) -> None:
         async with self._name_lock(name):
             entry = self._entries.get(name)
             if entry is None:
@@ -518,10 +535,14 @@ class ModelRegistry:
         log.info("unloaded model %s version %d", model.name, model.version)
 
     async def unload(self, name: str) -> None:
-        """Stop serving `name`: new requests are refused at once, in-flight ones finish."""
+        """Stop serving `name`: new requests are refused at once, in-flight ones finish.
+        Like a load, it happens even if the caller stops waiting for it."""
         self.repository.path(name)
         if name not in self._entries and name not in self._name_locks:
             raise ModelNotFound(f"model {name!r} is not loaded")
+        await self._to_the_end(self._unload(name))
+
+    async def _unload(self, name: str) -> None:
         async with self._name_lock(name):  # after the loads sent before this call
             entry = self._entries.pop(name, None)
             if entry is None:
@@ -552,6 +573,8 @@ class ModelRegistry:
 
     async def close(self) -> None:
         """Unload everything (in-flight requests finish first, up to the grace period)."""
+        if self._changes:  # loads and unloads their callers stopped waiting for end first
+            await asyncio.gather(*self._changes, return_exceptions=True)
         for name in list(self._entries):
             await self.unload(name)
         if self._retiring:
@@ -596,6 +619,14 @@ def _parse_version(version: str) -> int:
     if len(version) > 19:  # past int64, as Triton's versions are; `int` refuses 4,301 digits
         return -1
     return int(version)
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """A load's outcome, read so that a load nobody awaits any more (its caller was
+    cancelled) does not log "Task exception was never retrieved": `load` logged or
+    raised it already."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _batch_rows(inputs: Mapping[str, np.ndarray]) -> int:

@@ -749,6 +749,38 @@ def test_load_unload_load_in_quick_succession_ends_loaded(
         assert version == "1" and y.shape == (1, 2048)
 
 
+def test_a_load_whose_client_gives_up_still_ends_loaded(
+    start_server: StartServer,
+    repo: Path,
+    big_model: Path,
+    connect: Callable[..., triton.InferenceServerClient],
+) -> None:
+    """A client's deadline passes while its load runs: the client hears
+    DEADLINE_EXCEEDED, the load goes on to its end, as Triton's does (it was cut
+    half-way: the model neither loaded nor listed in the index), and so does an unload
+    whose client gives up."""
+    server = start_server(repo, "--model-control", "explicit", "--load-model", "mlp")
+    client = connect(server)
+    error = rpc_error(lambda: client.load_model("big", client_timeout=0.01))
+    assert status(error) == "DEADLINE_EXCEEDED"
+    wait_until(lambda: client.is_model_ready("big"), "'big' loaded after its client left")
+    assert index(client)[("big", "1")] == ("READY", "")
+    y, _ = infer(client, "big", np.zeros((1, 2048), np.float32))
+    assert y.shape == (1, 2048)
+
+    os.utime(big_model, ns=(time.time_ns(), time.time_ns()))
+    with ThreadPoolExecutor(1) as pool:
+        reload = pool.submit(connect(server).load_model, "big")  # holds the model's lock
+        deadline = time.monotonic() + DEADLINE  # polled without a pause: it is short
+        while index(client)[("big", "1")][0] != "LOADING":
+            assert time.monotonic() < deadline, "'big' never seen reloading"
+        error = rpc_error(lambda: client.unload_model("big", client_timeout=0.01))
+        assert status(error) == "DEADLINE_EXCEEDED"
+        reload.result(timeout=60)
+    wait_until(lambda: not client.is_model_ready("big"), "'big' unloaded after its client left")
+    assert "unloaded model big version 1" in server.log()
+
+
 def test_load_load_unload_in_quick_succession_ends_unloaded(
     start_server: StartServer,
     repo: Path,
