@@ -18,7 +18,7 @@ from google.protobuf import text_format
 
 from sparseserve.backends.base import ExecutionRecord, ModelFiles, ModelSignature
 from sparseserve.backends.onnxruntime import OnnxRuntimeBackend
-from sparseserve.errors import InvalidInput, ModelLoadError, Overloaded
+from sparseserve.errors import InferenceFailed, InvalidInput, ModelLoadError, Overloaded
 from sparseserve.protocol import model_config_pb2
 from sparseserve.scheduling.batcher import BatchingPolicy, BatchShare, DynamicBatcher
 from sparseserve.settings import BatchingSettings, OnnxRuntimeSettings
@@ -154,6 +154,53 @@ def test_a_request_the_model_rejects_at_run_time_fails_alone(tmp_path: Path) -> 
     assert isinstance(results[2], InvalidInput) and "out of data bounds" in str(results[2])
     good = [r.record.outputs["y"].tolist() for i, r in enumerate(results) if i != 2]  # type: ignore[union-attr]
     assert good == [[10.0, 20.0], [30.0], [40.0, 40.0]]
+
+
+class UntranslatedFailure(CountedBackend):
+    """onnxruntime, but a lone request with a negative value fails with a plain
+    RuntimeError, as an engine error the backend does not translate would (a GPU
+    Triton's client errors can be such; no GPU runs here), and a batch holding one
+    fails as the model's own error does."""
+
+    async def infer(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> ExecutionRecord:
+        x = inputs["x"]
+        if (x < 0).any():
+            if len(x) > 1:
+                raise InvalidInput("a negative row in the batch")
+            raise RuntimeError("engine blew up")
+        return await super().infer(inputs, outputs)
+
+
+def test_an_untranslated_failure_in_a_retried_half_leaves_no_request_waiting(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The batch fails, its halves are retried, and the bad request's retry fails with
+    an error that is not the server's own: it gets that error as INTERNAL, every other
+    request is still answered (the half after it was once never run: its callers waited
+    for ever), and the error is logged once."""
+    path = onnx_models.add_constant(tmp_path / "add.onnx", 1.0)
+
+    async def main() -> list[object]:
+        executor = ThreadPoolExecutor(2)
+        backend = UntranslatedFailure(ModelFiles("add", 1, path), OnnxRuntimeSettings(), executor)
+        await backend.load()
+        batcher = DynamicBatcher("add", backend, POLICY)
+        try:
+            rows = [np.full((1, 4), v, np.float32) for v in (-1.0, 1.0, 2.0, 3.0)]
+            calls = [batcher.infer({"x": x}, ["y"]) for x in rows]
+            return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+        finally:
+            await backend.unload()
+            executor.shutdown()
+
+    results = asyncio.run(main())
+    assert isinstance(results[0], InferenceFailed) and "engine blew up" in str(results[0])
+    answers = [r.record.outputs["y"].tolist() for r in results[1:]]  # type: ignore[union-attr]
+    assert answers == [[[2.0] * 4], [[3.0] * 4], [[4.0] * 4]]
+    failures = [r for r in caplog.records if "a batch execution failed" in r.getMessage()]
+    assert len(failures) == 1
 
 
 def test_inputs_that_disagree_on_the_batch_dimension_are_refused(tmp_path: Path) -> None:

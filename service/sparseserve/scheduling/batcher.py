@@ -305,6 +305,10 @@ class DynamicBatcher:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # Its requests were failed with it; said once here, not by asyncio's
+            # "Task exception was never retrieved".
+            log.error("model %s: a batch execution failed: %r", self.name, error)
         self._schedule()
 
     # -- running a batch --------------------------------------------------------------
@@ -321,9 +325,20 @@ class DynamicBatcher:
             # Find the culprits by halves: the good requests still share executions.
             log.debug("a batch of %d requests failed (%s); retrying in halves", len(batch), exc)
             half = len(batch) // 2
-            for part in (batch[:half], batch[half:]):
-                if live := [r for r in part if not r.future.done()]:
-                    await self._execute(live)
+            unexpected: Exception | None = None  # a half failed with it: the other still runs
+            try:
+                for part in (batch[:half], batch[half:]):
+                    if live := [r for r in part if not r.future.done()]:
+                        try:
+                            await self._execute(live)
+                        except Exception as error:  # its requests were failed with it
+                            unexpected = unexpected or error
+            except BaseException as error:  # cancelled: the rest fail, none left waiting
+                for request in batch:
+                    _fail(request, InferenceFailed(f"batch execution failed: {error!r}"))
+                raise
+            if unexpected is not None:
+                raise unexpected
             return
         except BaseException as exc:  # e.g. cancelled at shutdown: its callers fail too
             for request in batch:
