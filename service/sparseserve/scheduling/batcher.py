@@ -324,21 +324,7 @@ class DynamicBatcher:
                 return
             # Find the culprits by halves: the good requests still share executions.
             log.debug("a batch of %d requests failed (%s); retrying in halves", len(batch), exc)
-            half = len(batch) // 2
-            unexpected: Exception | None = None  # a half failed with it: the other still runs
-            try:
-                for part in (batch[:half], batch[half:]):
-                    if live := [r for r in part if not r.future.done()]:
-                        try:
-                            await self._execute(live)
-                        except Exception as error:  # its requests were failed with it
-                            unexpected = unexpected or error
-            except BaseException as error:  # cancelled: the rest fail, none left waiting
-                for request in batch:
-                    _fail(request, InferenceFailed(f"batch execution failed: {error!r}"))
-                raise
-            if unexpected is not None:
-                raise unexpected
+            await self._execute_halves(batch)
             return
         except BaseException as exc:  # e.g. cancelled at shutdown: its callers fail too
             for request in batch:
@@ -359,6 +345,26 @@ class DynamicBatcher:
                 )
                 counted = True
                 request.future.set_result(share)
+
+    async def _execute_halves(self, batch: list[_Request]) -> None:
+        """Run each half of a failed batch. A half that fails with an error that is not
+        the server's own has had its requests failed with it; the other half still runs,
+        and the error is raised after it. Cancelled: every request left fails too."""
+        half = len(batch) // 2
+        unexpected: Exception | None = None
+        try:
+            for part in (batch[:half], batch[half:]):
+                if live := [r for r in part if not r.future.done()]:
+                    try:
+                        await self._execute(live)
+                    except Exception as error:
+                        unexpected = unexpected or error
+        except BaseException as error:
+            for request in batch:
+                _fail(request, InferenceFailed(f"batch execution failed: {error!r}"))
+            raise
+        if unexpected is not None:
+            raise unexpected
 
     async def _run(self, batch: list[_Request]) -> tuple[ExecutionRecord, list[Outputs]]:
         """One backend execution for `batch`: its record, and each request's own rows of
