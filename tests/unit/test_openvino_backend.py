@@ -4,6 +4,7 @@ variant's precision comes from, and how the layers on a sparse kernel are counte
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -328,3 +329,50 @@ def test_a_file_of_sparse_initializers_is_read_through_a_dense_copy(tmp_path: Pa
     got = compiled.create_infer_request().infer({"input": x})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert not list(tmp_path.glob("sparseserve-openvino-*"))
+
+
+def test_a_run_cancelled_twice_keeps_its_infer_request_until_the_run_ends(
+    tmp_path: Path,
+) -> None:
+    """A caller cancelled while its run is on the thread pool waits for the run; cancelled
+    again (a shutdown's cut, then grpc's stop), it stops waiting, but its InferRequest is
+    still busy in the thread: it must not go back to the pool before the run ends (it
+    did: the next execution took the busy request, to wait behind the abandoned run or
+    write over its inputs)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sparseserve.backends.openvino import OpenVinoBackend
+
+    path = onnx_models.slow(tmp_path / "1" / "model.onnx", width=512, depth=32)
+
+    async def main() -> tuple[float, float]:
+        with ThreadPoolExecutor(2) as executor:
+            backend = OpenVinoBackend(
+                ModelFiles("slow", 1, path), OpenVinoSettings(), 1, 0.0, executor
+            )
+            await backend.load()
+            one = np.ones((1, 512), np.float32)
+            want = (await backend.infer({"x": one}, ["y"])).outputs["y"]
+            long = asyncio.create_task(
+                backend.infer({"x": np.ones((8192, 512), np.float32)}, ["y"])
+            )
+            await asyncio.sleep(0.2)  # running in a pool thread
+            assert not long.done(), "the run ended before the cancels; it must span them"
+            long.cancel()
+            await asyncio.sleep(0.01)
+            long.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await long
+            assert backend._idle == [], "a busy InferRequest is back in the pool"
+            got = (await backend.infer({"x": one}, ["y"])).outputs["y"]  # a new request
+            started = time.monotonic()
+            while len(backend._idle) < 2 and time.monotonic() - started < 30:
+                await asyncio.sleep(0.05)
+            pool = len(backend._idle)  # the busy one is back once its run ended
+            await backend.unload()
+            return float(np.abs(got - want).max()), float(np.abs(want).max()), pool
+
+    difference, scale, pool = asyncio.run(main())
+    assert scale > 0 and difference <= 1e-6
+    assert pool == 2

@@ -27,12 +27,13 @@ shapes goes through OpenVINO's shape inference on it once before it runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import statistics
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from functools import cache
 from pathlib import Path
@@ -213,6 +214,7 @@ class OpenVinoBackend(Backend):
                 self._checked_shapes.add(shapes)
         request = self._take()
         started = time.perf_counter_ns()
+        job: Future[list[np.ndarray]] | None = None
         try:
             if self._us_per_element * sum(a.size for a in feeds.values()) <= self._inline_max_us:
                 results = _run_request(request, feeds, names)
@@ -222,8 +224,13 @@ class OpenVinoBackend(Backend):
         except Exception as exc:
             raise engine_failure(self._files.name, _engine_message(exc), _CLIENT_FAULTS) from exc
         finally:
-            if self._compiled is not None:  # after unload, the request goes with the model
-                self._idle.append(request)
+            if job is not None and not job.done():
+                # Cancelled again while its run went on (a shutdown's cut, then grpc's
+                # stop): the request is busy until the run ends, and only then reusable.
+                loop = asyncio.get_running_loop()
+                job.add_done_callback(lambda _: _on_loop(loop, self._give_back, request))
+            else:
+                self._give_back(request)
         return ExecutionRecord(
             dict(zip(names, results, strict=True)), self.name, time.perf_counter_ns() - started
         )
@@ -248,6 +255,10 @@ class OpenVinoBackend(Backend):
                 f"({', '.join(f'{n} {list(a.shape)}' for n, a in feeds.items())}): "
                 f"{_engine_message(exc)}"
             ) from exc
+
+    def _give_back(self, request: openvino.InferRequest) -> None:
+        if self._compiled is not None:  # after unload, the request goes with the model
+            self._idle.append(request)
 
     def _take(self) -> openvino.InferRequest:
         """A request no execution holds: the pool only grows while more run at once."""
@@ -400,6 +411,12 @@ def _run_request(
     """One execution; the results are copies, as the request is used again after."""
     results = request.infer(feeds, share_inputs=False, share_outputs=False)
     return [results[name] for name in names]
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, call: Callable[..., None], *args: Any) -> None:
+    """`call(*args)` on `loop`, from another thread; nothing once the loop is closed."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(call, *args)
 
 
 async def _wait(job: Future[list[np.ndarray]]) -> list[np.ndarray]:
