@@ -13,6 +13,7 @@ import asyncio
 import socket
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -307,3 +308,93 @@ def test_dispatch_triton_refuses_what_triton_would_compute_in_another_precision(
         assert f"is dispatched to Triton, but it is {why}" in found[model], found[model]
         assert f"dispatch_overrides: {{{model}: cpu}}" in found[model], found[model]
     np.testing.assert_array_equal(infer(server.grpc_url), infer(upstream.grpc_url))
+
+
+def test_a_request_running_on_a_draining_triton_is_answered_by_it(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """A long request is running on the upstream when it starts to drain (SIGTERM, as in
+    a rolling restart): new requests find it unavailable and open the breaker, whose
+    probes find it not ready. The long request is still answered, by the upstream (a
+    failed probe once closed the connection under it: the client got CANCELLED)."""
+    root = tmp_path / "repository"
+    onnx_models.mlp(root / MODEL / "1" / "model.onnx")
+    onnx_models.slow(root / "slow" / "1" / "model.onnx", width=512, depth=32)
+    upstream = ServerProcess(root, "--shutdown-grace", "60").start()
+    try:
+        server = start_server(
+            root, "--triton-url", upstream.grpc_url, "--dispatch", "triton", env=FAST_PROBES
+        )
+        rows = np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32)
+
+        def slow(url: str, x: np.ndarray) -> np.ndarray:
+            with triton.InferenceServerClient(url) as client:
+                tensor = triton.InferInput("x", list(x.shape), "FP32")
+                tensor.set_data_from_numpy(x)
+                return client.infer("slow", [tensor], client_timeout=60).as_numpy("y")
+
+        want = slow(upstream.grpc_url, rows)
+        started = time.monotonic()
+        slow(upstream.grpc_url, np.zeros((4096, 512), np.float32))
+        seconds = time.monotonic() - started  # for 4,096 rows here
+        long = np.zeros((min(100_000, max(4096, int(4096 * 2.5 / seconds))), 512), np.float32)
+        long[: len(rows)] = rows  # lasts ~2.5 s
+
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(slow, server.grpc_url, long)
+            wait_for(lambda: value(scrape(upstream), "sparseserve_inflight_requests",
+                                   model="slow") >= 1, 20, "the long request upstream")  # fmt: skip
+            upstream.signal()  # drains: finishes what runs, refuses what comes
+            wait_for(lambda: not _ready(upstream.grpc_url), 10, "the upstream to drain")
+            for _ in range(3):  # each refused upstream, answered by onnxruntime
+                np.testing.assert_allclose(slow(server.grpc_url, rows), want, rtol=1e-5, atol=1e-6)
+            assert value(scrape(server), "sparseserve_circuit_open", model="slow") == 1
+            time.sleep(1.0)  # several failed probes
+            assert not running.done(), "the long request ended early; it must span the probes"
+            got = running.result(timeout=60)
+        np.testing.assert_allclose(got[: len(rows)], want, rtol=1e-5, atol=1e-6)
+        assert value(scrape(server), "sparseserve_fallbacks_total", model="slow") == 3
+    finally:
+        upstream.close()
+
+
+def _ready(url: str) -> bool:
+    try:
+        with triton.InferenceServerClient(url) as client:
+            return bool(client.is_server_ready(client_timeout=2))
+    except InferenceServerException:
+        return False
+
+
+def test_a_triton_call_whose_connection_closes_under_it_is_unavailable(tmp_path: Path) -> None:
+    """The connection to Triton closed while a call runs on it (an unload past its grace
+    period): the call ends BackendUnavailable, which a fallback answers, rather than
+    with a CancelledError nobody asked for (which left the client unanswered until its
+    deadline)."""
+    from sparseserve.backends.base import ModelFiles
+    from sparseserve.backends.triton import TritonBackend
+    from sparseserve.errors import BackendUnavailable
+    from sparseserve.settings import TritonSettings
+
+    path = onnx_models.slow(tmp_path / "slow" / "1" / "model.onnx", width=512, depth=32)
+    with ServerProcess(tmp_path) as upstream:
+
+        async def main() -> BaseException | None:
+            backend = TritonBackend(
+                ModelFiles("slow", 1, path), TritonSettings(url=upstream.grpc_url)
+            )
+            await backend.load()
+            long = np.zeros((100_000, 512), np.float32)  # seconds of work
+            call = asyncio.create_task(backend.infer({"x": long}, ["y"]))
+            await asyncio.sleep(0.5)
+            assert not call.done()
+            await backend.unload()
+            try:
+                await asyncio.wait_for(call, 10)
+            except BaseException as exc:  # which one is the question
+                return exc
+            return None
+
+        error = asyncio.run(main())
+    assert isinstance(error, BackendUnavailable), repr(error)
+    assert "cancelled" in str(error)

@@ -118,3 +118,45 @@ def test_settle_waits_for_refused_arrivals_to_pause() -> None:
     quiet, waited, settled = asyncio.run(main())
     assert quiet and 0.2 <= waited < 1.5  # past the last arrival (0.15 s) plus a pause
     assert not settled
+
+
+def test_a_cancellation_nobody_asked_the_call_for_is_answered_internal() -> None:
+    """A handler awaits something another task cancels (as a connection to an upstream
+    closed under its call did): the CancelledError that comes up is not the call's own.
+    Re-raised, grpc.aio would take the call for cancelled and never answer it; the
+    client gets INTERNAL at once, and calls after it are served."""
+
+    async def main() -> tuple[grpc.aio.AioRpcError, float, bytes]:
+        async def stray(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            upstream: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_later(0.01, upstream.cancel)
+            return await upstream
+
+        async def live(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            return b"live"
+
+        server = grpc.aio.server()
+        add_mapping_errors(
+            add_to_server, {"Slow": stray, "Live": live}, server, Drain(), frozenset()
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                started = asyncio.get_running_loop().time()
+                try:
+                    await channel.unary_unary(f"/{SERVICE}/Slow")(b"x", timeout=10)
+                    raise AssertionError("the call was answered OK")
+                except grpc.aio.AioRpcError as exc:
+                    error = exc
+                took = asyncio.get_running_loop().time() - started
+                after = await channel.unary_unary(f"/{SERVICE}/Live")(b"x", timeout=10)
+        finally:
+            await server.stop(None)
+        return error, took, after
+
+    error, took, after = asyncio.run(main())
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert "was cancelled" in (error.details() or "")
+    assert took < 5
+    assert after == b"live"

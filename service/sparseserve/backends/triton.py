@@ -10,6 +10,7 @@ NOT_FOUND -> `ModelNotReady`; anything else -> `InferenceFailed`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -104,7 +105,8 @@ class TritonBackend(Backend):
     async def load(self) -> ModelSignature:
         """Check Triton serves the model, asking it to load it if not (explicit
         model-control mode), and return its signature from ModelMetadata."""
-        if self._client is None:
+        first = self._client is None
+        if first:
             self._client = connect(self._settings)
         try:
             if not await self.ready():
@@ -115,7 +117,11 @@ class TritonBackend(Backend):
                 )
             )
         except SparseServeError:
-            await self.unload()
+            # A breaker's probe (not the first load) keeps the connection: calls sent
+            # before the breaker opened may still be answered on it (a draining Triton
+            # finishes them), and gRPC reconnects to a restarted one by itself.
+            if first:
+                await self.unload()
             raise
         return ModelSignature(_specs(metadata.inputs), _specs(metadata.outputs))
 
@@ -206,6 +212,15 @@ class TritonBackend(Backend):
             raise _domain_error(exc, self._settings.url) from exc
         except TimeoutError as exc:
             raise BackendUnavailable(f"Triton at {self._settings.url} timed out") from exc
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # our own caller is cancelled
+            # The connection was closed under the call (an unload past its grace period):
+            # unreachable, so a fallback may still answer it.
+            raise BackendUnavailable(
+                f"Triton at {self._settings.url}: the call was cancelled (connection closed)"
+            ) from exc
 
 
 def _domain_error(exc: InferenceServerException, url: str | None) -> SparseServeError:

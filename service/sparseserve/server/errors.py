@@ -225,9 +225,12 @@ def _mapping_errors(behavior: Behavior, method: str, drain: Drain | None) -> Beh
         except grpc.aio.AbortError:
             raise
         except asyncio.CancelledError:
-            if drain is None or not drain.was_cut:
+            if drain is not None and drain.was_cut:
+                code, details = grpc.StatusCode.UNAVAILABLE, GRACE_ENDED
+            elif _being_cancelled():
                 raise  # the client went away, or grpc.aio stops
-            code, details = grpc.StatusCode.UNAVAILABLE, GRACE_ENDED
+            else:
+                code, details = _stray_cancel(method)
         except Exception as exc:
             log.exception("unexpected error in %s", method)
             code, details = grpc.StatusCode.INTERNAL, status_details(f"internal error: {exc}")
@@ -270,9 +273,12 @@ def _mapping_stream_errors(
         except grpc.aio.AbortError:
             raise
         except asyncio.CancelledError:
-            if drain is None or not drain.was_cut:
+            if drain is not None and drain.was_cut:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, GRACE_ENDED)
+            elif _being_cancelled():
                 raise
-            await context.abort(grpc.StatusCode.UNAVAILABLE, GRACE_ENDED)
+            else:
+                await context.abort(*_stray_cancel(method))
         except Exception as exc:
             log.exception("unexpected error in %s", method)
             await context.abort(grpc.StatusCode.INTERNAL, status_details(f"internal error: {exc}"))
@@ -281,3 +287,19 @@ def _mapping_stream_errors(
                 drain.release()
 
     return call
+
+
+def _being_cancelled() -> bool:
+    """Whether this call's own task is being cancelled (its client went away, its
+    deadline passed, grpc.aio stops), rather than a CancelledError having come up from
+    something it awaited (a future another task cancelled, a connection closed under
+    a call to an upstream)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
+def _stray_cancel(method: str) -> tuple[grpc.StatusCode, str]:
+    """A CancelledError nobody asked this call for: re-raised, grpc.aio would take the
+    call for cancelled and never answer it (its client waits out its deadline)."""
+    log.error("unexpected cancellation in %s", method, exc_info=True)
+    return grpc.StatusCode.INTERNAL, "internal error: an operation it waited for was cancelled"
