@@ -411,6 +411,7 @@ def encode_outputs(response: object, outputs: Mapping[str, np.ndarray]) -> None:
 # integers never take floats (1.5 would silently become 1), BOOL only takes true/false.
 _JSON_KINDS: Mapping[str, str] = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
 _JSON_KIND_NAMES: Mapping[str, str] = {"b": "true/false", "iu": "integers", "iuf": "numbers"}
+_JSON_TYPES: Mapping[str, set[type]] = {"b": {bool}, "iu": {int}, "iuf": {int, float}}
 
 
 def decode_json_data(name: str, dtype: Datatype, shape: Sequence[int], data: object) -> np.ndarray:
@@ -433,7 +434,13 @@ def decode_json_data(name: str, dtype: Datatype, shape: Sequence[int], data: obj
                 f"input {name!r}: BYTES data must be JSON strings (send other bytes as binary data)"
             )
         array = np.empty(count, dtype=object)
-        array[:] = [item.encode("utf-8") for item in strings]
+        try:
+            array[:] = [item.encode("utf-8") for item in strings]
+        except UnicodeEncodeError as exc:  # "\ud800": a JSON escape, but no character
+            raise InvalidInput(
+                f"input {name!r}: a BYTES string is not valid Unicode ({exc.reason}: "
+                f"{exc.object[exc.start : exc.end]!r}); send such bytes as binary data"
+            ) from None
         return array.reshape(shape)
     try:
         values = np.array(data)
@@ -459,11 +466,24 @@ def decode_json_data(name: str, dtype: Datatype, shape: Sequence[int], data: obj
             raise InvalidInput(
                 f"input {name!r}: a value is out of range for {dtype.name}"
             ) from None
-    if count and values.dtype.kind not in accepted:
-        raise InvalidInput(
-            f"input {name!r}: {dtype.name} data must be JSON {_JSON_KIND_NAMES[accepted]}, "
-            f"got {_flatten(data)[0]!r}"
-        )
+    if count:
+        # The JSON types themselves: numpy reads true/false among numbers as 1/0 and
+        # makes objects of other mixtures; name the first value the datatype does not take.
+        flat = _flatten(data)
+        allowed = _JSON_TYPES[accepted]
+        if not set(map(type, flat)) <= allowed:
+            bad = next(v for v in flat if type(v) not in allowed)
+            raise InvalidInput(
+                f"input {name!r}: {dtype.name} data must be JSON {_JSON_KIND_NAMES[accepted]}, "
+                f"got {bad!r}"
+            )
+        if values.dtype.kind == "O":  # integers past int64, for a float datatype
+            try:
+                values = np.array(flat, dtype=np.float64)
+            except OverflowError:
+                raise InvalidInput(
+                    f"input {name!r}: a value is out of range for {dtype.name}"
+                ) from None
     if count and dtype.numpy.kind in "iu":
         limits = np.iinfo(dtype.numpy)
         low, high = int(values.min()), int(values.max())

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import http.client
 import json
+import os
 import re
 import shlex
 import shutil
@@ -19,6 +21,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -553,6 +556,84 @@ def test_the_rest_body_counts_against_the_request_budget(
         status, data = read_status(connection)
     assert status == 413 and b"max_http_body_bytes" in data, data
     assert_serves(server)
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_from_tritonclient_are_answered_as_plain_ones(
+    server: ServerProcess, http_client: triton_http.InferenceServerClient, algorithm: str
+) -> None:
+    """tritonclient.http's `request_compression_algorithm` (Triton takes gzip and
+    deflate): the answer equals gRPC's, in JSON and in binary form; the repository
+    routes take compressed bodies too."""
+    x = mlp_rows(300)  # 77 KB: inflated on the codec thread
+    want = grpc_answer(server, "mlp", "input", x)
+    for binary in (False, True):
+        result = http_client.infer(
+            "mlp", [http_input("input", x, binary)], request_compression_algorithm=algorithm
+        )
+        np.testing.assert_array_equal(result.as_numpy("output"), want)
+    small = http_client.infer(
+        "mlp", [http_input("input", x[:1], True)], request_compression_algorithm=algorithm
+    )
+    np.testing.assert_array_equal(small.as_numpy("output"), want[:1])
+    compress = gzip.compress if algorithm == "gzip" else zlib.compress
+    status, _, raw = request(server, "POST", "/v2/repository/index", compress(b"{}"),
+                             {"Content-Encoding": algorithm})  # fmt: skip
+    assert status == 200 and json.loads(raw)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body", "expected"),
+    [
+        ("gzip", b'{"inputs": []}', "not valid gzip data"),
+        ("deflate", b'{"inputs": []}', "not valid deflate data"),
+        ("gzip", gzip.compress(b'{"inputs": []}')[:-4], "not one whole gzip stream"),
+        ("gzip", gzip.compress(b"{}") + b"junk", "not one whole gzip stream"),
+        ("br", b"\x0b\x02\x80{}\x03", "'br' is not supported"),
+        ("gzip, gzip", b"{}", "not supported"),
+    ],
+)
+def test_a_body_that_is_not_what_its_content_encoding_says_is_a_400(
+    server: ServerProcess, encoding: str, body: bytes, expected: str
+) -> None:
+    """Not a 500 with a traceback in the log (it was, for each of these but the last)."""
+    status, _, raw = request(server, "POST", MLP_INFER, body, {"Content-Encoding": encoding})
+    assert status == 400 and expected in json.loads(raw)["error"], raw
+    assert_serves(server)
+
+
+def test_a_compressed_body_past_the_limit_is_refused_without_inflating_the_rest(
+    repository: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """1 MB of gzip that inflates to 1 GiB, to a server that takes 4 MiB bodies: 413,
+    and no more than the limit is ever inflated (all of it was, after the 413: seconds
+    of CPU on the event loop, hundreds of MB, every client of both protocols stalled)."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, 31)  # gzip framing
+    bomb = b"".join([compressor.compress(bytes(1 << 20)) for _ in range(1024)])
+    bomb += compressor.flush()
+    server = start_server(repository, "--max-http-body-bytes", str(4 << 20))
+    started = time.perf_counter()
+    zlib.decompress(bomb, 31)
+    inflate_all = time.perf_counter() - started  # what inflating all of it costs here
+    before = _cpu_seconds(server.pid)
+    head = (f"POST {MLP_INFER} HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n"
+            f"Content-Length: {len(bomb)}\r\n\r\n").encode()  # fmt: skip
+    with raw_http(server, head) as connection:
+        connection.sendall(bomb)
+        status, data = read_status(connection)
+    assert status == 413 and b"max_http_body_bytes" in data, data
+    time.sleep(0.5)
+    spent = _cpu_seconds(server.pid) - before
+    assert spent < inflate_all / 4, (
+        f"{spent:.2f} s of server CPU; inflating it all: {inflate_all:.2f} s"
+    )
+    assert_serves(server)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_connections_past_the_limit_are_refused_and_grpc_serves_on(

@@ -51,6 +51,14 @@ def test_bf16_goes_out_as_json_numbers() -> None:
         ("FP32", [2, 2], [[1.0, 2.0], [3.0]], "not a regular"),
         ("BYTES", [2], ["a", 1], "BYTES data must be JSON strings"),
         ("FP32", [1], 1.0, "'data' must be a JSON array"),
+        # numpy read a boolean among numbers as 1, and named the first element, not the bad one
+        ("FP32", [4], [1, 2, 3, True], "FP32 data must be JSON numbers, got True"),
+        ("INT32", [3], [1, False, 3], "INT32 data must be JSON integers, got False"),
+        ("FP32", [4], [1, 2, 3, None], "FP32 data must be JSON numbers, got None"),
+        ("FP32", [4], [1, 2, 3, "4"], "FP32 data must be JSON numbers, got '4'"),
+        ("BOOL", [2], [True, 1], "BOOL data must be JSON true/false, got 1"),
+        ("FP64", [2], [1, 10**400], "out of range for FP64"),
+        ("BYTES", [2], ["a", "\ud800"], "not valid Unicode"),
     ],
 )
 def test_data_that_does_not_fit_is_invalid_input(
@@ -58,3 +66,9 @@ def test_data_that_does_not_fit_is_invalid_input(
 ) -> None:
     with pytest.raises(InvalidInput, match=message.replace("[", r"\[").replace("]", r"\]")):
         decode(datatype, shape, data)
+
+
+def test_an_integer_past_int64_is_a_number_for_a_float_datatype() -> None:
+    """2**70 is a valid FP32 value written as a JSON integer (it was refused, naming 1)."""
+    array = decode("FP32", [2], [1, 2**70])
+    assert array.dtype == np.float32 and array.tolist() == [1.0, float(2**70)]

@@ -27,6 +27,7 @@ import logging
 import resource
 import ssl
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -176,7 +177,10 @@ class HttpServer:
         # aiohttp reads a timeout of 0 as "no timeout" (wait for every handler), the
         # opposite of a grace period of 0; the smallest positive one cuts at once.
         runner = web.AppRunner(
-            self.app, access_log=None, shutdown_timeout=max(shutdown_timeout, 1e-3)
+            self.app,
+            access_log=None,
+            shutdown_timeout=max(shutdown_timeout, 1e-3),
+            auto_decompress=False,  # `_read` inflates, within the body limit
         )
         await runner.setup()
         handlers = runner.server
@@ -292,7 +296,7 @@ class HttpServer:
     # -- repository -------------------------------------------------------------------
 
     async def repository_index(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = _json_body(await self._read(request))
         ready = body.get("ready", False)
         if not isinstance(ready, bool):
             raise InvalidInput("'ready' must be true or false")
@@ -302,13 +306,13 @@ class HttpServer:
 
     async def load(self, request: web.Request) -> web.Response:
         load = pb.RepositoryModelLoadRequest(model_name=request.match_info["model"])
-        _repository_parameters(await _json_body(request), load)
+        _repository_parameters(_json_body(await self._read(request)), load)
         await self._servicer.RepositoryModelLoad(load, None)
         return web.Response(status=200)
 
     async def unload(self, request: web.Request) -> web.Response:
         unload = pb.RepositoryModelUnloadRequest(model_name=request.match_info["model"])
-        _repository_parameters(await _json_body(request), unload)
+        _repository_parameters(_json_body(await self._read(request)), unload)
         await self._servicer.RepositoryModelUnload(unload, None)
         return web.Response(status=200)
 
@@ -330,7 +334,7 @@ class HttpServer:
                 "the length of the JSON header at the start of the body"
             )
         header_length = lengths[0] if lengths else None
-        body = await request.read()
+        body = await self._read(request)
         cost = 0
         if self._budget is not None and len(body) >= ZERO_COPY_MIN_BYTES:
             cost = request_cost(len(body), header_length)
@@ -341,6 +345,26 @@ class HttpServer:
             if cost:
                 assert self._budget is not None
                 self._budget.give_back(cost)
+
+    async def _read(self, request: web.Request) -> bytes:
+        """The request's body, inflated if it came gzip- or deflate-encoded (as
+        tritonclient.http sends it with `request_compression_algorithm`; Triton takes
+        these two). Inflated here, not by aiohttp, to stop at `max_http_body_bytes`: a
+        1 MB gzip body can hold a GiB, which aiohttp inflated in full, on the event
+        loop, even after refusing it. A large body is inflated on the codec thread."""
+        body = await request.read()  # as sent: at most max_http_body_bytes
+        encodings = request.headers.getall("Content-Encoding", [])
+        encoding = ",".join(encodings).strip().lower()
+        if encoding in ("", "identity"):
+            return body
+        if encoding not in ("gzip", "deflate"):
+            raise InvalidInput(
+                f"Content-Encoding {encoding!r} is not supported; send the body as is, or "
+                "gzip- or deflate-encoded"
+            )
+        if len(body) < ZERO_COPY_MIN_BYTES:
+            return inflate(body, encoding, self._max_body_bytes)
+        return await self._dataplane.in_codec_thread(inflate, body, encoding, self._max_body_bytes)
 
     async def _infer(
         self, request: web.Request, body: bytes, header_length: str | None
@@ -439,14 +463,35 @@ def error_response(status: int, message: str) -> web.Response:
     return _json({"error": message}, status)
 
 
+def inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """`body` gzip- or deflate-decoded (deflate: zlib-wrapped as RFC 9110 says, or raw, as
+    some clients send it), refused with 413 once it passes `limit` bytes and with 400 if
+    it is not one whole stream of that encoding. Never inflates more than `limit` + 1."""
+    if encoding == "gzip":
+        wbits = 16 + zlib.MAX_WBITS
+    else:
+        wbits = zlib.MAX_WBITS if body[:1] and body[0] & 0x0F == 8 else -zlib.MAX_WBITS
+    decompressor = zlib.decompressobj(wbits)
+    try:
+        data = decompressor.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidInput(f"request body is not valid {encoding} data: {exc}") from None
+    if len(data) > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(data))
+    if not decompressor.eof or decompressor.unused_data:
+        raise InvalidInput(
+            f"request body is not one whole {encoding} stream (Content-Encoding: {encoding})"
+        )
+    return data
+
+
 def _model(request: web.Request) -> tuple[str, str]:
     info = request.match_info
     return info.get("model", ""), info.get("version", "")
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+def _json_body(text: bytes) -> dict[str, Any]:
     """The request's JSON object ({} for an empty body, as tritonclient may send)."""
-    text = await request.read()
     if not text.strip():
         return {}
     try:
