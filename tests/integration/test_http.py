@@ -636,6 +636,27 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def test_requests_that_cannot_be_parsed_are_400_without_a_traceback_each(
+    repository: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """A bad request line, a bad chunk size, a header line too long: each is answered
+    400 and logged at most as one DEBUG line (each was an ERROR with a traceback: 28
+    bytes from any client wrote 550 bytes of log)."""
+    server = start_server(repository)
+    malformed = [
+        b"GET /\x7f HTTP/1.1\r\nHost: x\r\n\r\n",
+        f"POST {MLP_INFER} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".encode(),
+        b"GET /v2 HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 10_000 + b"\r\n\r\n",
+    ]
+    before = len(server.log())
+    for head in malformed * 10:
+        with raw_http(server, head) as connection:
+            assert connection.recv(100).split(b" ", 2)[1] == b"400"
+    assert_serves(server)
+    written = server.log()[before:]
+    assert "Traceback" not in written and "Error handling request" not in written, written
+
+
 def test_connections_past_the_limit_are_refused_and_grpc_serves_on(
     repository: Path, start_server: Callable[..., ServerProcess]
 ) -> None:
