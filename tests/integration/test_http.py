@@ -645,7 +645,8 @@ def test_requests_that_cannot_be_parsed_are_400_without_a_traceback_each(
     server = start_server(repository)
     malformed = [
         b"GET /\x7f HTTP/1.1\r\nHost: x\r\n\r\n",
-        f"POST {MLP_INFER} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".encode(),
+        f"POST {MLP_INFER} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "zz\r\n".encode(),
         b"GET /v2 HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 10_000 + b"\r\n\r\n",
     ]
     before = len(server.log())
