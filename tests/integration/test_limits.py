@@ -8,14 +8,19 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
+from sparseserve import codec
+from sparseserve.api import service_pb2 as v1
+from sparseserve.api import service_pb2_grpc as v1_grpc
 from sparseserve.client.server_process import ServerProcess
 from sparseserve.testing import onnx_models
 from tests.scrape import inflight
@@ -207,6 +212,59 @@ def test_too_many_bytes_elements_are_refused_at_once(
         words = np.full((1, 1000), b"w", dtype=object)
         assert client.infer("identity", identity_inputs(words)).as_numpy("out_BYTES").size == 1000
         assert_serves(client)
+
+
+def predict(server: ServerProcess, model: str, arrays: dict[str, np.ndarray]) -> object:
+    """A `sparseserve.v1` Predict: its response, or the grpc.RpcError it ended with."""
+    request = v1.PredictRequest(name=model)
+    for name, array in arrays.items():
+        datatype = codec.datatype_of(array)
+        data = codec.serialize_bytes(array) if datatype is codec.BYTES else array.tobytes()
+        request.inputs[name].CopyFrom(
+            v1.Tensor(datatype=datatype.name, shape=array.shape, data=data)
+        )
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        try:
+            return v1_grpc.SparseServeStub(channel).Predict(request, timeout=30)
+        except grpc.RpcError as exc:
+            return exc
+
+
+def test_predict_keeps_the_same_limits_as_model_infer(
+    repository: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """The v1 API's Predict within the server's limits, as ModelInfer: BYTES elements
+    past max_bytes_elements, and a message that would pass max_inflight_request_bytes
+    while another holds it, are refused RESOURCE_EXHAUSTED (both were served: a client
+    could step around every limit by calling Predict)."""
+    server = start_server(
+        repository,
+        "--max-bytes-elements", "1000",
+        "--max-inflight-request-bytes", str(MiB),
+        "--inference-threads", "2",
+    )  # fmt: skip
+    identity = {f"in_{t}": np.zeros((1, 1), dtype=triton_to_np_dtype(t))
+                for t in onnx_models.ELEMENT_TYPES if t != "BYTES"}  # fmt: skip
+    refused = predict(server, "identity", identity | {"in_BYTES": np.full((1, 1001), b"w", object)})
+    assert isinstance(refused, grpc.RpcError), refused
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_bytes_elements" in (refused.details() or "")
+    served = predict(server, "identity", identity | {"in_BYTES": np.full((1, 1000), b"w", object)})
+    assert isinstance(served, v1.PredictResponse), served
+
+    small = {"input": np.ones((1200, 64), np.float32)}  # 300 kB: counted
+    with triton.InferenceServerClient(server.grpc_url) as client, ThreadPoolExecutor(1) as pool:
+        large = pool.submit(client.infer, "slow", slow_rows(2 * SLOW_ROWS))  # 4 MiB
+        deadline = time.monotonic() + 30
+        while inflight(server, "slow") < 1:
+            assert time.monotonic() < deadline, "the large request never ran"
+            time.sleep(0.005)
+        refused = predict(server, "mlp", small)
+        large.result(timeout=60)
+    assert isinstance(refused, grpc.RpcError), refused
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_inflight_request_bytes" in (refused.details() or "")
+    assert isinstance(predict(server, "mlp", small), v1.PredictResponse)
 
 
 @pytest.mark.slow

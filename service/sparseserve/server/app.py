@@ -176,9 +176,10 @@ class SparseServeServer:
         )
         add_mapping_errors(
             service_pb2_grpc.add_SparseServeServicer_to_server,
-            PredictServicer(self.dataplane, self.control),
+            PredictServicer(self.dataplane, self.control, settings.max_bytes_elements),
             restricted,
             self._drain,
+            deserializers={"Predict": self.request_budget.admit_predict},
         )
         # The stand-in has the two registration methods generated code calls, not the
         # whole grpc.aio.Server the health stubs ask for.

@@ -21,23 +21,36 @@ from sparseserve.dataplane import DataPlane
 from sparseserve.repository.manifest import VariantManifest
 from sparseserve.routing.router import Family
 from sparseserve.server.errors import ServicerContext
+from sparseserve.server.v2_servicer import CODEC_THREAD_MIN_BYTES
+from sparseserve.server.wire import PredictRequestMessage
 
 
 # The generated base class is untyped (docs/typing.md); it answers UNIMPLEMENTED for the
 # RPCs not defined here.
 class PredictServicer(pb_grpc.SparseServeServicer):  # type: ignore[misc]
-    def __init__(self, dataplane: DataPlane, control: ControlPlane):
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        control: ControlPlane,
+        max_bytes_elements: int = codec.DEFAULT_MAX_BYTES_ELEMENTS,
+    ):
         self._dataplane = dataplane
         self._control = control
+        self._max_bytes_elements = max_bytes_elements
 
     async def Predict(
-        self, request: pb.PredictRequest, context: ServicerContext
+        self, request: pb.PredictRequest | PredictRequestMessage, context: ServicerContext
     ) -> pb.PredictResponse:
+        """As ModelInfer, within the same limits: the request budget (in the message's
+        deserializer), max_bytes_elements, and a large BYTES payload decoded on the codec
+        thread rather than the event loop."""
+        strings = sum(len(t.data) for t in request.inputs.values() if t.datatype == "BYTES")
         answer = await self._dataplane.infer(
             request.name,
             request.version,
-            partial(decode_tensors, request.inputs),
+            partial(decode_tensors, request.inputs, self._max_bytes_elements),
             list(request.outputs),
+            decode_in_thread=strings >= CODEC_THREAD_MIN_BYTES,
         )
         model = answer.model
         response = pb.PredictResponse(
@@ -80,14 +93,20 @@ class PredictServicer(pb_grpc.SparseServeServicer):  # type: ignore[misc]
         )
 
 
-def decode_tensors(tensors: Mapping[str, pb.Tensor]) -> dict[str, np.ndarray]:
+def decode_tensors(
+    tensors: Mapping[str, pb.Tensor], max_bytes_elements: int = codec.DEFAULT_MAX_BYTES_ELEMENTS
+) -> dict[str, np.ndarray]:
     """Predict's named tensors -> arrays, checking the wire format only (the model's own
-    expectations are checked by the DataPlane)."""
+    expectations are checked by the DataPlane). At most `max_bytes_elements` BYTES
+    elements over all of them, as for ModelInfer."""
     arrays = {}
+    bytes_left = max_bytes_elements
     for name, tensor in tensors.items():
         dtype = codec.datatype(tensor.datatype)
         shape = codec.validate_shape(name, tensor.shape, dtype.itemsize)
-        arrays[name] = codec.decode_raw(name, dtype, shape, tensor.data)
+        arrays[name] = array = codec.decode_raw(name, dtype, shape, tensor.data, bytes_left)
+        if dtype is codec.BYTES:
+            bytes_left -= array.size
     return arrays
 
 

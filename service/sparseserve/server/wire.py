@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sparseserve import protowire
+from sparseserve.api import service_pb2
 from sparseserve.errors import InvalidInput, Overloaded, SparseServeError
 from sparseserve.protocol import grpc_service_pb2 as pb
 
@@ -82,9 +83,32 @@ class InferRequestMessage:
             release(self.size)
 
 
+class PredictRequestMessage:
+    """A `sparseserve.v1` PredictRequest counted in the budget, as a large ModelInferRequest
+    is. Offers the message's fields; `release()` gives its bytes back (once)."""
+
+    __slots__ = ("_release", "message", "size")
+
+    def __init__(self, message: Any, size: int, release: Callable[[int], None]):
+        self.message = message
+        self.size = size
+        self._release: Callable[[int], None] | None = release
+
+    name = property(lambda self: self.message.name)
+    version = property(lambda self: self.message.version)
+    id = property(lambda self: self.message.id)
+    inputs = property(lambda self: self.message.inputs)
+    outputs = property(lambda self: self.message.outputs)
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release(self.size)
+
+
 def release(request: object) -> None:
     """Give `request`'s bytes back to the budget, if it holds any (any other object: no-op)."""
-    if isinstance(request, InferRequestMessage):
+    if isinstance(request, (InferRequestMessage, PredictRequestMessage)):
         request.release()
 
 
@@ -194,6 +218,27 @@ class RequestBytesBudget:
         return InferRequestMessage(
             request.message, request.raw_input_contents, size, self._give_back
         )
+
+    def admit_predict(self, data: bytes) -> Any:
+        """`admit` for the v1 API's Predict: a message of `ZERO_COPY_MIN_BYTES` or more
+        is counted, the same way, or refused."""
+        size = len(data)
+        if size >= ZERO_COPY_MIN_BYTES:
+            try:
+                self.reserve(size)
+            except Overloaded as exc:
+                return RefusedMessage(exc)
+        try:
+            message = service_pb2.PredictRequest.FromString(data)
+        except Exception as exc:
+            if size >= ZERO_COPY_MIN_BYTES:
+                self._give_back(size)
+            return RefusedMessage(
+                InvalidInput(f"the message is not a valid PredictRequest ({size} bytes): {exc}")
+            )
+        if size < ZERO_COPY_MIN_BYTES:
+            return message
+        return PredictRequestMessage(message, size, self._give_back)
 
     def _give_back(self, size: int) -> None:
         with self._lock:
