@@ -437,9 +437,10 @@ class Settings(BaseSettings):
     max_inflight_request_bytes: int = Field(
         512 * MiB,
         ge=1024,
-        description="Bytes of inference requests (ModelInfer and ModelStreamInfer messages "
-        "of 64 KiB and more, and REST inference bodies, their JSON counted 8 times for what "
-        "decoding it costs) the server holds at once; a request that would pass it is "
+        description="Bytes of inference requests (ModelInfer and Predict messages of 64 KiB "
+        "and more, every ModelStreamInfer message with its answer until it is read, and "
+        "REST inference bodies, their JSON counted 8 times for what decoding it costs) the "
+        "server holds at once; a request that would pass it is "
         "refused with RESOURCE_EXHAUSTED (HTTP 429; one is always admitted when none is in "
         "flight).",
     )

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
-from tritonclient.grpc import service_pb2
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from sparseserve.client.server_process import ServerProcess
 from sparseserve.server.v2_servicer import STREAM_WINDOW
@@ -178,3 +178,58 @@ def test_a_stream_cancelled_with_its_window_full_frees_every_request_byte(
         while (outcome := probe(client)) != "OK" and time.monotonic() < deadline:
             time.sleep(0.5)
         assert outcome == "OK", outcome
+
+
+def test_a_stream_whose_answers_are_never_read_holds_no_more_than_the_budget(
+    start_server, repository
+) -> None:
+    """A client sends small requests (under the 64 KiB from which a unary message is
+    counted) on a stream and never reads an answer. Its requests and their unread
+    answers count against max_inflight_request_bytes: past the budget, other clients'
+    counted requests are refused RESOURCE_EXHAUSTED (they were not counted at all: 30
+    such streams took a server past 1.2 GB whatever its budget); once the stream is
+    cancelled, everything it held is given back."""
+    budget = 4 * 1024 * 1024
+    server = start_server(repository, "--max-inflight-request-bytes", str(budget))
+    rows = np.ones((3800, 4), np.float32)  # 60 KB, answered with as much
+    request = service_pb2.ModelInferRequest(
+        model_name="latest", raw_input_contents=[rows.tobytes()]
+    )
+    request.inputs.add(name="x", datatype="FP32", shape=rows.shape)
+    probe = _input(np.ones((400, 64), np.float32))  # 100 KB: counted
+
+    def probe_outcome() -> str:
+        with triton.InferenceServerClient(server.grpc_url) as client:
+            try:
+                client.infer("mlp", [probe], client_timeout=10)
+                return "OK"
+            except triton.InferenceServerException as exc:
+                return f"{exc.status()}: {exc.message()}"
+
+    async def hog() -> tuple[str, str]:
+        async with grpc.aio.insecure_channel(server.grpc_url) as channel:
+            call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer()
+
+            async def send() -> None:
+                for _ in range(300):  # 18 MB of requests, as much of answers
+                    await call.write(request)
+
+            sender = asyncio.create_task(send())
+            await asyncio.sleep(3)  # the server reads what its window and the budget take
+            held = await asyncio.to_thread(probe_outcome)
+            call.cancel()
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+        deadline = time.monotonic() + 10
+        while (after := await asyncio.to_thread(probe_outcome)) != "OK":
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        return held, after
+
+    held, after = asyncio.run(hog())
+    assert held.startswith("StatusCode.RESOURCE_EXHAUSTED"), held
+    assert "max_inflight_request_bytes" in held
+    assert after == "OK", after
+    # A client cancelling its stream is no server error (grpc logged one with a traceback).
+    assert "ExecuteBatchError" not in server.log()

@@ -165,14 +165,16 @@ class SparseServeServer:
         # Every service registers through the restricting stand-in: handlers of
         # restricted groups check their header, the others are registered as they are.
         restricted = RestrictingServer(server, restrictions)
-        admit = self.request_budget.admit
         add_mapping_errors(
             grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
             self._v2,
             restricted,
             self._drain,
             ANSWERED_WHILE_DRAINING,
-            deserializers={"ModelInfer": admit, "ModelStreamInfer": admit},
+            deserializers={
+                "ModelInfer": self.request_budget.admit,
+                "ModelStreamInfer": self.request_budget.admit_stream,
+            },
         )
         add_mapping_errors(
             service_pb2_grpc.add_SparseServeServicer_to_server,

@@ -32,6 +32,29 @@ from sparseserve.server.wire import RefusedMessage, release, safe_deserializer
 
 log = logging.getLogger(__name__)
 
+
+class _ClientGoneQuiet(logging.Filter):
+    """grpc.aio logs an ERROR with a traceback when a handler's answer cannot be sent
+    because its client cancelled the call ("ExecuteBatchError raised in core by
+    servicer method"): each cancelled stream with answers unsent wrote one. The client
+    did that, at will; it becomes one DEBUG line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "ExecuteBatchError" not in str(record.msg):
+            return True
+        if not log.isEnabledFor(logging.DEBUG):
+            return False
+        record.msg, record.args = (
+            f"a client went away before its answer: {record.getMessage()}",
+            None,
+        )
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger("grpc._cython.cygrpc").addFilter(_ClientGoneQuiet())
+
 # Requests and responses are protobuf messages whose stubs are untyped (docs/typing.md),
 # so the handlers, contexts and behaviours here are over Any. The aliases are strings
 # because grpcio's classes are generic only in its stubs, not at run time.

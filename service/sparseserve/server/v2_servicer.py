@@ -181,6 +181,8 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
             if isinstance(request, RefusedMessage):
                 raise request.error
             response, answer = await self._infer(request)
+            if isinstance(request, InferRequestMessage):  # held until the client reads it
+                request.charge(response.ByteSize())
             return pb.ModelStreamInferResponse(infer_response=response), answer
         except SparseServeError as exc:
             return pb.ModelStreamInferResponse(error_message=str(exc)), None

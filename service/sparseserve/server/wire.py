@@ -55,7 +55,7 @@ class InferRequestMessage:
     Offers the fields the servicer and the codec read, with `raw_input_contents` as
     `bytes` or `memoryview`s. `release()` gives its bytes back to the budget (once)."""
 
-    __slots__ = ("_release", "message", "raw_input_contents", "size")
+    __slots__ = ("_budget", "_charged", "_release", "message", "raw_input_contents", "size")
 
     def __init__(
         self,
@@ -63,11 +63,14 @@ class InferRequestMessage:
         raw_input_contents: Sequence[bytes | memoryview],
         size: int = 0,
         release: Callable[[int], None] | None = None,
+        budget: RequestBytesBudget | None = None,
     ):
         self.message = message
         self.raw_input_contents = raw_input_contents
         self.size = size
         self._release = release
+        self._budget = budget
+        self._charged = 0
 
     model_name = property(lambda self: self.message.model_name)
     model_version = property(lambda self: self.message.model_version)
@@ -76,11 +79,20 @@ class InferRequestMessage:
     inputs = property(lambda self: self.message.inputs)
     outputs = property(lambda self: self.message.outputs)
 
+    def charge(self, size: int) -> None:
+        """Count `size` more bytes with this request until it is released: its answer,
+        held until it is written (a stream's answers wait for the client to read them)."""
+        if self._release is not None and self._budget is not None:
+            self._budget.hold(size)
+            self._charged += size
+
     def release(self) -> None:
         """The answer is written: this message's bytes leave the budget."""
         release, self._release = self._release, None
         if release is not None:
             release(self.size)
+            if self._charged and self._budget is not None:
+                self._budget.hold(-self._charged)
 
 
 class PredictRequestMessage:
@@ -218,6 +230,31 @@ class RequestBytesBudget:
         return InferRequestMessage(
             request.message, request.raw_input_contents, size, self._give_back
         )
+
+    def admit_stream(self, data: bytes) -> InferRequestMessage | RefusedMessage:
+        """`admit` for ModelStreamInfer: every message is counted, however small, and its
+        answer with it (`InferRequestMessage.charge`) until written. A unary call holds
+        one small message at a time; a stream holds a window of them and their answers,
+        for as long as its client does not read, and a client may open many streams."""
+        size = len(data)
+        try:
+            self.reserve(size)
+        except Overloaded as exc:
+            return RefusedMessage(exc)
+        try:
+            request = parse_infer_request(data)
+        except Exception as exc:
+            self._give_back(size)
+            return _not_a_request(size, exc)
+        return InferRequestMessage(
+            request.message, request.raw_input_contents, size, self._give_back, self
+        )
+
+    def hold(self, size: int) -> None:
+        """Count (or, negative, give back) bytes the server holds for a request already
+        admitted: never refused, but later requests see them."""
+        with self._lock:
+            self.inflight_bytes += size
 
     def admit_predict(self, data: bytes) -> Any:
         """`admit` for the v1 API's Predict: a message of `ZERO_COPY_MIN_BYTES` or more
