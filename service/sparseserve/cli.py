@@ -46,6 +46,8 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--max-http-body-bytes", type=int, help="default: 67108864 (64 MiB)")
     p.add_argument("--max-http-connections", type=int, help="REST connections open at once "
                    "(more: 503; default 1000)")  # fmt: skip
+    p.add_argument("--max-grpc-streams-per-connection", type=int, help="gRPC calls one "
+                   "connection may have open at once (default 1000)")  # fmt: skip
     _grpc_security_arguments(p)
     p.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = any (default: 8002)")
     p.add_argument("--no-metrics", action="store_true", help="do not serve metrics")
@@ -183,7 +185,7 @@ def _serve(args: argparse.Namespace) -> int:
     names = (
         "repository", "host", "grpc_address", "grpc_port", "grpc_restricted_protocols",
         "http_restricted_apis", "allow_http", "http_port", "max_http_body_bytes",
-        "max_http_connections",
+        "max_http_connections", "max_grpc_streams_per_connection",
         "metrics_port", "model_control", "startup_models",
         "poll_interval_seconds", "max_message_bytes", "max_inflight_per_model",
         "max_inflight_request_bytes", "max_bytes_elements",

@@ -425,6 +425,14 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(
         8002, ge=0, le=65535, description="Prometheus metrics port; 0 picks one, null disables."
     )
+    max_grpc_streams_per_connection: int = Field(
+        1000,
+        ge=1,
+        description="HTTP/2 streams (calls) one gRPC connection may have open at once; a "
+        "client library queues the ones past it. Unbounded, a burst of thousands of calls "
+        "on one connection outran the server's intake, and gRPC's core answered a fifth of "
+        "them, other clients' too, CANCELLED (which clients do not retry).",
+    )
     max_message_bytes: int = Field(
         64 * MiB,
         ge=1024,

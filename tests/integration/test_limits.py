@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -342,3 +343,33 @@ def test_refused_large_requests_do_not_ratchet_memory(
         settled.append(rss_bytes(server.pid))
     growth = min(settled) - after[1]
     assert growth < 80 * MiB, f"RSS grew {growth / MiB:.0f} MiB over 6 refused requests"
+
+
+def test_a_burst_of_calls_on_one_connection_gets_no_cancelled(
+    repository: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """3,000 calls at once on one connection: each is answered, or refused with a status
+    a client may retry (UNAVAILABLE: HTTP/2 refused the stream); none CANCELLED. With no
+    bound on a connection's streams, gRPC's core answered a fifth of them CANCELLED,
+    before any handler ran, with no log line (clients do not retry CANCELLED)."""
+    server = start_server(repository, "--max-inflight-per-model", "100000")
+
+    async def burst() -> Counter[str]:
+        async with triton_aio.InferenceServerClient(server.grpc_url) as client:
+            tensor = triton_aio.InferInput("input", [1, 64], "FP32")
+            tensor.set_data_from_numpy(np.ones((1, 64), np.float32))
+
+            async def one() -> str:
+                try:
+                    await client.infer("mlp", [tensor], client_timeout=60)
+                    return "OK"
+                except InferenceServerException as exc:
+                    return str(exc.status())
+
+            return Counter(await asyncio.gather(*(one() for _ in range(3000))))
+
+    outcomes = asyncio.run(burst())
+    assert set(outcomes) <= {"OK", "StatusCode.UNAVAILABLE"}, outcomes
+    assert outcomes["OK"] >= 2700, outcomes
+    with triton.InferenceServerClient(server.grpc_url) as client:
+        assert_serves(client)

@@ -160,6 +160,7 @@ class SparseServeServer:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
+                ("grpc.max_concurrent_streams", settings.max_grpc_streams_per_connection),
             ],
         )
         # Every service registers through the restricting stand-in: handlers of
