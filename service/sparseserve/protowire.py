@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import NamedTuple
 
-VARINT, I64, LEN, I32 = 0, 1, 2, 5
+VARINT, I64, LEN, SGROUP, EGROUP, I32 = 0, 1, 2, 3, 4, 5
+MAX_GROUP_DEPTH = 100  # protobuf's own recursion limit
 
 
 class Field(NamedTuple):
@@ -29,20 +30,45 @@ def fields(data: bytes | memoryview) -> Iterator[Field]:
         key, position = varint(data, position)
         number, wire_type = key >> 3, key & 7
         value = position
-        if wire_type == VARINT:
-            _, position = varint(data, position)
-        elif wire_type == I64:
-            position += 8
-        elif wire_type == I32:
-            position += 4
-        elif wire_type == LEN:
+        if wire_type == LEN:
             length, value = varint(data, position)
             position = value + length
         else:
-            raise ValueError(f"unsupported protobuf wire type {wire_type} at byte {start}")
+            position = _skip(data, position, number, wire_type, start)
         if position > end:
             raise ValueError(f"field {number} runs past the end of the message")
         yield Field(number, wire_type, start, value, position)
+
+
+def _skip(data: bytes | memoryview, position: int, number: int, wire_type: int, start: int) -> int:
+    """The position after the value of a field that is not length-delimited. A group
+    (wire types 3 and 4, which protobuf still parses as unknown fields) runs to its
+    matching end; groups may nest, as deep as protobuf allows."""
+    if wire_type == VARINT:
+        return varint(data, position)[1]
+    if wire_type == I64:
+        return position + 8
+    if wire_type == I32:
+        return position + 4
+    if wire_type != SGROUP:
+        raise ValueError(f"unsupported protobuf wire type {wire_type} at byte {start}")
+    open_groups = [number]
+    while open_groups:
+        if len(open_groups) > MAX_GROUP_DEPTH or position >= len(data):
+            raise ValueError(f"group {number} at byte {start} is malformed or never ends")
+        key, position = varint(data, position)
+        inner, inner_type = key >> 3, key & 7
+        if inner_type == EGROUP:
+            if inner != open_groups.pop():
+                raise ValueError(f"group {number} at byte {start} ends with another group's end")
+        elif inner_type == SGROUP:
+            open_groups.append(inner)
+        elif inner_type == LEN:
+            length, position = varint(data, position)
+            position += length
+        else:
+            position = _skip(data, position, inner, inner_type, start)
+    return position
 
 
 def messages(data: memoryview, number: int) -> Iterator[memoryview]:

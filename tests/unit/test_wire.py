@@ -51,6 +51,41 @@ def test_parse_equals_protobuf_and_large_raw_tensors_are_views(rows: int) -> Non
         assert np.shares_memory(arrays["input"], np.frombuffer(data, dtype=np.uint8))
 
 
+def _key(number: int, wire_type: int) -> bytes:
+    return (
+        bytes([number << 3 | wire_type])
+        if number < 16
+        else bytes([(number << 3 | wire_type) & 0x7F | 0x80, number >> 4])
+    )
+
+
+@pytest.mark.parametrize("rows", [1, 1024], ids=["small", "large"])
+def test_unknown_groups_are_skipped_as_protobuf_skips_them(rows: int) -> None:
+    """Field 99 as a group (wire types 3 and 4) holding a varint, a string and a nested
+    group: protobuf keeps it as an unknown field; the large-message walk refused it
+    ("unsupported protobuf wire type 3"), so the same message passed at 61 bytes and
+    failed at 80 KB. A group that never ends, or ends with another's end, is refused."""
+    inner = (
+        _key(2, 0)
+        + b"\x05"
+        + _key(3, 2)
+        + b"\x02hi"
+        + _key(4, 3)
+        + _key(1, 0)
+        + b"\x01"
+        + _key(4, 4)
+    )
+    group = _key(99, 3) + inner + _key(99, 4)
+    data = group + tritonclient_request(rows)
+    expected = pb.ModelInferRequest.FromString(data)
+    request = wire.parse_infer_request(data)
+    assert list(request.inputs) == list(expected.inputs)
+    assert [bytes(r) for r in request.raw_input_contents] == list(expected.raw_input_contents)
+    for broken in (_key(99, 3) + inner, _key(99, 3) + inner + _key(98, 4)):
+        with pytest.raises((ValueError, DecodeError)):
+            wire.parse_infer_request(broken + tritonclient_request(1024))
+
+
 @pytest.mark.parametrize(
     "cut", [1, 7, 100, -1], ids=["first-byte", "in-header", "in-tensor", "last-byte-missing"]
 )
