@@ -175,6 +175,24 @@ def test_manifest_measures_sparsity_and_quality_against_the_baseline(
     assert "2:4" in VariantManifest.read(repository / "mlp.nm24" / MANIFEST_FILENAME).method
 
 
+def test_manifest_reads_the_eval_npz_that_sparsify_writes(repository: Path, tmp_path: Path) -> None:
+    """`--data` given a family's own eval.npz (labels as `__labels__`, a `__description__`
+    beside the inputs) measures accuracy too (it recorded none, without a word)."""
+    from sparseserve.repository.eval_data import write_eval_data
+
+    x = np.random.default_rng(8).standard_normal((200, 64)).astype(np.float32)
+    labels = run(repository / "mlp.dense" / "1" / "model.onnx", x).argmax(axis=1)
+    data = write_eval_data(tmp_path / "eval.npz", {"pixels": x}, "random rows", labels)
+    assert main([
+        "manifest", str(repository / "mlp.pruned75"), "--family", "mlp",
+        "--variant", "pruned75", "--baseline", "mlp.dense", "--data", str(data),
+    ]) == 0  # fmt: skip
+    quality = {q.metric: q for q in VariantManifest.read(
+        repository / "mlp.pruned75" / MANIFEST_FILENAME).quality}  # fmt: skip
+    assert quality["accuracy"].baseline_value == 1.0
+    assert quality["accuracy"].samples == 200
+
+
 def test_manifest_refuses_what_it_cannot_measure(
     repository: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

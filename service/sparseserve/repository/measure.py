@@ -25,6 +25,7 @@ import onnxruntime as ort
 
 from sparseserve.backends.base import ModelFiles, ModelSignature
 from sparseserve.backends.onnxruntime import session_signature
+from sparseserve.repository.eval_data import LABELS_KEY
 from sparseserve.repository.inspect import model_files
 from sparseserve.repository.manifest import MANIFEST_FILENAME, Quality, Task, VariantManifest
 from sparseserve.repository.weights import OnnxWeights, weights_of
@@ -142,7 +143,12 @@ def load_data(
         archive = dict(np.load(data, allow_pickle=False))
     except (OSError, ValueError) as exc:
         raise MeasureError(f"--data {data}: not a readable .npz file ({exc})") from exc
+    # The layout `sparsify` writes as eval.npz too: labels as `__labels__`, and other
+    # `__`-keys (its description) that are not inputs.
     labels = archive.pop(LABELS, None)
+    if labels is None:
+        labels = archive.pop(LABELS_KEY, None)
+    archive = {name: array for name, array in archive.items() if not name.startswith("__")}
     names = [spec.name for spec in signature.inputs]
     if len(names) == 1 and names[0] not in archive and len(archive) == 1:
         archive = {names[0]: next(iter(archive.values()))}
@@ -150,7 +156,7 @@ def load_data(
     if missing:
         raise MeasureError(
             f"--data {data} has arrays {sorted(archive)}; the model's inputs are {names} "
-            f"(one array per input, by name, plus optional {LABELS!r})"
+            f"(one array per input, by name, plus optional {LABELS!r} or {LABELS_KEY!r})"
         )
     feeds = {spec.name: archive[spec.name].astype(spec.datatype.numpy) for spec in signature.inputs}
     rows = {len(array) for array in feeds.values()}
