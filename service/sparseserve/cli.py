@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any, NoReturn, cast
 from pathlib import Path
 
 import yaml
@@ -686,13 +688,46 @@ _COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, failing as every other error of the CLI does: one line on stderr, exit
+    code 2 (argparse prints its whole usage first: 32 lines for `serve`), and flags only
+    as spelled (argparse takes any unambiguous prefix: `--repo` for `--repository`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"sparseserve: error: {message} (see {self.prog} --help)\n")
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """argparse's "unrecognized arguments" for a command, with the flags they resemble."""
+    flags = [f for action in parser._actions for f in action.option_strings]
+    hints = []
+    for extra in extras:
+        if extra.startswith("-"):
+            name = extra.split("=", 1)[0]
+            spelled = name.replace("_", "-")
+            close = [f for f in flags if f.startswith(spelled) and len(spelled) > 3]
+            close = close or difflib.get_close_matches(spelled, flags, n=1, cutoff=0.7)
+            if close:
+                hints.append(f"{name}: did you mean {close[0]}?")
+    said = f"unrecognized arguments: {' '.join(extras)}"
+    return f"{said} ({'; '.join(hints)})" if hints else said
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sparseserve", description="Serve dense and sparse ONNX models side by side."
     )
     parser.add_argument("--version", action="version", version=f"sparseserve {__version__}")
     _debug_argument(parser, default=False)
-    sub = parser.add_subparsers(dest="command", required=True)
+    # Typed as argparse's own: the _Parser subclass changes nothing the commands use.
+    sub = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(dest="command", required=True),
+    )
     _serve_parser(sub)
     _hardware_parser(sub)
     _export_triton_parser(sub)
@@ -704,6 +739,13 @@ def _parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():
         _debug_argument(command, default=argparse.SUPPRESS)  # `sparseserve CMD ... --debug`
     return parser
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 def _debug_argument(parser: argparse.ArgumentParser, default: object) -> None:
@@ -718,7 +760,10 @@ def _debug_argument(parser: argparse.ArgumentParser, default: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `sparseserve` command; return its exit code."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        command = _subparsers(parser)[args.command]
+        command.error(_unrecognized(command, extras))
     debug = args.debug or os.environ.get(DEBUG_ENVIRONMENT, "") not in ("", "0")
     try:
         code = _COMMANDS[args.command](args)

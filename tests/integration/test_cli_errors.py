@@ -207,3 +207,24 @@ def test_invalid_settings_are_one_line_naming_each_field(tmp_path: Path) -> None
     line = only_line(result)
     assert "grpc_prot: Extra inputs are not permitted" in line
     assert "max_message_bytes: Input should be greater than or equal to 1024" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["serve", "--model-control", "pol"], "invalid choice: 'pol' (choose from 'none', "),
+        (["serve", "--grpc-port", "abc"], "argument --grpc-port: invalid int value: 'abc'"),
+        (["serve", "--grpc_port", "1"], "--grpc_port: did you mean --grpc-port?"),
+        (["serve", "--repo", "x"], "--repo: did you mean --repository?"),
+        (["inspect"], "the following arguments are required"),
+        (["servee"], "invalid choice: 'servee'"),
+    ],
+)
+def test_a_wrong_argument_is_one_line_naming_the_right_one(args: list[str], says: str) -> None:
+    """argparse printed its whole usage first (32 lines for `serve`); a misspelt flag of a
+    command was reported against the top-level usage, which lists none of its flags; a
+    prefix of a flag (`--repo`) was taken for the flag. Exit code 2, as documented."""
+    result = sparseserve(*args)
+    line = only_line(result)
+    assert says in line and "--help)" in line, line
+    assert result.returncode == 2
