@@ -16,8 +16,8 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, NoReturn, cast
 from pathlib import Path
+from typing import Any, NoReturn, cast
 
 import yaml
 
