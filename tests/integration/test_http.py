@@ -337,6 +337,8 @@ def mlp_body(**tensor: object) -> dict[str, object]:
         ("/v2/models/corrupt/infer", mlp_body(), 503, "corrupt"),
         ("/v2/models/no_such_model", None, 404, "no_such_model"),
         ("/v2/no/such/route", None, 404, "no v2 REST route GET /v2/no/such/route"),
+        ("/v2/models", None, 404, "listed by POST /v2/repository/index"),
+        ("/metrics", None, 404, "metrics are on the metrics port"),
     ],
     ids=lambda v: v if isinstance(v, int) else None,
 )

@@ -261,7 +261,10 @@ class HttpServer:
             if exc.status < 400:
                 raise
             if exc.status == 404:
-                return error_response(404, f"no v2 REST route {request.method} {request.path}")
+                hint = _NOT_FOUND_HINTS.get(request.path.rstrip("/"), "")
+                return error_response(
+                    404, f"no v2 REST route {request.method} {request.path}{hint}"
+                )
             return error_response(exc.status, f"{exc.reason}: {request.method} {request.path}")
         except ConnectionResetError:  # the client went away mid-request: nobody to answer
             # A line, not aiohttp's ERROR and traceback: a client may do this at will.
@@ -507,6 +510,14 @@ def inflate(body: bytes, encoding: str, limit: int) -> bytes:
             f"request body is not one whole {encoding} stream (Content-Encoding: {encoding})"
         )
     return data
+
+
+# Where a newcomer looks first, and where it is.
+_NOT_FOUND_HINTS = {
+    "/v2/models": "; the models are listed by POST /v2/repository/index",
+    "/metrics": "; metrics are on the metrics port (8002 unless metrics_port says otherwise)",
+    "": "; try GET /v2 (server metadata) or GET /v2/health/ready",
+}
 
 
 def _model(request: web.Request) -> tuple[str, str]:
