@@ -607,7 +607,8 @@ def _compare_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--family", required=True, help="the family to compare (e.g. digits-mlp)")
     p.add_argument("--url", help="gRPC host:port of a running server")
-    p.add_argument("--metrics-url", help="its metrics endpoint (http://host:8002/metrics)")
+    p.add_argument("--metrics-url", help="its metrics endpoint: http://host:port/metrics or "
+                   "host:port (default: port 8002 on --url's host)")  # fmt: skip
     p.add_argument(
         "--repository", type=Path, help="start a server on this repository (or, with --url, "
         "read the accuracy its manifests record)"

@@ -123,3 +123,24 @@ def test_a_memory_ratio_comes_with_the_amounts() -> None:
                    memory_bytes=Sourced(4 * 2**20, "sparseserve_model_memory_bytes"))  # fmt: skip
     assert verdict(half, "dense", random_data=False) == "2.0x less memory (4.0 vs 8.0 MiB)"
     assert MEMORY_RESOLUTION_BYTES == 2**20
+
+
+@pytest.mark.parametrize(
+    ("url", "given", "read"),
+    [
+        ("localhost:8001", None, "http://localhost:8002/metrics"),
+        ("10.0.0.5:9001", None, "http://10.0.0.5:8002/metrics"),
+        ("[::1]:8001", None, "http://[::1]:8002/metrics"),
+        ("localhost:8001", "localhost:9100", "http://localhost:9100/metrics"),
+        ("localhost:8001", "http://h:1/custom", "http://h:1/custom"),
+        ("localhost:8001", "https://h:1", "https://h:1/metrics"),
+    ],
+)
+def test_the_metrics_address_is_completed_or_defaulted(
+    url: str, given: str | None, read: str
+) -> None:
+    """`--metrics-url` may be left out (port 8002 on --url's host) or given as host:port
+    (it was required, and host:port failed with "unknown url type")."""
+    from sparseserve.compare.run import metrics_address
+
+    assert metrics_address(url, given) == read

@@ -390,8 +390,7 @@ def run_and_report(
     if repository is not None and not repository.is_dir():
         raise CompareError(f"model repository {repository} does not exist or is not a directory")
     if url is not None:
-        if metrics_url is None:
-            raise CompareError("--url needs --metrics-url (the server's /metrics address)")
+        metrics_url = metrics_address(url, metrics_url)
         check_server(url, tls, headers)
         target = Target(url, metrics_url, repository, tls, headers)
         comparison = compare(target, family, settings, baseline, data, progress)
@@ -405,6 +404,21 @@ def run_and_report(
         raise CompareError("say which server: --url and --metrics-url, or --repository")
     report.write(comparison, out)
     return comparison
+
+
+def metrics_address(url: str, metrics_url: str | None) -> str:
+    """The metrics endpoint to read: `metrics_url` as given, completed where it is only
+    `host:port` (http:// and /metrics added), or, when none is given, the default metrics
+    port (8002) on the gRPC address's host."""
+    if metrics_url is None:
+        host = url.rsplit(":", 1)[0] if ":" in url else url
+        return f"http://{host}:8002/metrics"
+    if "://" not in metrics_url:
+        metrics_url = f"http://{metrics_url}"
+    scheme, rest = metrics_url.split("://", 1)
+    if "/" not in rest:
+        metrics_url = f"{scheme}://{rest}/metrics"
+    return metrics_url
 
 
 def print_comparisons(
