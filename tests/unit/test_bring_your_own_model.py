@@ -122,6 +122,11 @@ def test_inspect_an_onnx_file_and_a_directory_without_manifest(
     assert "no sparseserve.yaml" in out and "`sparseserve manifest`" in out
     assert "1/model.onnx" in out and "75.00%" in out
 
+    # A version folder: its file (it was refused: "holds neither <version>/*.onnx files").
+    assert main(["inspect", str(repository / "mlp.nm24" / "1")]) == 0
+    out = capsys.readouterr().out
+    assert "model.onnx" in out and "2:4 pattern:  yes" in out
+
 
 def test_inspect_a_file_that_is_not_onnx(tmp_path: Path, capsys) -> None:
     (tmp_path / "model.onnx").write_bytes(b"\x00\xffnot a model")

@@ -44,6 +44,9 @@ def describe_model(path: Path) -> str:
     files = model_files(path)
     manifest_path = path / MANIFEST_FILENAME
     manifest = VariantManifest.read(manifest_path) if manifest_path.is_file() else None
+    if not files and manifest is None and (inside := sorted(path.glob("*.onnx"))):
+        # A version folder (./models/x/1): its files, as if each were named.
+        return "\n\n".join(_describe_weights(weights_of(f), str(f)) for f in inside)
     if not files and manifest is None:
         raise FileNotFoundError(
             f"{path} holds neither <version>/*.onnx files nor a {MANIFEST_FILENAME}: "
