@@ -642,7 +642,7 @@ def _compare(args: argparse.Namespace) -> int:
     from sparseserve.client.health_check import ClientTls
     from sparseserve.compare.loadgen import LoadSettings
     from sparseserve.compare.report import text_table
-    from sparseserve.compare.run import CompareError, run_and_report
+    from sparseserve.compare.run import CompareError, ServerUnreachable, run_and_report
     from sparseserve.compare.server_metrics import MetricsUnavailable
     from sparseserve.repository.eval_data import read_eval_data
 
@@ -658,7 +658,10 @@ def _compare(args: argparse.Namespace) -> int:
             repository=args.repository, baseline=args.baseline, data=data,
             progress=not args.no_progress, tls=tls, headers=headers,
         )  # fmt: skip
-    except (CompareError, MetricsUnavailable, ValueError) as exc:
+    except (ServerUnreachable, MetricsUnavailable) as exc:  # not the arguments' fault
+        print(f"sparseserve: error: {exc}", file=sys.stderr)
+        return 1
+    except (CompareError, ValueError) as exc:
         print(f"sparseserve: error: {exc}", file=sys.stderr)
         return 2
     print(text_table(comparison))

@@ -50,6 +50,11 @@ class CompareError(ValueError):
     """The comparison cannot run as asked (unknown family, no baseline...)."""
 
 
+class ServerUnreachable(CompareError):
+    """No server answers where the comparison was told to look: not a wrong argument
+    (exit code 1, as for every failure that is not one)."""
+
+
 @dataclass(frozen=True)
 class Target:
     """Where the server is: its gRPC address and its metrics endpoint."""
@@ -362,11 +367,11 @@ def check_server(
             live = client.is_server_live(headers=dict(headers or {}), client_timeout=timeout)
     except (InferenceServerException, ValueError, OSError) as exc:
         reason = " ".join(str(exc).split())
-        raise CompareError(
+        raise ServerUnreachable(
             f"no Open Inference Protocol server answers at --url {url}: {reason}"
         ) from exc
     if not live:
-        raise CompareError(f"the server at --url {url} says it is not live")
+        raise ServerUnreachable(f"the server at --url {url} says it is not live")
 
 
 def run_and_report(
