@@ -480,6 +480,8 @@ def _sparsify(args: argparse.Namespace) -> int:
             print(line, flush=True)
 
     started = time.monotonic()
+    repository = Path(args.repository)
+    there = {p.name for p in repository.iterdir() if p.is_dir()} if repository.is_dir() else set()
     try:
         built = build_family(
             args.recipe,
@@ -498,7 +500,10 @@ def _sparsify(args: argparse.Namespace) -> int:
         print(f"sparseserve: error: {exc}", file=sys.stderr)
         return 1
     for variant in built:
-        print(f"wrote {variant.directory}")
+        replaced = (
+            " (replacing the model that was there)" if variant.directory.name in there else ""
+        )
+        print(f"wrote {variant.directory}{replaced}")
     took = format_duration(time.monotonic() - started)
     print(f"built {len(built)} variants into {args.repository} in {took}")
     return 0

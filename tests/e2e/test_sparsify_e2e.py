@@ -71,6 +71,7 @@ MODELS = [
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("sparsified")
+    (root / "m" / "tiny-mlp.dense" / "1").mkdir(parents=True)  # a model already there
     for name, text, count in (("mlp.yaml", MLP_RECIPE, 6), ("cnn.yaml", CNN_RECIPE, 4)):
         recipe = root.parent / f"{root.name}-{name}"
         recipe.write_text(text)
@@ -82,6 +83,10 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
         assert re.fullmatch(
             rf"built {count} variants into {re.escape(str(root / 'm'))} in \d+ s", last
         ), last
+        # A model it replaced is said to be replaced (it was, silently); only that one.
+        replaced = [line for line in out.getvalue().splitlines() if "(replacing" in line]
+        expected = ["tiny-mlp.dense"] if name == "mlp.yaml" else []
+        assert [line.split()[1].rsplit("/", 1)[1] for line in replaced] == expected, replaced
     return root / "m"
 
 
