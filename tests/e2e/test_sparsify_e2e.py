@@ -168,6 +168,21 @@ def test_inspect_prints_layers_size_and_quality(
     assert "accuracy: " in out and "(baseline " in out
 
 
+def test_inspect_explains_a_parameter_count_the_export_changed(
+    repository: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """digits-cnn has two batch norms (96 parameters) that export folds into the
+    convolutions: the manifest's count (torch's) and the file's differ, and inspect says
+    why (it showed both without a word); the MLP's agree, and no note is printed."""
+    assert main(["inspect", str(repository / "tiny-cnn.dense")]) == 0
+    out = capsys.readouterr().out
+    counted = manifest(repository, "tiny-cnn.dense").parameters
+    assert counted is not None
+    assert f"the manifest counts {counted:,} parameters, the file {counted - 96:,}" in out
+    assert main(["inspect", str(repository / "tiny-mlp.dense")]) == 0
+    assert "note: the manifest counts" not in capsys.readouterr().out
+
+
 def test_inspect_of_a_directory_without_a_model_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

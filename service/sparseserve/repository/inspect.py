@@ -58,8 +58,16 @@ def describe_model(path: Path) -> str:
         lines.append(f"  on disk:      {file.relative_to(path)} {_kib(file.stat().st_size)}")
     if files:
         newest = files[-1]
+        weights = weights_of(newest)
         lines.append("")
-        lines.append(_describe_weights(weights_of(newest), str(newest.relative_to(path))))
+        lines.append(_describe_weights(weights, str(newest.relative_to(path))))
+        if manifest is not None and manifest.parameters not in (None, weights.parameters):
+            lines.append(
+                f"  note: the manifest counts {manifest.parameters:,} parameters, the file "
+                f"{weights.parameters:,}: the manifest's are the torch model's, and export "
+                "folds some into others (batch norm into the convolution before it) or "
+                "stores them another way (int8 weights with their scales)"
+            )
     elif manifest is not None and manifest.layers:
         lines.extend(_manifest_layers(manifest))
     if manifest is not None:
