@@ -115,10 +115,14 @@ def test_memory_within_its_resolution_is_the_same() -> None:
 
 
 def test_a_memory_ratio_comes_with_the_amounts() -> None:
-    """16x more memory sounds alarming; 1.6 MiB against 0.1 MiB says what it is."""
+    """16x more memory sounds alarming; 1.6 MiB against 0.1 MiB says what it is, and
+    under 1 MiB the difference is the figure, not the ratio."""
     tiny = figures(memory_ratio=0.0625, memory_resolved=True,
                    memory_bytes=Sourced(1.6 * 2**20, "sparseserve_model_memory_bytes"))  # fmt: skip
-    assert verdict(tiny, "dense", random_data=False) == "16.0x more memory (1.6 vs 0.1 MiB)"
+    assert verdict(tiny, "dense", random_data=False) == "1.5 MiB more memory (1.6 vs 0.1 MiB)"
+    large = figures(memory_ratio=0.25, memory_resolved=True,
+                    memory_bytes=Sourced(8 * 2**20, "sparseserve_model_memory_bytes"))  # fmt: skip
+    assert verdict(large, "dense", random_data=False) == "4.0x more memory (8.0 vs 2.0 MiB)"
     half = figures(memory_ratio=2.0, memory_resolved=True,
                    memory_bytes=Sourced(4 * 2**20, "sparseserve_model_memory_bytes"))  # fmt: skip
     assert verdict(half, "dense", random_data=False) == "2.0x less memory (4.0 vs 8.0 MiB)"

@@ -163,10 +163,15 @@ def verdict(figures: VerdictFigures, baseline: str, random_data: bool) -> str:
 
 
 def _memory_words(ratio: float, variant_bytes: float | None) -> str | None:
-    """ "4.0x less memory (2.1 vs 8.4 MiB)": the amounts beside the ratio, which alone
-    makes 1.3 MiB against 0.1 MiB sound like a problem."""
+    """ "4.0x less memory (2.1 vs 8.4 MiB)": the amounts beside the ratio; where either is
+    under 1 MiB, the difference instead ("1.5 MiB more memory (1.6 vs 0.1 MiB)"): a ratio
+    of such readings is mostly their noise (14x in one run, 15x in the next)."""
     said = ratio_words(ratio, "less memory", "more memory", "same memory")
     if said is None or said == "same memory" or not variant_bytes:
         return said
     mib = variant_bytes / (1 << 20)
-    return f"{said} ({mib:.1f} vs {mib * ratio:.1f} MiB)"
+    baseline_mib = mib * ratio
+    if min(mib, baseline_mib) < 1:  # a ratio of readings under 1 MiB is mostly noise
+        more = mib - baseline_mib
+        said = f"{abs(more):.1f} MiB {'more' if more > 0 else 'less'} memory"
+    return f"{said} ({mib:.1f} vs {baseline_mib:.1f} MiB)"
