@@ -39,16 +39,19 @@ $(BIN)/python:
 
 # torch first, from the CPU index, so that the extras below find it installed.
 define install_torch
+	@echo "installing $(TORCH) (the CPU build, about 200 MB; the first time takes a minute or more) ..."
 	$(BIN)/pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--retries 0 --extra-index-url $(TORCH_INDEX))
 endef
 
 $(DEMO_STAMP): pyproject.toml | $(BIN)/python
 	$(install_torch)
+	@echo "installing sparseserve and what the demo needs into $(VENV) ..."
 	$(BIN)/pip install --quiet -e ".[demo]"
 	touch $@
 
 $(DEV_STAMP): pyproject.toml | $(BIN)/python
 	$(install_torch)
+	@echo "installing sparseserve and its test, deploy-check and benchmark tools into $(VENV) ..."
 	$(BIN)/pip install --quiet -e ".[dev,sparsify,compare]"
 	touch $@
 
