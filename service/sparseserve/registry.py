@@ -332,8 +332,11 @@ class ModelRegistry:
         task = asyncio.ensure_future(change)
         self._changes.add(task)
         task.add_done_callback(self._changes.discard)
-        task.add_done_callback(_retrieved)
-        await asyncio.shield(task)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_retrieved)  # nobody awaits its outcome now
+            raise
 
     async def _load(self, name: str, retry_failed: bool) -> None:
         async with self._name_lock(name):
@@ -573,8 +576,13 @@ class ModelRegistry:
 
     async def close(self) -> None:
         """Unload everything (in-flight requests finish first, up to the grace period)."""
-        if self._changes:  # loads and unloads their callers stopped waiting for end first
-            await asyncio.gather(*self._changes, return_exceptions=True)
+        # Loads and unloads whose callers stopped waiting: stopped, as the process is
+        # (waiting for them, one after another under the load lock, held up shutdown).
+        changes = list(self._changes)
+        for task in changes:
+            task.cancel()
+        if changes:
+            await asyncio.gather(*changes, return_exceptions=True)
         for name in list(self._entries):
             await self.unload(name)
         if self._retiring:
@@ -622,11 +630,14 @@ def _parse_version(version: str) -> int:
 
 
 def _retrieved(task: asyncio.Task[None]) -> None:
-    """A load's outcome, read so that a load nobody awaits any more (its caller was
-    cancelled) does not log "Task exception was never retrieved": `load` logged or
-    raised it already."""
-    if not task.cancelled():
-        task.exception()
+    """The outcome of a load or unload nobody awaits any more (its caller was cancelled),
+    read so that asyncio does not log "Task exception was never retrieved". The
+    server's own errors were logged already; anything else is said here."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None and not isinstance(error, SparseServeError):
+        log.error("a model load or unload failed unexpectedly: %r", error, exc_info=error)
 
 
 def _batch_rows(inputs: Mapping[str, np.ndarray]) -> int:

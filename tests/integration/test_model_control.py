@@ -774,8 +774,10 @@ def test_a_load_whose_client_gives_up_still_ends_loaded(
         deadline = time.monotonic() + DEADLINE  # polled without a pause: it is short
         while index(client)[("big", "1")][0] != "LOADING":
             assert time.monotonic() < deadline, "'big' never seen reloading"
-        error = rpc_error(lambda: client.unload_model("big", client_timeout=0.01))
-        assert status(error) == "DEADLINE_EXCEEDED"
+        # Behind the reload's lock it outlives its deadline (OK only if the reload ended
+        # first, on a machine far faster than this one).
+        said = outcome(lambda: client.unload_model("big", client_timeout=0.01))
+        assert said in ("DEADLINE_EXCEEDED", "OK"), said
         reload.result(timeout=60)
     wait_until(lambda: not client.is_model_ready("big"), "'big' unloaded after its client left")
     assert "unloaded model big version 1" in server.log()

@@ -119,3 +119,41 @@ def test_the_failed_load_names_the_version_and_what_still_serves(tmp_path: Path)
     message = asyncio.run(main())
     assert "version 2" in message and "onnxruntime cannot load" in message
     assert message.endswith("still serving version 1")
+
+
+def test_close_stops_loads_whose_callers_left_rather_than_waiting_for_them(
+    tmp_path: Path,
+) -> None:
+    """Five loads whose callers gave up, each 1 s of waiting on an upstream (a Triton's
+    load RPC, which cannot run here: a sleep stands in for it). Shutting down stops
+    them: close() once ran them to their end, one after another under the load lock
+    (5 s here; a pod would be killed first)."""
+    for i in range(5):
+        onnx_models.add_constant(tmp_path / f"m{i}" / "1" / "model.onnx", 1)
+
+    async def main() -> tuple[float, list[str]]:
+        with ThreadPoolExecutor(1) as executor:
+            registry = ModelRegistry(
+                ModelRepository(tmp_path), Settings(repository=tmp_path, measure_engines=False),
+                executor,
+            )  # fmt: skip
+            load = registry.dispatcher.load
+
+            async def upstream_load(files):  # type: ignore[no-untyped-def]
+                await asyncio.sleep(1.0)
+                return await load(files)
+
+            registry.dispatcher.load = upstream_load  # type: ignore[method-assign]
+            callers = [asyncio.create_task(registry.load(f"m{i}")) for i in range(5)]
+            await asyncio.sleep(0.2)
+            for caller in callers:
+                caller.cancel()
+            await asyncio.gather(*callers, return_exceptions=True)
+            started = asyncio.get_running_loop().time()
+            await registry.close()
+            took = asyncio.get_running_loop().time() - started
+            return took, [m.name for m in registry.loaded()]
+
+    took, serving = asyncio.run(main())
+    assert took < 0.5, f"close() took {took:.2f} s"
+    assert serving == []
