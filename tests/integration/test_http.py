@@ -338,6 +338,8 @@ def mlp_body(**tensor: object) -> dict[str, object]:
         ("/v2/models/no_such_model", None, 404, "no_such_model"),
         ("/v2/no/such/route", None, 404, "no v2 REST route GET /v2/no/such/route"),
         ("/v2/models", None, 404, "listed by POST /v2/repository/index"),
+        (MLP_INFER, mlp_body(data=[0.0] * 63 + [True]), 400, "JSON numbers, got True"),
+        (MLP_INFER, mlp_body(data=[0.0] * 63 + [None]), 400, "JSON numbers, got None"),
         ("/metrics", None, 404, "metrics are on the metrics port"),
     ],
     ids=lambda v: v if isinstance(v, int) else None,
@@ -582,6 +584,26 @@ def test_compressed_requests_from_tritonclient_are_answered_as_plain_ones(
     status, _, raw = request(server, "POST", "/v2/repository/index", compress(b"{}"),
                              {"Content-Encoding": algorithm})  # fmt: skip
     assert status == 200 and json.loads(raw)
+    # An empty body is empty whatever its encoding says (tritonclient sends one).
+    status, _, _ = request(server, "POST", "/v2/repository/index", b"",
+                           {"Content-Encoding": algorithm})  # fmt: skip
+    assert status == 200
+
+
+def test_gzip_of_several_members_and_x_gzip_are_gzip(
+    server: ServerProcess, http_client: triton_http.InferenceServerClient
+) -> None:
+    """RFC 1952 lets a gzip body hold several members back to back (as `cat a.gz b.gz`
+    makes), and RFC 9110 names x-gzip an alias of gzip: both are read as gzip."""
+    x = mlp_rows(2)
+    body = json.dumps(mlp_body(shape=[2, 64], data=x.reshape(-1).tolist())).encode()
+    want = grpc_answer(server, "mlp", "input", x)
+    halves = gzip.compress(body[:100]) + gzip.compress(body[100:])
+    for encoding, data in (("gzip", halves), ("x-gzip", gzip.compress(body))):
+        status, _, raw = request(server, "POST", MLP_INFER, data, {"Content-Encoding": encoding})
+        assert status == 200, raw
+        (output,) = json.loads(raw)["outputs"]
+        np.testing.assert_allclose(np.array(output["data"]).reshape(2, 10), want, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -589,8 +611,9 @@ def test_compressed_requests_from_tritonclient_are_answered_as_plain_ones(
     [
         ("gzip", b'{"inputs": []}', "not valid gzip data"),
         ("deflate", b'{"inputs": []}', "not valid deflate data"),
-        ("gzip", gzip.compress(b'{"inputs": []}')[:-4], "not one whole gzip stream"),
-        ("gzip", gzip.compress(b"{}") + b"junk", "not one whole gzip stream"),
+        ("gzip", gzip.compress(b'{"inputs": []}')[:-4], "not a whole gzip stream"),
+        ("gzip", gzip.compress(b"{}") + b"junk", "not valid gzip data"),
+        ("deflate", zlib.compress(b"{}") + b"junk", "data after its deflate stream"),
         ("br", b"\x0b\x02\x80{}\x03", "'br' is not supported"),
         ("gzip, gzip", b"{}", "not supported"),
     ],

@@ -378,10 +378,11 @@ class HttpServer:
         tritonclient.http sends it with `request_compression_algorithm`; Triton takes
         these two). Inflated here, not by aiohttp, to stop at `max_http_body_bytes`: a
         1 MB gzip body can hold a GiB, which aiohttp inflated in full, on the event
-        loop, even after refusing it. A large body is inflated on the codec thread."""
+        loop, even after refusing it. Inflated on the codec thread."""
         body = await request.read()  # as sent: at most max_http_body_bytes
         encodings = request.headers.getall("Content-Encoding", [])
         encoding = ",".join(encodings).strip().lower()
+        encoding = {"x-gzip": "gzip"}.get(encoding, encoding)  # RFC 9110's alias
         if encoding in ("", "identity"):
             return body
         if encoding not in ("gzip", "deflate"):
@@ -389,17 +390,29 @@ class HttpServer:
                 f"Content-Encoding {encoding!r} is not supported; send the body as is, or "
                 "gzip- or deflate-encoded"
             )
-        if len(body) < ZERO_COPY_MIN_BYTES:
-            return inflate(body, encoding, self._max_body_bytes)
+        if not body:
+            return body
+        # On the codec thread whatever its size: 64 KB of gzip can hold 64 MiB.
         return await self._dataplane.in_codec_thread(inflate, body, encoding, self._max_body_bytes)
 
     async def _infer(
         self, request: web.Request, body: bytes, header_length: str | None
     ) -> web.StreamResponse:
         name, version = _model(request)
-        parsed = http_infer.parse_request(body, header_length)
+        # A large body is parsed and decoded on the codec thread, as gRPC's are.
+        large = len(body) >= ZERO_COPY_MIN_BYTES
+        if large:
+            parsed = await self._dataplane.in_codec_thread(
+                http_infer.parse_request, body, header_length
+            )
+        else:
+            parsed = http_infer.parse_request(body, header_length)
         answer = await self._dataplane.infer(
-            name, version, lambda: http_infer.decode_inputs(parsed), parsed.outputs
+            name,
+            version,
+            lambda: http_infer.decode_inputs(parsed),
+            parsed.outputs,
+            decode_in_thread=large,
         )
         model = answer.model
         # The variant that answered, also when the request named its family.
@@ -492,24 +505,33 @@ def error_response(status: int, message: str) -> web.Response:
 
 def inflate(body: bytes, encoding: str, limit: int) -> bytes:
     """`body` gzip- or deflate-decoded (deflate: zlib-wrapped as RFC 9110 says, or raw, as
-    some clients send it), refused with 413 once it passes `limit` bytes and with 400 if
-    it is not one whole stream of that encoding. Never inflates more than `limit` + 1."""
+    some clients send it; gzip: one member or several), refused with 413 once it passes
+    `limit` bytes and with 400 if it is not whole streams of that encoding. Never
+    inflates more than `limit` + 1 bytes."""
     if encoding == "gzip":
         wbits = 16 + zlib.MAX_WBITS
     else:
         wbits = zlib.MAX_WBITS if body[:1] and body[0] & 0x0F == 8 else -zlib.MAX_WBITS
-    decompressor = zlib.decompressobj(wbits)
-    try:
-        data = decompressor.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise InvalidInput(f"request body is not valid {encoding} data: {exc}") from None
-    if len(data) > limit:
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(data))
-    if not decompressor.eof or decompressor.unused_data:
-        raise InvalidInput(
-            f"request body is not one whole {encoding} stream (Content-Encoding: {encoding})"
-        )
-    return data
+    parts: list[bytes] = []
+    size, rest = 0, body
+    while rest:  # gzip may hold several members, one after another (RFC 1952)
+        decompressor = zlib.decompressobj(wbits)
+        try:
+            part = decompressor.decompress(rest, limit + 1 - size)
+        except zlib.error as exc:
+            raise InvalidInput(f"request body is not valid {encoding} data: {exc}") from None
+        size += len(part)
+        if size > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+        if not decompressor.eof:
+            raise InvalidInput(
+                f"request body is not a whole {encoding} stream (Content-Encoding: {encoding})"
+            )
+        parts.append(part)
+        rest = decompressor.unused_data
+        if rest and encoding != "gzip":
+            raise InvalidInput(f"request body has data after its {encoding} stream")
+    return b"".join(parts)
 
 
 # Where a newcomer looks first, and where it is.

@@ -40,6 +40,9 @@ class RestInferRequest:
     binary_outputs: set[str] = field(default_factory=set)
     # Answer every output as binary (for outputs that do not say themselves).
     binary_by_default: bool = False
+    # Whether the JSON holds a true or false anywhere: if not, no number in it can be
+    # a boolean, and the tensors' values need no check for one.
+    has_booleans: bool = True
 
 
 def parse_request(body: bytes, header_length: str | None) -> RestInferRequest:
@@ -58,6 +61,7 @@ def parse_request(body: bytes, header_length: str | None) -> RestInferRequest:
                 "it must be the length of the JSON header at the start of the body"
             )
         json_part, binary = body[:length], memoryview(body)[length:]
+    has_booleans = b"true" in json_part or b"false" in json_part  # C speed, ~1 ms a 10 MB
     try:
         header = json.loads(json_part)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -78,7 +82,9 @@ def parse_request(body: bytes, header_length: str | None) -> RestInferRequest:
     binary_by_default = parameters.get("binary_data_output", False)
     if not isinstance(binary_by_default, bool):
         raise InvalidInput("request parameter 'binary_data_output' must be true or false")
-    request = RestInferRequest(inputs, binary, request_id, binary_by_default=binary_by_default)
+    request = RestInferRequest(
+        inputs, binary, request_id, binary_by_default=binary_by_default, has_booleans=has_booleans
+    )
     outputs = header.get("outputs", [])
     if not isinstance(outputs, list):
         raise InvalidInput("'outputs' must be a JSON array of {\"name\": ...} objects")
@@ -129,7 +135,9 @@ def decode_inputs(request: RestInferRequest) -> dict[str, np.ndarray]:
                 raise InvalidInput(
                     f"input {name!r} has neither 'data' nor a 'binary_data_size' parameter"
                 )
-            arrays[name] = codec.decode_json_data(name, dtype, shape, tensor["data"])
+            arrays[name] = codec.decode_json_data(
+                name, dtype, shape, tensor["data"], request.has_booleans
+            )
             continue
         if "data" in tensor:
             raise InvalidInput(
