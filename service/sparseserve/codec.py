@@ -10,8 +10,8 @@ raw, in the order of `outputs`.
 
 from __future__ import annotations
 
-import math
 import itertools
+import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
