@@ -717,10 +717,10 @@ def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
     for extra in extras:
         if extra.startswith("-"):
             name = extra.split("=", 1)[0]
-            spelled = name.replace("_", "-")
+            spelled = name.replace("_", "-").lower()
             close = [f for f in flags if f.startswith(spelled) and len(spelled) > 3]
             close = close or difflib.get_close_matches(spelled, flags, n=1, cutoff=0.7)
-            if close:
+            if close and close[0] != name:  # not a flag given after `--`, as a value
                 hints.append(f"{name}: did you mean {close[0]}?")
     said = f"unrecognized arguments: {' '.join(extras)}"
     return f"{said} ({'; '.join(hints)})" if hints else said

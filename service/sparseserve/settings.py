@@ -446,7 +446,7 @@ class Settings(BaseSettings):
         512 * MiB,
         ge=1024,
         description="Bytes of inference requests (ModelInfer and Predict messages of 64 KiB "
-        "and more, every ModelStreamInfer message with its answer until it is read, and "
+        "and more, every ModelStreamInfer message with its answer until the answer is sent, and "
         "REST inference bodies, their JSON counted 8 times for what decoding it costs) the "
         "server holds at once; a request that would pass it is "
         "refused with RESOURCE_EXHAUSTED (HTTP 429; one is always admitted when none is in "
