@@ -209,33 +209,25 @@ class RequestBytesBudget:
 
     def admit(self, data: bytes) -> pb.ModelInferRequest | InferRequestMessage | RefusedMessage:
         """Parse `data` as a ModelInferRequest and count it, or refuse it. A message under
-        `ZERO_COPY_MIN_BYTES` is parsed by protobuf and not counted: the per-request
-        limits (`max_inflight_per_model`, the stream window) bound how many there are,
-        and the hot path of small requests stays as cheap as plain protobuf."""
+        `ZERO_COPY_MIN_BYTES` is parsed by protobuf and not counted: a unary call holds
+        one at a time, `max_inflight_per_model` bounds how many there are, and the hot
+        path of small requests stays as cheap as plain protobuf."""
         size = len(data)
         if size < ZERO_COPY_MIN_BYTES:
             try:
                 return pb.ModelInferRequest.FromString(data)
             except Exception as exc:
                 return _not_a_request(size, exc)
-        try:
-            self.reserve(size)
-        except Overloaded as exc:
-            return RefusedMessage(exc)
-        try:
-            request = parse_infer_request(data)
-        except Exception as exc:
-            self._give_back(size)
-            return _not_a_request(size, exc)
-        return InferRequestMessage(
-            request.message, request.raw_input_contents, size, self._give_back
-        )
+        return self._counted(data, with_answer=False)
 
     def admit_stream(self, data: bytes) -> InferRequestMessage | RefusedMessage:
         """`admit` for ModelStreamInfer: every message is counted, however small, and its
-        answer with it (`InferRequestMessage.charge`) until written. A unary call holds
-        one small message at a time; a stream holds a window of them and their answers,
-        for as long as its client does not read, and a client may open many streams."""
+        answer with it (`InferRequestMessage.charge`) until written. A stream holds a
+        window of requests and their answers, for as long as its client does not read,
+        and a client may open many streams."""
+        return self._counted(data, with_answer=True)
+
+    def _counted(self, data: bytes, with_answer: bool) -> InferRequestMessage | RefusedMessage:
         size = len(data)
         try:
             self.reserve(size)
@@ -247,7 +239,11 @@ class RequestBytesBudget:
             self._give_back(size)
             return _not_a_request(size, exc)
         return InferRequestMessage(
-            request.message, request.raw_input_contents, size, self._give_back, self
+            request.message,
+            request.raw_input_contents,
+            size,
+            self._give_back,
+            self if with_answer else None,
         )
 
     def hold(self, size: int) -> None:
