@@ -33,27 +33,38 @@ from sparseserve.server.wire import RefusedMessage, release, safe_deserializer
 log = logging.getLogger(__name__)
 
 
-class _ClientGoneQuiet(logging.Filter):
-    """grpc.aio logs an ERROR with a traceback when a handler's answer cannot be sent
-    because its client cancelled the call ("ExecuteBatchError raised in core by
-    servicer method"): each cancelled stream with answers unsent wrote one. The client
-    did that, at will; it becomes one DEBUG line."""
+class ClientMistakeQuiet(logging.Filter):
+    """A library's ERROR-with-traceback about what a client did at will becomes one DEBUG
+    line (dropped unless `debug_log` shows DEBUG): `matches` picks those records."""
+
+    def __init__(
+        self, matches: Callable[[logging.LogRecord], bool], debug_log: logging.Logger, said: str
+    ) -> None:
+        super().__init__()
+        self._matches, self._debug_log, self._said = matches, debug_log, said
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if "ExecuteBatchError" not in str(record.msg):
+        if not self._matches(record):
             return True
-        if not log.isEnabledFor(logging.DEBUG):
+        if not self._debug_log.isEnabledFor(logging.DEBUG):
             return False
-        record.msg, record.args = (
-            f"a client went away before its answer: {record.getMessage()}",
-            None,
-        )
+        error = f": {record.exc_info[1]!r}" if record.exc_info else ""
+        record.msg, record.args = f"{self._said}: {record.getMessage()}{error}", None
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         record.exc_info = record.exc_text = None
         return True
 
 
-logging.getLogger("grpc._cython.cygrpc").addFilter(_ClientGoneQuiet())
+# grpc.aio logs an ERROR with a traceback when a handler's answer cannot be sent because
+# its client cancelled the call ("ExecuteBatchError raised in core by servicer method"):
+# each cancelled stream with answers unsent wrote one.
+logging.getLogger("grpc._cython.cygrpc").addFilter(
+    ClientMistakeQuiet(
+        lambda record: "ExecuteBatchError" in str(record.msg),
+        log,
+        "a client went away before its answer",
+    )
+)
 
 # Requests and responses are protobuf messages whose stubs are untyped (docs/typing.md),
 # so the handlers, contexts and behaviours here are over Any. The aliases are strings

@@ -43,14 +43,14 @@ from sparseserve.dataplane import DataPlane
 from sparseserve.errors import ApiRestricted, InvalidInput, SparseServeError
 from sparseserve.protocol import grpc_service_pb2 as pb
 from sparseserve.server import http_infer
-from sparseserve.server.errors import http_status
+from sparseserve.server.errors import ClientMistakeQuiet, http_status
 from sparseserve.server.security import (
     HeaderRequirement,
     Restrictions,
     api_restricted_message,
     header_allows,
 )
-from sparseserve.server.v2_servicer import V2Servicer
+from sparseserve.server.v2_servicer import CODEC_THREAD_MIN_BYTES, V2Servicer
 from sparseserve.server.wire import ZERO_COPY_MIN_BYTES, RequestBytesBudget
 from sparseserve.settings import RestrictedGroup
 
@@ -61,26 +61,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class _MalformedQuiet(logging.Filter):
-    """aiohttp logs each request it cannot parse (a bad request line, chunk or header)
-    as an ERROR with a traceback: 28 bytes from any client, 550 bytes of log. Such a
-    record becomes one DEBUG line; it is the client's mistake, already answered 400."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if not isinstance(error, HttpProcessingError):
-            return True
-        if not connection_log.isEnabledFor(logging.DEBUG):
-            return False
-        record.msg, record.args = f"{record.getMessage()}: {error!r}", None
-        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        record.exc_info = record.exc_text = None
-        return True
-
-
-# aiohttp's own log of each connection (it would be "aiohttp.server").
+# aiohttp's own log of each connection (it would be "aiohttp.server"). aiohttp logs each
+# request it cannot parse (a bad request line, chunk or header) as an ERROR with a
+# traceback: 28 bytes from any client, 550 bytes of log, for a mistake already answered 400.
 connection_log = logging.getLogger(f"{__name__}.connections")
-connection_log.addFilter(_MalformedQuiet())
+
+
+def _unparseable(record: logging.LogRecord) -> bool:
+    return record.exc_info is not None and isinstance(record.exc_info[1], HttpProcessingError)
+
+
+connection_log.addFilter(
+    ClientMistakeQuiet(_unparseable, connection_log, "a request that cannot be parsed")
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Raises a SparseServeError (or an aiohttp HTTPException) to refuse a request.
@@ -400,7 +393,7 @@ class HttpServer:
     ) -> web.StreamResponse:
         name, version = _model(request)
         # A large body is parsed and decoded on the codec thread, as gRPC's are.
-        large = len(body) >= ZERO_COPY_MIN_BYTES
+        large = len(body) >= CODEC_THREAD_MIN_BYTES
         if large:
             parsed = await self._dataplane.in_codec_thread(
                 http_infer.parse_request, body, header_length

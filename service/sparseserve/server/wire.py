@@ -24,7 +24,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sparseserve import protowire
 from sparseserve.api import service_pb2
@@ -40,6 +40,7 @@ ZERO_COPY_MIN_BYTES = 64 * 1024
 # RequestBytesBudget).
 TRIM_DELAY_SECONDS = 0.2
 _RAW_INPUT_CONTENTS = 7  # ModelInferRequest.raw_input_contents
+M = TypeVar("M")  # a counted message
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +186,9 @@ class RequestBytesBudget:
         self._lock = threading.Lock()
         self.inflight_bytes = 0
         self._large_inflight = 0
+        # Built once: admit_stream runs for every stream message.
+        self._unary_message = _infer_message(None)
+        self._stream_message = _infer_message(self)
 
     def reserve(self, size: int) -> None:
         """Count `size` bytes of a request (a gRPC message in `admit`; a REST body, weighted
@@ -212,66 +216,51 @@ class RequestBytesBudget:
         `ZERO_COPY_MIN_BYTES` is parsed by protobuf and not counted: a unary call holds
         one at a time, `max_inflight_per_model` bounds how many there are, and the hot
         path of small requests stays as cheap as plain protobuf."""
-        size = len(data)
-        if size < ZERO_COPY_MIN_BYTES:
-            try:
-                return pb.ModelInferRequest.FromString(data)
-            except Exception as exc:
-                return _not_a_request(size, exc)
-        return self._counted(data, with_answer=False)
+        if len(data) < ZERO_COPY_MIN_BYTES:
+            return _parsed(data, pb.ModelInferRequest.FromString)
+        return self._counted(data, self._unary_message, "ModelInferRequest")
 
     def admit_stream(self, data: bytes) -> InferRequestMessage | RefusedMessage:
         """`admit` for ModelStreamInfer: every message is counted, however small, and its
         answer with it (`InferRequestMessage.charge`) until written. A stream holds a
         window of requests and their answers, for as long as its client does not read,
         and a client may open many streams."""
-        return self._counted(data, with_answer=True)
+        return self._counted(data, self._stream_message, "ModelInferRequest")
 
-    def _counted(self, data: bytes, with_answer: bool) -> InferRequestMessage | RefusedMessage:
+    def admit_predict(self, data: bytes) -> Any:
+        """`admit` for the v1 API's Predict: a message of `ZERO_COPY_MIN_BYTES` or more
+        is counted, the same way, or refused."""
+        if len(data) < ZERO_COPY_MIN_BYTES:
+            return _parsed(data, service_pb2.PredictRequest.FromString, "PredictRequest")
+
+        def message(data: bytes, release: Callable[[int], None]) -> PredictRequestMessage:
+            return PredictRequestMessage(
+                service_pb2.PredictRequest.FromString(data), len(data), release
+            )
+
+        return self._counted(data, message, "PredictRequest")
+
+    def _counted(
+        self, data: bytes, message: Callable[[bytes, Callable[[int], None]], M], kind: str
+    ) -> M | RefusedMessage:
+        """`message(data, give_back)`, its bytes counted; refused if they would pass the
+        budget or if `data` does not parse (then given back at once)."""
         size = len(data)
         try:
             self.reserve(size)
         except Overloaded as exc:
             return RefusedMessage(exc)
         try:
-            request = parse_infer_request(data)
+            return message(data, self._give_back)
         except Exception as exc:
             self._give_back(size)
-            return _not_a_request(size, exc)
-        return InferRequestMessage(
-            request.message,
-            request.raw_input_contents,
-            size,
-            self._give_back,
-            self if with_answer else None,
-        )
+            return _not_a_request(size, exc, kind)
 
     def hold(self, size: int) -> None:
         """Count (or, negative, give back) bytes the server holds for a request already
         admitted: never refused, but later requests see them."""
         with self._lock:
             self.inflight_bytes += size
-
-    def admit_predict(self, data: bytes) -> Any:
-        """`admit` for the v1 API's Predict: a message of `ZERO_COPY_MIN_BYTES` or more
-        is counted, the same way, or refused."""
-        size = len(data)
-        if size >= ZERO_COPY_MIN_BYTES:
-            try:
-                self.reserve(size)
-            except Overloaded as exc:
-                return RefusedMessage(exc)
-        try:
-            message = service_pb2.PredictRequest.FromString(data)
-        except Exception as exc:
-            if size >= ZERO_COPY_MIN_BYTES:
-                self._give_back(size)
-            return RefusedMessage(
-                InvalidInput(f"the message is not a valid PredictRequest ({size} bytes): {exc}")
-            )
-        if size < ZERO_COPY_MIN_BYTES:
-            return message
-        return PredictRequestMessage(message, size, self._give_back)
 
     def _give_back(self, size: int) -> None:
         with self._lock:
@@ -293,10 +282,32 @@ class RequestBytesBudget:
             return_free_memory()
 
 
-def _not_a_request(size: int, error: Exception) -> RefusedMessage:
+def _not_a_request(size: int, error: Exception, kind: str = "ModelInferRequest") -> RefusedMessage:
     return RefusedMessage(
-        InvalidInput(f"the message is not a valid ModelInferRequest ({size} bytes): {error}")
+        InvalidInput(f"the message is not a valid {kind} ({size} bytes): {error}")
     )
+
+
+def _parsed(data: bytes, parse: Callable[[bytes], Any], kind: str = "ModelInferRequest") -> Any:
+    """A small message parsed by protobuf, uncounted, or refused."""
+    try:
+        return parse(data)
+    except Exception as exc:
+        return _not_a_request(len(data), exc, kind)
+
+
+def _infer_message(
+    budget: RequestBytesBudget | None,
+) -> Callable[[bytes, Callable[[int], None]], InferRequestMessage]:
+    """Builds a counted InferRequestMessage; with `budget`, one its answer is charged to."""
+
+    def message(data: bytes, release: Callable[[int], None]) -> InferRequestMessage:
+        request = parse_infer_request(data)
+        return InferRequestMessage(
+            request.message, request.raw_input_contents, len(data), release, budget
+        )
+
+    return message
 
 
 _libc: Any = None
