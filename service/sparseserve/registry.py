@@ -26,7 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from sparseserve.backends.base import Backend, ExecutionRecord, ModelFiles, ModelSignature
+from sparseserve.backends.base import (
+    Backend,
+    ExecutionRecord,
+    ModelFiles,
+    ModelSignature,
+    config_mismatches,
+)
 from sparseserve.backends.dispatch import Dispatcher
 from sparseserve.backends.hardware import probe_hardware
 from sparseserve.errors import (
@@ -41,7 +47,13 @@ from sparseserve.errors import (
 from sparseserve.observability.memory import ResidentGrowth, directory_bytes
 from sparseserve.observability.stats import ModelFootprint, ModelStats, WeightCounts
 from sparseserve.repository.manifest import VariantManifest
-from sparseserve.repository.store import Fingerprint, ModelRepository, ModelSource
+from sparseserve.repository.store import (
+    CONFIG_FILENAME,
+    Fingerprint,
+    ModelRepository,
+    ModelSource,
+    version_number,
+)
 from sparseserve.scheduling.batcher import BatchingPolicy, DynamicBatcher
 from sparseserve.settings import ModelControl, Settings
 
@@ -374,6 +386,12 @@ class ModelRegistry:
             # Keep serving what serves; say why nothing new could be loaded.
             entry.error = str(exc)
             return
+        except Exception as exc:  # a file the store did not foresee: one model's problem
+            error = f"model {entry.name!r}: cannot read its files: {_described(exc)}"
+            if error != entry.error:  # once, not at every poll
+                log.error("%s", error, exc_info=True)
+            entry.error = error
+            return
         entry.error = None
         wanted = source.served_versions()
         fingerprints = {v: source.fingerprint(v) for v in wanted}
@@ -436,11 +454,21 @@ class ModelRegistry:
                     raise
                 except SparseServeError as exc:  # e.g. warm-up rejected by the model itself
                     raise ModelLoadError(f"{files.path}: warm-up failed: {exc}") from exc
+                except Exception as exc:  # an engine's unforeseen error: this model's only
+                    log.error("loading %s failed", files.path, exc_info=True)
+                    raise ModelLoadError(f"{files.path}: {_described(exc)}") from exc
             # Under the load lock but after the measurement: reading the weights copies
             # them, which must count against neither this model nor one loading beside it.
             weights = await self._count_weights(files, source.manifest)
         footprint = ModelFootprint(directory_bytes(files.path.parent), growth.bytes, weights)
         try:
+            if source.config is not None and (
+                problems := config_mismatches(signature, source.config)
+            ):
+                raise ModelLoadError(
+                    f"{source.directory / CONFIG_FILENAME} does not match the model "
+                    f"{files.path.name}: {'; '.join(problems)}"
+                )
             policy = BatchingPolicy.for_model(
                 source.name, source.config, signature, self.settings.batching
             )
@@ -565,6 +593,8 @@ class ModelRegistry:
                 await self.load(name, retry_failed=False)
             except SparseServeError as exc:
                 log.debug("poll: model %s: %s", name, exc)
+            except Exception:  # never let one model stop the pass for the others
+                log.exception("poll: model %s", name)
 
     def check_explicit_control(self) -> None:
         if self.settings.model_control is not ModelControl.explicit:
@@ -611,6 +641,8 @@ class ModelRegistry:
                             "serving the files loaded before; the new ones failed to load: "
                             + entry.failed[version].reason
                         )
+                    elif entry.error:  # the model's folder can no longer be read
+                        reason = "serving the files loaded before; " + entry.error
                 else:
                     state, reason = ModelState.UNAVAILABLE, entry.failed[version].reason
                 rows.append(IndexEntry(name, str(version), state, reason))
@@ -619,14 +651,15 @@ class ModelRegistry:
 
 def _parse_version(version: str) -> int:
     """A requested version as a number, or -1 (no such version: NOT_FOUND, with the
-    versions served). Only plain ASCII decimal counts, each version spelled one way, as
-    ModelMetadata lists it: Python's `int` would also take " 1", "+1", "1_0", "01" and
-    other scripts' digits (Arabic-Indic one, U+0661)."""
-    if not (version.isascii() and version.isdigit()) or (version[0] == "0" and version != "0"):
-        return -1
-    if len(version) > 19:  # past int64, as Triton's versions are; `int` refuses 4,301 digits
-        return -1
-    return int(version)
+    versions served). Spelled as version folders are (`version_number`), so that each
+    version has one spelling, the one ModelMetadata lists."""
+    number = version_number(version)
+    return -1 if number is None else number
+
+
+def _described(error: BaseException) -> str:
+    """An unforeseen exception in one line: its type and message."""
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def _retrieved(task: asyncio.Task[None]) -> None:

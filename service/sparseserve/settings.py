@@ -129,6 +129,12 @@ class CpuEngine(StrEnum):
     openvino = "openvino"
 
 
+# The longest a request may wait for others to join its batch (settings and config.pbtxt):
+# a minute is already far past what serving wants; a delay of years left every request
+# after a burst waiting for company until its deadline.
+MAX_QUEUE_DELAY_US = 60_000_000
+
+
 class BatchingSettings(BaseModel):
     """The server-wide default for models whose config.pbtxt has no `dynamic_batching`
     block (a model with one is batched as it says, whatever this says)."""
@@ -148,8 +154,9 @@ class BatchingSettings(BaseModel):
     max_queue_delay_us: int = Field(
         500,
         ge=0,
+        le=MAX_QUEUE_DELAY_US,
         description="Longest a request waits for others to join its batch, in microseconds; "
-        "only while requests overlap (a lone client never waits).",
+        "only while requests overlap (a lone client never waits). At most 60 s.",
     )
     max_queue_size: int = Field(
         0, ge=0, description="Most requests waiting per model; 0: max_inflight_per_model."

@@ -23,6 +23,10 @@ def read_model(
     empty file is `cls()`."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: cannot read {what}: not UTF-8 text ({exc})") from exc
+    except RecursionError as exc:
+        raise error(f"{path}: cannot read {what}: nested too deeply") from exc
     except (OSError, yaml.YAMLError) as exc:
         raise error(f"{path}: cannot read {what}: {exc}") from exc
     if data is None and empty_ok:

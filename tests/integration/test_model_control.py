@@ -798,3 +798,114 @@ def test_load_load_unload_in_quick_succession_ends_unloaded(
         assert not client.is_model_ready("big"), f"round {round_}: served after the unload"
         assert index(client)[("big", "")] == ("UNAVAILABLE", "not loaded")
         client.load_model("big")
+
+
+# -- models whose files are wrong in ways the store did not foresee -------------------
+
+
+def unreadable_models(repo: Path) -> None:
+    """Three models that stopped the whole server's start: a config.pbtxt that is not
+    UTF-8, a version folder `²` (a digit to Python, not to `int`) beside no other, and a
+    fixed input dimension of 2**40 (the warm-up asked numpy for 4 TiB)."""
+    onnx_models.add_constant(repo / "latin" / "1" / "model.onnx", 1)
+    (repo / "latin" / "config.pbtxt").write_bytes(b'name: "latin" # caf\xe9\n')
+    onnx_models.add_constant(repo / "super" / "²" / "model.onnx", 1)
+    onnx_models.add_constant(repo / "huge" / "1" / "model.onnx", 1, width=2**40)
+
+
+def test_start_serves_every_model_beside_ones_whose_files_are_unreadable(
+    start_server: StartServer, repo: Path, connect: Callable[..., triton.InferenceServerClient]
+) -> None:
+    """Each unreadable model is UNAVAILABLE with a reason naming its file and what was
+    expected; the others serve."""
+    unreadable_models(repo)
+    server = start_server(repo)
+    client = connect(server)
+    y, _ = infer(client, "mlp", np.ones((2, 64), np.float32))
+    assert y.shape == (2, 10)
+    rows = index(client)
+    assert rows[("latin", "")][0] == "UNAVAILABLE"
+    assert "latin/config.pbtxt: not UTF-8 text" in rows[("latin", "")][1]
+    assert rows[("super", "")][0] == "UNAVAILABLE"
+    assert "'super' has no version" in rows[("super", "")][1]
+    assert "super/² is skipped: a version folder is named by a plain decimal" in server.log()
+    state, reason = rows[("huge", "1")]
+    assert state == "UNAVAILABLE"
+    assert "input 'x' of shape [-1, 1099511627776] needs 4,398,046,511,104 bytes" in reason
+    assert "Traceback" not in server.log()
+
+
+def test_load_of_an_unreadable_model_is_failed_precondition_with_its_reason(
+    explicit: ServerProcess, repo: Path, connect: Callable[..., triton.InferenceServerClient]
+) -> None:
+    """Not INTERNAL with a traceback, and the model stays in RepositoryIndex with why."""
+    unreadable_models(repo)
+    client = connect(explicit)
+    for name, expected in (("latin", "not UTF-8 text"), ("huge", "more than any request")):
+        error = rpc_error(lambda name=name: client.load_model(name))  # type: ignore[misc]
+        assert status(error) == "FAILED_PRECONDITION", error
+        assert expected in error.message()
+        assert any(
+            row[0] == name and expected in reason for row, (_, reason) in index(client).items()
+        )
+    assert "Traceback" not in explicit.log()
+
+
+def test_reload_of_a_model_whose_config_turned_unreadable_says_so_and_keeps_serving(
+    start_server: StartServer,
+    repo: Path,
+    staging: Path,
+    connect: Callable[..., triton.InferenceServerClient],
+) -> None:
+    add_constant_version(staging, repo / "adder", 1, 1.0)
+    server = start_server(repo, "--model-control", "explicit", "--load-model", "adder")
+    client = connect(server)
+    (repo / "adder" / "config.pbtxt").write_bytes(b'name: "adder" # caf\xe9\n')
+    error = rpc_error(lambda: client.load_model("adder"))
+    assert status(error) == "FAILED_PRECONDITION"
+    assert "not UTF-8 text" in error.message() and "still serving version 1" in error.message()
+    assert added(client, "adder") == (1.0, "1")
+    state, reason = index(client)[("adder", "1")]
+    assert state == "READY" and "serving the files loaded before" in reason
+    assert "not UTF-8 text" in reason
+
+
+def test_poll_goes_on_past_a_model_whose_config_is_not_utf8(
+    polling: ServerProcess,
+    repo: Path,
+    staging: Path,
+    connect: Callable[..., triton.InferenceServerClient],
+) -> None:
+    """A bad model sorted first no longer stops every pass before the models after it:
+    a new model and a new version behind it are served."""
+    client = connect(polling)
+    onnx_models.add_constant(staging / "aaa" / "1" / "model.onnx", 1)
+    (staging / "aaa" / "config.pbtxt").write_bytes(b'name: "aaa" # caf\xe9\n')
+    publish(staging / "aaa", repo / "aaa")
+    wait_until(lambda: ("aaa", "") in index(client), "the bad model is listed")
+    add_constant_version(staging, repo / "zzz", 1, 5.0)
+    add_constant_version(staging, repo / "latest", 4, 4.0)
+    wait_until(lambda: client.is_model_ready("zzz"), "new model 'zzz' served")
+    wait_until(lambda: added(client, "latest") == (4.0, "4"), "version 4 of 'latest' served")
+    state, reason = index(client)[("aaa", "")]
+    assert state == "UNAVAILABLE" and "aaa/config.pbtxt: not UTF-8 text" in reason
+    assert "poll failed" not in polling.log() and "Traceback" not in polling.log()
+
+
+def test_config_that_contradicts_the_model_is_refused_naming_the_mismatch(
+    explicit: ServerProcess, repo: Path, connect: Callable[..., triton.InferenceServerClient]
+) -> None:
+    """ModelConfig reports config.pbtxt's tensors, and clients build requests from it: a
+    config naming an input the model lacks, or typing or shaping one otherwise, is
+    refused at load as Triton refuses it, never served with a signature it lacks."""
+    onnx_models.add_constant(repo / "liar" / "1" / "model.onnx", 1)
+    (repo / "liar" / "config.pbtxt").write_text(
+        'input [{ name: "x" data_type: TYPE_INT64 dims: [-1, 7] }]\n'
+    )
+    client = connect(explicit)
+    error = rpc_error(lambda: client.load_model("liar"))
+    assert status(error) == "FAILED_PRECONDITION"
+    message = error.message()
+    assert "liar/config.pbtxt does not match the model model.onnx" in message
+    assert "input 'x' is TYPE_FP32 in the model, TYPE_INT64 in config.pbtxt" in message
+    assert "input 'x' has dims [-1, 4] in the model (-1: any), [-1, 7] in config.pbtxt" in message

@@ -245,6 +245,25 @@ def test_rest_routes_are_restricted_by_their_own_flag(
         assert client.get_model_repository_index() is not None
 
 
+def test_start_warns_of_groups_restricted_on_grpc_but_open_on_rest(
+    server: ServerProcess, small_repository: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """As in Triton each protocol has its own flag, so restricting gRPC alone leaves the
+    REST port open to the same calls (an unload with no header): the start says so."""
+    assert (
+        "health,model-config,model-repository restricted on gRPC but open on REST" in server.log()
+    )
+    assert (
+        "--http-restricted-api health,model-config,model-repository:<key>=<value>" in server.log()
+    )
+    admin = "model-repository:admin-key=s3cret"
+    both = start_server(
+        small_repository, "--grpc-restricted-protocol", admin, "--http-restricted-api", admin
+    )
+    assert "restricted REST route groups: model-repository (header admin-key)" in both.log()
+    assert "open on REST" not in both.log()
+
+
 def serve_exit(repository: Path, *args: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "sparseserve", "serve", "--repository", str(repository)]
     command += ["--host", "127.0.0.1", "--grpc-port", "0", "--no-metrics", *args]

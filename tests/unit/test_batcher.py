@@ -379,6 +379,29 @@ def test_policy_from_config_pbtxt(tmp_path: Path) -> None:
     assert policy.target_rows == 16
 
 
+@pytest.mark.parametrize(
+    ("batching", "expected"),
+    [
+        (
+            "preferred_batch_size: [4, 128]",
+            r"preferred_batch_size \[128\] exceeds max_batch_size 8",
+        ),
+        ("max_queue_delay_microseconds: 18446744073709551615", r"expected at most 60,000,000"),
+    ],
+    ids=["preferred-above-max", "delay-of-years"],
+)
+def test_batching_values_past_sense_are_refused(
+    tmp_path: Path, batching: str, expected: str
+) -> None:
+    """As Triton refuses a preferred size above the maximum; a queue delay of years left
+    every request after a burst waiting for company until its deadline."""
+    text = f"max_batch_size: 8 dynamic_batching {{ {batching} }}"
+    with pytest.raises(ModelLoadError, match=expected):
+        BatchingPolicy.for_model("m", config(text), _signature(tmp_path), BatchingSettings())
+    at_most = "max_batch_size: 8 dynamic_batching { max_queue_delay_microseconds: 60000000 }"
+    assert BatchingPolicy.for_model("m", config(at_most), _signature(tmp_path), BatchingSettings())
+
+
 def test_batching_is_off_unless_configured(tmp_path: Path) -> None:
     signature = _signature(tmp_path)
     assert BatchingPolicy.for_model("m", None, signature, BatchingSettings()) is None

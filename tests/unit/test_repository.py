@@ -40,16 +40,47 @@ def test_unsafe_or_malformed_model_names_are_refused(name: str) -> None:
 
 
 def test_symlinked_model_pointing_outside_the_repository_is_refused(tmp_path: Path) -> None:
+    """A model folder that leads out of the repository is not read, and the reason says
+    where it leads (RepositoryIndex shows it: the name itself is valid)."""
     outside = tmp_path / "outside"
     onnx_models.add_constant(outside / "1" / "model.onnx", 1)
     root = tmp_path / "repo"
     root.mkdir()
     (root / "escape").symlink_to(outside, target_is_directory=True)
     repository = ModelRepository(root)
-    with pytest.raises(InvalidModelName, match="outside the repository"):
-        repository.path("escape")
-    with pytest.raises(InvalidModelName):
+    assert repository.names() == ["escape"]
+    with pytest.raises(
+        ModelLoadError, match=f"folder .*escape resolves outside the repository .*{outside}"
+    ):
         repository.read("escape")
+
+
+@pytest.mark.parametrize("link", ["version", "file"])
+def test_version_folder_or_model_file_may_link_elsewhere(tmp_path: Path, link: str) -> None:
+    """A version folder or a model file that is a symlink (into a cache, say) is the
+    operator's wiring and is followed; only a model folder must be the repository's."""
+    outside = tmp_path / "outside"
+    onnx_models.add_constant(outside / "1" / "model.onnx", 1)
+    model = tmp_path / "repo" / "m"
+    onnx_models.add_constant(model / "1" / "model.onnx", 1)
+    if link == "version":
+        (model / "2").symlink_to(outside / "1", target_is_directory=True)
+    else:
+        (model / "2").mkdir()
+        (model / "2" / "model.onnx").symlink_to(outside / "1" / "model.onnx")
+    assert ModelRepository(tmp_path / "repo").read("m").versions.keys() == {1, 2}
+
+
+@pytest.mark.parametrize("filename", ["../../outside.onnx", "/etc/passwd", "sub/model.onnx", ".."])
+def test_default_model_filename_must_be_a_file_name(tmp_path: Path, filename: str) -> None:
+    """default_model_filename names a file in each version folder (as in Triton), never
+    a path: an absolute one or one with '..' would read a file anywhere."""
+    model = tmp_path / "m"
+    onnx_models.add_constant(model / "1" / "model.onnx", 1)
+    (model / "config.pbtxt").write_text(f'default_model_filename: "{filename}"\n')
+    with pytest.raises(ModelLoadError, match=r"default_model_filename is .*expected the name of "
+                       "a file in each version folder"):  # fmt: skip
+        ModelRepository(tmp_path).read("m")
 
 
 def test_symlinked_model_inside_the_repository_is_allowed(tmp_path: Path) -> None:
@@ -66,6 +97,24 @@ def test_names_lists_model_directories_only(tmp_path: Path) -> None:
         (root / name).mkdir(parents=True)
     (root / "README.md").write_text("not a model")
     assert ModelRepository(root).names() == ["a.model", "b-model"]
+
+
+def test_unservable_folder_names_are_skipped_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder whose name sparseserve does not serve (a space, a non-ASCII letter) is
+    named in the log once, with the rule, not skipped in silence."""
+    root = tmp_path / "repo"
+    for name in ("good", "my model", "modèle", ".hidden"):
+        (root / name).mkdir(parents=True)
+    repository = ModelRepository(root)
+    with caplog.at_level("WARNING"):
+        assert repository.names() == ["good"]
+        assert repository.names() == ["good"]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2, warnings
+    assert any("my model is skipped: not a model name" in w for w in warnings)
+    assert any("modèle is skipped" in w for w in warnings)
 
 
 def test_missing_model_is_not_found(tmp_path: Path) -> None:
@@ -125,6 +174,44 @@ def test_read_discovers_numeric_positive_versions(tmp_path: Path) -> None:
     assert source.versions == {v: model / str(v) / "model.onnx" for v in (1, 2, 10)}
     assert source.served_versions() == [10]
     assert source.manifest is None and source.config is None
+
+
+def test_version_folders_have_one_spelling(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A version folder is plain ASCII decimal without leading zeros, up to int64, as a
+    request spells it: "01" beside "1" would be two folders for one version (which one
+    served depended on directory order), "²" or an Arabic-Indic one are digits to Python
+    but not numbers a request can name. Each such folder is skipped with a warning."""
+    model = tmp_path / "m"
+    onnx_models.add_constant(model / "1" / "model.onnx", 1)
+    for odd in ("01", "²", "\u0661", "9" * 19, str(2**63)):
+        onnx_models.add_constant(model / odd / "model.onnx", 5)
+    onnx_models.add_constant(model / str(2**63 - 1) / "model.onnx", 2)
+    with caplog.at_level("WARNING"):
+        source = ModelRepository(tmp_path).read("m")
+    assert sorted(source.versions) == [1, 2**63 - 1]
+    skipped = [r.getMessage() for r in caplog.records if "is skipped" in r.getMessage()]
+    assert len(skipped) == 5, skipped
+    assert all("plain decimal number without leading zeros" in w for w in skipped)
+
+
+def test_config_that_is_not_utf8_or_nested_too_deeply_is_a_load_error(tmp_path: Path) -> None:
+    """What text_format cannot take is one model's load error naming the file, not an
+    exception that escapes the repository (it stopped the whole server's start)."""
+    model = tmp_path / "m"
+    onnx_models.add_constant(model / "1" / "model.onnx", 1)
+    config = model / "config.pbtxt"
+    config.write_bytes(b'name: "m" # caf\xe9\n')
+    with pytest.raises(ModelLoadError, match=r"m/config\.pbtxt: not UTF-8 text"):
+        ModelRepository(tmp_path).read("m")
+    config.write_text('model_warmup { inputs { key: "a" value { ' * 400 + "} } }" * 400)
+    with pytest.raises(ModelLoadError, match=r"m/config\.pbtxt: .*nested too deeply"):
+        ModelRepository(tmp_path).read("m")
+    config.unlink()
+    (model / "sparseserve.yaml").write_bytes(b"family: caf\xe9\n")
+    with pytest.raises(ModelLoadError, match=r"sparseserve\.yaml: cannot read manifest: not UTF-8"):
+        ModelRepository(tmp_path).read("m")
 
 
 def test_read_parses_config_with_default_model_filename_and_unknown_fields(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from sparseserve.codec import BYTES, Datatype, datatype_of
-from sparseserve.errors import InferenceFailed, InvalidInput, SparseServeError
+from sparseserve.errors import InferenceFailed, InvalidInput, ModelLoadError, SparseServeError
 from sparseserve.repository.manifest import Precision
 
 R = TypeVar("R")
@@ -129,6 +130,11 @@ def warmup_inputs(signature: ModelSignature) -> dict[str, np.ndarray]:
     return timing_inputs(signature, dynamic_size=1)
 
 
+# The largest input `timing_inputs` makes: a gRPC message's limit (2 GiB), past which no
+# request could carry the input either (a model declaring a fixed dimension of 2**40
+# had the warm-up ask numpy for 4 TiB).
+MAX_SAMPLE_BYTES = 2**31 - 1
+
 # What `timing_inputs` gives each dynamic dimension after the first: a text model's
 # sequence of 128 tokens, an image's side of 128 pixels.
 TIMING_DYNAMIC_SIZE = 128
@@ -147,11 +153,67 @@ def timing_inputs(
         shape = tuple(
             d if d != -1 else (batch if i == 0 else dynamic_size) for i, d in enumerate(spec.shape)
         )
+        size = math.prod(shape) * spec.datatype.itemsize
+        if size > MAX_SAMPLE_BYTES:
+            raise ModelLoadError(
+                f"input {spec.name!r} of shape {list(spec.shape)} needs {size:,} bytes for "
+                f"{'one row' if batch == 1 else f'{batch} rows'}, more than any request can "
+                f"carry ({MAX_SAMPLE_BYTES:,}); is a fixed dimension meant to be dynamic (-1)?"
+            )
         if spec.datatype is BYTES:
             feeds[spec.name] = np.full(shape, b"", dtype=object)
         else:
             feeds[spec.name] = np.zeros(shape, dtype=spec.datatype.numpy)
     return feeds
+
+
+def config_mismatches(signature: ModelSignature, config: ModelConfig) -> list[str]:
+    """Where config.pbtxt's inputs and outputs contradict the model's, each in a phrase
+    (empty: they agree). ModelConfig reports config.pbtxt's tensors, and clients build
+    requests from it, so a config that names, types or shapes a tensor otherwise than
+    the model does is refused, as Triton refuses it. Dims leave out the batch dimension
+    where `max_batch_size` > 0; a `reshape` is compared instead of the dims it reshapes;
+    a dimension the model leaves dynamic (-1) may be fixed by the config. The config may
+    list no tensors (they are then filled in from the model) or a subset of the outputs,
+    but if it lists inputs it lists them all."""
+    from sparseserve.protocol.model_config_pb2 import DataType
+
+    problems = []
+    skip = 1 if config.max_batch_size > 0 else 0
+    for kind, specs, configured in (
+        ("input", signature.inputs, config.input),
+        ("output", signature.outputs, config.output),
+    ):
+        by_name = {spec.name: spec for spec in specs}
+        for tensor in configured:
+            spec = by_name.get(tensor.name)
+            if spec is None:
+                problems.append(
+                    f"{kind} {tensor.name!r} is not one of the model's {kind}s {list(by_name)}"
+                )
+                continue
+            datatype = DataType.Name(tensor.data_type)
+            if tensor.data_type and datatype != spec.datatype.config:
+                problems.append(
+                    f"{kind} {tensor.name!r} is {spec.datatype.config} in the model, "
+                    f"{datatype} in config.pbtxt"
+                )
+            dims = list(tensor.reshape.shape if tensor.HasField("reshape") else tensor.dims)
+            model = list(spec.shape[skip:])
+            if spec.rank_known and not (
+                len(dims) == len(model)
+                and all(want in (-1, got) for want, got in zip(model, dims, strict=True))
+            ):
+                problems.append(
+                    f"{kind} {tensor.name!r} has dims {model} in the model "
+                    f"{'(batch dimension left out, max_batch_size > 0) ' if skip else ''}"
+                    f"(-1: any), {dims} in config.pbtxt"
+                )
+        if kind == "input" and configured:
+            missing = sorted(set(by_name) - {tensor.name for tensor in configured})
+            if missing:
+                problems.append(f"the model's inputs {missing} are not listed")
+    return problems
 
 
 def _describe(specs: Sequence[TensorSpec]) -> str:

@@ -507,8 +507,12 @@ def time_engines(
     128: the size requests have, not the warm-up's 1). At one row, where an engine cannot
     run those or they are too large, on the warm-up inputs; at more rows, then None (not
     timed at that size)."""
-    feeds = timing_inputs(signature, batch=batch)
-    if max((array.size for array in feeds.values()), default=0) > MAX_TIMING_ELEMENTS:
+    try:
+        feeds = timing_inputs(signature, batch=batch)
+        too_large = max((array.size for array in feeds.values()), default=0) > MAX_TIMING_ELEMENTS
+    except ModelLoadError:  # more than any request can carry
+        too_large = True
+    if too_large:
         # 128 x 128 x ..., or a large batch of large rows
         return interleaved_medians(backends, warmup_inputs(signature)) if batch == 1 else None
     try:

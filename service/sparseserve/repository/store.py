@@ -37,6 +37,20 @@ OPENVINO_MODEL_FILENAME = "model.xml"
 HINT_BF16 = "HINT_BF16"
 # A model name is one plain directory name: no separators, no leading dot (so no `..`).
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}")
+# Versions are int64 in Triton's protocol.
+MAX_VERSION = 2**63 - 1
+
+
+def version_number(text: str) -> int | None:
+    """The version a folder name or a request spells, or None: only plain ASCII decimal
+    without leading zeros, up to int64, counts, so that each version has one spelling
+    (Python's `int` would also take "01", " 1", "1_0" and other scripts' digits, and
+    two folders "1" and "01" would be one version)."""
+    if not (text.isascii() and text.isdigit()) or (text[0] == "0" and text != "0"):
+        return None
+    if len(text) > 19 or int(text) > MAX_VERSION:  # `int` refuses 4,301 digits anyway
+        return None
+    return int(text)
 
 
 def check_model_name(name: str) -> str:
@@ -122,25 +136,52 @@ class ModelRepository:
 
     def __init__(self, root: Path):
         self.root = root.resolve()
+        self._warned: set[Path] = set()  # folders skipped with a warning, warned once
+
+    def _skip(self, path: Path, why: str) -> None:
+        """Log once per folder that it is not served, and why."""
+        if path not in self._warned:
+            self._warned.add(path)
+            log.warning("%s is skipped: %s", path, why)
 
     def names(self) -> list[str]:
-        """Model directories in the repository, sorted (invalid names are skipped)."""
+        """Model directories in the repository, sorted (invalid names are skipped, each
+        with one warning in the log)."""
         if not self.root.is_dir():
             return []
-        return sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and _MODEL_NAME.fullmatch(p.name)
-        )
+        names = []
+        for p in self.root.iterdir():
+            if not p.is_dir():
+                continue
+            if _MODEL_NAME.fullmatch(p.name):
+                names.append(p.name)
+            elif not p.name.startswith("."):  # hidden folders (.git) are not models
+                self._skip(
+                    p,
+                    "not a model name sparseserve serves (letters, digits, '_', '-' and '.', "
+                    "starting with a letter or digit, at most 200 characters); rename it",
+                )
+        return sorted(names)
 
     def path(self, name: str) -> Path:
-        """The directory of model `name`, which must stay inside the repository."""
+        """The directory of model `name` (a valid name; `read` checks where it leads)."""
         check_model_name(name)
-        directory = (self.root / name).resolve()
-        if directory.parent != self.root:  # a symlink pointing elsewhere
-            raise InvalidModelName(f"model {name!r} resolves outside the repository")
-        return directory
+        return self.root / name
 
     def exists(self, name: str) -> bool:
         return self.path(name).is_dir()
+
+    def _inside(self, directory: Path, name: str) -> None:
+        """Refuse a model folder that resolves (through a symlink) outside the repository:
+        a model name, which clients send, names a folder of this repository only. (A
+        version folder or model file may link elsewhere, e.g. into a cache: the
+        operator's wiring, as `default_model_filename` is not, being one file name.)"""
+        resolved = directory.resolve()
+        if resolved.parent != self.root:
+            raise ModelLoadError(
+                f"model {name!r}: its folder {directory} resolves outside the repository "
+                f"{self.root} (to {resolved}); move or copy it into the repository"
+            )
 
     def read(self, name: str) -> ModelSource:
         """Read one model directory. Raise `ModelNotFound` if it is not there and
@@ -148,6 +189,7 @@ class ModelRepository:
         directory = self.path(name)
         if not directory.is_dir():
             raise ModelNotFound(f"model {name!r} is not in the repository {self.root}")
+        self._inside(directory, name)
         config = _read_config(directory / CONFIG_FILENAME)
         manifest_path = directory / MANIFEST_FILENAME
         manifest = None
@@ -156,15 +198,17 @@ class ModelRepository:
                 manifest = VariantManifest.read(manifest_path)
             except ManifestError as exc:
                 raise ModelLoadError(str(exc)) from exc
-        filenames = _model_filenames(config)
-        versions = {
-            int(p.name): file
-            for p in directory.iterdir()
-            if p.is_dir()
-            and p.name.isdigit()
-            and int(p.name) > 0
-            and (file := _first_file(p, filenames)) is not None
-        }
+        filenames = _model_filenames(name, config)
+        versions: dict[int, Path] = {}
+        for p in directory.iterdir():
+            if not p.is_dir() or not p.name[:1].isdigit():
+                continue  # not a version folder
+            number = version_number(p.name)
+            if number is None:
+                self._skip(p, "a version folder is named by a plain decimal number without "
+                              "leading zeros, at most 2**63-1 (e.g. 1, 2, 10)")  # fmt: skip
+            elif number > 0 and (file := _first_file(p, filenames)) is not None:
+                versions[number] = file  # a symlink into a cache elsewhere is the operator's
         if not versions:
             filename = " or ".join(filenames)
             raise ModelLoadError(
@@ -190,12 +234,19 @@ class ModelRepository:
         )
 
 
-def _model_filenames(config: model_config_pb2.ModelConfig | None) -> tuple[str, ...]:
+def _model_filenames(name: str, config: model_config_pb2.ModelConfig | None) -> tuple[str, ...]:
     """The names a version's model file may have, preferred first: config.pbtxt's
     default_model_filename if it sets one; else model.onnx, or the OpenVINO IR model.xml
     (first for a config that names the openvino backend, as in Triton)."""
     if config is not None and config.default_model_filename:
-        return (config.default_model_filename,)
+        filename = config.default_model_filename
+        if Path(filename).name != filename or filename in (".", ".."):
+            raise ModelLoadError(
+                f"model {name!r}: config.pbtxt default_model_filename is "
+                f"{filename!r}; expected the name of a file in each version folder "
+                "(no '/' or '..')"
+            )
+        return (filename,)
     if config is not None and "openvino" in (config.backend, config.platform):
         return (OPENVINO_MODEL_FILENAME, DEFAULT_MODEL_FILENAME)
     return (DEFAULT_MODEL_FILENAME, OPENVINO_MODEL_FILENAME)
@@ -253,6 +304,10 @@ def _read_config(path: Path) -> model_config_pb2.ModelConfig | None:
         # Fields of Triton's ModelConfig that sparseserve does not model are skipped,
         # so a config written for Triton loads here unchanged.
         text_format.Parse(path.read_text(encoding="utf-8"), config, allow_unknown_field=True)
+    except UnicodeDecodeError as exc:
+        raise ModelLoadError(f"{path}: not UTF-8 text ({exc})") from exc
+    except RecursionError as exc:
+        raise ModelLoadError(f"{path}: Triton model config nested too deeply") from exc
     except (OSError, text_format.ParseError) as exc:
         raise ModelLoadError(f"{path}: cannot parse Triton model config: {exc}") from exc
     return config

@@ -60,7 +60,7 @@ from sparseserve.errors import (
     SparseServeError,
 )
 from sparseserve.protocol import model_config_pb2
-from sparseserve.settings import BatchingSettings
+from sparseserve.settings import MAX_QUEUE_DELAY_US, BatchingSettings
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,19 @@ class BatchingPolicy:
             if why_not:
                 raise ModelLoadError(f"model {name!r} cannot be batched: {why_not}")
             batching = config.dynamic_batching
+            too_large = [s for s in batching.preferred_batch_size if s > config.max_batch_size]
+            if too_large:
+                raise ModelLoadError(
+                    f"model {name!r}: config.pbtxt dynamic_batching preferred_batch_size "
+                    f"{too_large} exceeds max_batch_size {config.max_batch_size}; expected "
+                    "sizes up to max_batch_size"
+                )
+            if batching.max_queue_delay_microseconds > MAX_QUEUE_DELAY_US:
+                raise ModelLoadError(
+                    f"model {name!r}: config.pbtxt dynamic_batching "
+                    f"max_queue_delay_microseconds is {batching.max_queue_delay_microseconds}; "
+                    f"expected at most {MAX_QUEUE_DELAY_US:,} (60 s)"
+                )
             return cls(
                 max_batch_size=config.max_batch_size,
                 max_queue_delay_us=batching.max_queue_delay_microseconds,

@@ -217,6 +217,7 @@ class SparseServeServer:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
+        http_restrictions = Restrictions.for_http(settings.http_restricted_apis)
         if settings.allow_http:
             # REST shares the gRPC port's certificate files (and follows their rotation)
             # and is restricted by its own flag, as in Triton.
@@ -228,9 +229,7 @@ class SparseServeServer:
                 self._v2,
                 lambda: self._ready,
                 settings.max_http_body_bytes,
-                route_checks=restriction_checks(
-                    Restrictions.for_http(settings.http_restricted_apis)
-                ),
+                route_checks=restriction_checks(http_restrictions),
                 ssl_context=None if self._http_tls is None else self._http_tls.context,
                 budget=self.request_budget,
                 max_connections=settings.max_http_connections,
@@ -253,6 +252,15 @@ class SparseServeServer:
             settings.model_control.value,
         )  # fmt: skip
         log.info("restricted RPC groups: %s", restrictions.describe())
+        if settings.allow_http:
+            log.info("restricted REST route groups: %s", http_restrictions.describe())
+            if open_on_rest := sorted(restrictions.groups - http_restrictions.groups):
+                groups = ",".join(group.value for group in open_on_rest)
+                log.warning(
+                    "%s restricted on gRPC but open on REST (port %d), as in Triton: add "
+                    "--http-restricted-api %s:<key>=<value>, or --allow-http false",
+                    groups, self.http_port, groups,
+                )  # fmt: skip
         if not repository.names():
             log.warning(
                 "model repository %s holds no models: add <model>/<version>/model.onnx "

@@ -115,6 +115,10 @@ class Restrictions:
                 by_group[group] = requirement
         return cls(by_group)
 
+    @property
+    def groups(self) -> frozenset[RestrictedGroup]:
+        return frozenset(self._by_group)
+
     def of_group(self, group: RestrictedGroup) -> HeaderRequirement | None:
         return self._by_group.get(group)
 
