@@ -196,6 +196,7 @@ class ModelEntry:
     loading: set[int] = field(default_factory=set)
     failed: dict[int, FailedLoad] = field(default_factory=dict)
     error: str | None = None  # model-level problem (manifest, config, no versions)
+    holding: set[int] = field(default_factory=set)  # versions kept serving in another's slot
 
     def publish(self, ready: dict[int, LoadedModel]) -> None:
         self.ready = ready
@@ -320,7 +321,8 @@ class ModelRegistry:
             try:
                 await self.load(name)
             except SparseServeError as exc:
-                log.error("model %s not loaded: %s", name, exc)
+                if not isinstance(exc, ModelLoadError):  # those are logged where they arise
+                    log.error("model %s not loaded: %s", name, exc)
                 if named:
                     failures[name] = exc
         return failures
@@ -383,12 +385,15 @@ class ModelRegistry:
             await self._retire(entry, retired)
             raise
         except ModelLoadError as exc:
-            # Keep serving what serves; say why nothing new could be loaded.
+            # Keep serving what serves; say why nothing new could be loaded (in the log
+            # once, not at every poll).
+            if str(exc) != entry.error:
+                log.error("%s", exc)
             entry.error = str(exc)
             return
         except Exception as exc:  # a file the store did not foresee: one model's problem
             error = f"model {entry.name!r}: cannot read its files: {_described(exc)}"
-            if error != entry.error:  # once, not at every poll
+            if error != entry.error:
                 log.error("%s", error, exc_info=True)
             entry.error = error
             return
@@ -424,14 +429,18 @@ class ModelRegistry:
         # something served. Under "all" each version on disk is its own slot, so a new
         # one that fails takes no one's place, and a removed one is retired.
         unfilled = 0 if source.policy.serves_all else len(wanted) - len(serving)
+        holding = set()
         if unfilled > 0:
             holders = sorted((v for v in entry.ready if v not in serving), reverse=True)
             for version in holders[:unfilled]:
                 serving[version] = entry.ready[version]
-                log.warning(
-                    "model %s: version %d keeps serving until a version the policy %s "
-                    "wants loads", entry.name, version, source.policy.describe(),
-                )  # fmt: skip
+                holding.add(version)
+                if version not in entry.holding:  # once, not at every poll
+                    log.warning(
+                        "model %s: version %d keeps serving until a version the policy %s "
+                        "wants loads", entry.name, version, source.policy.describe(),
+                    )  # fmt: skip
+        entry.holding = holding
         # By identity: a version whose files changed keeps its number, and its old copy
         # must be drained and unloaded like any other.
         retired = [m for v, m in entry.ready.items() if serving.get(v) is not m]
@@ -636,13 +645,13 @@ class ModelRegistry:
                     state, reason = ModelState.LOADING, ""
                 elif version in entry.ready:
                     state, reason = ModelState.READY, ""
-                    if version in entry.failed:
+                    if entry.error:  # the model's folder can no longer be read: the latest
+                        reason = "serving the files loaded before; " + entry.error
+                    elif version in entry.failed:
                         reason = (
                             "serving the files loaded before; the new ones failed to load: "
                             + entry.failed[version].reason
                         )
-                    elif entry.error:  # the model's folder can no longer be read
-                        reason = "serving the files loaded before; " + entry.error
                 else:
                     state, reason = ModelState.UNAVAILABLE, entry.failed[version].reason
                 rows.append(IndexEntry(name, str(version), state, reason))

@@ -909,3 +909,65 @@ def test_config_that_contradicts_the_model_is_refused_naming_the_mismatch(
     assert "liar/config.pbtxt does not match the model model.onnx" in message
     assert "input 'x' is TYPE_FP32 in the model, TYPE_INT64 in config.pbtxt" in message
     assert "input 'x' has dims [-1, 4] in the model (-1: any), [-1, 7] in config.pbtxt" in message
+
+
+def test_poll_logs_a_broken_config_once_and_the_index_says_why(
+    polling: ServerProcess,
+    repo: Path,
+    staging: Path,
+    connect: Callable[..., triton.InferenceServerClient],
+) -> None:
+    """A config.pbtxt edited into something that does not parse: the serving version
+    goes on, the log says so once (not at every pass, not never), the index names it."""
+    client = connect(polling)
+    (repo / "latest" / "config.pbtxt").write_text("version_policy { latest { num_versions: 2 }\n")
+    wait_until(lambda: "cannot parse Triton model config" in polling.log(), "the failure logged")
+    add_constant_version(staging, repo / "newcomer", 1, 5.0)  # two passes later at least
+    wait_until(lambda: client.is_model_ready("newcomer"), "new model 'newcomer' served")
+    time.sleep(1.0)  # five more passes
+    assert polling.log().count("cannot parse Triton model config") == 1, polling.log()
+    assert added(client, "latest") == (3.0, "3")
+    state, reason = index(client)[("latest", "3")]
+    assert state == "READY"
+    assert "serving the files loaded before" in reason and "latest/config.pbtxt" in reason
+
+
+def test_poll_warns_once_that_a_version_holds_the_slot_of_one_that_failed(
+    polling: ServerProcess,
+    repo: Path,
+    staging: Path,
+    connect: Callable[..., triton.InferenceServerClient],
+) -> None:
+    client = connect(polling)
+    broken = staging / "4"
+    broken.mkdir()
+    (broken / "model.onnx").write_bytes(b"not onnx" * 20)
+    publish(broken, repo / "latest" / "4")
+    wait_until(lambda: "model latest version 4 failed to load" in polling.log(), "tried v4")
+    time.sleep(1.5)  # several more passes
+    holding = polling.log().count("model latest: version 3 keeps serving until")
+    assert holding == 1, polling.log()
+    assert added(client, "latest") == (3.0, "3")
+
+
+def test_index_gives_the_latest_reason_not_an_older_one(
+    start_server: StartServer,
+    repo: Path,
+    staging: Path,
+    connect: Callable[..., triton.InferenceServerClient],
+) -> None:
+    """A corrupt file fails a reload; once it is fixed, a bad manifest fails the next:
+    RepositoryIndex names the manifest, not the file that is fine again."""
+    add_constant_version(staging, repo / "adder", 1, 1.0)
+    server = start_server(repo, "--model-control", "explicit", "--load-model", "adder")
+    client = connect(server)
+    model = repo / "adder" / "1" / "model.onnx"
+    good = model.read_bytes()
+    model.write_bytes(b"not onnx" * 20)
+    assert "onnxruntime cannot load" in rpc_error(lambda: client.load_model("adder")).message()
+    model.write_bytes(good)
+    (repo / "adder" / "sparseserve.yaml").write_text("family: f\nvariant: v\nbogus: 1\n")
+    assert "invalid manifest" in rpc_error(lambda: client.load_model("adder")).message()
+    state, reason = index(client)[("adder", "1")]
+    assert state == "READY" and "sparseserve.yaml: invalid manifest: bogus" in reason, reason
+    assert "onnxruntime" not in reason

@@ -84,11 +84,20 @@ def test_default_model_filename_must_be_a_file_name(tmp_path: Path, filename: st
 
 
 def test_symlinked_model_inside_the_repository_is_allowed(tmp_path: Path) -> None:
-    """A symlink that stays inside the repository (an alias) is a normal model."""
+    """A symlink that stays inside the repository (an alias, or the release switched
+    with `ln -sfn` into a hidden folder) is a normal model; one to the repository
+    itself is not a model."""
     root = tmp_path / "repo"
     onnx_models.add_constant(root / "real" / "1" / "model.onnx", 1)
+    onnx_models.add_constant(root / ".releases" / "c-v1" / "1" / "model.onnx", 1)
     (root / "alias").symlink_to(root / "real", target_is_directory=True)
-    assert ModelRepository(root).read("alias").versions.keys() == {1}
+    (root / "c").symlink_to(".releases/c-v1", target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    repository = ModelRepository(root)
+    assert repository.read("alias").versions.keys() == {1}
+    assert repository.read("c").versions.keys() == {1}
+    with pytest.raises(ModelLoadError, match="resolves outside the repository"):
+        repository.read("loop")
 
 
 def test_names_lists_model_directories_only(tmp_path: Path) -> None:

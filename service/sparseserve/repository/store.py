@@ -173,11 +173,12 @@ class ModelRepository:
 
     def _inside(self, directory: Path, name: str) -> None:
         """Refuse a model folder that resolves (through a symlink) outside the repository:
-        a model name, which clients send, names a folder of this repository only. (A
-        version folder or model file may link elsewhere, e.g. into a cache: the
-        operator's wiring, as `default_model_filename` is not, being one file name.)"""
+        a model name, which clients send, names a folder of this repository only. Inside
+        it a symlink may lead anywhere (`m -> .releases/m-v2`, switched with `ln -sfn`),
+        and a version folder or model file may link elsewhere, e.g. into a cache: the
+        operator's wiring, as `default_model_filename` is not, being one file name."""
         resolved = directory.resolve()
-        if resolved.parent != self.root:
+        if resolved == self.root or not resolved.is_relative_to(self.root):
             raise ModelLoadError(
                 f"model {name!r}: its folder {directory} resolves outside the repository "
                 f"{self.root} (to {resolved}); move or copy it into the repository"
