@@ -9,7 +9,7 @@ before any engine, anyway).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -126,3 +126,41 @@ def test_a_model_with_string_tensors_is_refused_by_openvino_and_says_so(
         m.reason for m in client.get_model_repository_index().models if m.name == "identity"
     ]
     assert "'in_BYTES'" in reason and "string" in reason and "onnxruntime" in reason
+
+
+def test_an_fp16_variant_keeps_its_tensor_names_on_openvino(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """`quantize: {mode: fp16}` keeps float32 inputs and outputs behind Cast nodes, and
+    compiling gave those ports a second name that OpenVINO reported first: the model's
+    `input` was served as `graph_input_cast_0`, and every client's request was refused.
+    Its names are the file's, as on onnxruntime, and it answers as the fp32 model does."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from sparseserve.testing import onnx_models
+
+    dense = onnx_models.mlp(tmp_path / "dense.onnx")
+    half = convert_float_to_float16(onnx.load(dense), keep_io_types=True)
+    (tmp_path / "models" / "half" / "1").mkdir(parents=True)
+    onnx.save(half, tmp_path / "models" / "half" / "1" / "model.onnx")
+    server = start_server(tmp_path / "models", "--cpu-engine", "openvino")
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    with triton.InferenceServerClient(server.grpc_url) as client:
+        metadata = client.get_model_metadata("half")
+        assert [t.name for t in metadata.inputs] == ["input"]
+        assert [t.name for t in metadata.outputs] == ["output"]
+        assert client.get_model_config("half").config.backend == "openvino"
+        tensor = triton.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        y = client.infer("half", [tensor]).as_numpy("output")
+    expected = ort_run(dense, x)
+    np.testing.assert_allclose(y, expected, rtol=2e-2, atol=2e-2)
+
+
+def ort_run(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"input": x})
+    return np.asarray(y)

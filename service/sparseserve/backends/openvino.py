@@ -33,7 +33,7 @@ import re
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from functools import cache
 from pathlib import Path
@@ -127,6 +127,7 @@ class OpenVinoBackend(Backend):
         self._shape_model: openvino.Model | None = None
         self._checked_shapes: set[tuple[tuple[str, tuple[int, ...]], ...]] = set()
         self._timer: tuple[openvino.InferRequest, dict[str, np.ndarray]] | None = None
+        self._graph_names: frozenset[str] = frozenset()  # the file's tensor names
         self._us_per_element = float("inf")  # from warm-up; inf: never run inline
 
     async def load(self) -> ModelSignature:
@@ -135,7 +136,7 @@ class OpenVinoBackend(Backend):
         loop = asyncio.get_running_loop()
         compiled = await loop.run_in_executor(self._executor, self._compile, config)
         self.precision = self._compiled_precision(compiled)
-        signature = compiled_signature(compiled, self._files)
+        signature = compiled_signature(compiled, self._files, self._graph_names)
         self._compiled = compiled
         feeds = warmup_inputs(signature)
         names = list(signature.output_names)
@@ -172,6 +173,7 @@ class OpenVinoBackend(Backend):
         core = _core()
         try:
             model = read_model(core, self._files.path)
+            self._graph_names = graph_names(model)
             dynamic = [port for port in model.inputs if port.get_partial_shape().is_dynamic]
             if len(dynamic) > 1:
                 self._shape_model = weightless_copy(model)
@@ -382,13 +384,23 @@ _BY_ELEMENT: Mapping[str, Datatype] = {
 }  # fmt: skip
 
 
-def compiled_signature(compiled: openvino.CompiledModel, files: ModelFiles) -> ModelSignature:
-    """The compiled model's inputs and outputs as the protocol describes them."""
+def graph_names(model: openvino.Model) -> frozenset[str]:
+    """The names the model file gives its inputs and outputs."""
+    return frozenset(name for port in [*model.inputs, *model.outputs] for name in port.get_names())
+
+
+def compiled_signature(
+    compiled: openvino.CompiledModel, files: ModelFiles, names: Collection[str] = ()
+) -> ModelSignature:
+    """The compiled model's inputs and outputs as the protocol describes them, each by
+    its name in `names` (`graph_names` of the model as read): compiling may give a port
+    more names, and OpenVINO's `get_any_name` then returned another (an fp16 variant's
+    input `pixels` became `graph_input_cast_0`, and clients' requests were refused)."""
 
     def specs(ports: Sequence[openvino.ConstOutput]) -> tuple[TensorSpec, ...]:
         result = []
         for port in ports:
-            name = port.get_any_name()
+            name = min(port.get_names() & set(names), default=port.get_any_name())
             element = port.get_element_type().get_type_name()
             datatype = _BY_ELEMENT.get(element)
             if datatype is None:
@@ -517,14 +529,16 @@ def describe_compiled(path: Path) -> str:
         return "\n".join(lines)
     core = _core()
     try:
-        compiled = core.compile_model(read_model(core, files.path), "CPU", config)
+        model = read_model(core, files.path)
+        compiled = core.compile_model(model, "CPU", config)
     except Exception as exc:  # OpenVINO raises RuntimeError for everything
         lines.append(f"  cannot compile {files.path.name}: {_engine_message(exc)}")
         return "\n".join(lines)
     precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
     lines.append(f"  computes in:  {precision} (asked: {config['INFERENCE_PRECISION_HINT']})")
     try:  # one run first: the kernels of a dynamic shape are chosen when it runs
-        compiled.create_infer_request().infer(warmup_inputs(compiled_signature(compiled, files)))
+        signature = compiled_signature(compiled, files, graph_names(model))
+        compiled.create_infer_request().infer(warmup_inputs(signature))
     except Exception as exc:  # OpenVINO raises RuntimeError for everything
         lines.append(f"  cannot run it: {_engine_message(exc)}")
         return "\n".join(lines)
