@@ -303,6 +303,17 @@ class ModelRegistry:
         """The versions taken out of service whose last requests are still finishing."""
         return list(self._draining)  # one step, so safe from the metrics thread too
 
+    def load_failures(self) -> list[tuple[str, str]]:
+        """(model, version) of each load that failed and whose files have not loaded
+        since: a version's (its files), or the model's ("": its manifest, config or
+        folders). Also called by the metrics thread: each dict is copied in one step."""
+        failures = []
+        for entry in list(self._entries.values()):
+            if entry.error:
+                failures.append((entry.name, ""))
+            failures.extend((entry.name, str(version)) for version in list(entry.failed))
+        return failures
+
     def versions(self, name: str) -> list[int]:
         entry = self._entries.get(name)
         return sorted(entry.ready) if entry else []

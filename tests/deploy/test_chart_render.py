@@ -234,6 +234,11 @@ def test_monitors_label_targets_with_the_release_name(kind: str) -> None:
     relabel = {"sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"],
                "targetLabel": "deployment"}  # fmt: skip
     assert relabel in endpoint["relabelings"]
+    # The operator names the job after the Service or PodMonitor (sparse-sparseserve);
+    # the alerts (up{job="sparseserve"}) and the dashboard match job="sparseserve".
+    assert {"targetLabel": "job", "replacement": "sparseserve"} in endpoint["relabelings"]
+    rules = (ROOT / "deploy" / "prometheus" / "rules" / "sparseserve.alerts.yml").read_text()
+    assert 'up{job="sparseserve"}' in rules
     pod_labels = component(documents, "Deployment", "server")["spec"]["template"]["metadata"][
         "labels"
     ]

@@ -93,6 +93,14 @@ def test_ports_healthcheck_and_drain(stack, monkeypatch: pytest.MonkeyPatch) -> 
     assert Path(service["build"]["dockerfile"]) == Path("deploy/Dockerfile")
 
 
+def test_every_published_port_is_on_loopback(stack, gpu_stack) -> None:
+    """The stack is for one machine: nothing is published beyond it, Prometheus's
+    lifecycle API (one POST /-/quit stops it) and anonymous Grafana included."""
+    for name, service in {**stack["services"], **gpu_stack["services"]}.items():
+        for port in service.get("ports", []):
+            assert port.get("host_ip") == "127.0.0.1", (name, port)
+
+
 def healthcheck_of_the_image() -> list[str]:
     (check,) = (
         c for c in dockerfile.parse_file(str(DEPLOY / "Dockerfile")) if c.cmd == "HEALTHCHECK"

@@ -88,8 +88,18 @@ def test_inferences_count_rows_and_executions_count_runs(scraped: Scraped) -> No
 
 def test_every_model_series_carries_the_full_label_set(scraped: Scraped) -> None:
     """model, version, family, variant and backend on every per-model series; `mlp`
-    takes family and variant from its sparseserve.yaml."""
-    per_model = [s for s in scraped.samples if "model" in s.labels]
+    takes family and variant from its sparseserve.yaml. (A model that failed to load has
+    only its name and version: the test repository's broken files, a version's or the
+    model's own, in sparseserve_model_load_failed.)"""
+    failed = [s for s in scraped.samples if s.name == "sparseserve_model_load_failed"]
+    assert {(s.labels["model"], s.labels["version"]) for s in failed} == {
+        ("corrupt", "1"), ("truncated", "1"), ("bad_manifest", "")
+    }  # fmt: skip
+    per_model = [
+        s
+        for s in scraped.samples
+        if "model" in s.labels and s.name != "sparseserve_model_load_failed"
+    ]
     assert per_model
     for sample in per_model:
         assert set(MLP_LABELS) <= set(sample.labels), sample

@@ -42,6 +42,9 @@ EXTRA = {
     "sparseserve_backend_up": {"backend"},
     "sparseserve_hardware_info": {"gpu_source", "execution_providers", "cpu_features"},
 }
+# Series of a section with labels of their own (a model that failed to load has no
+# family, variant or backend).
+OWN_LABELS = {"sparseserve_model_load_failed": {"model", "version"}}
 SECTION_LABELS = {"Per-model series": LABELS, "Shadow comparison": SHADOW, "Server series": set()}
 REQUESTS = 6
 ROWS = 4
@@ -64,6 +67,8 @@ def documented() -> list[tuple[str, str, str]]:
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Sample]]:
     root = routing_repository.build(tmp_path_factory.mktemp("metrics-repository"))
+    (root / "broken" / "1").mkdir(parents=True)  # sparseserve_model_load_failed
+    (root / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx model")
     policy = tmp_path_factory.mktemp("policy") / "traffic.yaml"
     policy.write_text(
         "families:\n  fam:\n    default: dense\n    shadow: {variants: [pruned50], fraction: 1}\n"
@@ -114,7 +119,9 @@ def test_every_documented_series_is_exported_with_its_labels(
     for suffix in suffixes.get(kind, ("",)):
         found = [s for s in samples if s.name == name + suffix]
         assert found, f"{name}{suffix} ({kind}, documented in {section}) is not exported"
-        expected = SECTION_LABELS.get(section, set()) | EXTRA.get(name, set())
+        expected = OWN_LABELS.get(name) or SECTION_LABELS.get(section, set()) | EXTRA.get(
+            name, set()
+        )
         if name.startswith("process_"):
             continue  # prometheus_client's own, unlabelled
         for sample in found:

@@ -230,6 +230,10 @@ def test_load_corrupt_model_fails_with_the_reason_and_others_keep_serving(
     assert not client.is_model_ready("corrupt")
     y, _ = infer(client, "mlp", np.ones((2, 64), np.float32))
     assert y.shape == (2, 10)
+    # What an alert sees (SparseserveModelLoadFailed): the failure, and nothing for mlp.
+    samples = scrape.scrape(explicit)
+    assert scrape.value(samples, "sparseserve_model_load_failed", model="corrupt", version="1") == 1
+    assert not scrape.values(samples, "sparseserve_model_load_failed", model="mlp")
 
 
 def test_load_model_whose_version_policy_selects_no_version_fails(
@@ -930,6 +934,17 @@ def test_poll_logs_a_broken_config_once_and_the_index_says_why(
     state, reason = index(client)[("latest", "3")]
     assert state == "READY"
     assert "serving the files loaded before" in reason and "latest/config.pbtxt" in reason
+    samples = scrape.scrape(polling)
+    assert scrape.value(samples, "sparseserve_model_load_failed", model="latest", version="") == 1
+    (repo / "latest" / "config.pbtxt").unlink()  # fixed: the failure goes away
+    wait_until(
+        lambda: (
+            not scrape.values(
+                scrape.scrape(polling), "sparseserve_model_load_failed", model="latest"
+            )
+        ),
+        "the load failure cleared from the metrics",
+    )
 
 
 def test_poll_warns_once_that_a_version_holds_the_slot_of_one_that_failed(

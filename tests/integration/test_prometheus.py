@@ -161,6 +161,8 @@ def all_queries(dashboard: dict) -> list[Query]:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     binary("prometheus")
     repository = build_family(tmp_path_factory.mktemp("monitoring-repository"))
+    (repository / "broken" / "1").mkdir(parents=True)  # sparseserve_model_load_failed
+    (repository / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx model")
     policy = tmp_path_factory.mktemp("traffic") / "policy.yaml"
     policy.write_text(SHADOW_POLICY)
     batching = {

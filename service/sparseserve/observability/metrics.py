@@ -132,6 +132,8 @@ class ModelCollector(Collector):
             if (model.name, model.version) not in labelled:
                 families.add(model, ready=False)
         families.add_backends(serving)
+        for model, version in self._models.load_failures():
+            families.load_failed.add_metric([model, version], 1)
         return iter(families.all())
 
 
@@ -179,6 +181,13 @@ class _ModelFamilies:
         )
         self.ready = GaugeMetricFamily(
             "sparseserve_model_ready", "1 while the model version serves requests.", labels=LABELS
+        )
+        self.load_failed = GaugeMetricFamily(
+            "sparseserve_model_load_failed",
+            "1 while a model version's files fail to load (version empty: the model's own "
+            "files, its config.pbtxt, manifest or folders); RepositoryIndex says why. A "
+            "version serving the files loaded before goes on serving meanwhile.",
+            labels=("model", "version"),
         )
         self.info = GaugeMetricFamily(
             "sparseserve_model_info",
@@ -262,7 +271,7 @@ class _ModelFamilies:
         return [
             self.request_duration, self.queue_duration, self.compute_duration,
             self.batch_size, self.requests, self.inferences, self.executions, self.inflight,
-            self.ready, self.info, self.file_bytes, self.parameters,
+            self.ready, self.load_failed, self.info, self.file_bytes, self.parameters,
             self.nonzero_parameters, self.weight_sparsity, self.memory_bytes,
             self.sparse_kernel_layers, self.candidate_latency,
             self.backend_executions, self.fallbacks, self.circuit_open, self.backend_up,
