@@ -132,8 +132,8 @@ class ModelCollector(Collector):
             if (model.name, model.version) not in labelled:
                 families.add(model, ready=False)
         families.add_backends(serving)
-        for model, version in self._models.load_failures():
-            families.load_failed.add_metric([model, version], 1)
+        for name, version in self._models.load_failures():
+            families.load_failed.add_metric([name, version], 1)
         return iter(families.all())
 
 
