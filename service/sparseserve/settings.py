@@ -6,7 +6,9 @@ Nested settings use ``__`` in the environment, e.g.
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Mapping
 from contextvars import ContextVar
 from enum import StrEnum
 from pathlib import Path
@@ -593,6 +595,44 @@ class Settings(BaseSettings):
     @property
     def inference_thread_count(self) -> int:
         return self.inference_threads or usable_cores()
+
+
+# SPARSESERVE_ variables that are not settings: the CLI's own, the compose file's, the
+# test suite's, and the ones Kubernetes injects for a Service named "sparseserve".
+_NOT_SETTINGS = re.compile(
+    r"SPARSESERVE_(DEBUG|IMAGE|REQUIRE_[A-Z_]+|SERVICE_(HOST|PORT\w*)|PORT(_\d+_[A-Z]+\w*)?)"
+)
+
+
+def unknown_environment(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each SPARSESERVE_ variable that sets no setting, with the names it
+    may have meant: the environment may hold anything, so a misspelt name (the flag's
+    SPARSESERVE_SHUTDOWN_GRACE for shutdown_grace_seconds) is otherwise ignored without
+    a word, where the same mistake in a config file is refused."""
+    top: dict[str, set[str] | None] = {}  # name -> its sections' sub-names (None: no section)
+    for field, info in Settings.model_fields.items():
+        nested = info.annotation
+        section = isinstance(nested, type) and issubclass(nested, BaseModel)
+        top[f"SPARSESERVE_{field.upper()}"] = (
+            {sub.upper() for sub in nested.model_fields} if section else None  # type: ignore[union-attr]
+        )
+    names = [*top] + [f"{head}__{sub}" for head, subs in top.items() for sub in sorted(subs or ())]
+    warnings = []
+    for variable in sorted(environ):
+        name = variable.upper()
+        if not name.startswith("SPARSESERVE_") or _NOT_SETTINGS.fullmatch(name):
+            continue
+        head, _, rest = name.partition("__")
+        if head in top:
+            subs = top[head]
+            # A section's key must be one of its settings; a mapping's (dispatch
+            # overrides) may be any model name.
+            if not rest or subs is None or rest.partition("__")[0] in subs:
+                continue
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        warnings.append(f"environment variable {variable} sets no setting and is ignored{hint}")
+    return warnings
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import pytest
 import tritonclient.grpc as triton
 
 from sparseserve.client.server_process import ServerProcess
+from sparseserve.testing import onnx_models
 
 pytestmark = pytest.mark.integration
 
@@ -197,6 +198,19 @@ def test_debug_shows_the_traceback(tmp_path: Path, how: str) -> None:
     result = sparseserve(*args, *(["--debug"] if how == "flag" else []), env=env)
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "FileNotFoundError" in result.stderr
+
+
+def test_a_misspelt_environment_variable_is_warned_of_at_start(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """SPARSESERVE_SHUTDOWN_GRACE (the flag is --shutdown-grace) set no setting: the drain
+    stayed at its default without a word."""
+    onnx_models.add_constant(tmp_path / "models" / "m" / "1" / "model.onnx", 1)
+    server = start_server(tmp_path / "models", env={"SPARSESERVE_SHUTDOWN_GRACE": "30"})
+    assert (
+        "WARNING sparseserve.server.app: environment variable SPARSESERVE_SHUTDOWN_GRACE sets no "
+        "setting and is ignored; did you mean SPARSESERVE_SHUTDOWN_GRACE_SECONDS?"
+    ) in server.log()
 
 
 def test_invalid_settings_are_one_line_naming_each_field(tmp_path: Path) -> None:

@@ -222,3 +222,30 @@ def test_cli_version() -> None:
     result = sparseserve("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"sparseserve {__version__}"
+
+
+def test_misspelt_environment_variables_are_named_with_what_was_meant() -> None:
+    """A config file refuses an unknown key; the environment may hold anything, so an
+    unknown SPARSESERVE_ name gets a warning with the closest setting instead of being
+    ignored without a word. Settings, section keys, mapping keys and the variables that
+    are not settings (the CLI's, the compose file's, Kubernetes' service links) pass."""
+    from sparseserve.settings import unknown_environment
+
+    fine = {
+        name: "1"
+        for name in (
+            "SPARSESERVE_GRPC_PORT", "sparseserve_http_port", "SPARSESERVE_BATCHING__ENABLED",
+            "SPARSESERVE_CPU_ENGINE_OVERRIDES__minilm.bf16", "SPARSESERVE_DEBUG",
+            "SPARSESERVE_IMAGE", "SPARSESERVE_REQUIRE_PROMETHEUS", "SPARSESERVE_PORT",
+            "SPARSESERVE_SERVICE_HOST", "SPARSESERVE_SERVICE_PORT_GRPC",
+            "SPARSESERVE_PORT_8001_TCP_ADDR", "HOME",
+        )
+    }  # fmt: skip
+    assert unknown_environment(fine) == []
+    wrong = {"SPARSESERVE_SHUTDOWN_GRACE": "30", "SPARSESERVE_BATCHING__ENABLD": "1"}
+    assert unknown_environment({**fine, **wrong}) == [
+        "environment variable SPARSESERVE_BATCHING__ENABLD sets no setting and is ignored; "
+        "did you mean SPARSESERVE_BATCHING__ENABLED?",
+        "environment variable SPARSESERVE_SHUTDOWN_GRACE sets no setting and is ignored; "
+        "did you mean SPARSESERVE_SHUTDOWN_GRACE_SECONDS?",
+    ]

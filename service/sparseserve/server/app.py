@@ -57,7 +57,7 @@ from sparseserve.server.security import (
 )
 from sparseserve.server.v2_servicer import V2Servicer
 from sparseserve.server.wire import RequestBytesBudget
-from sparseserve.settings import GrpcTlsSettings, ModelControl, Settings
+from sparseserve.settings import GrpcTlsSettings, ModelControl, Settings, unknown_environment
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +251,8 @@ class SparseServeServer:
             self.http_port or "off", self.metrics_port or "off", self.registry.repository.root,
             settings.model_control.value,
         )  # fmt: skip
+        for warning in unknown_environment(os.environ):
+            log.warning("%s", warning)
         log.info("restricted RPC groups: %s", restrictions.describe())
         if settings.allow_http:
             log.info("restricted REST route groups: %s", http_restrictions.describe())
