@@ -213,6 +213,20 @@ def test_a_misspelt_environment_variable_is_warned_of_at_start(
     ) in server.log()
 
 
+def test_overrides_naming_no_model_are_warned_of_at_start(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """A typo in a model name, or a family where a model is meant, pinned nothing."""
+    onnx_models.add_constant(tmp_path / "models" / "fam.dense" / "1" / "model.onnx", 1)
+    overrides = '{"fam": "openvino", "fam.dnse": "onnxruntime", "fam.dense": "onnxruntime"}'
+    server = start_server(tmp_path / "models", env={"SPARSESERVE_CPU_ENGINE_OVERRIDES": overrides})
+    log = server.log()
+    assert "cpu_engine_overrides names 'fam', which is no model in the repository" in log
+    assert "(a family? name its variants, e.g. fam.dense)" in log
+    assert "cpu_engine_overrides names 'fam.dnse', which is no model" in log
+    assert "names 'fam.dense'" not in log
+
+
 def test_invalid_settings_are_one_line_naming_each_field(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("grpc_prot: 9000\nmax_message_bytes: 10\n")

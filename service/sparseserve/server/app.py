@@ -277,6 +277,18 @@ class SparseServeServer:
             "on" if settings.dispatch_fallback else "off",
             settings.triton.url or "not configured",
         )
+        if settings.cpu_engine_overrides:
+            log.info("cpu engine %s, overrides: %s", settings.cpu_engine.value,
+                     {k: v.value for k, v in settings.cpu_engine_overrides.items()})  # fmt: skip
+        on_disk = set(repository.names())
+        for setting in ("dispatch_overrides", "cpu_engine_overrides"):
+            for name in sorted(set(getattr(settings, setting)) - on_disk):
+                variants = sorted(n for n in on_disk if n.startswith(f"{name}."))
+                hint = f" (a family? name its variants, e.g. {variants[0]})" if variants else ""
+                log.warning(
+                    "%s names %r, which is no model in the repository %s%s",
+                    setting, name, repository.root, hint,
+                )  # fmt: skip
         failures = await self.registry.load_startup_models()
         if failures and settings.exit_on_error:
             raise StartupError(_startup_failure(failures, repository.names()))
