@@ -189,6 +189,28 @@ def test_a_default_variant_that_is_not_loaded_is_unavailable(served: Served) -> 
     route = served.policy(FAMILY).families[0]
     assert route.problems == ["variant 'pruned99' in default is not loaded"]
     assert served.infer("fam.dense", pixels(1))[0] == "fam.dense"  # still serving
+    # Applied with a warning in the log, not only an INFO "applied".
+    assert "traffic policy, family fam: variant 'pruned99' in default is not loaded" in (
+        served.server.log()
+    )
+
+
+def test_a_policy_naming_a_model_for_a_variant_or_an_unknown_family_says_so(
+    served: Served,
+) -> None:
+    """The usual slip: the model's name (fam.pruned50) where the variant's (pruned50)
+    goes; and a family no loaded model belongs to."""
+    served.apply_policy("families: {fam: {default: fam.pruned50}, famm: {default: dense}}")
+    (route,) = served.policy(FAMILY).families
+    assert route.problems == [
+        "variant 'fam.pruned50' in default is not loaded (a policy names variants: 'pruned50')"
+    ]
+    (other,) = served.policy("famm").families
+    assert other.problems[0] == "no model of family 'famm' is loaded"
+    log = served.server.log()
+    assert "traffic policy, family famm: no model of family 'famm' is loaded" in log
+    assert "(a policy names variants: 'pruned50')" in log
+    served.apply_policy("families: {}")
 
 
 # -- hot reload ---------------------------------------------------------------------------

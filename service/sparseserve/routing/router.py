@@ -166,13 +166,20 @@ def _index(registry: ModelRegistry, state: PolicyState) -> dict[str, Family]:
     for name in state.policy.families.keys() - families.keys():
         # A policy for a family with nothing loaded yet: reported, applied once it loads.
         family = families[name] = Family(name)
+        family.problems.append(f"no model of family {name!r} is loaded")
         _apply(family, state.policy.families[name])
     return families
 
 
 def _apply(family: Family, policy: FamilyPolicy) -> None:
     family.policy = policy
-    missing = "variant {!r} in {} is not loaded".format
+
+    def missing(variant: str, where: str) -> str:
+        problem = f"variant {variant!r} in {where} is not loaded"
+        if variant.startswith(f"{family.name}."):  # the model's name where the variant's goes
+            problem += f" (a policy names variants: {variant.removeprefix(family.name + '.')!r})"
+        return problem
+
     if policy.default is not None and policy.default not in family.variants:
         family.problems.append(missing(policy.default, "default"))
     if policy.split:

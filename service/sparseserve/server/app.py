@@ -296,6 +296,7 @@ class SparseServeServer:
             self._poller = asyncio.create_task(self._poll_forever())
         self.shadows.start()
         if settings.traffic.policy_file is not None:
+            self._report_policy()
             self._policy_watcher = asyncio.create_task(self._watch_policy())
         for service in SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -328,9 +329,18 @@ class SparseServeServer:
         while True:
             await asyncio.sleep(self.settings.traffic.reload_interval_seconds)
             try:
-                self.router.policy.refresh()
+                if self.router.policy.refresh():
+                    self._report_policy()
             except Exception:  # a bad pass must not end watching
                 log.exception("traffic policy check failed")
+
+    def _report_policy(self) -> None:
+        """Warn of each entry of the policy in force that does not apply (a variant that
+        is not loaded), which GetTrafficPolicy reports too: requests for a family whose
+        default is missing are refused UNAVAILABLE."""
+        for name, family in sorted(self.router.families().items()):
+            for problem in family.problems:
+                log.warning("traffic policy, family %s: %s", name, problem)
 
     async def stop(self, close_transport: bool = True) -> None:
         """Drain and stop; safe to call more than once. With `close_transport` false
