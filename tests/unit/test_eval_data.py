@@ -31,6 +31,18 @@ def test_written_rows_labels_and_description_read_back(tmp_path: Path) -> None:
     assert data.path == path
 
 
+def test_labels_under_the_name_manifest_takes_count_as_labels(tmp_path: Path) -> None:
+    """The README's `np.savez("eval.npz", ..., labels=y)` for `manifest --data`: compare
+    read `labels` as an input and measured no accuracy, without a word."""
+    rows, labels = np.ones((4, 64), np.float32), np.arange(4)
+    np.savez(tmp_path / "eval.npz", image=rows, labels=labels)
+    data = read_eval_data(tmp_path / "eval.npz")
+    assert list(data.inputs) == ["image"]
+    np.testing.assert_array_equal(data.labels, labels)
+    np.savez(tmp_path / "both.npz", image=rows, labels=labels, __labels__=labels + 1)
+    np.testing.assert_array_equal(read_eval_data(tmp_path / "both.npz").labels, labels + 1)
+
+
 def test_an_npy_is_the_rows_of_a_one_input_model(tmp_path: Path) -> None:
     np.save(tmp_path / "rows.npy", np.ones((3, 64)))
     data = read_eval_data(tmp_path / "rows.npy")

@@ -5,7 +5,8 @@ files it does not know there) so that `sparseserve compare` measures agreement, 
 drives its load, with rows the model was made for instead of random numbers. The file
 is a plain numpy `.npz`: one array per model input, named as the input, rows first.
 Keys that start with `__` are not inputs: `__description__` says what the rows are
-(a 0-d string array) and `__labels__`, when the task has them, holds the true classes.
+(a 0-d string array) and `__labels__` (or `labels`, as `manifest --data` takes them),
+when the task has them, holds the true classes.
 
 A user's own `--data` file uses the same layout (or a bare `.npy`, for a model with
 one input, whatever the input's name).
@@ -24,6 +25,7 @@ EVAL_DATA_FILENAME = "eval.npz"
 EVAL_SAMPLE_ROWS = 512
 DESCRIPTION_KEY = "__description__"
 LABELS_KEY = "__labels__"
+PLAIN_LABELS_KEY = "labels"  # taken too where there is no `__labels__`
 
 
 class EvalDataError(ValueError):
@@ -95,6 +97,8 @@ def read_eval_data(path: Path) -> EvalData:
         raise EvalDataError(f"{path}: not a numpy .npz or .npy file ({exc})") from exc
     description = str(arrays.pop(DESCRIPTION_KEY, path.name))
     labels = arrays.pop(LABELS_KEY, None)
+    if labels is None:  # the name `manifest --data` also takes (README)
+        labels = arrays.pop(PLAIN_LABELS_KEY, None)
     arrays = {name: a for name, a in arrays.items() if not name.startswith("__")}
     if not arrays:
         raise EvalDataError(f"{path}: no input arrays (one array per model input name)")
