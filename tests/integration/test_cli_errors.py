@@ -227,6 +227,22 @@ def test_overrides_naming_no_model_are_warned_of_at_start(
     assert "names 'fam.dense'" not in log
 
 
+def test_serving_a_model_folder_says_to_pass_its_parent(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """`serve --repository` on the folder `sparsify` just printed (a model's): its
+    version was taken for a model, and the only hint was to nest the files deeper."""
+    onnx_models.add_constant(tmp_path / "models" / "m.dense" / "1" / "model.onnx", 1)
+    server = start_server(tmp_path / "models" / "m.dense")
+    assert (
+        f"it looks like a model's folder, not a model repository "
+        f"(<repository>/<model>/<version>/model.onnx); pass --repository {tmp_path / 'models'}"
+    ) in server.log()
+    version = start_server(tmp_path / "models" / "m.dense" / "1")
+    assert "it looks like a version folder" in version.log()
+    assert f"pass --repository {tmp_path / 'models'}" in version.log()
+
+
 def test_invalid_settings_are_one_line_naming_each_field(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("grpc_prot: 9000\nmax_message_bytes: 10\n")

@@ -263,6 +263,8 @@ class SparseServeServer:
                     "--http-restricted-api %s:<key>=<value>, or --allow-http false",
                     groups, self.http_port, groups,
                 )  # fmt: skip
+        if hint := _repository_mistake(repository.root):
+            log.warning("%s", hint)
         if not repository.names():
             log.warning(
                 "model repository %s holds no models: add <model>/<version>/model.onnx "
@@ -448,6 +450,28 @@ def _check_port_free(host: str, port: int, what: str, flag: str) -> None:
 
 def _bind_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _repository_mistake(root: Path) -> str | None:
+    """What to pass instead when the repository given is a model's folder or a version's
+    (its versions would be taken for models: "model '1' has no version")."""
+
+    def model_file(folder: Path) -> Path | None:
+        return next((f for f in (folder / "model.onnx", folder / "model.xml") if f.is_file()), None)
+
+    layout = "<repository>/<model>/<version>/model.onnx"
+    if (found := model_file(root)) is not None:
+        return (
+            f"{root} holds {found.name}: it looks like a version folder, not a model "
+            f"repository ({layout}); pass --repository {root.parent.parent}"
+        )
+    versions = [v for v in root.iterdir() if v.name.isdigit()] if root.is_dir() else []
+    if (found := next(filter(None, map(model_file, sorted(versions))), None)) is not None:
+        return (
+            f"{root} holds {found.parent.name}/{found.name}: it looks like a model's folder, "
+            f"not a model repository ({layout}); pass --repository {root.parent}"
+        )
+    return None
 
 
 def _transport(tls: GrpcTlsSettings) -> str:
