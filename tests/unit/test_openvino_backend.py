@@ -127,7 +127,11 @@ def test_precision_comes_from_the_manifest_or_tritons_hint(
 @pytest.mark.parametrize(
     ("manifest", "config", "words"),
     [
-        ("precision: fp32\n", parameter("HINT_BF16", "YES"), ["fp32", "HINT_BF16"]),
+        (
+            "precision: fp32\n",
+            parameter("HINT_BF16", "YES"),
+            ["fp32", "HINT_BF16", "remove HINT_BF16, or make a bf16 variant"],
+        ),
         (None, parameter("HINT_BF16", "maybe"), ["HINT_BF16", "'maybe'", "YES or NO"]),
         ("precision: fp16\n", None, ["precision"]),
     ],

@@ -284,8 +284,10 @@ def _precision(
         and "precision" in manifest.model_fields_set
     ):
         raise ModelLoadError(
-            f"model {name!r}: its manifest says precision fp32 but config.pbtxt sets "
-            f"{HINT_BF16}: YES; say one precision"
+            f"model {name!r}: its manifest says precision fp32 (what its quality was "
+            f"measured in) but config.pbtxt sets {HINT_BF16}: YES; say one precision: remove "
+            f"{HINT_BF16}, or make a bf16 variant (recipe step `precision: bf16`, or "
+            "`precision: bf16` in its sparseserve.yaml and its quality measured again)"
         )
     return from_config or manifest.precision
 
