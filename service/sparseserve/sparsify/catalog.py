@@ -8,8 +8,11 @@ name something that exists, and a bad name gets an error listing the known ones.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -115,12 +118,49 @@ def _load_catalog() -> None:
         importlib.import_module(module)
 
 
+def import_catalog(entries: Sequence[str], directory: Path) -> None:
+    """Import a recipe's `catalog:`: each a Python file (a path ending in .py, relative to
+    `directory`, the recipe's folder) or an importable module, which registers the
+    architectures and data sources the recipe names. `RecipeError` names a file that is
+    not there, and the error an import raised."""
+    for entry in entries:
+        try:
+            if entry.endswith(".py"):
+                path = (directory / entry).resolve()
+                if not path.is_file():
+                    raise RecipeError(f"catalog: {entry!r}: no such file ({path})")
+                name = f"sparseserve_catalog_{path.stem}_{abs(hash(str(path)))}"
+                if name in sys.modules:
+                    continue
+                spec = importlib.util.spec_from_file_location(name, path)
+                assert spec is not None and spec.loader is not None
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[name]
+                    raise
+            else:
+                importlib.import_module(entry)
+        except RecipeError:
+            raise
+        except Exception as exc:  # the user's code: say where, and what it raised
+            raise RecipeError(
+                f"catalog: importing {entry!r} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+
 def architecture(name: str) -> Architecture:
     """The registered architecture `name`; `RecipeError` naming the field if unknown."""
     _load_catalog()
     if name not in _ARCHITECTURES:
         known = ", ".join(sorted(_ARCHITECTURES))
-        raise RecipeError(f"base.architecture: unknown architecture {name!r} (known: {known})")
+        raise RecipeError(
+            f"base.architecture: unknown architecture {name!r} (known: {known}); your own "
+            "model is registered by a file the recipe lists under `catalog:` "
+            "(docs/sparsify.md, Your own model)"
+        )
     return _ARCHITECTURES[name]
 
 
@@ -129,5 +169,8 @@ def load_data(config: DataConfig, architecture: Architecture) -> LabelledData:
     _load_catalog()
     if config.source not in _DATA_SOURCES:
         known = ", ".join(sorted(_DATA_SOURCES))
-        raise RecipeError(f"data.source: unknown data source {config.source!r} (known: {known})")
+        raise RecipeError(
+            f"data.source: unknown data source {config.source!r} (known: {known}); your own "
+            "is registered by a file the recipe lists under `catalog:`"
+        )
     return _DATA_SOURCES[config.source](config, architecture)

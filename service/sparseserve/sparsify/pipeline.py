@@ -30,7 +30,13 @@ from sparseserve.repository.eval_data import EVAL_DATA_FILENAME, write_eval_data
 from sparseserve.repository.manifest import ActivationSparsity, Quality, Task, VariantManifest
 from sparseserve.repository.measure import gzip_size
 from sparseserve.sparsify.activations import activation_sparsity
-from sparseserve.sparsify.catalog import Architecture, LabelledData, architecture, load_data
+from sparseserve.sparsify.catalog import (
+    Architecture,
+    LabelledData,
+    architecture,
+    import_catalog,
+    load_data,
+)
 from sparseserve.sparsify.distill import DistillConfig, resolve_device
 from sparseserve.sparsify.export import (
     export_onnx,
@@ -58,6 +64,7 @@ from sparseserve.sparsify.recipe import (
     Feed,
     Progress,
     Recipe,
+    RecipeError,
     Rows,
     Stage,
     StepConfig,
@@ -253,6 +260,7 @@ class FamilyBuilder:
         with deterministic_torch(recipe.data.seed, self.threads):
             started = time.perf_counter()
             base = self.architecture.build()
+            self._check_forward(base)
             self._base_steps = _run_torch_steps(
                 base, recipe.base.steps, self._context(f"{recipe.family} base")
             )
@@ -261,6 +269,37 @@ class FamilyBuilder:
             for spec in recipe.variants:
                 self._build_variant(spec, base)
         return self
+
+    def _check_forward(self, model: nn.Module) -> None:
+        """One test batch through the untrained model, so that a model the pipeline
+        cannot drive fails now, saying what it must do, not minutes later in torch's
+        words: forward takes the architecture's inputs positionally, in their order, and
+        returns one tensor (its `output_name`)."""
+        architecture = self.architecture
+        feed = {name: array[:2] for name, array in self.test_feeds[0].items()}
+        declared = ", ".join(f"{i.name} {list(i.sample_shape)}" for i in architecture.inputs)
+        what = f"base.architecture {architecture.name!r}"
+        shapes = ", ".join(f"{name} {list(array.shape)}" for name, array in feed.items())
+        try:
+            with torch.no_grad():
+                output = model.eval()(*(torch.from_numpy(value) for value in feed.values()))
+        except (TypeError, RuntimeError, ValueError, IndexError) as exc:
+            raise RecipeError(
+                f"{what}: its forward cannot take one batch of the data source "
+                f"{self.recipe.data.source!r} ({shapes}): {type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. forward "
+                "takes the architecture's "
+                f"inputs ({declared}) positionally, in that order, each with a batch "
+                "dimension first"
+            ) from exc
+        finally:
+            model.train()
+        if not isinstance(output, torch.Tensor):
+            raise RecipeError(
+                f"{what}: its forward returned a {type(output).__name__}; it must return one "
+                f"tensor, the output {architecture.output_name!r} (the logits of a "
+                "classifier, the embedding of an encoder): wrap the model to pick it"
+            )
 
     def _build_variant(self, spec: VariantSpec, base: nn.Module) -> None:
         started = time.perf_counter()
@@ -401,7 +440,7 @@ class FamilyBuilder:
             variant=variant.spec.name,
             baseline=None if is_baseline else f"{recipe.family}.{recipe.baseline}",
             task=arch.task,
-            description=variant.spec.description or arch.description,
+            description=variant.spec.description or self.recipe.description or arch.description,
             method=" + ".join(variant.labels) or "dense",
             created=datetime.now(UTC),
             parameters=sum(p.numel() for p in variant.model.parameters()),
@@ -511,10 +550,11 @@ def build_family(
     build is written). `progress_bar`: live bars on a terminal's stderr.
     `distill_precision` ("auto", "fp32", "bf16") overrides every distill step's.
     """
-    source = None
+    source, directory = None, Path.cwd()
     if isinstance(recipe, Path):
-        source = recipe.name
+        source, directory = recipe.name, recipe.resolve().parent
         recipe = load_recipe(recipe)
+    import_catalog(recipe.catalog, directory)
     if seed is not None:
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"seed": seed})})
     for config in _distill_configs(recipe):

@@ -359,6 +359,9 @@ class Recipe(_Strict):
     version: Literal[1] = RECIPE_VERSION
     family: Name
     description: str = ""
+    # Python files (relative to the recipe) or modules that register the architecture and
+    # data source this recipe names (your own model: docs/sparsify.md).
+    catalog: list[str] = Field(default_factory=list, max_length=16)
     base: BaseSpec
     data: DataConfig
     baseline: Name = Field("dense", description="The variant the others are measured against.")

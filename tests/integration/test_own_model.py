@@ -1,0 +1,142 @@
+"""Your own torch model through `sparseserve sparsify`: a recipe lists the Python file that
+registers its architecture and data source under `catalog:` (recipes/own-model, as
+docs/sparsify.md shows), is built, served and answered; and the mistakes a user makes
+with one (a file that is not there or raises, a forward that takes other inputs or
+returns a dict) are one line naming the rule, before any training."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+import yaml
+
+from sparseserve.client.server_process import ServerProcess
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "recipes" / "own-model" / "wine.yaml"
+
+
+def sparsify(recipe: Path, repository: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sparseserve", "sparsify", "--recipe", str(recipe),
+         "--repository", str(repository), "--quiet", "--no-checkpoints"],
+        capture_output=True, text=True, timeout=300, cwd=cwd, env=dict(os.environ),
+    )  # fmt: skip
+
+
+def test_the_example_builds_serves_and_answers(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    """Run from another folder: `catalog:` resolves against the recipe's own."""
+    built = sparsify(EXAMPLE, tmp_path / "models", cwd=tmp_path)
+    assert built.returncode == 0, built.stderr
+    dense = yaml.safe_load(
+        (tmp_path / "models" / "wine-mlp.dense" / "sparseserve.yaml").read_text()
+    )
+    assert dense["description"] == "MLP 13-64-32-3 on scikit-learn's wine measurements"
+    (accuracy,) = [q["value"] for q in dense["quality"] if q["metric"] == "accuracy"]
+    assert accuracy > 0.9
+    pruned = yaml.safe_load(
+        (tmp_path / "models" / "wine-mlp.pruned80" / "sparseserve.yaml").read_text()
+    )
+    assert pruned["sparsity"] == pytest.approx(0.8, abs=0.02)
+    server = start_server(tmp_path / "models")
+    with triton.InferenceServerClient(server.grpc_url) as client:
+        tensor = triton.InferInput("features", [2, 13], "FP32")
+        tensor.set_data_from_numpy(np.zeros((2, 13), np.float32))
+        assert client.infer("wine-mlp", [tensor]).as_numpy("logits").shape == (2, 3)
+
+
+MODEL_FILE = """
+from torch import nn
+from sparseserve.sparsify.catalog import Architecture, ModelInput, register_architecture
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward({signature}):
+        {body}
+
+register_architecture(Architecture("{name}", Model, (ModelInput("pixels", (64,)),), "mine"))
+"""
+
+
+def recipe_with(tmp_path: Path, name: str, catalog: str) -> Path:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"version: 1\nfamily: mine\ncatalog: [{catalog}]\n"
+        f"base: {{architecture: {name}, steps: [{{train: {{epochs: 1}}}}]}}\n"
+        "data: {source: sklearn-digits}\nvariants: [{name: dense}]\n"
+    )
+    return recipe
+
+
+@pytest.mark.parametrize(
+    ("signature", "body", "expected"),
+    [
+        ("self, x", 'return {"logits": self.fc(x)}',
+         "its forward returned a dict; it must return one tensor, the output 'logits'"),
+        ("self, x", "return self.fc(x), x",
+         "its forward returned a tuple; it must return one tensor"),
+        ("self, x, scale", "return self.fc(x) * scale",
+         "its forward cannot take one batch of the data source 'sklearn-digits' "
+         "(pixels [2, 64]): TypeError"),
+    ],
+    ids=["dict", "tuple", "two-inputs"],
+)  # fmt: skip
+def test_a_forward_the_pipeline_cannot_drive_is_refused_before_training(
+    tmp_path: Path, signature: str, body: str, expected: str
+) -> None:
+    (tmp_path / "mine.py").write_text(
+        MODEL_FILE.format(signature=signature, body=body, name="my-model")
+    )
+    result = sparsify(recipe_with(tmp_path, "my-model", "mine.py"), tmp_path / "models", tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr, result.stderr
+    assert "train: epoch" not in result.stdout  # refused before any training
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize(
+    ("catalog", "contents", "expected"),
+    [
+        ("missing.py", None, "catalog: 'missing.py': no such file"),
+        ("broken.py", "raise ValueError('no weights here')",
+         "catalog: importing 'broken.py' failed: ValueError: no weights here"),
+        ("no_such_module_anywhere", None,
+         "catalog: importing 'no_such_module_anywhere' failed: ModuleNotFoundError"),
+    ],
+    ids=["missing", "raises", "no-module"],
+)  # fmt: skip
+def test_a_catalog_entry_that_cannot_be_imported_is_one_line(
+    tmp_path: Path, catalog: str, contents: str | None, expected: str
+) -> None:
+    if contents is not None:
+        (tmp_path / catalog).write_text(contents)
+    result = sparsify(recipe_with(tmp_path, "digits-mlp", catalog), tmp_path / "m", tmp_path)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert expected in line, line
+
+
+def test_an_unknown_architecture_points_to_the_catalog(tmp_path: Path) -> None:
+    recipe = tmp_path / "plain.yaml"
+    recipe.write_text(
+        "version: 1\nfamily: mine\nbase: {architecture: my-mlp}\n"
+        "data: {source: sklearn-digits}\nvariants: [{name: dense}]\n"
+    )
+    result = sparsify(recipe, tmp_path / "m", tmp_path)
+    assert result.returncode == 2
+    assert "unknown architecture 'my-mlp'" in result.stderr
+    assert "lists under `catalog:`" in result.stderr
