@@ -504,6 +504,16 @@ def _sparsify(args: argparse.Namespace) -> int:
             " (replacing the model that was there)" if variant.directory.name in there else ""
         )
         print(f"wrote {variant.directory}{replaced}")
+        others = sorted(
+            int(v.name) for v in variant.directory.iterdir() if v.name.isdigit() and v.name != "1"
+        )
+        if others:
+            print(
+                f"  note: {variant.directory} also holds version(s) {others} from before; "
+                "the server serves the highest (its policy: latest), not this build's "
+                "version 1: remove them to serve it",
+                file=sys.stderr,
+            )
     took = format_duration(time.monotonic() - started)
     print(f"built {len(built)} variants into {args.repository} in {took}")
     return 0

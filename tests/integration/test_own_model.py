@@ -49,6 +49,14 @@ def test_the_example_builds_serves_and_answers(
         (tmp_path / "models" / "wine-mlp.pruned80" / "sparseserve.yaml").read_text()
     )
     assert pruned["sparsity"] == pytest.approx(0.8, abs=0.02)
+    stale = tmp_path / "models" / "wine-mlp.int8" / "2"  # a version left from before
+    stale.mkdir()
+    (stale / "model.onnx").write_bytes(b"old")
+    again = sparsify(EXAMPLE, tmp_path / "models", cwd=tmp_path)
+    assert "(replacing the model that was there)" in again.stdout
+    assert "wine-mlp.int8 also holds version(s) [2] from before" in again.stderr
+    stale.joinpath("model.onnx").unlink()
+    stale.rmdir()
     server = start_server(tmp_path / "models")
     with triton.InferenceServerClient(server.grpc_url) as client:
         tensor = triton.InferInput("features", [2, 13], "FP32")
