@@ -583,7 +583,12 @@ class ModelRegistry:
             await model.backend.unload()
         finally:
             self._draining.discard(model)
-        log.info("unloaded model %s version %d", model.name, model.version)
+        serving = self._entries.get(model.name)
+        replaced = serving is not None and serving.ready.get(model.version) not in (None, model)
+        log.info(
+            "unloaded model %s version %d%s", model.name, model.version,
+            f" (the copy on {model.backend.name} it replaced)" if replaced else "",
+        )  # fmt: skip
 
     async def unload(self, name: str) -> None:
         """Stop serving `name`: new requests are refused at once, in-flight ones finish.

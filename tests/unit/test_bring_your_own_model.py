@@ -212,6 +212,15 @@ def test_manifest_refuses_what_it_cannot_measure(
     assert "the model's inputs are ['input']" in fails(
         pruned, "--baseline", "mlp.dense", "--data", str(tmp_path / "wrong.npz")
     )
+    # Rows of the wrong width: what the model takes and what the data gives, not
+    # onnxruntime's bare INVALID_ARGUMENT without the file.
+    np.savez(tmp_path / "narrow.npz", input=np.zeros((2, 60), np.float32))
+    narrow = fails(pruned, "--baseline", "mlp.dense", "--data", str(tmp_path / "narrow.npz"))
+    assert "--data does not fit" in narrow and "mlp.pruned75/1/model.onnx" in narrow, narrow
+    assert (
+        "it takes input tensor(float)[" in narrow
+        and "the data gives input float32[2, 60]" in narrow
+    )
     assert "mlp.nope is not a model directory" in fails(pruned, "--baseline", "mlp.nope")
     assert "holds no <version>/*.onnx" in fails(str(tmp_path))
     assert main(["manifest", pruned, "--family", "mlp", "--variant", "v"]) == 0

@@ -169,10 +169,20 @@ def run_model(path: Path, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
     """The model's first output on `feeds`, on onnxruntime's CPU provider, in batches."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rows = len(next(iter(feeds.values())))
-    batches = [
-        session.run(None, {name: array[i : i + BATCH_ROWS] for name, array in feeds.items()})[0]
-        for i in range(0, rows, BATCH_ROWS)
-    ]
+    try:
+        batches = [
+            session.run(None, {n: array[i : i + BATCH_ROWS] for n, array in feeds.items()})[0]
+            for i in range(0, rows, BATCH_ROWS)
+        ]
+    except Exception as exc:  # onnxruntime's own types: the data does not fit the model
+        expected = ", ".join(f"{i.name} {i.type}{i.shape}" for i in session.get_inputs())
+        given = ", ".join(
+            f"{name} {array.dtype}{list(array.shape)}" for name, array in feeds.items()
+        )
+        reason = str(exc).strip().splitlines()[0].split(" : ")[-1] if str(exc).strip() else ""
+        raise MeasureError(
+            f"--data does not fit {path}: it takes {expected}; the data gives {given} ({reason})"
+        ) from exc
     return np.concatenate(batches)
 
 
