@@ -293,6 +293,15 @@ def _hardware(args: argparse.Namespace) -> int:
     print(f"CPU cores this process may use: {report.cpu_cores} (of {os.cpu_count()} on the host)")
     print(f"CPU features: {' '.join(report.cpu_features) or 'none'}")
     print(f"onnxruntime execution providers: {' '.join(report.execution_providers)}")
+    try:
+        from sparseserve.backends.openvino import cpu_capabilities
+
+        capabilities = cpu_capabilities()
+    except Exception as exc:  # not installed, or no CPU plugin: say so, never fail
+        print(f"OpenVINO: unavailable ({type(exc).__name__}: {exc})")
+    else:
+        bf16 = "yes" if "BF16" in capabilities else "no (needs AVX512_BF16 or AMX-BF16)"
+        print(f"OpenVINO CPU capabilities: {' '.join(capabilities)}; bf16 variants: {bf16}")
     return 0
 
 

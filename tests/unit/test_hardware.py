@@ -35,3 +35,15 @@ def test_hardware_command_prints_json(capsys) -> None:  # type: ignore[no-untype
     assert main(["hardware", "--json", "--assume-gpus", "1"]) == 0
     out = capsys.readouterr().out
     assert '"gpu_count": 1' in out and '"gpu_source": "assumed"' in out
+
+
+def test_hardware_command_says_what_openvino_can_compute(capsys) -> None:  # type: ignore[no-untyped-def]
+    """Whether bf16 variants can be served here is the question the engines' docs send a
+    user to this command with; the answer is OpenVINO's own, on both kinds of CPU."""
+    from sparseserve.backends.openvino import cpu_capabilities
+
+    assert main(["hardware"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("OpenVINO CPU capabilities"))
+    expected = "yes" if "BF16" in cpu_capabilities() else "no (needs AVX512_BF16 or AMX-BF16)"
+    assert line.endswith(f"bf16 variants: {expected}") and "FP32" in line
