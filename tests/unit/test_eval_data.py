@@ -71,6 +71,11 @@ def test_a_file_that_is_not_numpy_is_named(tmp_path: Path) -> None:
     (tmp_path / "rows.npz").write_text("pixel,value\n")
     with pytest.raises(EvalDataError, match=r"rows\.npz: not a numpy \.npz or \.npy file"):
         read_eval_data(tmp_path / "rows.npz")
+    # A model file given by mistake: how to write rows, not numpy's allow_pickle advice.
+    (tmp_path / "model.npy").write_bytes(b"\x08\x07\x12\x07pytorch" * 8)
+    with pytest.raises(EvalDataError, match=r"np\.savez\('rows\.npz'") as info:
+        read_eval_data(tmp_path / "model.npy")
+    assert "allow_pickle" not in str(info.value)
 
 
 def test_rows_are_reshaped_and_cast_to_the_input() -> None:

@@ -94,7 +94,11 @@ def read_eval_data(path: Path) -> EvalData:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise EvalDataError(f"{path}: not a numpy .npz or .npy file ({exc})") from exc
+        # numpy's own advice (allow_pickle) is not what to do here: say what the file is for.
+        raise EvalDataError(
+            f"{path}: not a numpy .npz or .npy file of rows (np.savez('rows.npz', "
+            "<input name>=rows, ...), or np.save('rows.npy', rows) for a one-input model)"
+        ) from exc
     description = str(arrays.pop(DESCRIPTION_KEY, path.name))
     labels = arrays.pop(LABELS_KEY, None)
     if labels is None:  # the name `manifest --data` also takes (README)
