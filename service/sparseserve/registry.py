@@ -349,7 +349,14 @@ class ModelRegistry:
         waiting, not the load: as in Triton, it runs to its end, and a half-loaded
         engine is never left behind."""
         if not self.repository.exists(name):  # also refuses names like "../x"
-            raise ModelNotFound(f"model {name!r} is not in the repository")
+            entry = self._entries.get(name)
+            still = (
+                f"; version {', '.join(map(str, sorted(entry.ready)))} still serves from "
+                "memory until it is unloaded"
+                if entry is not None and entry.ready
+                else ""
+            )
+            raise ModelNotFound(f"model {name!r} is not in the repository{still}")
         await self._to_the_end(self._load(name, retry_failed))
 
     async def _to_the_end(self, change: Coroutine[Any, Any, None]) -> None:

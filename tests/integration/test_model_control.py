@@ -217,6 +217,19 @@ def test_load_unknown_model_is_not_found(
     assert "no_such_model" in error.message()
 
 
+def test_load_of_a_model_whose_folder_was_renamed_says_it_still_serves(
+    explicit: ServerProcess, repo: Path, connect: Callable[..., triton.InferenceServerClient]
+) -> None:
+    """Explicit mode changes only when asked: the old model serves until unloaded, and
+    the NOT_FOUND says so rather than leaving the operator to guess."""
+    client = connect(explicit)
+    (repo / "mlp").rename(repo / "mlp-renamed")
+    error = rpc_error(lambda: client.load_model("mlp"))
+    assert status(error) == "NOT_FOUND"
+    assert "not in the repository; version 1 still serves from memory" in error.message()
+    assert client.is_model_ready("mlp")
+
+
 def test_load_corrupt_model_fails_with_the_reason_and_others_keep_serving(
     explicit: ServerProcess, connect: Callable[..., triton.InferenceServerClient]
 ) -> None:
