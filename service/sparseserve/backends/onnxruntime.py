@@ -11,6 +11,7 @@ request whose estimated run time is under `inline_max_us` runs on the event loop
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import statistics
 import time
@@ -61,6 +62,8 @@ _CLIENT_FAULTS = (
 # What onnxruntime puts before the reason: its source path and line, the C++ function,
 # and the failed check ("/onnxruntime_src/...h:563 void f(...) axis == 1 was false.").
 _ENGINE_SOURCE = re.compile(r"\S*/onnxruntime\S*:\d+ .*? was false\. |\S*/onnxruntime\S*:\d+ ")
+# A C++ signature left after it ("onnxruntime::Model::Model(onnx::ModelProto&&, ...) ").
+_ENGINE_SIGNATURE = re.compile(r"(?:const )?onnxruntime::[\w:~]+\((?:[^()]|\([^()]*\))*\)\s*")
 
 
 class OnnxRuntimeBackend(Backend):
@@ -103,12 +106,14 @@ class OnnxRuntimeBackend(Backend):
         options.inter_op_num_threads = self._settings.inter_op_threads
         options.graph_optimization_level = _OPTIMIZATION[self._settings.graph_optimization]
         options.log_severity_level = 3  # errors only: warnings would flood the server log
+        path = self._files.path
+        if not os.access(path, os.R_OK):  # onnxruntime says only "system error number 13"
+            raise ModelLoadError(f"onnxruntime cannot load {path}: permission denied (not "
+                                 f"readable by this process, uid {os.getuid()})")  # fmt: skip
         try:
-            return ort.InferenceSession(
-                str(self._files.path), options, providers=["CPUExecutionProvider"]
-            )
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped exceptions
-            raise ModelLoadError(f"onnxruntime cannot load {self._files.path}: {exc}") from exc
+            raise ModelLoadError(f"onnxruntime cannot load {path}: {_engine_message(exc)}") from exc
 
     async def infer(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
@@ -246,7 +251,7 @@ def _engine_message(error: Exception) -> str:
         head, _, reason = message.partition("Status Message: ")
         node = head.partition("while running ")[2].strip()
         message = f"{node}: {reason}" if node else reason
-    return _ENGINE_SOURCE.sub("", message).strip()
+    return _ENGINE_SIGNATURE.sub("", _ENGINE_SOURCE.sub("", message)).strip()
 
 
 def _elements(feeds: Mapping[str, np.ndarray]) -> int:
