@@ -74,6 +74,15 @@ def test_configs_that_contradict_the_model(text: str, expected: list[str]) -> No
     assert mismatches(text) == expected
 
 
+def test_max_batch_size_needs_a_dynamic_first_dimension() -> None:
+    signature = ModelSignature(inputs=(TensorSpec("x", TYPES["FP32"], (1, 4)),), outputs=())
+    assert mismatches('max_batch_size: 8 input [{ name: "x" data_type: TYPE_FP32 dims: [4] }]',
+                      signature) == [
+        "input 'x' has no dynamic first dimension in the model ([1, 4]), which "
+        "max_batch_size > 0 batches along"
+    ]  # fmt: skip
+
+
 def test_a_tensor_of_unknown_rank_takes_any_dims() -> None:
     signature = ModelSignature(
         inputs=(TensorSpec("x", TYPES["FP32"], (-1,), rank_known=False),), outputs=()

@@ -198,6 +198,12 @@ def config_mismatches(signature: ModelSignature, config: ModelConfig) -> list[st
                     f"{kind} {tensor.name!r} is {spec.datatype.config} in the model, "
                     f"{datatype} in config.pbtxt"
                 )
+            if skip and spec.rank_known and spec.shape[:1] != (-1,):
+                problems.append(
+                    f"{kind} {tensor.name!r} has no dynamic first dimension in the model "
+                    f"({list(spec.shape)}), which max_batch_size > 0 batches along"
+                )
+                continue
             dims = list(tensor.reshape.shape if tensor.HasField("reshape") else tensor.dims)
             model = list(spec.shape[skip:])
             if spec.rank_known and not (
