@@ -513,9 +513,10 @@ def _sparsify(args: argparse.Namespace) -> int:
             " (replacing the model that was there)" if variant.directory.name in there else ""
         )
         print(f"wrote {variant.directory}{replaced}")
-        others = sorted(
-            int(v.name) for v in variant.directory.iterdir() if v.name.isdigit() and v.name != "1"
-        )
+        from sparseserve.repository.store import version_number
+
+        numbers = (version_number(v.name) for v in variant.directory.iterdir() if v.is_dir())
+        others = sorted(n for n in numbers if n is not None and n != 1)
         if others:
             print(
                 f"  note: {variant.directory} also holds version(s) {others} from before; "

@@ -436,6 +436,10 @@ class ModelRegistry:
             except ModelLoadError as exc:
                 entry.failed[version] = FailedLoad(fingerprints[version], str(exc))
                 log.error("model %s version %d failed to load: %s", entry.name, version, exc)
+            except Exception as exc:  # unforeseen: this version's failure, not the pass's
+                entry.failed[version] = FailedLoad(fingerprints[version], _described(exc))
+                log.error("model %s version %d failed to load", entry.name, version,
+                          exc_info=True)  # fmt: skip
             finally:
                 entry.loading.discard(version)
         # Wanted versions that serve now: new files that loaded, and unchanged ones (or
@@ -490,7 +494,9 @@ class ModelRegistry:
         footprint = ModelFootprint(directory_bytes(files.path.parent), growth.bytes, weights)
         try:
             if source.config is not None and (
-                problems := config_mismatches(signature, source.config)
+                problems := config_mismatches(
+                    signature, source.config, openvino=_triton_openvino(files)
+                )
             ):
                 raise ModelLoadError(
                     f"{source.directory / CONFIG_FILENAME} does not match the model "
@@ -499,9 +505,11 @@ class ModelRegistry:
             policy = BatchingPolicy.for_model(
                 source.name, source.config, signature, self.settings.batching
             )
-        except ModelLoadError:
+        except Exception as exc:  # the engine loaded: it never outlives a failed load
             await backend.unload()
-            raise
+            if isinstance(exc, ModelLoadError):
+                raise
+            raise ModelLoadError(f"{files.path}: {_described(exc)}") from exc
         log.info(
             "loaded model %s version %d with %s in %.2fs%s",
             source.name, version, backend.name, time.perf_counter() - started,
@@ -562,8 +570,8 @@ class ModelRegistry:
         self._primed = True
         try:
             await self.dispatcher.prime(files)
-        except SparseServeError:
-            return  # the measured load that follows reports it
+        except Exception:  # the measured load that follows reports it
+            return
 
     def _publish(self, entry: ModelEntry, ready: dict[int, LoadedModel]) -> None:
         entry.publish(ready)
@@ -687,6 +695,14 @@ def _parse_version(version: str) -> int:
     version has one spelling, the one ModelMetadata lists."""
     number = version_number(version)
     return -1 if number is None else number
+
+
+def _triton_openvino(files: ModelFiles) -> bool:
+    """Whether Triton would serve these files with its OpenVINO backend (an IR, or a
+    config naming it), whose config checks are looser than its onnxruntime backend's."""
+    config = files.config
+    named = config is not None and "openvino" in (config.backend, config.platform)
+    return named or files.path.suffix == ".xml"
 
 
 def _described(error: BaseException) -> str:

@@ -148,3 +148,19 @@ def test_an_unknown_architecture_points_to_the_catalog(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "unknown architecture 'my-mlp'" in result.stderr
     assert "lists under `catalog:`" in result.stderr
+
+
+def test_a_catalog_file_imports_its_own_helpers_beside_it(tmp_path: Path) -> None:
+    """The architecture in a helper module next to the catalog file, as a user splits
+    code; the build trains (one epoch) and writes the variant."""
+    (tmp_path / "layers.py").write_text(
+        "from torch import nn\n\n\ndef build():\n    return nn.Sequential(nn.Linear(64, 10))\n"
+    )
+    (tmp_path / "mine.py").write_text(
+        "from layers import build\n"
+        "from sparseserve.sparsify.catalog import Architecture, ModelInput, register_architecture\n"
+        'register_architecture(Architecture("split", build, (ModelInput("pixels", (64,)),), "x"))\n'
+    )
+    result = sparsify(recipe_with(tmp_path, "split", "mine.py"), tmp_path / "models", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "models" / "mine.dense" / "1" / "model.onnx").is_file()

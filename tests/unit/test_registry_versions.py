@@ -157,3 +157,64 @@ def test_close_stops_loads_whose_callers_left_rather_than_waiting_for_them(
     took, serving = asyncio.run(main())
     assert took < 0.5, f"close() took {took:.2f} s"
     assert serving == []
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["loaded-first", "loaded-second"])
+def test_an_engines_unforeseen_exception_fails_that_model_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: bool
+) -> None:
+    """An engine that raises something other than the server's own errors (no real file
+    makes onnxruntime do it, so its load is made to here) fails its model, with the
+    reason in RepositoryIndex, and the start goes on: also for the first model loaded,
+    which a one-off unmeasured load (`_prime`) runs before the measured one."""
+    from sparseserve.backends import onnxruntime as engine
+
+    broken = "aaa" if first else "ccc"
+    real_load = engine.OnnxRuntimeBackend.load
+
+    async def load(self: engine.OnnxRuntimeBackend) -> object:
+        if self._files.name == broken:
+            raise RuntimeError("engine bug")
+        return await real_load(self)
+
+    monkeypatch.setattr(engine.OnnxRuntimeBackend, "load", load)
+    for name in ("aaa", "bbb", "ccc"):
+        onnx_models.add_constant(tmp_path / name / "1" / "model.onnx", 1)
+
+    async def main() -> dict[tuple[str, str], tuple[str, str]]:
+        with ThreadPoolExecutor(1) as executor:
+            registry = ModelRegistry(ModelRepository(tmp_path), Settings(), executor)
+            assert await registry.load_startup_models() == {}
+            rows = {(r.name, r.version): (r.state.name, r.reason) for r in registry.index()}
+            await registry.close()
+            return rows
+
+    rows = asyncio.run(main())
+    state, reason = rows[(broken, "1")]
+    assert state == "UNAVAILABLE" and reason.endswith(
+        f"{broken}/1/model.onnx: RuntimeError: engine bug"
+    )
+    assert all(rows[(name, "1")][0] == "READY" for name in {"aaa", "bbb", "ccc"} - {broken})
+
+
+def test_a_check_after_the_engine_loaded_that_raises_unloads_it(tmp_path: Path) -> None:
+    """A config.pbtxt with `data_type: 99` parses (the enum is open) and made the check of
+    config against model raise: the start ended and the loaded engine was never unloaded."""
+    good(tmp_path, 1)
+    (tmp_path / "m" / "config.pbtxt").write_text(
+        'output [{ name: "y" data_type: 99 dims: [-1, 4] }]\n'
+    )
+    onnx_models.add_constant(tmp_path / "n" / "1" / "model.onnx", 2)
+
+    async def main() -> dict[tuple[str, str], tuple[str, str]]:
+        with ThreadPoolExecutor(1) as executor:
+            registry = ModelRegistry(ModelRepository(tmp_path), Settings(), executor)
+            assert await registry.load_startup_models() == {}
+            rows = {(r.name, r.version): (r.state.name, r.reason) for r in registry.index()}
+            await registry.close()
+            return rows
+
+    rows = asyncio.run(main())
+    state, reason = rows[("m", "1")]
+    assert state == "UNAVAILABLE" and "data_type 99, no type of Triton's" in reason
+    assert rows[("n", "1")][0] == "READY"

@@ -114,7 +114,7 @@ def test_unservable_folder_names_are_skipped_with_one_warning(
     """A folder whose name sparseserve does not serve (a space, a non-ASCII letter) is
     named in the log once, with the rule, not skipped in silence."""
     root = tmp_path / "repo"
-    for name in ("good", "my model", "modèle", ".hidden"):
+    for name in ("good", "my model", "modèle", ".hidden", "lost+found"):
         (root / name).mkdir(parents=True)
     repository = ModelRepository(root)
     with caplog.at_level("WARNING"):

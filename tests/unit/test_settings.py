@@ -231,21 +231,33 @@ def test_misspelt_environment_variables_are_named_with_what_was_meant() -> None:
     are not settings (the CLI's, the compose file's, Kubernetes' service links) pass."""
     from sparseserve.settings import unknown_environment
 
-    fine = {
+    links = {"SPARSESERVE_PORT": "tcp://10.0.0.7:8001", "SPARSESERVE_TRITON_PORT": "tcp://x:1"}
+    fine = links | {
         name: "1"
         for name in (
             "SPARSESERVE_GRPC_PORT", "sparseserve_http_port", "SPARSESERVE_BATCHING__ENABLED",
             "SPARSESERVE_CPU_ENGINE_OVERRIDES__minilm.bf16", "SPARSESERVE_DEBUG",
-            "SPARSESERVE_IMAGE", "SPARSESERVE_REQUIRE_PROMETHEUS", "SPARSESERVE_PORT",
+            "SPARSESERVE_IMAGE", "SPARSESERVE_REQUIRE_PROMETHEUS",
             "SPARSESERVE_SERVICE_HOST", "SPARSESERVE_SERVICE_PORT_GRPC",
             "SPARSESERVE_PORT_8001_TCP_ADDR", "HOME",
+            # Kubernetes' service links of the chart's sparseserve-triton Service, and of
+            # another release's sparseserve-sparse.
+            "SPARSESERVE_TRITON_SERVICE_HOST", "SPARSESERVE_TRITON_SERVICE_PORT_GRPC",
+            "SPARSESERVE_TRITON_PORT_8001_TCP_PROTO",
+            "SPARSESERVE_SPARSE_SERVICE_PORT",
         )
     }  # fmt: skip
     assert unknown_environment(fine) == []
-    wrong = {"SPARSESERVE_SHUTDOWN_GRACE": "30", "SPARSESERVE_BATCHING__ENABLD": "1"}
+    wrong = {
+        "SPARSESERVE_SHUTDOWN_GRACE": "30",
+        "SPARSESERVE_BATCHING__ENABLD": "1",
+        "SPARSESERVE_METRIC_PORT": "9000",  # not a service link: no tcp:// value
+    }
     assert unknown_environment({**fine, **wrong}) == [
         "environment variable SPARSESERVE_BATCHING__ENABLD sets no setting and is ignored; "
         "did you mean SPARSESERVE_BATCHING__ENABLED?",
+        "environment variable SPARSESERVE_METRIC_PORT sets no setting and is ignored; "
+        "did you mean SPARSESERVE_METRICS_PORT?",
         "environment variable SPARSESERVE_SHUTDOWN_GRACE sets no setting and is ignored; "
         "did you mean SPARSESERVE_SHUTDOWN_GRACE_SECONDS?",
     ]

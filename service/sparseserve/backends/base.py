@@ -167,15 +167,20 @@ def timing_inputs(
     return feeds
 
 
-def config_mismatches(signature: ModelSignature, config: ModelConfig) -> list[str]:
+def config_mismatches(
+    signature: ModelSignature, config: ModelConfig, openvino: bool = False
+) -> list[str]:
     """Where config.pbtxt's inputs and outputs contradict the model's, each in a phrase
     (empty: they agree). ModelConfig reports config.pbtxt's tensors, and clients build
-    requests from it, so a config that names, types or shapes a tensor otherwise than
-    the model does is refused, as Triton refuses it. Dims leave out the batch dimension
-    where `max_batch_size` > 0; a `reshape` is compared instead of the dims it reshapes;
-    a dimension the model leaves dynamic (-1) may be fixed by the config. The config may
-    list no tensors (they are then filled in from the model) or a subset of the outputs,
-    but if it lists inputs it lists them all."""
+    requests from them, so a config that names, types or shapes a tensor otherwise than
+    the model does is refused, as Triton refuses it: dims leave out the batch dimension
+    where `max_batch_size` > 0 (which needs the model's first dimension dynamic); a
+    `reshape` is compared instead of the dims it reshapes; a dimension the model leaves
+    dynamic (-1) may be fixed by the config. The config may list some tensors only
+    (ModelConfig adds the others). With `openvino` (an IR, or a config naming that
+    backend), Triton's OpenVINO backend's rules: the first dimension is not compared
+    where `max_batch_size` > 0 (it reshapes the model to the batch), and an input's -1
+    takes any dimension."""
     from sparseserve.protocol.model_config_pb2 import DataType
 
     problems = []
@@ -192,13 +197,19 @@ def config_mismatches(signature: ModelSignature, config: ModelConfig) -> list[st
                     f"{kind} {tensor.name!r} is not one of the model's {kind}s {list(by_name)}"
                 )
                 continue
+            if tensor.data_type not in DataType.values():
+                problems.append(f"{kind} {tensor.name!r} has data_type {tensor.data_type}, "
+                                "no type of Triton's")  # fmt: skip
+                continue
             datatype = DataType.Name(tensor.data_type)
             if tensor.data_type and datatype != spec.datatype.config:
                 problems.append(
                     f"{kind} {tensor.name!r} is {spec.datatype.config} in the model, "
                     f"{datatype} in config.pbtxt"
                 )
-            if skip and spec.rank_known and spec.shape[:1] != (-1,):
+            if not spec.rank_known:
+                continue
+            if skip and not openvino and spec.shape[:1] != (-1,):
                 problems.append(
                     f"{kind} {tensor.name!r} has no dynamic first dimension in the model "
                     f"({list(spec.shape)}), which max_batch_size > 0 batches along"
@@ -206,19 +217,19 @@ def config_mismatches(signature: ModelSignature, config: ModelConfig) -> list[st
                 continue
             dims = list(tensor.reshape.shape if tensor.HasField("reshape") else tensor.dims)
             model = list(spec.shape[skip:])
-            if spec.rank_known and not (
+            loose = openvino and kind == "input"
+            if not (
                 len(dims) == len(model)
-                and all(want in (-1, got) for want, got in zip(model, dims, strict=True))
+                and all(
+                    want in (-1, got) or (loose and got == -1)
+                    for want, got in zip(model, dims, strict=True)
+                )
             ):
                 problems.append(
                     f"{kind} {tensor.name!r} has dims {model} in the model "
                     f"{'(batch dimension left out, max_batch_size > 0) ' if skip else ''}"
                     f"(-1: any), {dims} in config.pbtxt"
                 )
-        if kind == "input" and configured:
-            missing = sorted(set(by_name) - {tensor.name for tensor in configured})
-            if missing:
-                problems.append(f"the model's inputs {missing} are not listed")
     return problems
 
 

@@ -211,13 +211,14 @@ def _read_signature(files: ModelFiles) -> ModelSignature:
 def describe_tensors(
     config: mc.ModelConfig, signature: ModelSignature, batched: bool = False
 ) -> None:
-    """Add the signature's inputs and outputs to `config` (those it lists none of).
-    `batched`: leave the batch dimension out of `dims`, as Triton wants when
-    `max_batch_size` > 0."""
+    """Add the signature's inputs and outputs that `config` does not list (all of them,
+    where it lists none). `batched`: leave the batch dimension out of `dims`, as Triton
+    wants when `max_batch_size` > 0."""
     skip = 1 if batched else 0
     for specs, configs in ((signature.inputs, config.input), (signature.outputs, config.output)):
-        if not configs:
-            for spec in specs:
+        listed = {tensor.name for tensor in configs}
+        for spec in specs:
+            if spec.name not in listed:
                 configs.add(
                     name=spec.name,
                     data_type=mc.DataType.Value(spec.datatype.config),

@@ -155,7 +155,7 @@ class ModelRepository:
                 continue
             if _MODEL_NAME.fullmatch(p.name):
                 names.append(p.name)
-            elif not p.name.startswith("."):  # hidden folders (.git) are not models
+            elif not p.name.startswith(".") and p.name != "lost+found":  # .git, a volume's
                 self._skip(
                     p,
                     "not a model name sparseserve serves (letters, digits, '_', '-' and '.', "

@@ -46,7 +46,7 @@ from sparseserve.routing.shadow import ShadowRunner
 from sparseserve.routing.traffic import PolicyFile
 from sparseserve.server.drain import Drain
 from sparseserve.server.errors import add_mapping_errors
-from sparseserve.server.http import HttpServer, restriction_checks
+from sparseserve.server.http import HttpServer, RouteGroup, restriction_checks
 from sparseserve.server.metrics_http import start_metrics_server
 from sparseserve.server.predict_servicer import PredictServicer
 from sparseserve.server.security import (
@@ -256,7 +256,11 @@ class SparseServeServer:
         log.info("restricted RPC groups: %s", restrictions.describe())
         if settings.allow_http:
             log.info("restricted REST route groups: %s", http_restrictions.describe())
-            if open_on_rest := sorted(restrictions.groups - http_restrictions.groups):
+            on_rest = {group.value for group in RouteGroup}  # groups REST has routes in
+            open_on_rest = sorted(
+                g for g in restrictions.groups - http_restrictions.groups if g.value in on_rest
+            )
+            if open_on_rest:
                 groups = ",".join(group.value for group in open_on_rest)
                 log.warning(
                     "%s restricted on gRPC but open on REST (port %d), as in Triton: add "

@@ -290,7 +290,7 @@ def _model_config(model: LoadedModel) -> mc.ModelConfig:
     config.parameters["sparse_kernel_layers"].string_value = str(backend.sparse_kernel_layers)
     for engine, seconds in backend.candidate_seconds.items():
         config.parameters[f"engine_latency_seconds.{engine}"].string_value = f"{seconds:.6g}"
-    describe_tensors(config, model.signature)
+    describe_tensors(config, model.signature, batched=config.max_batch_size > 0)
     return config
 
 

@@ -132,6 +132,8 @@ def import_catalog(entries: Sequence[str], directory: Path) -> None:
                 name = f"sparseserve_catalog_{path.stem}_{abs(hash(str(path)))}"
                 if name in sys.modules:
                     continue
+                if str(path.parent) not in sys.path:  # its own helpers beside it import
+                    sys.path.append(str(path.parent))
                 spec = importlib.util.spec_from_file_location(name, path)
                 assert spec is not None and spec.loader is not None
                 module = importlib.util.module_from_spec(spec)

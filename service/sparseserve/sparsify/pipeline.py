@@ -280,6 +280,7 @@ class FamilyBuilder:
         declared = ", ".join(f"{i.name} {list(i.sample_shape)}" for i in architecture.inputs)
         what = f"base.architecture {architecture.name!r}"
         shapes = ", ".join(f"{name} {list(array.shape)}" for name, array in feed.items())
+        was_training = model.training
         try:
             with torch.no_grad():
                 output = model.eval()(*(torch.from_numpy(value) for value in feed.values()))
@@ -293,7 +294,7 @@ class FamilyBuilder:
                 "dimension first"
             ) from exc
         finally:
-            model.train()
+            model.train(was_training)
         if not isinstance(output, torch.Tensor):
             raise RecipeError(
                 f"{what}: its forward returned a {type(output).__name__}; it must return one "
