@@ -6,10 +6,11 @@ returns a dict) are one line naming the rule, before any training."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
-import subprocess
-import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 import tritonclient.grpc as triton
 import yaml
 
+from sparseserve.cli import main
 from sparseserve.client.server_process import ServerProcess
 
 pytestmark = pytest.mark.integration
@@ -25,12 +27,26 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "recipes" / "own-model" / "wine.yaml"
 
 
-def sparsify(recipe: Path, repository: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sparseserve", "sparsify", "--recipe", str(recipe),
-         "--repository", str(repository), "--quiet", "--no-checkpoints"],
-        capture_output=True, text=True, timeout=300, cwd=cwd, env=dict(os.environ),
-    )  # fmt: skip
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def sparsify(recipe: Path, repository: Path, cwd: Path) -> Run:
+    """`sparseserve sparsify` in this process (torch is imported once for all the tests
+    here, not once per build), from `cwd`."""
+    out, err = io.StringIO(), io.StringIO()
+    previous = Path.cwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["sparsify", "--recipe", str(recipe), "--repository", str(repository),
+                         "--quiet", "--no-checkpoints"])  # fmt: skip
+    finally:
+        os.chdir(previous)
+    return Run(code, out.getvalue(), err.getvalue())
 
 
 def test_the_example_builds_serves_and_answers(
