@@ -209,7 +209,7 @@ def test_every_recording_rule_returns_data(stack: Stack) -> None:
 
 def test_every_dashboard_query_returns_data(stack: Stack) -> None:
     queries = dashboard_queries(stack.dashboard, VARIABLES, RATE_INTERVAL)
-    assert len(queries) == 36
+    assert len(queries) == 37
     problems = stack.checker.problems(queries)
     assert problems == [], "\n".join(problems)
 
