@@ -159,6 +159,21 @@ def test_close_stops_loads_whose_callers_left_rather_than_waiting_for_them(
     assert serving == []
 
 
+def index_after_start(repository: Path) -> dict[tuple[str, str], tuple[str, str]]:
+    """RepositoryIndex as {(model, version): (state, reason)} after the start's loads,
+    which must not end the start."""
+
+    async def main() -> dict[tuple[str, str], tuple[str, str]]:
+        with ThreadPoolExecutor(1) as executor:
+            registry = ModelRegistry(ModelRepository(repository), Settings(), executor)
+            assert await registry.load_startup_models() == {}
+            rows = {(r.name, r.version): (r.state.name, r.reason) for r in registry.index()}
+            await registry.close()
+            return rows
+
+    return asyncio.run(main())
+
+
 @pytest.mark.parametrize("first", [True, False], ids=["loaded-first", "loaded-second"])
 def test_an_engines_unforeseen_exception_fails_that_model_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: bool
@@ -181,15 +196,7 @@ def test_an_engines_unforeseen_exception_fails_that_model_only(
     for name in ("aaa", "bbb", "ccc"):
         onnx_models.add_constant(tmp_path / name / "1" / "model.onnx", 1)
 
-    async def main() -> dict[tuple[str, str], tuple[str, str]]:
-        with ThreadPoolExecutor(1) as executor:
-            registry = ModelRegistry(ModelRepository(tmp_path), Settings(), executor)
-            assert await registry.load_startup_models() == {}
-            rows = {(r.name, r.version): (r.state.name, r.reason) for r in registry.index()}
-            await registry.close()
-            return rows
-
-    rows = asyncio.run(main())
+    rows = index_after_start(tmp_path)
     state, reason = rows[(broken, "1")]
     assert state == "UNAVAILABLE" and reason.endswith(
         f"{broken}/1/model.onnx: RuntimeError: engine bug"
@@ -206,15 +213,7 @@ def test_a_check_after_the_engine_loaded_that_raises_unloads_it(tmp_path: Path) 
     )
     onnx_models.add_constant(tmp_path / "n" / "1" / "model.onnx", 2)
 
-    async def main() -> dict[tuple[str, str], tuple[str, str]]:
-        with ThreadPoolExecutor(1) as executor:
-            registry = ModelRegistry(ModelRepository(tmp_path), Settings(), executor)
-            assert await registry.load_startup_models() == {}
-            rows = {(r.name, r.version): (r.state.name, r.reason) for r in registry.index()}
-            await registry.close()
-            return rows
-
-    rows = asyncio.run(main())
+    rows = index_after_start(tmp_path)
     state, reason = rows[("m", "1")]
     assert state == "UNAVAILABLE" and "data_type 99, no type of Triton's" in reason
     assert rows[("n", "1")][0] == "READY"
