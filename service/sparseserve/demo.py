@@ -53,9 +53,20 @@ class VariantReport:
         return ordered[int(0.99 * (len(ordered) - 1))]
 
 
+# The families the demo builds and compares (recipes/digits-*.yaml); a repository may hold
+# other models too (your own, built into ./models as the README shows): they are served,
+# and left out of the comparison, which sends every model 8x8 digits.
+DEMO_FAMILIES = ("digits-mlp", "digits-cnn")
+
+
+def _family(directory: Path) -> str | None:
+    manifest = directory / MANIFEST_FILENAME
+    return VariantManifest.read(manifest).family if manifest.is_file() else None
+
+
 def _ensure_models(repository: Path, rebuild: bool) -> None:
-    manifests = list(repository.glob(f"*/{MANIFEST_FILENAME}"))
-    if manifests and not rebuild:
+    present = {_family(d) for d in repository.iterdir()} if repository.is_dir() else set()
+    if set(DEMO_FAMILIES) <= present and not rebuild:
         print(f"using the demo models in {repository} (--rebuild to train them again)")
         return
     from sparseserve.sparsify.demo_models import build_demo_repository
@@ -153,8 +164,12 @@ def run(repository: Path, rebuild: bool = False) -> int:
             meta = client.get_server_metadata()
             print(f"server: {meta.name} {meta.version}, extensions {list(meta.extensions)}")
             models = [m.name for m in client.get_model_repository_index().models]
-            ready = [name for name in models if client.is_model_ready(name)]
-            print(f"models ready: {', '.join(ready)}\n")
+            served = [name for name in models if client.is_model_ready(name)]
+            ready = [n for n in served if _family(repository / n) in DEMO_FAMILIES]
+            print(f"models ready: {', '.join(ready)}")
+            if others := [name for name in served if name not in ready]:
+                print(f"also served, not digits models, so left out below: {', '.join(others)}")
+            print()
 
             first = split.x_test[:8]
             print(
@@ -235,6 +250,7 @@ def _compare_families(server: ServerProcess, repository: Path, split: DigitsSpli
 
     families = sorted(
         {VariantManifest.read(p).family for p in repository.glob(f"*/{MANIFEST_FILENAME}")}
+        & set(DEMO_FAMILIES)
     )
     digits = EvalData({"pixels": split.x_test}, split.test_dataset, split.y_test)
     print("\nsparseserve compare (load through the server, figures from its metrics):")

@@ -65,7 +65,16 @@ def test_demo_trains_serves_compares_and_stops_cleanly(tmp_path: Path) -> None:
     assert out.rstrip().splitlines()[-1].startswith("  README.md and docs/")
     assert f"sparseserve inspect {repository}/digits-mlp.pruned90" in out
 
-    # A second run reuses the trained models instead of training again.
+    # A second run reuses the trained models instead of training again, with a model of
+    # the user's own built into the same repository (as the README's own-model example
+    # does): it is served and left out of the digits comparison, not sent digits.
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "own-model" / "wine.yaml"
+    own = subprocess.run(
+        [sys.executable, "-m", "sparseserve", "sparsify", "--recipe", str(recipe),
+         "--repository", str(repository), "--quiet", "--no-checkpoints"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert own.returncode == 0, own.stderr
     again = subprocess.run(
         [sys.executable, "-m", "sparseserve.demo", "--repository", str(repository)],
         capture_output=True,
@@ -74,3 +83,8 @@ def test_demo_trains_serves_compares_and_stops_cleanly(tmp_path: Path) -> None:
     )
     assert again.returncode == 0, again.stdout + again.stderr
     assert "using the demo models in" in again.stdout
+    assert f"models ready: {', '.join(sorted(expected))}" in again.stdout
+    assert (
+        "also served, not digits models, so left out below: "
+        "wine-mlp.dense, wine-mlp.int8, wine-mlp.pruned80"
+    ) in again.stdout
