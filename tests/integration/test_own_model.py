@@ -180,3 +180,35 @@ def test_a_catalog_file_imports_its_own_helpers_beside_it(tmp_path: Path) -> Non
     result = sparsify(recipe_with(tmp_path, "split", "mine.py"), tmp_path / "models", tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "models" / "mine.dense" / "1" / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize(
+    ("sample_shape", "expected"),
+    [
+        ("(31,)", "declares input 'pixels' of shape [31] (31 values a sample), but the data "
+         "source 'sklearn-digits' gives rows of shape [64] (64 values): make ModelInput's "
+         "sample_shape the shape of one row, without the batch dimension"),
+        ("(32,)", "declares input 'pixels' of shape [32] (32 values a sample)"),
+        ("(1, 64)", "its forward returned shape [2, 1, 10] for 2 samples (pixels [2, 1, 64]); "
+         "it must return [samples, classes] (is the batch dimension in ModelInput's "
+         "sample_shape?)"),
+    ],
+    ids=["other-width", "half-width", "batch-in-shape"],
+)  # fmt: skip
+def test_a_sample_shape_that_does_not_fit_the_rows_is_refused_before_training(
+    tmp_path: Path, sample_shape: str, expected: str
+) -> None:
+    """Rows of 64 pixels: 31 values a sample cannot be them, 32 would have made two samples
+    of each row without a word, and a batch dimension inside the sample shape made the
+    classifier's output 3-D (torch's "Expected target size" minutes later)."""
+    (tmp_path / "mine.py").write_text(
+        "from torch import nn\n"
+        "from sparseserve.sparsify.catalog import Architecture, ModelInput, register_architecture\n"
+        f"shape = {sample_shape}\n"
+        "build = lambda: nn.Sequential(nn.Linear(shape[-1], 10))  # noqa: E731\n"
+        'register_architecture(Architecture("shaped", build, (ModelInput("pixels", shape),), ""))\n'
+    )
+    result = sparsify(recipe_with(tmp_path, "shaped", "mine.py"), tmp_path / "models", tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr, result.stderr
+    assert not (tmp_path / "models").exists()

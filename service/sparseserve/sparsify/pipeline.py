@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import shutil
 import time
 import zlib
@@ -235,10 +236,24 @@ class FamilyBuilder:
         return unavailable
 
     def _shaped(self, rows: Rows) -> Rows:
+        """A one-input model's rows in its declared sample shape (digits' 64 pixels as
+        1x8x8 for the CNN). The values per row must be the shape's: reshaping 30 values
+        to 15 would silently make two rows of each."""
         inputs = self.architecture.inputs
         if not isinstance(rows, np.ndarray) or len(inputs) != 1:
             return rows
-        return np.ascontiguousarray(rows.reshape(-1, *inputs[0].sample_shape))
+        spec = inputs[0]
+        per_row = math.prod(rows.shape[1:])
+        fixed = [d for d in spec.sample_shape if d is not None]
+        if len(fixed) == len(spec.sample_shape) and per_row != math.prod(fixed):
+            raise RecipeError(
+                f"base.architecture {self.architecture.name!r} declares input {spec.name!r} "
+                f"of shape {fixed} ({math.prod(fixed)} values a "
+                f"sample), but the data source {self.recipe.data.source!r} gives rows of "
+                f"shape {list(rows.shape[1:])} ({per_row} values): make ModelInput's "
+                "sample_shape the shape of one row, without the batch dimension"
+            )
+        return np.ascontiguousarray(rows.reshape(-1, *spec.sample_shape))
 
     def _context(self, prefix: str, variant: str | None = None) -> StepContext:
         folder = None
@@ -300,6 +315,14 @@ class FamilyBuilder:
                 f"{what}: its forward returned a {type(output).__name__}; it must return one "
                 f"tensor, the output {architecture.output_name!r} (the logits of a "
                 "classifier, the embedding of an encoder): wrap the model to pick it"
+            )
+        rows = len(next(iter(feed.values())))
+        if output.ndim != 2 or output.shape[0] != rows:
+            per = "classes" if architecture.task is Task.classification else "features"
+            raise RecipeError(
+                f"{what}: its forward returned shape {list(output.shape)} for {rows} samples "
+                f"({shapes}); it must return [samples, {per}] (is the batch dimension in "
+                "ModelInput's sample_shape?)"
             )
 
     def _build_variant(self, spec: VariantSpec, base: nn.Module) -> None:
