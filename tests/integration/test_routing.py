@@ -201,6 +201,11 @@ def test_a_policy_naming_a_model_for_a_variant_or_an_unknown_family_says_so(
     """The usual slip: the model's name (fam.pruned50) where the variant's (pruned50)
     goes; and a family no loaded model belongs to."""
     served.apply_policy("families: {fam: {default: fam.pruned50}, famm: {default: dense}}")
+    with pytest.raises(InferenceServerException) as info:  # the client is told too
+        served.infer(FAMILY, pixels(1))
+    assert "(the traffic policy names models; it takes variant names, without 'fam.')" in (
+        info.value.message()
+    )
     (route,) = served.policy(FAMILY).families
     assert route.problems == [
         "variant 'fam.pruned50' in default is not loaded (a policy names variants: 'pruned50')"

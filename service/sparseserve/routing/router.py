@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 from bisect import bisect_right
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import accumulate
 
@@ -115,6 +116,7 @@ class Router:
                 f"family {family.name!r}: none of the variants of its split "
                 f"({', '.join(family.policy.split)}) is loaded; loaded variants: "
                 f"{', '.join(sorted(family.variants)) or 'none'}"
+                f"{_names_hint(family, family.policy.split)}"
             )
         if family.split_models and draw:
             index = bisect_right(family.cumulative, self._random() * family.cumulative[-1])
@@ -136,6 +138,7 @@ class Router:
             raise ModelNotReady(
                 f"family {family.name!r}: variant {variant!r} is not loaded; loaded "
                 f"variants: {', '.join(sorted(family.variants)) or 'none'}"
+                f"{_names_hint(family, [variant])}"
             )
         return model
 
@@ -191,3 +194,11 @@ def _apply(family: Family, policy: FamilyPolicy) -> None:
         targets = tuple((v, family.variants.get(v, "")) for v in policy.shadow.variants)
         family.problems += [missing(v, "shadow") for v, model in targets if not model]
         family.shadow = ShadowPlan(policy.shadow.fraction, targets)
+
+
+def _names_hint(family: Family, named: Iterable[str]) -> str:
+    """What to write instead where a traffic policy names models, not variants."""
+    prefix = f"{family.name}."
+    if any(name.startswith(prefix) and name[len(prefix) :] in family.variants for name in named):
+        return f" (the traffic policy names models; it takes variant names, without {prefix!r})"
+    return ""
