@@ -323,7 +323,9 @@ def _health_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "'inference.GRPCInferenceService' the inference API",
     )
     p.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
-    _client_tls_arguments(p, implied="implied when the settings enable TLS on the gRPC port")
+    _client_tls_arguments(
+        p, implied="implied by --root-cert or --client-cert, or when the settings enable TLS"
+    )
 
 
 def _client_tls_arguments(p: argparse.ArgumentParser, implied: str) -> None:
@@ -363,7 +365,8 @@ def _health(args: argparse.Namespace) -> int:
     try:
         tls, metadata = health_check_access(
             settings,
-            ssl=args.ssl,
+            # As for compare: a CA or a client certificate only makes sense over TLS.
+            ssl=args.ssl or args.root_cert is not None or args.client_cert is not None,
             root_cert=args.root_cert,
             client_cert=args.client_cert,
             client_key=args.client_key,
@@ -375,7 +378,13 @@ def _health(args: argparse.Namespace) -> int:
     try:
         status = check_health(address, args.service, args.timeout, tls, metadata)
     except HealthCheckError as exc:
-        print(f"sparseserve: error: {exc}", file=sys.stderr)
+        plaintext = tls is None and "Socket closed" in str(exc)
+        hint = (
+            " (the server may serve TLS on that port: --ssl, with --root-cert CA)"
+            if (plaintext)
+            else ""
+        )
+        print(f"sparseserve: error: {exc}{hint}", file=sys.stderr)
         return 1
     print(f"{address} {args.service or '(server)'}: {status}")
     return 0 if status == SERVING else 1

@@ -148,6 +148,22 @@ def test_health_command_derives_tls_from_the_settings(
     assert "SERVING" in run.stdout
 
 
+def test_health_command_takes_a_ca_as_asking_for_tls(
+    tls_server: tuple[ServerProcess, Path],
+) -> None:
+    """`--root-cert` alone connects over TLS (as for compare); a plaintext attempt on a
+    TLS port says to try TLS instead of only gRPC's "Socket closed"."""
+    server, ca_file = tls_server
+    command = [sys.executable, "-m", "sparseserve", "health", "--address", server.grpc_url]
+    run = subprocess.run(
+        [*command, "--root-cert", str(ca_file)], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    plain = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 1
+    assert "(the server may serve TLS on that port: --ssl, with --root-cert CA)" in plain.stderr
+
+
 def test_mutual_tls_serves_a_client_with_a_certificate(
     mtls_server: tuple[ServerProcess, Path], ca: TestCA, tmp_path: Path
 ) -> None:

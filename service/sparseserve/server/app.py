@@ -245,10 +245,11 @@ class SparseServeServer:
                     "--allow-http false serves none)"
                 ) from exc
         log.info(
-            "sparseserve listening: gRPC %s:%d (%s), HTTP %s, metrics %s; repository %s, "
+            "sparseserve listening: gRPC %s:%d (%s), REST %s, metrics %s; repository %s, "
             "model control %s",
             settings.grpc_address or settings.host, self.grpc_port, _transport(tls),
-            self.http_port or "off", self.metrics_port or "off", self.registry.repository.root,
+            f"{self.http_port} ({'HTTPS' if tls.enabled else 'HTTP'})" if self.http_port
+            else "off", self.metrics_port or "off", self.registry.repository.root,
             settings.model_control.value,
         )  # fmt: skip
         for warning in unknown_environment(os.environ):
