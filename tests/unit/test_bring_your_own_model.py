@@ -221,7 +221,9 @@ def test_manifest_refuses_what_it_cannot_measure(
         "it takes input tensor(float)[" in narrow
         and "the data gives input float32[2, 60]" in narrow
     )
-    assert "mlp.nope is not a model directory" in fails(pruned, "--baseline", "mlp.nope")
+    assert "--baseline 'mlp.nope': no model directory" in fails(pruned, "--baseline", "mlp.nope")
+    # A variant's name where the model's goes, as a traffic policy would take it.
+    assert "beside this one, e.g. 'mlp.dense'" in fails(pruned, "--baseline", "dense")
     assert "holds no <version>/*.onnx" in fails(str(tmp_path))
     assert main(["manifest", pruned, "--family", "mlp", "--variant", "v"]) == 0
     assert "exists (--force replaces it)" in fails(pruned)

@@ -77,6 +77,16 @@ def measure_manifest(
     weights = weights_of(path)
     baseline_path = None
     if baseline is not None:
+        if not (directory.parent / baseline).is_dir():
+            siblings = sorted(
+                d.name for d in directory.parent.iterdir() if d.is_dir() and d != directory
+            )
+            likely = [name for name in siblings if name.endswith(f".{baseline}")]
+            raise MeasureError(
+                f"--baseline {baseline!r}: no model directory {directory.parent / baseline}; "
+                "it names the baseline's model directory beside this one"
+                + (f", e.g. {likely[0]!r}" if likely else f" (there: {', '.join(siblings)})")
+            )
         baseline_path = newest_model_file(directory.parent / baseline)
     quality: list[Quality] = []
     if data is not None:
