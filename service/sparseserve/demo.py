@@ -209,7 +209,10 @@ def _what_next(repository: Path) -> None:
             "serve it yourself: gRPC 8001, REST 8000, metrics 8002",
         ),
         (f"{cli} inspect {here}/digits-mlp.pruned90", "per-layer sparsity, 2:4, size"),
-        (f"{cli} compare --family digits-cnn --repository {here}", "a longer comparison (10 s of load a variant)"),
+        (
+            f"{cli} compare --family digits-cnn --repository {here}",
+            "a longer comparison (10 s of load a variant)",
+        ),
         (f"{cli} inspect your-model.onnx", "any ONNX model, wherever it was made"),
         (
             f"{cli} manifest {here}/NAME --family F --variant V --baseline B",
