@@ -378,12 +378,9 @@ def _health(args: argparse.Namespace) -> int:
     try:
         status = check_health(address, args.service, args.timeout, tls, metadata)
     except HealthCheckError as exc:
-        plaintext = tls is None and "Socket closed" in str(exc)
-        hint = (
-            " (the server may serve TLS on that port: --ssl, with --root-cert CA)"
-            if (plaintext)
-            else ""
-        )
+        hint = ""
+        if tls is None and "Socket closed" in str(exc):
+            hint = " (the server may serve TLS on that port: --ssl, with --root-cert CA)"
         print(f"sparseserve: error: {exc}{hint}", file=sys.stderr)
         return 1
     print(f"{address} {args.service or '(server)'}: {status}")

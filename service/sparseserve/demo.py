@@ -211,7 +211,7 @@ def _what_next(repository: Path) -> None:
         (f"{cli} inspect {here}/digits-mlp.pruned90", "per-layer sparsity, 2:4, size"),
         (
             f"{cli} compare --family digits-cnn --repository {here}",
-            "a longer comparison (10 s of load a variant)",
+            "a longer comparison (10 s of load on each variant)",
         ),
         (f"{cli} inspect your-model.onnx", "any ONNX model, wherever it was made"),
         (

@@ -494,9 +494,7 @@ class ModelRegistry:
         footprint = ModelFootprint(directory_bytes(files.path.parent), growth.bytes, weights)
         try:
             if source.config is not None and (
-                problems := config_mismatches(
-                    signature, source.config, openvino=_triton_openvino(files)
-                )
+                problems := config_mismatches(signature, source.config)
             ):
                 raise ModelLoadError(
                     f"{source.directory / CONFIG_FILENAME} does not match the model "
@@ -602,7 +600,7 @@ class ModelRegistry:
         replaced = serving is not None and serving.ready.get(model.version) not in (None, model)
         log.info(
             "unloaded model %s version %d%s", model.name, model.version,
-            f" (the copy on {model.backend.name} it replaced)" if replaced else "",
+            f" (its old copy, on {model.backend.name}; the new one serves)" if replaced else "",
         )  # fmt: skip
 
     async def unload(self, name: str) -> None:
@@ -695,14 +693,6 @@ def _parse_version(version: str) -> int:
     version has one spelling, the one ModelMetadata lists."""
     number = version_number(version)
     return -1 if number is None else number
-
-
-def _triton_openvino(files: ModelFiles) -> bool:
-    """Whether Triton would serve these files with its OpenVINO backend (an IR, or a
-    config naming it), whose config checks are looser than its onnxruntime backend's."""
-    config = files.config
-    named = config is not None and "openvino" in (config.backend, config.platform)
-    return named or files.path.suffix == ".xml"
 
 
 def _described(error: BaseException) -> str:

@@ -599,15 +599,17 @@ class Settings(BaseSettings):
 
 # SPARSESERVE_ variables that are not settings: the CLI's own, the compose file's, the
 # test suite's, and the ones Kubernetes injects for each Service named "sparseserve" or
-# "sparseserve-<x>" (the chart's own sparseserve-triton included): <NAME>_SERVICE_HOST,
-# <NAME>_SERVICE_PORT[_<port>], <NAME>_PORT and <NAME>_PORT_<n>_<protocol>[_ADDR...].
+# "sparseserve-<x>": <NAME>_SERVICE_HOST, <NAME>_SERVICE_PORT[_<port>], <NAME>_PORT and
+# <NAME>_PORT_<n>_<protocol>[_ADDR...] (names without "__", a setting section's). The
+# chart turns those links off (enableServiceLinks: false): one of sparseserve-metrics
+# would set SPARSESERVE_METRICS_PORT, a setting.
 _NOT_SETTINGS = re.compile(
     r"SPARSESERVE_(DEBUG|IMAGE|REQUIRE_[A-Z_]+)"
-    r"|SPARSESERVE(_[A-Z0-9_]+?)?_(SERVICE_HOST|SERVICE_PORT\w*|PORT_\d+_(TCP|UDP|SCTP)\w*)"
+    r"|(?!.*__)SPARSESERVE(_[A-Z0-9_]+?)?_(SERVICE_HOST|SERVICE_PORT\w*|PORT_\d+_(TCP|UDP|SCTP)\w*)"
 )
 # <NAME>_PORT alone is a service link only with its value, "tcp://10.0.0.1:8001": a
 # misspelt SPARSESERVE_METRIC_PORT=9000 is still warned of.
-_SERVICE_LINK_PORT = re.compile(r"SPARSESERVE(_[A-Z0-9_]+?)?_PORT")
+_SERVICE_LINK_PORT = re.compile(r"(?!.*__)SPARSESERVE(_[A-Z0-9_]+?)?_PORT")
 _SERVICE_LINK_VALUE = re.compile(r"(tcp|udp|sctp)://\S+", re.IGNORECASE)
 
 

@@ -183,6 +183,8 @@ def test_pod_runs_as_the_images_non_root_user(case) -> None:
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert "/tmp" in {m["mountPath"] for m in container["volumeMounts"]}
     assert pod["automountServiceAccountToken"] is False
+    # No service links: a Service named sparseserve-metrics would set SPARSESERVE_METRICS_PORT.
+    assert pod["enableServiceLinks"] is False
 
 
 def test_headless_service_lists_the_server_pods() -> None:

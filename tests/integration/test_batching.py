@@ -213,4 +213,4 @@ def test_a_model_that_cannot_batch_is_not_loaded_and_says_why(
         index = client.get_model_repository_index(as_json=True)["models"]
     (entry,) = [m for m in index if m["name"] == "unbatchable"]
     assert entry["state"] == "UNAVAILABLE"
-    assert "cannot be batched" in entry["reason"] and "leading dimension" in entry["reason"]
+    assert "max_batch_size is" in entry["reason"] and "leading dimension" in entry["reason"]

@@ -116,8 +116,11 @@ def recipe_with(tmp_path: Path, name: str, catalog: str) -> Path:
         ("self, x, scale", "return self.fc(x) * scale",
          "its forward cannot take one batch of the data source 'sklearn-digits' "
          "(pixels [2, 64]): TypeError"),
+        ("self, x", "return self.fc(x)[:, :3]",
+         "its forward returns 3 logits a sample, but the data source 'sklearn-digits' has "
+         "10 classes (labels 0 to 9): its last layer needs 10 outputs"),
     ],
-    ids=["dict", "tuple", "two-inputs"],
+    ids=["dict", "tuple", "two-inputs", "too-few-classes"],
 )  # fmt: skip
 def test_a_forward_the_pipeline_cannot_drive_is_refused_before_training(
     tmp_path: Path, signature: str, body: str, expected: str
@@ -212,3 +215,25 @@ def test_a_sample_shape_that_does_not_fit_the_rows_is_refused_before_training(
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr, result.stderr
     assert not (tmp_path / "models").exists()
+
+
+def test_each_catalog_has_its_own_helpers(tmp_path: Path) -> None:
+    """Two recipes in one process, each with a layers.py beside its catalog file of a
+    different width, and a helper named like an installed package (tokenizers): each
+    catalog imports the files beside it."""
+    for name, width in (("one", 2), ("two", 3)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "tokenizers.py").write_text(f"WIDTH = {width}\n")
+        (folder / "mine.py").write_text(
+            "from torch import nn\n"
+            "from tokenizers import WIDTH\n"
+            "from sparseserve.sparsify.catalog import Architecture, ModelInput, "
+            "register_architecture\n"
+            f'register_architecture(Architecture("w{name}", lambda: nn.Sequential('
+            f'nn.Linear(64, WIDTH), nn.Linear(WIDTH, 10)), (ModelInput("pixels", (64,)),), ""))\n'
+        )
+        result = sparsify(recipe_with(folder, f"w{name}", "mine.py"), folder / "m", folder)
+        assert result.returncode == 0, result.stderr
+        manifest = yaml.safe_load((folder / "m" / "mine.dense" / "sparseserve.yaml").read_text())
+        assert manifest["layers"][0]["shape"] == [width, 64], manifest["layers"]

@@ -82,38 +82,22 @@ def test_configs_that_contradict_the_model(text: str, expected: list[str]) -> No
     assert mismatches(text) == expected
 
 
-def test_max_batch_size_needs_a_dynamic_first_dimension() -> None:
-    signature = ModelSignature(inputs=(TensorSpec("x", TYPES["FP32"], (1, 4)),), outputs=())
-    assert mismatches('max_batch_size: 8 input [{ name: "x" data_type: TYPE_FP32 dims: [4] }]',
-                      signature) == [
-        "input 'x' has no dynamic first dimension in the model ([1, 4]), which "
-        "max_batch_size > 0 batches along"
-    ]  # fmt: skip
-
-
-def test_an_openvino_config_follows_tritons_openvino_backend() -> None:
-    """An IR with a fixed batch of 1 and `max_batch_size: 8` (Open Model Zoo's, say): the
-    OpenVINO backend reshapes the batch and does not compare it, and an input's -1 takes
-    any dimension; the onnxruntime rules refuse both."""
+@pytest.mark.parametrize("listed", [True, False], ids=["listed", "unlisted"])
+def test_max_batch_size_needs_a_dynamic_first_dimension(listed: bool) -> None:
+    """Listed or not (ModelConfig would describe an unlisted one without its first
+    dimension, as batches the model refuses), and for an OpenVINO IR too: Triton's
+    OpenVINO backend reshapes an IR to the batch, sparseserve serves its own shapes."""
     signature = ModelSignature(
-        inputs=(TensorSpec("x", TYPES["FP32"], (1, 3, 224, 224)),),
-        outputs=(TensorSpec("y", TYPES["FP32"], (1, 1000)),),
+        inputs=(TensorSpec("x", TYPES["FP32"], (1, 4)),),
+        outputs=(TensorSpec("y", TYPES["FP32"], (1, 4)),),
     )
-    text = (
-        'max_batch_size: 8 input [{ name: "x" data_type: TYPE_FP32 dims: [3, -1, -1] }]'
-        ' output [{ name: "y" data_type: TYPE_FP32 dims: [1000] }]'
-    )
-    config = model_config_pb2.ModelConfig()
-    text_format.Parse(text, config)
-    assert config_mismatches(signature, config, openvino=True) == []
-    assert len(config_mismatches(signature, config)) == 2  # onnxruntime's rules
-    output = 'max_batch_size: 8 output [{ name: "y" data_type: TYPE_FP32 dims: [-1] }]'
-    config = model_config_pb2.ModelConfig()
-    text_format.Parse(output, config)
-    assert config_mismatches(signature, config, openvino=True) == [
-        "output 'y' has dims [1000] in the model (batch dimension left out, max_batch_size > 0) "
-        "(-1: any), [-1] in config.pbtxt"
-    ]  # an output's -1 is still compared
+    listing = ' input [{ name: "x" data_type: TYPE_FP32 dims: [%s] }]'
+    assert mismatches("max_batch_size: 8" + (listing % "4" if listed else ""), signature) == [
+        "max_batch_size is 8, but input 'x' has shape [1, 4]; every input and output needs "
+        "a dynamic (-1) leading dimension to batch on (set max_batch_size: 0 for a model of "
+        "fixed shapes; sparseserve does not reshape a model to a batch)"
+    ]
+    assert mismatches("max_batch_size: 0" + (listing % "1, 4" if listed else ""), signature) == []
 
 
 def test_a_tensor_of_unknown_rank_takes_any_dims() -> None:

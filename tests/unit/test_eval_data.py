@@ -69,13 +69,20 @@ def test_files_that_hold_no_usable_rows_are_refused(
 
 def test_a_file_that_is_not_numpy_is_named(tmp_path: Path) -> None:
     (tmp_path / "rows.npz").write_text("pixel,value\n")
-    with pytest.raises(EvalDataError, match=r"rows\.npz: not a numpy \.npz or \.npy file"):
+    with pytest.raises(EvalDataError, match=r"rows\.npz: cannot be read as numpy rows"):
         read_eval_data(tmp_path / "rows.npz")
-    # A model file given by mistake: how to write rows, not numpy's allow_pickle advice.
-    (tmp_path / "model.npy").write_bytes(b"\x08\x07\x12\x07pytorch" * 8)
-    with pytest.raises(EvalDataError, match=r"np\.savez\('rows\.npz'") as info:
-        read_eval_data(tmp_path / "model.npy")
+    # Texts saved as Python objects: how to write rows, not numpy's allow_pickle advice.
+    np.save(tmp_path / "texts.npy", np.array(["a", None], dtype=object))
+    with pytest.raises(
+        EvalDataError, match=r"holds Python objects.*np\.savez\('rows\.npz'"
+    ) as info:
+        read_eval_data(tmp_path / "texts.npy")
     assert "allow_pickle" not in str(info.value)
+    # A truncated file keeps numpy's reason.
+    np.save(tmp_path / "rows.npy", np.zeros((100, 64)))
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "rows.npy").read_bytes()[:1000])
+    with pytest.raises(EvalDataError, match=r"cut\.npy: cannot be read as numpy rows \(.*6400"):
+        read_eval_data(tmp_path / "cut.npy")
 
 
 def test_rows_are_reshaped_and_cast_to_the_input() -> None:

@@ -46,5 +46,11 @@ def test_an_unreadable_file_says_permission_denied(
     path = onnx_models.add_constant(tmp_path / "m.onnx", 1)
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == path else real(p, mode))
+    path.write_bytes(b"unreadable to onnxruntime too")  # as a mode-000 file would fail
     with pytest.raises(ModelLoadError, match=r"m\.onnx: permission denied \(not readable"):
         load(path)
+
+
+def test_a_file_gone_since_the_repository_was_read_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"gone\.onnx: no such file \(removed since"):
+        load(tmp_path / "gone.onnx")

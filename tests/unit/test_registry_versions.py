@@ -204,9 +204,27 @@ def test_an_engines_unforeseen_exception_fails_that_model_only(
     assert all(rows[(name, "1")][0] == "READY" for name in {"aaa", "bbb", "ccc"} - {broken})
 
 
-def test_a_check_after_the_engine_loaded_that_raises_unloads_it(tmp_path: Path) -> None:
+def test_a_check_after_the_engine_loaded_that_fails_unloads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A config.pbtxt with `data_type: 99` parses (the enum is open) and made the check of
     config against model raise: the start ended and the loaded engine was never unloaded."""
+    from sparseserve.backends import onnxruntime as engine
+
+    loaded: list[str] = []
+    unloaded: list[str] = []
+    real_load, real_unload = engine.OnnxRuntimeBackend.load, engine.OnnxRuntimeBackend.unload
+
+    async def load(self: engine.OnnxRuntimeBackend) -> object:
+        loaded.append(self._files.name)
+        return await real_load(self)
+
+    async def unload(self: engine.OnnxRuntimeBackend) -> None:
+        unloaded.append(self._files.name)
+        await real_unload(self)
+
+    monkeypatch.setattr(engine.OnnxRuntimeBackend, "load", load)
+    monkeypatch.setattr(engine.OnnxRuntimeBackend, "unload", unload)
     good(tmp_path, 1)
     (tmp_path / "m" / "config.pbtxt").write_text(
         'output [{ name: "y" data_type: 99 dims: [-1, 4] }]\n'
@@ -217,3 +235,6 @@ def test_a_check_after_the_engine_loaded_that_raises_unloads_it(tmp_path: Path) 
     state, reason = rows[("m", "1")]
     assert state == "UNAVAILABLE" and "data_type 99, no type of Triton's" in reason
     assert rows[("n", "1")][0] == "READY"
+    # Every engine loaded was unloaded (m's when its load failed, n's at close): none
+    # outlives the registry. (The first model is loaded once more, unmeasured, first.)
+    assert sorted(unloaded) == sorted(loaded), (loaded, unloaded)

@@ -252,6 +252,7 @@ def test_misspelt_environment_variables_are_named_with_what_was_meant() -> None:
         "SPARSESERVE_SHUTDOWN_GRACE": "30",
         "SPARSESERVE_BATCHING__ENABLD": "1",
         "SPARSESERVE_METRIC_PORT": "9000",  # not a service link: no tcp:// value
+        "SPARSESERVE_TRITON__SERVICE_HOST": "x",  # a section's key: no service link
     }
     assert unknown_environment({**fine, **wrong}) == [
         "environment variable SPARSESERVE_BATCHING__ENABLD sets no setting and is ignored; "
@@ -260,4 +261,6 @@ def test_misspelt_environment_variables_are_named_with_what_was_meant() -> None:
         "did you mean SPARSESERVE_METRICS_PORT?",
         "environment variable SPARSESERVE_SHUTDOWN_GRACE sets no setting and is ignored; "
         "did you mean SPARSESERVE_SHUTDOWN_GRACE_SECONDS?",
+        "environment variable SPARSESERVE_TRITON__SERVICE_HOST sets no setting and is "
+        "ignored; did you mean SPARSESERVE_TRITON__SSL?",
     ]

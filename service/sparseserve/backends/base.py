@@ -167,24 +167,26 @@ def timing_inputs(
     return feeds
 
 
-def config_mismatches(
-    signature: ModelSignature, config: ModelConfig, openvino: bool = False
-) -> list[str]:
+def config_mismatches(signature: ModelSignature, config: ModelConfig) -> list[str]:
     """Where config.pbtxt's inputs and outputs contradict the model's, each in a phrase
     (empty: they agree). ModelConfig reports config.pbtxt's tensors, and clients build
     requests from them, so a config that names, types or shapes a tensor otherwise than
-    the model does is refused, as Triton refuses it: dims leave out the batch dimension
-    where `max_batch_size` > 0 (which needs the model's first dimension dynamic); a
-    `reshape` is compared instead of the dims it reshapes; a dimension the model leaves
-    dynamic (-1) may be fixed by the config. The config may list some tensors only
-    (ModelConfig adds the others). With `openvino` (an IR, or a config naming that
-    backend), Triton's OpenVINO backend's rules: the first dimension is not compared
-    where `max_batch_size` > 0 (it reshapes the model to the batch), and an input's -1
-    takes any dimension."""
+    the model does is refused, as Triton's onnxruntime backend refuses it: dims leave out
+    the batch dimension where `max_batch_size` > 0, which needs every input's and
+    output's first dimension dynamic; a `reshape` is compared instead of the dims it
+    reshapes; a dimension the model leaves dynamic (-1) may be fixed by the config. The
+    config may list some tensors only (ModelConfig adds the others). Stricter than
+    Triton's OpenVINO backend, which reshapes an IR to the configured batch and dims:
+    sparseserve serves the file's own shapes, so the config must describe them."""
     from sparseserve.protocol.model_config_pb2 import DataType
 
     problems = []
     skip = 1 if config.max_batch_size > 0 else 0
+    if skip and (why := signature.batch_dimension_problem()):
+        problems.append(
+            f"max_batch_size is {config.max_batch_size}, but {why} (set max_batch_size: 0 for "
+            "a model of fixed shapes; sparseserve does not reshape a model to a batch)"
+        )
     for kind, specs, configured in (
         ("input", signature.inputs, config.input),
         ("output", signature.outputs, config.output),
@@ -207,23 +209,13 @@ def config_mismatches(
                     f"{kind} {tensor.name!r} is {spec.datatype.config} in the model, "
                     f"{datatype} in config.pbtxt"
                 )
-            if not spec.rank_known:
-                continue
-            if skip and not openvino and spec.shape[:1] != (-1,):
-                problems.append(
-                    f"{kind} {tensor.name!r} has no dynamic first dimension in the model "
-                    f"({list(spec.shape)}), which max_batch_size > 0 batches along"
-                )
-                continue
+            if not spec.rank_known or (skip and spec.shape[:1] != (-1,)):
+                continue  # any dims; or refused above for its batch dimension
             dims = list(tensor.reshape.shape if tensor.HasField("reshape") else tensor.dims)
             model = list(spec.shape[skip:])
-            loose = openvino and kind == "input"
             if not (
                 len(dims) == len(model)
-                and all(
-                    want in (-1, got) or (loose and got == -1)
-                    for want, got in zip(model, dims, strict=True)
-                )
+                and all(want in (-1, got) for want, got in zip(model, dims, strict=True))
             ):
                 problems.append(
                     f"{kind} {tensor.name!r} has dims {model} in the model "

@@ -107,13 +107,15 @@ class OnnxRuntimeBackend(Backend):
         options.graph_optimization_level = _OPTIMIZATION[self._settings.graph_optimization]
         options.log_severity_level = 3  # errors only: warnings would flood the server log
         path = self._files.path
-        if not os.access(path, os.R_OK):  # onnxruntime says only "system error number 13"
-            raise ModelLoadError(f"onnxruntime cannot load {path}: permission denied (not "
-                                 f"readable by this process, uid {os.getuid()})")  # fmt: skip
         try:
             return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped exceptions
-            raise ModelLoadError(f"onnxruntime cannot load {path}: {_engine_message(exc)}") from exc
+            reason = _engine_message(exc)
+            if not path.exists():  # removed since the repository was read
+                reason = "no such file (removed since the repository was read?)"
+            elif not os.access(path, os.R_OK):  # onnxruntime: "system error number 13"
+                reason = f"permission denied (not readable by this process, uid {os.getuid()})"
+            raise ModelLoadError(f"onnxruntime cannot load {path}: {reason}") from exc
 
     async def infer(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]

@@ -95,10 +95,14 @@ def read_eval_data(path: Path) -> EvalData:
             arrays = {name: archive[name] for name in archive.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         # numpy's own advice (allow_pickle) is not what to do here: say what the file is for.
-        raise EvalDataError(
-            f"{path}: not a numpy .npz or .npy file of rows (np.savez('rows.npz', "
-            "<input name>=rows, ...), or np.save('rows.npy', rows) for a one-input model)"
-        ) from exc
+        reason = (
+            "it holds Python objects or is no numpy file: save numeric (or fixed-width string) "
+            "arrays, np.savez('rows.npz', <input name>=rows, ...), or np.save('rows.npy', "
+            "rows) for a one-input model"
+            if "allow_pickle" in str(exc)
+            else str(exc)
+        )
+        raise EvalDataError(f"{path}: cannot be read as numpy rows ({reason})") from exc
     description = str(arrays.pop(DESCRIPTION_KEY, path.name))
     labels = arrays.pop(LABELS_KEY, None)
     if labels is None:  # the name `manifest --data` also takes (README)

@@ -85,7 +85,8 @@ def measure_manifest(
             raise MeasureError(
                 f"--baseline {baseline!r}: no model directory {directory.parent / baseline}; "
                 "it names the baseline's model directory beside this one"
-                + (f", e.g. {likely[0]!r}" if likely else f" (there: {', '.join(siblings)})")
+                + (f", e.g. {likely[0]!r}" if likely else "")
+                + (f" (there: {', '.join(siblings)})" if siblings and not likely else "")
             )
         baseline_path = newest_model_file(directory.parent / baseline)
     quality: list[Quality] = []

@@ -132,17 +132,27 @@ def import_catalog(entries: Sequence[str], directory: Path) -> None:
                 name = f"sparseserve_catalog_{path.stem}_{abs(hash(str(path)))}"
                 if name in sys.modules:
                     continue
-                if str(path.parent) not in sys.path:  # its own helpers beside it import
-                    sys.path.append(str(path.parent))
                 spec = importlib.util.spec_from_file_location(name, path)
                 assert spec is not None and spec.loader is not None
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[name] = module
+                # Its own helpers beside it import first, as for a script (a layers.py
+                # there, not an installed module of that name).
+                sys.path.insert(0, str(path.parent))
+                before = set(sys.modules)
                 try:
                     spec.loader.exec_module(module)
                 except BaseException:
                     del sys.modules[name]
                     raise
+                finally:
+                    sys.path.remove(str(path.parent))
+                    # Its helpers stay with it, not in sys.modules: another recipe's
+                    # layers.py is its own.
+                    for helper in set(sys.modules) - before:
+                        origin = getattr(sys.modules[helper], "__file__", None) or ""
+                        if Path(origin).parent == path.parent:
+                            del sys.modules[helper]
             else:
                 importlib.import_module(entry)
         except RecipeError:

@@ -317,12 +317,28 @@ class FamilyBuilder:
                 "classifier, the embedding of an encoder): wrap the model to pick it"
             )
         rows = len(next(iter(feed.values())))
+        labels = self.labelled.y_train
+        classes = int(labels.max()) + 1 if labels is not None and len(labels) else 0
+        if (
+            architecture.task is Task.classification
+            and output.ndim == 2
+            and (output.shape[1] < classes)
+        ):
+            raise RecipeError(
+                f"{what}: its forward returns {output.shape[1]} logits a sample, but the data "
+                f"source {self.recipe.data.source!r} has {classes} classes (labels 0 to "
+                f"{classes - 1}): its last layer needs {classes} outputs"
+            )
         if output.ndim != 2 or output.shape[0] != rows:
             per = "classes" if architecture.task is Task.classification else "features"
             raise RecipeError(
                 f"{what}: its forward returned shape {list(output.shape)} for {rows} samples "
-                f"({shapes}); it must return [samples, {per}] (is the batch dimension in "
-                "ModelInput's sample_shape?)"
+                f"({shapes}); it must return [samples, {per}]"
+                + (
+                    " (is the batch dimension in ModelInput's sample_shape?)"
+                    if output.ndim > 2
+                    else ""
+                )
             )
 
     def _build_variant(self, spec: VariantSpec, base: nn.Module) -> None:
