@@ -722,7 +722,7 @@ def test_http_can_be_turned_off(
 ) -> None:
     server = start_server(repository, "--allow-http", "false", "--load-model", "identity")
     assert server.http_port is None
-    assert "HTTP off" in server.log()
+    assert "REST off" in server.log()
 
 
 def test_a_family_call_is_routed_and_shadowed_as_over_grpc(

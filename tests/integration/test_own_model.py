@@ -219,15 +219,16 @@ def test_a_sample_shape_that_does_not_fit_the_rows_is_refused_before_training(
 
 def test_each_catalog_has_its_own_helpers(tmp_path: Path) -> None:
     """Two recipes in one process, each with a layers.py beside its catalog file of a
-    different width, and a helper named like an installed package (tokenizers): each
-    catalog imports the files beside it."""
+    different width: each catalog imports the file beside it. (A helper named like an
+    installed package comes first too, unless that package was imported before: the
+    whole test suite's process has imported most of them.)"""
     for name, width in (("one", 2), ("two", 3)):
         folder = tmp_path / name
         folder.mkdir()
-        (folder / "tokenizers.py").write_text(f"WIDTH = {width}\n")
+        (folder / "layers.py").write_text(f"WIDTH = {width}\n")
         (folder / "mine.py").write_text(
             "from torch import nn\n"
-            "from tokenizers import WIDTH\n"
+            "from layers import WIDTH\n"
             "from sparseserve.sparsify.catalog import Architecture, ModelInput, "
             "register_architecture\n"
             f'register_architecture(Architecture("w{name}", lambda: nn.Sequential('
