@@ -403,17 +403,13 @@ class ModelRegistry:
             await self._retire(entry, retired)
             raise
         except ModelLoadError as exc:
-            # Keep serving what serves; say why nothing new could be loaded (in the log
-            # once, not at every poll).
-            if str(exc) != entry.error:
-                log.error("%s", exc)
-            entry.error = str(exc)
+            # Keep serving what serves; say why nothing new could be loaded.
+            _model_error(entry, str(exc))
             return
         except Exception as exc:  # a file the store did not foresee: one model's problem
-            error = f"model {entry.name!r}: cannot read its files: {_described(exc)}"
-            if error != entry.error:
-                log.error("%s", error, exc_info=True)
-            entry.error = error
+            _model_error(
+                entry, f"model {entry.name!r}: cannot read its files: {_described(exc)}", exc
+            )
             return
         entry.error = None
         wanted = source.served_versions()
@@ -693,6 +689,14 @@ def _parse_version(version: str) -> int:
     version has one spelling, the one ModelMetadata lists."""
     number = version_number(version)
     return -1 if number is None else number
+
+
+def _model_error(entry: ModelEntry, error: str, unforeseen: Exception | None = None) -> None:
+    """Record why the model's files cannot be read; log it once, when it first appears or
+    changes, not at every poll (an unforeseen one with its traceback)."""
+    if error != entry.error:
+        log.error("%s", error, exc_info=unforeseen)
+    entry.error = error
 
 
 def _described(error: BaseException) -> str:

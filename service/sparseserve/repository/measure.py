@@ -25,12 +25,11 @@ import onnxruntime as ort
 
 from sparseserve.backends.base import ModelFiles, ModelSignature
 from sparseserve.backends.onnxruntime import session_signature
-from sparseserve.repository.eval_data import LABELS_KEY
+from sparseserve.repository.eval_data import LABELS_KEY, PLAIN_LABELS_KEY
 from sparseserve.repository.inspect import model_files
 from sparseserve.repository.manifest import MANIFEST_FILENAME, Quality, Task, VariantManifest
 from sparseserve.repository.weights import OnnxWeights, weights_of
 
-LABELS = "labels"  # the name of the optional labels array in a --data file
 BATCH_ROWS = 256  # rows per onnxruntime run: bounds memory on large data files
 
 
@@ -156,7 +155,7 @@ def load_data(
         raise MeasureError(f"--data {data}: not a readable .npz file ({exc})") from exc
     # The layout `sparsify` writes as eval.npz too: labels as `__labels__`, and other
     # `__`-keys (its description) that are not inputs.
-    labels = archive.pop(LABELS, None)
+    labels = archive.pop(PLAIN_LABELS_KEY, None)
     if labels is None:
         labels = archive.pop(LABELS_KEY, None)
     archive = {name: array for name, array in archive.items() if not name.startswith("__")}
@@ -167,7 +166,7 @@ def load_data(
     if missing:
         raise MeasureError(
             f"--data {data} has arrays {sorted(archive)}; the model's inputs are {names} "
-            f"(one array per input, by name, plus optional {LABELS!r} or {LABELS_KEY!r})"
+            f"(one array per input, by name, plus optional {PLAIN_LABELS_KEY!r} or {LABELS_KEY!r})"
         )
     feeds = {spec.name: archive[spec.name].astype(spec.datatype.numpy) for spec in signature.inputs}
     rows = {len(array) for array in feeds.values()}

@@ -179,8 +179,8 @@ def _apply(family: Family, policy: FamilyPolicy) -> None:
 
     def missing(variant: str, where: str) -> str:
         problem = f"variant {variant!r} in {where} is not loaded"
-        if variant.startswith(f"{family.name}."):  # the model's name where the variant's goes
-            problem += f" (a policy names variants: {variant.removeprefix(family.name + '.')!r})"
+        if (meant := _variant_of(family, variant)) is not None:
+            problem += f" (a policy names variants: {meant!r})"
         return problem
 
     if policy.default is not None and policy.default not in family.variants:
@@ -196,9 +196,17 @@ def _apply(family: Family, policy: FamilyPolicy) -> None:
         family.shadow = ShadowPlan(policy.shadow.fraction, targets)
 
 
-def _names_hint(family: Family, named: Iterable[str]) -> str:
-    """What to write instead where a traffic policy names models, not variants."""
+def _variant_of(family: Family, name: str) -> str | None:
+    """The variant a policy meant where it wrote the model's name (`fam.pruned50`)."""
     prefix = f"{family.name}."
-    if any(name.startswith(prefix) and name[len(prefix) :] in family.variants for name in named):
-        return f" (the traffic policy names models; it takes variant names, without {prefix!r})"
+    return name.removeprefix(prefix) if name.startswith(prefix) else None
+
+
+def _names_hint(family: Family, named: Iterable[str]) -> str:
+    """What to write instead where a traffic policy names loaded models, not variants."""
+    if any(_variant_of(family, name) in family.variants for name in named):
+        return (
+            f" (the traffic policy names models; it takes variant names, without "
+            f"{family.name + '.'!r})"
+        )
     return ""

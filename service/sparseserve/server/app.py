@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
@@ -252,25 +253,13 @@ class SparseServeServer:
             else "off", self.metrics_port or "off", self.registry.repository.root,
             settings.model_control.value,
         )  # fmt: skip
-        for warning in unknown_environment(os.environ):
-            log.warning("%s", warning)
         log.info("restricted RPC groups: %s", restrictions.describe())
         if settings.allow_http:
             log.info("restricted REST route groups: %s", http_restrictions.describe())
-            on_rest = {group.value for group in RouteGroup}  # groups REST has routes in
-            open_on_rest = sorted(
-                g for g in restrictions.groups - http_restrictions.groups if g.value in on_rest
-            )
-            if open_on_rest:
-                groups = ",".join(group.value for group in open_on_rest)
-                log.warning(
-                    "%s restricted on gRPC but open on REST (port %d), as in Triton: add "
-                    "--http-restricted-api %s:<key>=<value>, or --allow-http false",
-                    groups, self.http_port, groups,
-                )  # fmt: skip
-        if hint := _repository_mistake(repository.root):
-            log.warning("%s", hint)
-        if not repository.names():
+        on_disk = set(repository.names())
+        for mistake in self._setting_mistakes(restrictions, http_restrictions, on_disk):
+            log.warning("%s", mistake)
+        if not on_disk:
             log.warning(
                 "model repository %s holds no models: add <model>/<version>/model.onnx "
                 "directories (README, Model repository); nothing is served until then",
@@ -287,15 +276,6 @@ class SparseServeServer:
         if settings.cpu_engine_overrides:
             log.info("cpu engine %s, overrides: %s", settings.cpu_engine.value,
                      {k: v.value for k, v in settings.cpu_engine_overrides.items()})  # fmt: skip
-        on_disk = set(repository.names())
-        for setting in ("dispatch_overrides", "cpu_engine_overrides"):
-            for name in sorted(set(getattr(settings, setting)) - on_disk):
-                variants = sorted(n for n in on_disk if n.startswith(f"{name}."))
-                hint = f" (a family? name its variants, e.g. {variants[0]})" if variants else ""
-                log.warning(
-                    "%s names %r, which is no model in the repository %s%s",
-                    setting, name, repository.root, hint,
-                )  # fmt: skip
         failures = await self.registry.load_startup_models()
         if failures and settings.exit_on_error:
             raise StartupError(_startup_failure(failures, repository.names()))
@@ -340,6 +320,30 @@ class SparseServeServer:
                     self._report_policy()
             except Exception:  # a bad pass must not end watching
                 log.exception("traffic policy check failed")
+
+    def _setting_mistakes(
+        self, grpc: Restrictions, http: Restrictions, on_disk: set[str]
+    ) -> Iterator[str]:
+        """What the start warns of in the settings and the environment: each looks like a
+        mistake that would otherwise do nothing, or the wrong thing, without a word."""
+        settings, root = self.settings, self.registry.repository.root
+        yield from unknown_environment(os.environ)
+        if settings.allow_http:
+            on_rest = {group.value for group in RouteGroup}  # groups REST has routes in
+            if open_on_rest := sorted(g for g in grpc.groups - http.groups if g.value in on_rest):
+                groups = ",".join(group.value for group in open_on_rest)
+                yield (
+                    f"{groups} restricted on gRPC but open on REST (port {self.http_port}), as "
+                    f"in Triton: add --http-restricted-api {groups}:<key>=<value>, or "
+                    "--allow-http false"
+                )
+        if hint := _repository_mistake(root):
+            yield hint
+        for setting in ("dispatch_overrides", "cpu_engine_overrides"):
+            for name in sorted(set(getattr(settings, setting)) - on_disk):
+                variants = sorted(n for n in on_disk if n.startswith(f"{name}."))
+                hint = f" (a family? name its variants, e.g. {variants[0]})" if variants else ""
+                yield f"{setting} names {name!r}, which is no model in the repository {root}{hint}"
 
     def _report_policy(self) -> None:
         """Warn of each entry of the policy in force that does not apply (a variant that
